@@ -1,0 +1,354 @@
+"""Put adapters into a model and control them: inject, set_adapter, disabled, route, merge, unmerge, eject.
+
+Every function works in place on any torch model and returns what it names. The model keeps
+its class and its base `state_dict` keys; adapted modules become `LoraLayer` wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig, name_matches
+from .errors import AdapterNotFoundError, ConfigError, StateError, TargetError
+from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+# -- looking around a model ------------------------------------------------------------------------
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(module path, wrapper) for every adapted module of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The LoraConfig of every adapter injected into `model`, by adapter name."""
+    return model.__dict__.setdefault("_lorakit_configs", {})
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters the model carries, in the order they were added."""
+    return list(configs(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters that forward() applies (merged ones included)."""
+    return list(model.__dict__.get("_lorakit_active", []))
+
+
+def _require(model: nn.Module, names: list[str]) -> None:
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            hint = f"it has {known}" if known else "it has none yet: call lk.inject(model, cfg, name=...) first"
+            raise AdapterNotFoundError(f"The model has no adapter {n!r}; {hint}.")
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules that could be adapted: everything except what lives inside a LoRA wrapper."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, LoraLayer):
+            inside.append(name)
+        if name:
+            yield name, module
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Module paths that `cfg.targets` / `cfg.exclude` select, in model order.
+
+    Raises:
+        TargetError: nothing matched (the message lists module names that exist), or a matched
+            module is of a type LoRA cannot adapt.
+    """
+    head = _output_head(model)
+    keep = cfg.modules_to_save or []
+    chosen, unsupported = [], []
+    for name, module in _candidates(model):
+        if keep and name_matches(keep, name):
+            continue
+        if cfg.exclude is not None and name_matches(cfg.exclude, name):
+            continue
+        if cfg.targets == "all-linear":
+            base = module._base if isinstance(module, LoraLayer) else module
+            if is_linear_like(base) and module is not head:
+                chosen.append(name)
+            continue
+        if not name_matches(cfg.targets, name):
+            continue
+        if isinstance(module, LoraLayer) or supported(module):
+            chosen.append(name)
+        elif not any(c.startswith(name + ".") for c in chosen):
+            unsupported.append((name, module))
+    if unsupported and not chosen:
+        name, module = unsupported[0]
+        raise TargetError(
+            f"targets={cfg.targets!r} matched {name!r}, a {type(module).__name__}, which LoRA cannot adapt "
+            "(supported: nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d). Target its linear sublayers instead."
+        )
+    if not chosen:
+        leaves = sorted({n.split(".")[-1] for n, m in _candidates(model) if supported(m) or isinstance(m, LoraLayer)})
+        raise TargetError(
+            f"targets={cfg.targets!r} matched no module of {type(model).__name__}. Adaptable module names "
+            f"in this model include: {', '.join(leaves[:20])}{' ...' if len(leaves) > 20 else ''}. "
+            "Pass some of those, a regex matching full module paths, or 'all-linear'."
+        )
+    return chosen
+
+
+# -- inject ------------------------------------------------------------------------------------------
+def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Module:
+    """Add adapter `name` to `model` in place, freeze the base, make `name` the active adapter.
+
+    Calling it again with another name adds a second adapter (to the same or other modules);
+    earlier adapters keep their weights. Returns `model`.
+
+    Raises:
+        ConfigError: `name` is taken or not a plain identifier.
+        TargetError: the targets match nothing, or match a module LoRA cannot adapt.
+    """
+    if not isinstance(cfg, LoraConfig):
+        raise ConfigError(f"inject expects a lorakit.LoraConfig, got {type(cfg).__name__}.")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"Adapter name {name!r} must be letters, digits, '_' or '-' (it is used in file keys).")
+    if name in configs(model):
+        raise ConfigError(f"The model already has an adapter named {name!r}; pick another name, or "
+                          f"lk.delete_adapter(model, {name!r}) first.")
+    if any(layer.merged for _, layer in lora_layers(model)) and cfg.init == "pissa":
+        raise StateError("Unmerge every adapter before adding a pissa adapter (it rewrites base weights).")
+    paths = match_targets(model, cfg)
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLayer):
+            layer = wrap(module)
+            layer.train(module.training)
+            _set_submodule(model, path, layer)
+            module = layer
+        module.adapters[name] = new_adapter(
+            module, path, cfg.rank_for(path), cfg.alpha_for(path), cfg.rslora, cfg.dropout, cfg.init,
+            cfg.slices_for(path))
+    configs(model)[name] = cfg
+    _freeze_base(model, cfg, paths)
+    set_adapter(model, name)
+    return model
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def _freeze_base(model: nn.Module, cfg: LoraConfig, paths: list[str]) -> None:
+    """Base weights stop training; adapters train; biases and modules_to_save as the config says."""
+    lora_params = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
+    for p in model.parameters():
+        if id(p) not in lora_params:
+            p.requires_grad_(False)
+    if cfg.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and id(p) not in lora_params:
+                p.requires_grad_(True)
+    elif cfg.bias == "lora_only":
+        for path in paths:
+            bias = model.get_submodule(path).bias
+            if bias is not None:
+                bias.requires_grad_(True)
+    for path in saved_module_paths(model, cfg):
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(True)
+
+
+def saved_module_paths(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Paths of the modules that `cfg.modules_to_save` selects (outermost matches only)."""
+    if not cfg.modules_to_save:
+        return []
+    found: list[str] = []
+    for name, _ in _candidates(model):
+        if name_matches(cfg.modules_to_save, name) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    if not found:
+        raise TargetError(f"modules_to_save={cfg.modules_to_save!r} matched no module of {type(model).__name__}.")
+    return found
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` (unmerging it first if it is merged)."""
+    _require(model, [name])
+    for _, layer in lora_layers(model):
+        if name in layer.merged:
+            layer.unmerge([name])
+        if name in layer.adapters:
+            del layer.adapters[name]
+        layer.active = [n for n in layer.active if n != name]
+    del configs(model)[name]
+    model.__dict__["_lorakit_active"] = [n for n in active_adapters(model) if n != name]
+
+
+# -- which adapters act ------------------------------------------------------------------------------
+def set_adapter(model: nn.Module, names: str | list[str] | None) -> None:
+    """Choose the adapters forward() applies: one name, a list (their updates are summed), or None.
+
+    Merged adapters are part of the weights and stay applied until `unmerge`, so they must stay
+    in the active set.
+
+    Raises:
+        AdapterNotFoundError: a name the model does not have.
+        StateError: the new set would leave out a merged adapter.
+    """
+    chosen = [] if names is None else [names] if isinstance(names, str) else list(names)
+    _require(model, chosen)
+    merged = {n for _, layer in lora_layers(model) for n in layer.merged}
+    left_out = sorted(merged - set(chosen))
+    if left_out:
+        raise StateError(f"Adapter(s) {left_out} are merged into the weights; lk.unmerge(model) before "
+                         f"switching to {chosen or 'no adapter'}.")
+    for _, layer in lora_layers(model):
+        layer.active = [n for n in chosen if n in layer.adapters]
+    model.__dict__["_lorakit_active"] = chosen
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model behaves as its base model (no adapter acts).
+
+    Raises:
+        StateError: an adapter is merged (the base weights are not at hand); unmerge first.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise StateError(f"Adapter(s) {merged} are merged into the weights, so the base model is not available; "
+                         "call lk.unmerge(model) first.")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, batch row b of every forward pass goes through adapter names[b] (None = base).
+
+    Works in forward and backward, so one batch can train several adapters at once. Every
+    input of an adapted module must have the batch as its first dimension, with len(names) rows.
+
+    Raises:
+        AdapterNotFoundError: an unknown name.
+        StateError: an adapter is merged (routing needs clean base weights).
+    """
+    names = list(names)
+    _require(model, sorted({n for n in names if n is not None}))
+    layers = [(path, layer) for path, layer in lora_layers(model)]
+    for path, layer in layers:
+        if layer.merged:
+            raise StateError(f"Adapter(s) {list(layer.merged)} are merged into {path}; lk.unmerge(model) "
+                             "before routing per example.")
+    for _, layer in layers:
+        layer.routing, layer._rows_cache = names, None
+    try:
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.routing, layer._rows_cache = None, None
+
+
+# -- merge / unmerge / eject ------------------------------------------------------------------------
+def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights, for zero-latency inference.
+
+    The update is computed in float32 and rounded once into each weight's dtype. Merging an
+    already merged adapter does nothing. Merged adapters join the active set.
+
+    Raises:
+        AdapterNotFoundError: an unknown name.
+        StateError: a per-example route is active.
+        MergeError: an update is NaN/inf (nothing is changed in that case).
+    """
+    chosen = active_adapters(model) if names is None else [names] if isinstance(names, str) else list(names)
+    _require(model, chosen)
+    layers = list(lora_layers(model))
+    for path, layer in layers:
+        if layer.routing is not None:
+            raise StateError(f"Cannot merge while a per-example route is active ({path}); leave the route block.")
+    # Check every update first so that a broken adapter leaves the model untouched.
+    for name in chosen:
+        for path, layer in layers:
+            if name in layer.adapters and name not in layer.merged:
+                layer.check_finite(name, path)
+    for name in chosen:
+        for path, layer in layers:
+            layer.merge(name, path)
+    active = active_adapters(model)
+    set_adapter(model, active + [n for n in chosen if n not in active])
+    return model
+
+
+_merge_active = merge  # eject's `merge` flag shadows the function inside eject
+
+
+def unmerge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Take merged adapters (default: all) out of the weights; the base weights come back bit-exactly."""
+    chosen = None if names is None else [names] if isinstance(names, str) else list(names)
+    if chosen is not None:
+        _require(model, chosen)
+    for _, layer in lora_layers(model):
+        layer.unmerge(chosen)
+    return model
+
+
+def eject(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every wrapper and return the plain torch model (in place).
+
+    With merge=True the active adapters are merged first (what deployment wants, PEFT's
+    merge_and_unload); with merge=False merged adapters are unmerged and the base comes back.
+    """
+    if merge:
+        _merge_active(model)
+    else:
+        unmerge(model)
+    for path, layer in list(lora_layers(model)):
+        base = layer.unwrap()
+        base.train(layer.training)
+        _set_submodule(model, path, base)
+    model.__dict__.pop("_lorakit_configs", None)
+    model.__dict__.pop("_lorakit_active", None)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters that train: adapter A/B, plus biases and saved modules if the config says so."""
+    return (p for p in model.parameters() if p.requires_grad)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+

@@ -1,0 +1,360 @@
+"""LoRA wrapper layers: the forward pass of an adapted module lives here.
+
+A wrapper takes the place of a base module (nn.Linear, GPT-2's Conv1D, nn.Embedding,
+nn.Conv1d/2d/3d) in its parent. It owns the base module's `weight` and `bias` under the
+same names, so `state_dict` keys of the base model do not change and base checkpoints
+load unchanged, plus an `adapters` ModuleDict with one small `LoraAdapter` per name.
+
+    y = base(x) + sum over active adapters a of  a.scale * B_a @ A_a @ dropout_a(x)
+
+State changes (merge, unmerge, routing, enabling) are explicit calls on the wrapper,
+made through the free functions in `lorakit.inject`; nothing changes behind the user's back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as LF
+from .errors import AdapterNotFoundError, MergeError, StateError
+
+
+class LoraAdapter(nn.Module):
+    """One named adapter of one layer: `lora_A` (r, in), `lora_B` (out, r), a scale and a dropout.
+
+    For convolutions A is (r, in, *kernel) and B is (out, r, 1, ...), as in PEFT's files.
+    With `slices` (fused projections such as GPT-2's c_attn), A holds one rank-r block per
+    enabled slice, (k*r, in), and B the enabled slices' rows, (k*out/n, r); `full_B()` expands
+    B to the (out, k*r) block matrix that acts on the whole fused output.
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, alpha: float, r: int, rslora: bool,
+                 dropout: float, slices: list[bool] | None = None) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(A)
+        self.lora_B = nn.Parameter(B)
+        self.r = r
+        self.alpha = float(alpha)
+        self.rslora = rslora
+        self.scale = float(alpha) / (math.sqrt(r) if rslora else r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.slices = list(slices) if slices is not None else None
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def full_B(self) -> Tensor:
+        """B acting on the whole output: (out, r_total); for sliced adapters a block matrix with zero rows."""
+        if self.slices is None:
+            return self.lora_B
+        n, k = len(self.slices), sum(self.slices)
+        out_slice = self.lora_B.shape[0] // k
+        full = self.lora_B.new_zeros(out_slice * n, self.r * k)
+        enabled = [i for i, on in enumerate(self.slices) if on]
+        for j, i in enumerate(enabled):
+            full[i * out_slice:(i + 1) * out_slice, j * self.r:(j + 1) * self.r] = \
+                self.lora_B[j * out_slice:(j + 1) * out_slice]
+        return full
+
+    def extra_repr(self) -> str:
+        sliced = f", slices={self.slices}" if self.slices is not None else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{sliced}"
+
+
+class LoraLayer(nn.Module):
+    """Common state of every wrapper: adapters, which are active, merged, or routed per example."""
+
+    #: set by subclasses: how the adapter update lands on `weight`
+    kind = "linear"
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None)
+        # The emptied base module is kept (unregistered, holding no tensors) to be put back by eject.
+        self._base_params = [p for p in ("weight", "bias") if p in base._parameters]
+        for pname in self._base_params:
+            del base._parameters[pname]
+        object.__setattr__(self, "_base", base)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict[str, tuple[LF.Restore, Tensor, Tensor]] = {}  # name -> (restore, A, B) at merge
+        self.disabled = False
+        self.routing: list[str | None] | None = None
+        self._rows_cache: tuple[torch.device, Tensor, list[str]] | None = None
+
+    # -- the base module, rebuilt on eject ---------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """Give the base module its parameters back and return it (the adapters are dropped)."""
+        base = self._base
+        for pname in self._base_params:
+            base.register_parameter(pname, getattr(self, pname))
+        return base
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def adapter(self, name: str) -> LoraAdapter:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(
+                f"{type(self).__name__} has no adapter {name!r}; it has {list(self.adapters)}."
+            )
+        return self.adapters[name]
+
+    def delta_weight(self, name: str) -> Tensor:
+        """dW of adapter `name` in float32, laid out like `self.weight`."""
+        a = self.adapter(name)
+        return self._to_weight_layout(LF.delta_weight(a.lora_A, a.full_B(), a.scale))
+
+    def _to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta  # (out, in[, *kernel]) is the weight's own layout for Linear and convolutions
+
+    def check_finite(self, name: str, module_name: str = "") -> Tensor:
+        """dW of adapter `name` (float32, on the weight's device), after checking it is finite.
+
+        Raises:
+            MergeError: the update holds NaN or inf.
+        """
+        delta = self.delta_weight(name).to(self.weight.device)
+        if not torch.isfinite(delta).all():
+            raise MergeError(
+                f"Adapter {name!r} on {module_name or type(self).__name__} has a non-finite update (NaN or inf); "
+                "no weight was changed. The adapter is broken (diverged training?): retrain or reload it."
+            )
+        return delta
+
+    def merge(self, name: str, module_name: str = "") -> None:
+        """Fold adapter `name` into `weight` (float32 delta rounded once). Merging twice merges once."""
+        if name in self.merged or name not in self.adapters:
+            return
+        if self.routing is not None:
+            raise StateError(f"Cannot merge adapter {name!r} into {module_name or type(self).__name__} while "
+                             "a per-example route is active; leave the `route(...)` block first.")
+        a = self.adapters[name]
+        delta = self.check_finite(name, module_name)
+        restore = LF.merge_exact(self.weight.data, delta)
+        self.merged[name] = (restore, a.lora_A.detach().clone(), a.full_B().detach().clone())
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Take merged adapters (default: all) out of `weight` again, restoring it bit-exactly."""
+        for name in reversed(list(self.merged)):
+            if names is not None and name not in names:
+                continue
+            restore, A, B = self.merged.pop(name)
+            a = self.adapters[name]
+            delta = self._to_weight_layout(LF.delta_weight(A, B, a.scale)).to(self.weight.device)
+            LF.unmerge_exact(self.weight.data, delta, restore)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _base_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
+        """scale * B @ A @ dropout(x) for one adapter, in the output's layout."""
+        raise NotImplementedError
+
+    def _unmerged_active(self) -> list[LoraAdapter]:
+        return [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            return self._base_forward(x)
+        if self.routing is not None:
+            return self._routed_forward(x)
+        y = self._base_forward(x)
+        for a in self._unmerged_active():
+            y = y + self._adapter_forward(x, a)
+        return y
+
+    def _route_rows(self, device: torch.device) -> tuple[Tensor, list[str]]:
+        """rows[b] = index into `names` of the adapter for batch row b, -1 for base only (cached per route)."""
+        if self._rows_cache is None or self._rows_cache[0] != device:
+            names = [n for n in dict.fromkeys(self.routing) if n is not None and n in self.adapters]
+            rows = torch.tensor([names.index(n) if n in names else -1 for n in self.routing],
+                                dtype=torch.long, device=device)
+            self._rows_cache = (device, rows, names)
+        return self._rows_cache[1], self._rows_cache[2]
+
+    def _routed_forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != len(self.routing):
+            raise StateError(
+                f"route() was given {len(self.routing)} adapter names but this batch has {x.shape[0]} rows "
+                f"(input shape {tuple(x.shape)}); pass one name (or None) per example."
+            )
+        y = self._base_forward(x)
+        rows, names = self._route_rows(x.device)
+        for i, name in enumerate(names):
+            idx = (rows == i).nonzero().squeeze(1)
+            y = y.index_add(0, idx, self._adapter_forward(x.index_select(0, idx), self.adapters[name]))
+        return y
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear (weight (out, in)) or Hugging Face's Conv1D (weight (in, out), `fan_in_fan_out`)."""
+
+    def __init__(self, base: nn.Module, fan_in_fan_out: bool = False) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+        super().__init__(base)
+        w = self.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        if self.fan_in_fan_out:  # Conv1D: y = x @ W + b with W (in, out)
+            y = x @ self.weight
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.weight, self.bias)
+
+    def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
+        return LF.lora_delta_out(a.dropout(x), a.lora_A, a.full_B(), a.scale)
+
+    def _to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def extra_repr(self) -> str:
+        t = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{t}, active={self.active}"
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding (weight (num, dim)). A is (r, num) and B is (dim, r), PEFT's
+    `lora_embedding_A/B`; the update of the weight is (B @ A).T * scale."""
+
+    kind = "embedding"
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__(base)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.padding_idx = base.padding_idx
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        b = self._base
+        return F.embedding(x, self.weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+    def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
+        # Embedding LoRA has no dropout on its (integer) input, as in PEFT.
+        b = self._base
+        after_a = F.embedding(x, a.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        return (after_a @ a.lora_B.t()) * a.scale
+
+    def _to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.t()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, active={self.active}"
+
+
+class LoraConv(LoraLayer):
+    """LoRA on nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding into r
+    channels, B a 1x1 conv back to the output channels (PEFT's layout)."""
+
+    kind = "conv"
+
+    def __init__(self, base: nn.modules.conv._ConvNd) -> None:
+        super().__init__(base)
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.weight.dim() - 2]
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return self._base._conv_forward(x, self.weight, self.bias)
+
+    def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
+        b = self._base
+        x = a.dropout(x)
+        if b.padding_mode != "zeros":
+            x = F.pad(x, b._reversed_padding_repeated_twice, mode=b.padding_mode)
+            h = self._conv(x, a.lora_A, None, b.stride, 0, b.dilation)
+        else:
+            h = self._conv(x, a.lora_A, None, b.stride, b.padding, b.dilation)
+        return self._conv(h, a.lora_B) * a.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, active={self.active}"
+
+
+def is_conv1d_hf(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 style Conv1D: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d_hf(module)
+
+
+def supported(module: nn.Module) -> bool:
+    return (is_linear_like(module) or isinstance(module, nn.Embedding)
+            or isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """The right wrapper for a supported base module."""
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module)
+    if is_conv1d_hf(module):
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if module.groups != 1:
+            raise StateError(f"Conv with groups={module.groups} is not supported by LoRA here; exclude it.")
+        return LoraConv(module)
+    raise TypeError(type(module).__name__)
+
+
+def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora: bool, dropout: float,
+                init: str, slices: list[bool] | None) -> LoraAdapter:
+    """Create an adapter sized for `layer`, initialized by `init` (see LoraConfig.init)."""
+    w = layer.weight
+    dev, dt = w.device, w.dtype
+    if isinstance(layer, LoraEmbedding):
+        n_in, n_out, kernel = layer.num_embeddings, layer.embedding_dim, ()
+    elif isinstance(layer, LoraConv):
+        n_in, n_out, kernel = layer.in_channels, layer.out_channels, tuple(w.shape[2:])
+    else:
+        n_in, n_out, kernel = layer.in_features, layer.out_features, ()
+    ones = (1,) * len(kernel)
+    if slices is not None:
+        if not isinstance(layer, LoraLinear):
+            raise StateError(f"slices apply to linear layers only, not to {weight_name} ({type(layer._base).__name__}).")
+        if n_out % len(slices):
+            raise StateError(f"{weight_name}: output size {n_out} does not split into {len(slices)} equal slices.")
+        k = sum(slices)
+        A = torch.empty(k * r, n_in, device=dev, dtype=dt)
+        B = torch.zeros(n_out // len(slices) * k, r, device=dev, dtype=dt)
+    else:
+        A = torch.empty(r, n_in, *kernel, device=dev, dtype=dt)
+        B = torch.zeros(n_out, r, *ones, device=dev, dtype=dt)
+    adapter = LoraAdapter(A, B, alpha, r, rslora, dropout, slices)
+    with torch.no_grad():
+        if init == "zeros":
+            adapter.lora_A.zero_()
+        elif isinstance(layer, LoraEmbedding):  # PEFT/loralib: A = 0, B ~ N(0, 1)
+            adapter.lora_A.zero_()
+            nn.init.normal_(adapter.lora_B)
+        elif init == "gaussian":
+            nn.init.normal_(adapter.lora_A, std=1.0 / r)
+        else:  # kaiming; also the placeholder for pissa, which `pissa_init` then overwrites
+            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+    if init == "pissa":
+        pissa_init(layer, adapter, weight_name)
+    return adapter
+
+
+def pissa_init(layer: LoraLayer, adapter: LoraAdapter, weight_name: str) -> None:
+    """Set A, B to the top-r SVD factors of W and replace W by the residual (output unchanged)."""
+    if not isinstance(layer, LoraLinear) or adapter.slices is not None:
+        raise StateError(f"init='pissa' supports plain linear layers only; {weight_name} is "
+                         f"{type(layer._base).__name__}. Exclude it or use init='kaiming'.")
+    if layer.merged:
+        raise StateError(f"{weight_name}: unmerge before adding a pissa adapter.")
+    w = layer.weight.data
+    w_out_in = w.t() if layer.fan_in_fan_out else w
+    A, B, residual = LF.pissa_factors(w_out_in, adapter.r, adapter.scale)
+    with torch.no_grad():
+        adapter.lora_A.copy_(A)
+        adapter.lora_B.copy_(B)
+        w.copy_(residual.t() if layer.fan_in_fan_out else residual)
+
+
