@@ -291,6 +291,7 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     for path, layer in layers:
         if layer.routing is not None:
             raise StateError(f"Cannot merge while a per-example route is active ({path}); leave the route block.")
+    _refuse_tied(model, [(path, layer) for path, layer in layers if any(n in layer.adapters for n in chosen)])
     # Check every update first so that a broken adapter leaves the model untouched.
     for name in chosen:
         for path, layer in layers:
@@ -304,7 +305,22 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     return model
 
 
-_merge_active = merge  # eject's `merge` flag shadows the function inside eject
+_merge_active = merge
+
+
+def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
+    """Merging into a weight that another module shares (tied input/output embeddings) would change both."""
+    owners: dict[int, list[str]] = {}
+    for mpath, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{mpath}.{pname}" if mpath else pname)
+    for path, layer in layers:
+        others = [o for o in owners.get(id(layer.weight), []) if o != f"{path}.weight"]
+        if others:
+            raise StateError(
+                f"{path}.weight is shared with {others[0]} (tied weights), so merging an adapter into it would also "
+                "change that module. Keep the adapter unmerged, or untie the weights first "
+                "(e.g. tie_word_embeddings=False and a copy of the weight).")  # eject's `merge` flag shadows the function inside eject
 
 
 def unmerge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:

@@ -1,0 +1,92 @@
+"""Tiny random models for the contract tests, built from configs (no download)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 24, bias=False)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.conv1d = nn.Conv1d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # (b, 8, 3, 3)
+        h = self.conv1d(h.flatten(2))  # (b, 6, 9)
+        return self.fc(h.mean(-1))
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False)
+    return GPT2LMHeadModel(cfg)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg)
+
+
+def make(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = {"mlp": MLP, "conv": ConvNet, "gpt2": gpt2, "llama": llama, "bert": bert}[kind]()
+    return model.eval()
+
+
+def example_input(kind: str, batch: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return torch.randn(batch, 12, generator=g)
+    if kind == "conv":
+        return torch.randn(batch, 3, 8, 8, generator=g)
+    return torch.randint(0, 96, (batch, 10), generator=g)
+
+
+def run(model: nn.Module, kind: str, x) -> torch.Tensor:
+    """The model's main output tensor for input x."""
+    if kind in ("mlp", "conv"):
+        return model(x)
+    return model(input_ids=x).logits
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def randomize(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
+    """Give every adapter a non-zero B (and A) so that it changes the output."""
+    import lorakit as lk
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for a in layer.adapters.values():
+                for p in (a.lora_A, a.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
