@@ -4,8 +4,8 @@ A saved adapter is a directory with `adapter_config.json` and `adapter_model.saf
 tensor keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (embeddings:
 `lora_embedding_A` / `lora_embedding_B`), exactly as PEFT writes them, so PEFT, vLLM and
 friends read lorakit's adapters and lorakit reads theirs. lorakit adds one field to the
-config, "lorakit", with a fingerprint of the base (adapted module paths and weight shapes)
-and the slice masks of fused projections; PEFT ignores it.
+entry to the safetensors header's metadata, "lorakit", with a fingerprint of the base (adapted
+module paths and weight shapes) and the slice masks of fused projections; PEFT ignores it.
 
 Nothing is unpickled: safetensors files are plain data, and `.bin`/`.pt` files go through
 `torch.load(weights_only=True)`, which refuses to run code.
@@ -37,8 +37,10 @@ FORMAT_VERSION = 1
 
 
 # -- save ---------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors of adapter `name` under PEFT's keys, and the adapter_config.json dict.
+def adapter_state_dict(model: nn.Module, name: str = "default"
+                       ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """The tensors of adapter `name` under PEFT's keys, the adapter_config.json dict, and lorakit's
+    own metadata (base fingerprint, slice masks, the LoraConfig), which goes into the safetensors header.
 
     Sliced adapters (fused projections) are written as an equivalent full-width adapter of rank
     k*r whose B has zero rows for the slices left out, with rank/alpha patterns that keep the scale.
@@ -106,14 +108,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
         "inference_mode": True,
         "use_dora": False,
-        "lorakit": {
-            "format_version": FORMAT_VERSION,
-            "config": cfg.to_dict(),
-            "base_fingerprint": {"model_class": type(model).__name__, "modules": fingerprint},
-            "slices": slices,
-        },
     }
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, peft_config
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "base_fingerprint": {"model_class": type(model).__name__, "modules": fingerprint},
+        "slices": slices,
+    }
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, peft_config, meta
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
@@ -128,7 +130,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     from safetensors.torch import save_file
 
-    tensors, peft_config = adapter_state_dict(model, name)
+    tensors, peft_config, meta = adapter_state_dict(model, name)
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             if t.untyped_storage().data_ptr() in seen:
                 tensors[key] = t.clone()
             seen.add(tensors[key].untyped_storage().data_ptr())
-        atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+        atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt", "lorakit": json.dumps(meta)}))
         text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
         atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
     except OSError as exc:
@@ -221,19 +223,26 @@ def read_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def read_weights(file: Path) -> dict[str, Tensor]:
-    """Tensors of an adapter weights file (safetensors, or PEFT's old .bin read without pickle code)."""
+def read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors of an adapter weights file (safetensors, or PEFT's old .bin read without pickle code),
+    and lorakit's metadata from the safetensors header ({} when absent)."""
     if not file.is_file():
         raise AdapterFileError(f"{file} is missing: the adapter directory has a config but no weights.")
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(file))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise AdapterFileError(
-                f"{file} is truncated or corrupt ({exc}). Re-save or re-download the adapter.") from exc
-    return _torch_load_safely(file)
+    if file.suffix != ".safetensors":
+        return _torch_load_safely(file), {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(
+            f"{file} is truncated or corrupt ({exc}). Re-save or re-download the adapter.") from exc
+    try:
+        meta = json.loads(header.get("lorakit", "{}"))
+    except json.JSONDecodeError:
+        meta = {}
+    return tensors, meta if isinstance(meta, dict) else {}
 
 
 def _torch_load_safely(file: Path) -> dict[str, Tensor]:
@@ -258,8 +267,7 @@ def _load_peft_dir(model: nn.Module, directory: Path, name: str, check_base: boo
         weights = directory / WEIGHTS_NAME
         if not weights.exists() and (directory / "adapter_model.bin").exists():
             weights = directory / "adapter_model.bin"
-    tensors = read_weights(weights)
-    meta = data.get("lorakit") if isinstance(data.get("lorakit"), dict) else {}
+    tensors, meta = read_weights(weights)
     if check_base and meta.get("base_fingerprint"):
         check_fingerprint(model, meta["base_fingerprint"], directory)
     pairs, extra = _split_keys(tensors, weights)

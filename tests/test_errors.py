@@ -1,0 +1,198 @@
+"""Bad input raises LoraError subclasses with messages that name the problem and the fix."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import lorakit as lk
+from models import SHARED, example_input, make, randomize, run
+
+
+def saved_llama(tmp_path, **kwargs):
+    model = make("llama")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], **kwargs))
+    randomize(model)
+    lk.save_adapter(model, tmp_path / "ad")
+    return model, tmp_path / "ad"
+
+
+def test_targets_matching_nothing_lists_real_names():
+    with pytest.raises(lk.TargetError, match=r"matched no module.*q_proj"):
+        lk.inject(make("llama"), lk.LoraConfig(targets=["query_projection"]))
+
+
+def test_target_of_unsupported_type():
+    with pytest.raises(lk.TargetError, match="LlamaRMSNorm"):
+        lk.inject(make("llama"), lk.LoraConfig(targets=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.5), dict(alpha=-1), dict(dropout=1.0), dict(init="xavier"),
+                                 dict(bias="some"), dict(targets=[]), dict(targets="(unclosed"),
+                                 dict(slices={"c_attn": [False, False]})])
+def test_bad_config_values(bad):
+    with pytest.raises(lk.ConfigError):
+        lk.LoraConfig(**bad)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    _, path = saved_llama(tmp_path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(lk.AdapterFileError, match="adapter_model.safetensors.*truncated or corrupt"):
+        lk.load_adapter(make("llama"), path)
+
+
+def test_malformed_config(tmp_path):
+    _, path = saved_llama(tmp_path)
+    (path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": ')
+    with pytest.raises(lk.AdapterFileError, match="adapter_config.json is not valid JSON"):
+        lk.load_adapter(make("llama"), path)
+    (path / "adapter_config.json").write_text('{"r": "four", "lora_alpha": 8}')
+    with pytest.raises(lk.AdapterFileError, match="'r' must be a positive number"):
+        lk.load_adapter(make("llama"), path)
+
+
+def test_empty_and_missing_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lk.AdapterFileError, match="holds no adapter_config.json"):
+        lk.load_adapter(make("llama"), tmp_path / "empty")
+    with pytest.raises(lk.AdapterFileError, match="does not exist"):
+        lk.load_adapter(make("llama"), tmp_path / "nope")
+
+
+def test_other_size_names_module_and_both_shapes(tmp_path):
+    _, path = saved_llama(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    bigger = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(lk.ShapeMismatchError, match=r"model\.layers\.0\.self_attn\.q_proj.*\(48, 48\).*\(32, 32\)"):
+        lk.load_adapter(bigger, path)
+    assert not list(lk.lora_layers(bigger))  # nothing half-loaded
+
+
+def test_other_architecture(tmp_path):
+    _, path = saved_llama(tmp_path)
+    with pytest.raises(lk.ShapeMismatchError, match="model.layers.0.self_attn.q_proj"):
+        lk.load_adapter(make("gpt2"), path)
+    # without lorakit's fingerprint (a PEFT file), the per-module shape check still catches it
+    from safetensors.torch import load_file, save_file
+    weights = path / "adapter_model.safetensors"
+    save_file(load_file(weights), weights)
+    with pytest.raises(lk.ShapeMismatchError, match="model.layers.0.self_attn.q_proj"):
+        lk.load_adapter(make("gpt2"), path)
+
+
+def test_unknown_adapter_name(tmp_path):
+    model, _ = saved_llama(tmp_path)
+    with pytest.raises(lk.AdapterNotFoundError, match="no adapter 'other'.*'default'"):
+        lk.save_adapter(model, tmp_path / "x", name="other")
+    with pytest.raises(lk.AdapterNotFoundError):
+        lk.merge(model, "other")
+
+
+def test_non_finite_delta_refused_and_weights_untouched():
+    model = make("llama")
+    lk.inject(model, lk.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    randomize(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.adapters["default"].lora_B[0, 0] = float("nan")
+    with pytest.raises(lk.MergeError, match=r"layers\.1\.self_attn\.v_proj.*non-finite"):
+        lk.merge(model)
+    for k, v in model.state_dict().items():
+        if "adapters" not in k:
+            assert torch.equal(v, before[k]), k
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ["LORAKIT_PWNED"],))
+
+
+def test_pickle_payload_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("LORAKIT_PWNED", str(marker))
+    evil = tmp_path / "evil.bin"
+    with open(evil, "wb") as f:
+        pickle.dump({"x.lora_A": _Payload()}, f)
+    torch.save({"a": _Payload()}, tmp_path / "evil.pt")
+    for file in (evil, tmp_path / "evil.pt"):
+        with pytest.raises(lk.AdapterFileError, match="never runs pickled code"):
+            lk.load_adapter(make("llama"), file, alpha=16)
+    # the same through a PEFT-style directory holding adapter_model.bin
+    _, path = saved_llama(tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    os.replace(evil, path / "adapter_model.bin")
+    with pytest.raises(lk.AdapterFileError):
+        lk.load_adapter(make("llama"), path)
+    assert not marker.exists()
+
+
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
+    model, path = saved_llama(tmp_path)
+    old = (path / "adapter_model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(lk.AdapterFileError, match="disk full"):
+        lk.save_adapter(model, path)
+    assert (path / "adapter_model.safetensors").read_bytes() == old
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+LORALIB = SHARED / "loralib-checkpoint" / "roberta_base_lora_mnli.bin"
+
+
+@pytest.mark.skipif(not LORALIB.exists(), reason="../shared/data not present")
+def test_real_loralib_checkpoint_into_roberta_base(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, num_labels=3,
+                        pad_token_id=1)
+    model = RobertaForSequenceClassification(cfg).eval()
+    x = torch.randint(3, 1000, (2, 12))
+    base_out = model(input_ids=x).logits
+    with pytest.raises(lk.ConfigError, match="alpha"):
+        lk.load_adapter(model, LORALIB)
+    lk.load_adapter(model, LORALIB, alpha=16)
+    layers = dict(lk.lora_layers(model))
+    assert len(layers) == 24
+    ckpt = torch.load(LORALIB, map_location="cpu", weights_only=True)
+    q = layers["roberta.encoder.layer.3.attention.self.query"]
+    a = q.adapters["default"]
+    assert a.r == 8 and a.scale == 2.0
+    assert torch.equal(a.lora_A, ckpt["roberta.encoder.layer.3.attention.self.query.lora_A"])
+    assert torch.equal(model.classifier.out_proj.weight, ckpt["classifier.out_proj.weight"])
+    out = model(input_ids=x).logits
+    assert not torch.allclose(out, base_out)
+    # the update is exactly 2 * B @ A on the query weight
+    h = torch.randn(3, 768)
+    expected = torch.nn.functional.linear(h, q.weight, q.bias) + 2.0 * h @ a.lora_A.t() @ a.lora_B.t()
+    torch.testing.assert_close(q(h), expected)
+    # convert to PEFT's format and back
+    lk.save_adapter(model, tmp_path / "conv")
+    fresh = RobertaForSequenceClassification(cfg).eval()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".adapters." not in k}, strict=False)
+    with torch.no_grad():  # the base weights, not the trained head: the head comes with the adapter
+        torch.manual_seed(9)
+        fresh.classifier.out_proj.weight.normal_()
+    lk.load_adapter(fresh, tmp_path / "conv")
+    torch.testing.assert_close(fresh(input_ids=x).logits, out)
+
+
+def test_routing_input_must_have_batch_first():
+    model = make("mlp")
+    lk.inject(model, lk.LoraConfig(r=2, targets=["fc1"]), name="a")
+    x = example_input("mlp", batch=3)
+    with lk.route(model, ["a", None, "a"]):
+        assert run(model, "mlp", x).shape == (3, 5)
