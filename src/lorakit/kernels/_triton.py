@@ -1,0 +1,316 @@
+"""Triton kernels of the fast path (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+
+Two families:
+  * dropout-fused LoRA input kernels, so that dropout(x) is never written to memory:
+      shrink:   xa = dropout(x) @ A.T                            (reads x once)
+      backward: dA = gxa.T @ dropout(x);  gx += dropout'(gxa @ A)  (reads x once, gx in place)
+    with the mask regenerated in registers from the seed (see `dropout.py`).
+  * routed (per-example adapter) kernels in the style of Punica's SGMV: every program
+    handles a block of tokens of one batch row, looks the row's adapter up, and multiplies
+    by that adapter's stacked matrix. No host sync, no sorting, any mix of ranks (ranks are
+    zero-padded to the largest one in the stacks).
+
+Every wrapper takes 2-D row-major tensors and returns new tensors or writes in place where
+its docstring says so. Callers check that Triton applies (`available_for`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: the PyTorch path computes the same function everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+from .dropout import MUL1, MUL2, threshold  # noqa: F401  (the constants are written out in _keep_tile)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_for(t: Tensor) -> bool:
+    """Whether the Triton kernels can run on tensors like `t` (CUDA, or CPU under the interpreter)."""
+    if triton is None or os.environ.get("LORAKIT_NO_TRITON", "0") == "1":
+        return False
+    if t.is_cuda:
+        return not interpreting()
+    return t.device.type == "cpu" and interpreting()
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # float32 inputs get full-precision dots (Triton's default would be tf32).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST: the CPU interpreter multiplies bfloat16 tiles wrongly (Triton 3.9); float32 there.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+    @triton.jit
+    def _keep_tile(rm, k_start, half, k0, mul, thresh, BK: tl.constexpr):
+        """(BM, BK) keep-mask for rows `rm` and columns k_start .. k_start+BK (k_start even)."""
+        cp = k_start // 2 + tl.arange(0, BK // 2)
+        j = rm[:, None].to(tl.uint32) * half + cp[None, :].to(tl.uint32)
+        h = j * mul + k0
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        h = h ^ (h >> 16)
+        u = tl.interleave(h & 0xFFFF, h >> 16)
+        return u >= thresh
+
+    @triton.jit
+    def _mask_kernel(out_ptr, seed_ptr, M, K, half, thresh, BM: tl.constexpr, BK: tl.constexpr):
+        # Materializes the mask; used by tests to check the kernels against `dropout.keep_mask`.
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        k_start = tl.program_id(1) * BK
+        rk = k_start + tl.arange(0, BK)
+        k0 = tl.load(seed_ptr).to(tl.uint32)
+        mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
+        keep = _keep_tile(rm, k_start, tl.to_tensor(half).to(tl.uint32), k0, mul, tl.to_tensor(thresh).to(tl.uint32), BK)
+        tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
+                 mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+    @triton.jit
+    def _shrink_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, stride_xm, stride_am, stride_om,
+                       half, thresh, inv_keep,
+                       DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        # out (M, R) = dropout(x) (M, K) @ A.T, A (R, K); one program per BM rows.
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, BR)
+        m_ok = rm < M
+        r_ok = rr < R
+        if DROPOUT:
+            k0 = tl.load(seed_ptr).to(tl.uint32)
+            mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
+            half_u = tl.to_tensor(half).to(tl.uint32)
+            thresh_u = tl.to_tensor(thresh).to(tl.uint32)
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k_start in range(0, K, BK):
+            rk = k_start + tl.arange(0, BK)
+            k_ok = rk < K
+            xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if DROPOUT:
+                keep = _keep_tile(rm, k_start, half_u, k0, mul, thresh_u, BK)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            at = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None],
+                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = _dot(xt, at, acc, PREC, UPCAST)
+        acc = acc * inv_keep
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rr[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _dropout_bwd_kernel(x_ptr, g_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, rows_per_prog,
+                            stride_xm, stride_gm, stride_am, stride_gxm, half, thresh, inv_keep,
+                            HAS_GX: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        # For one column block of K and one slice of rows:
+        #   ga_part[slice] (R, BK) = g.T @ dropout(x)          g = d loss / d xa, (M, R)
+        #   gx (M, BK) += where(keep, g @ A, 0) / (1 - p)        in place, if HAS_GX
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        k_start = pid_k * BK
+        rk = k_start + tl.arange(0, BK)
+        rr = tl.arange(0, BR)
+        k_ok = rk < K
+        r_ok = rr < R
+        k0 = tl.load(seed_ptr).to(tl.uint32)
+        mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
+        half_u = tl.to_tensor(half).to(tl.uint32)
+        thresh_u = tl.to_tensor(thresh).to(tl.uint32)
+        if HAS_GX:
+            a = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        ga = tl.zeros((BR, BK), dtype=tl.float32)
+        m_lo = pid_s * rows_per_prog
+        m_hi = tl.minimum(m_lo + rows_per_prog, M)
+        for m_start in range(m_lo, m_hi, BM):
+            rm = m_start + tl.arange(0, BM)
+            m_ok = rm < m_hi
+            rm64 = rm[:, None].to(tl.int64)
+            keep = _keep_tile(rm, k_start, half_u, k0, mul, thresh_u, BK)
+            xt = tl.load(x_ptr + rm64 * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xt = tl.where(keep, xt, tl.zeros_like(xt))
+            gt = tl.load(g_ptr + rm64 * stride_gm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            ga = _dot(tl.trans(gt), xt, ga, PREC, UPCAST)
+            if HAS_GX:
+                t = _dot(gt, a, tl.zeros((BM, BK), dtype=tl.float32), PREC, UPCAST)
+                gx_ptrs = gx_ptr + rm64 * stride_gxm + rk[None, :]
+                io_ok = m_ok[:, None] & k_ok[None, :]
+                gxt = tl.load(gx_ptrs, mask=io_ok, other=0.0).to(tl.float32)
+                gxt += tl.where(keep, t * inv_keep, 0.0)
+                tl.store(gx_ptrs, gxt.to(gx_ptr.dtype.element_ty), mask=io_ok)
+        ga = ga * inv_keep
+        tl.store(ga_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], ga, mask=r_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
+    def _routed_mm_kernel(in_ptr, mat_ptr, out_ptr, rows_ptr, scale_ptr, T, K, NOUT,
+                          stride_in, stride_out, stride_ma, stride_mk, stride_mj,
+                          ACCUM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # For batch row b with adapter a = rows[b] >= 0 and its tokens n = b*T .. b*T+T-1:
+        #   out[n, :] (+)= scale[a] * in[n, :] @ M_a,  M_a[k, j] = mat[a*stride_ma + k*stride_mk + j*stride_mj]
+        b = tl.program_id(0)
+        a = tl.load(rows_ptr + b)
+        if a >= 0:
+            rt = tl.program_id(1) * BM + tl.arange(0, BM)
+            rn = tl.program_id(2) * BN + tl.arange(0, BN)
+            t_ok = rt < T
+            n_ok = rn < NOUT
+            tok = (b * T + rt).to(tl.int64)
+            mat = mat_ptr + a * stride_ma
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k_start in range(0, K, BK):
+                rk = k_start + tl.arange(0, BK)
+                k_ok = rk < K
+                xt = tl.load(in_ptr + tok[:, None] * stride_in + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                mt = tl.load(mat + rk[:, None] * stride_mk + rn[None, :] * stride_mj,
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _dot(xt, mt, acc, PREC, UPCAST)
+            acc = acc * tl.load(scale_ptr + a).to(tl.float32)
+            out_ptrs = out_ptr + tok[:, None] * stride_out + rn[None, :]
+            io_ok = t_ok[:, None] & n_ok[None, :]
+            if ACCUM:
+                acc += tl.load(out_ptrs, mask=io_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=io_ok)
+
+    @triton.jit
+    def _routed_outer_kernel(u_ptr, v_ptr, out_ptr, rows_ptr, T, U, V, stride_u, stride_v,
+                             PREC: tl.constexpr, UPCAST: tl.constexpr, BU: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+        # out[b] (U, V) float32 = u[b].T @ v[b] over the T tokens of batch row b (0 where rows[b] < 0).
+        b = tl.program_id(0)
+        a = tl.load(rows_ptr + b)
+        ru = tl.program_id(1) * BU + tl.arange(0, BU)
+        rv = tl.program_id(2) * BV + tl.arange(0, BV)
+        u_ok = ru < U
+        v_ok = rv < V
+        acc = tl.zeros((BU, BV), dtype=tl.float32)
+        if a >= 0:
+            for t_start in range(0, T, BT):
+                rt = t_start + tl.arange(0, BT)
+                t_ok = rt < T
+                tok = (b * T + rt).to(tl.int64)
+                ut = tl.load(u_ptr + tok[:, None] * stride_u + ru[None, :], mask=t_ok[:, None] & u_ok[None, :],
+                             other=0.0)
+                vt = tl.load(v_ptr + tok[:, None] * stride_v + rv[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                             other=0.0)
+                acc = _dot(tl.trans(ut), vt, acc, PREC, UPCAST)
+        tl.store(out_ptr + b.to(tl.int64) * U * V + ru[:, None] * V + rv[None, :], acc,
+                 mask=u_ok[:, None] & v_ok[None, :])
+
+
+# -- wrappers -------------------------------------------------------------------------------------
+
+def _dropout_args(cols: int, p: float) -> tuple[int, int, float]:
+    return (cols + 1) // 2, threshold(p), 1.0 / (1.0 - p)
+
+
+def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
+    """The kernels' keep-mask as a (rows, cols) bool tensor (for tests)."""
+    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    half, thresh, _ = _dropout_args(cols, p)
+    BM, BK = 16, 64
+    _mask_kernel[(triton.cdiv(rows, BM), triton.cdiv(cols, BK))](out, seed, rows, cols, half, thresh, BM=BM, BK=BK)
+    return out.bool()
+
+
+def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) -> Tensor:
+    """xa = dropout(x2) @ A.T as a new (M, R) tensor of x2's dtype; no dropout when seed is None.
+
+    x2 (M, K) and A (R, K) have unit stride in their last dimension.
+    """
+    M, K = x2.shape
+    R = A.shape[0]
+    out = torch.empty(M, R, dtype=x2.dtype, device=x2.device)
+    dropout = seed is not None and p > 0
+    half, thresh, inv_keep = _dropout_args(K, p) if dropout else (1, 0, 1.0)
+    BR = _pow2(R)
+    BM = 32 if BR <= 32 else 16
+    BK = 128 if K >= 128 else 64
+    _shrink_kernel[(triton.cdiv(M, BM),)](
+        x2, A, out, seed if dropout else x2, M, K, R, x2.stride(0), A.stride(0), out.stride(0),
+        half, thresh, inv_keep, DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR,
+        num_warps=4, num_stages=3)
+    return out
+
+
+def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor, p: float) -> Tensor:
+    """dA (R, K) float32 = gxa.T @ dropout(x2); if gx is given, gx += (gxa @ A) * mask / (1 - p) in place.
+
+    x2 (M, K), gxa (M, R), A (R, K), gx (M, K): unit stride in the last dimension.
+    """
+    M, K = x2.shape
+    R = A.shape[0]
+    half, thresh, inv_keep = _dropout_args(K, p)
+    BR = _pow2(R)
+    BM = 64
+    BK = 64 if BR <= 32 else 32
+    col_blocks = triton.cdiv(K, BK)
+    # Enough row slices to fill the GPU (~4 programs per SM); each writes its own partial dA.
+    n_sm = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(4 * n_sm, col_blocks)))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, splits), BM) * BM
+    splits = triton.cdiv(M, rows_per_prog)
+    part = torch.empty(splits, R, K, dtype=torch.float32, device=x2.device)
+    has_gx = gx is not None
+    _dropout_bwd_kernel[(col_blocks, splits)](
+        x2, gxa, A, gx if has_gx else x2, part, seed, M, K, R, rows_per_prog,
+        x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0, half, thresh, inv_keep,
+        HAS_GX=has_gx, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR, num_warps=4, num_stages=2)
+    return part.sum(0) if splits > 1 else part[0]
+
+
+def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout: int, rows: Tensor,
+              scales: Tensor, out: Tensor, accumulate: bool) -> Tensor:
+    """out[b*T + t] (+)= scales[rows[b]] * inp[b*T + t] @ M_{rows[b]} for rows[b] >= 0; other rows untouched.
+
+    inp (B*T, K) and out (B*T, nout) are row-major; M_a[k, j] = mats[a*s0 + k*s1 + j*s2] with
+    (s0, s1, s2) = mat_strides.
+    """
+    N, K = inp.shape
+    batch = rows.shape[0]
+    T = N // batch
+    BN = min(128, _pow2(nout))
+    BK = min(64, _pow2(K))
+    BM = 64 if T >= 64 else 16
+    grid = (batch, triton.cdiv(T, BM), triton.cdiv(nout, BN))
+    _routed_mm_kernel[grid](
+        inp, mats, out, rows, scales, T, K, nout, inp.stride(0), out.stride(0), *mat_strides,
+        ACCUM=accumulate, PREC=_prec(inp.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2)
+    return out
+
+
+def routed_outer(u: Tensor, v: Tensor, rows: Tensor) -> Tensor:
+    """(batch, U, V) float32: u[b].T @ v[b] over the tokens of batch row b; zero where rows[b] < 0."""
+    N, U = u.shape
+    V = v.shape[1]
+    batch = rows.shape[0]
+    T = N // batch
+    BU = min(64, _pow2(U))
+    BV = min(64, _pow2(V))
+    BT = 64 if T >= 64 else 16
+    out = torch.empty(batch, U, V, dtype=torch.float32, device=u.device)
+    grid = (batch, triton.cdiv(U, BU), triton.cdiv(V, BV))
+    _routed_outer_kernel[grid](u, v, out, rows, T, U, V, u.stride(0), v.stride(0),
+                               PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT, num_warps=4, num_stages=2)
+    return out

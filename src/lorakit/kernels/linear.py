@@ -1,0 +1,349 @@
+"""The fused LoRA linear: one autograd Function for a frozen linear plus its LoRA terms.
+
+    y_j = x @ W_j.T + b_j + sum over terms t of output j:  s_t * (dropout_g(t)(x) @ A_t.T) @ B_t.T
+
+One input x feeds one or more frozen linears j (q, k and v read the same x) and one or more
+LoRA terms t (several adapters on one linear). Terms are put in dropout groups g: the terms
+of a group share one mask on x, so a group's A's are concatenated and x is read once for all
+of them. `lora_linear` is one linear with one term.
+
+What autograd would do with the plain formula, and what this does instead:
+  * saved for backward: x (the same storage the caller holds, so q/k/v share it), the small
+    xa = dropout(x) @ A.T (..., r) per group and a 2-number seed per group. Never a mask,
+    never dropout(x), never the (..., out) LoRA output.
+  * the dropout mask is regenerated in backward from the seed (`dropout.py`); on CUDA the
+    Triton kernels make it in registers, so dropout(x) is not even written in forward.
+  * no weight gradient for frozen W; the LoRA input-gradient is added into the base one
+    in place; for several outputs the base input-gradients are accumulated in place too.
+
+Backward, with g_j = dL/dy_j:
+    gxa_t = s_t * g_j @ B_t                    (..., r)
+    dB_t  = s_t * g_j.T @ xa_t                 (out, r)
+    dA_g  = gxa_g.T @ dropout(x)               (r_g, in)  gxa_g: the group's gxa_t side by side
+    dx    = sum_j g_j @ W_j + sum_g dropout'(gxa_g @ A_g)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _triton
+from .dropout import apply_dropout, keep_mask, new_seed
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Static structure of one call (hashable, so torch.compile treats it as a constant)."""
+
+    n_out: int                            # frozen linears reading x
+    term_out: tuple[int, ...]             # output index of each LoRA term
+    term_scale: tuple[float, ...]
+    groups: tuple[tuple[int, ...], ...]   # term indices of each dropout group, in A-concatenation order
+    group_p: tuple[float, ...]            # dropout probability per group (0 = none)
+    backend: str                          # "triton" or "torch"
+
+
+def _use_triton(x: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    ok = _triton.available_for(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if backend == "triton" and not ok:
+        raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU) "
+                           f"of dtype float16/bfloat16/float32; got {x.device} {x.dtype}.")
+    return ok
+
+
+def _cat(ts: list[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 0)
+
+
+def _shrink(x2: Tensor, A: Tensor, seed: Tensor | None, p: float, triton: bool) -> Tensor:
+    """xa = dropout(x2) @ A.T, (M, r)."""
+    if seed is None:
+        return x2 @ A.t()
+    if triton:
+        return _triton.shrink(x2, A.contiguous(), seed, p)
+    return apply_dropout(x2, seed, p) @ A.t()
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """apply(x, plan, W_0..W_{J-1}, b_0..b_{J-1}, A_0..A_{T-1}, B_0..B_{T-1}, seed_0..seed_{G-1}) -> y_0..y_{J-1}."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _Plan, *tensors):
+        J, T, G = plan.n_out, len(plan.term_out), len(plan.groups)
+        Ws, bs = tensors[:J], tensors[J:2 * J]
+        As, Bs = tensors[2 * J:2 * J + T], tensors[2 * J + T:2 * J + 2 * T]
+        seeds = tensors[2 * J + 2 * T:2 * J + 2 * T + G]
+        triton = plan.backend == "triton"
+        in_f = x.shape[-1]
+        x2 = x.reshape(-1, in_f)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+
+        # xa for each group: x read once per group; then term t's slice of it.
+        xas, xa_of = [], [None] * T
+        for g, terms in enumerate(plan.groups):
+            xa = _shrink(x2, _cat([As[t] for t in terms]), seeds[g], plan.group_p[g], triton)
+            xas.append(xa)
+            off = 0
+            for t in terms:
+                r = As[t].shape[0]
+                xa_of[t] = xa[:, off:off + r]
+                off += r
+
+        outs = []
+        for j in range(J):
+            y = F.linear(x2, Ws[j], bs[j])
+            for t in range(T):
+                if plan.term_out[t] == j:
+                    y.addmm_(xa_of[t], Bs[t].t(), alpha=plan.term_scale[t])
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+
+        ctx.plan = plan
+        ctx.x_shape = x.shape
+        ctx.bias_grad = tuple(b is not None and b.requires_grad for b in bs)
+        ctx.save_for_backward(x2, *Ws, *As, *Bs, *xas, *(s if s is not None else x2.new_empty(0) for s in seeds))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan: _Plan = ctx.plan
+        J, T, G = plan.n_out, len(plan.term_out), len(plan.groups)
+        saved = ctx.saved_tensors
+        x2 = saved[0]
+        Ws = saved[1:1 + J]
+        As = saved[1 + J:1 + J + T]
+        Bs = saved[1 + J + T:1 + J + 2 * T]
+        xas = saved[1 + J + 2 * T:1 + J + 2 * T + G]
+        seeds = saved[1 + J + 2 * T + G:]
+        triton = plan.backend == "triton"
+        need = ctx.needs_input_grad  # (x, plan, W.., b.., A.., B.., seed..)
+        need_x = need[0]
+        M = x2.shape[0]
+        g2 = [g.reshape(M, g.shape[-1]) for g in grads]
+
+        # Base input-gradient, accumulated in place over the outputs.
+        gx = None
+        if need_x:
+            gx = torch.mm(g2[0], Ws[0])
+            for j in range(1, J):
+                gx.addmm_(g2[j], Ws[j])
+
+        dW = [g2[j].t() @ x2 if need[2 + j] else None for j in range(J)]
+        db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
+        dA, dB = [None] * T, [None] * T
+        for g, terms in enumerate(plan.groups):
+            xa, p = xas[g], plan.group_p[g]
+            gxas, off = [], 0
+            for t in terms:
+                r, s, gy = As[t].shape[0], plan.term_scale[t], g2[plan.term_out[t]]
+                if need[2 + 2 * J + T + t]:
+                    dB[t] = (gy.t() @ xa[:, off:off + r]).mul_(s)
+                gxas.append(torch.mm(gy, Bs[t]).mul_(s))
+                off += r
+            gxa = gxas[0] if len(gxas) == 1 else torch.cat(gxas, 1)
+            A = _cat([As[t] for t in terms])
+            if p > 0 and seeds[g].numel():
+                if triton:
+                    dA_g = _triton.dropout_backward(x2, gxa, A.contiguous(), gx, seeds[g], p)
+                else:
+                    keep = keep_mask(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
+                    dA_g = gxa.t() @ (x2 * keep * (1.0 / (1.0 - p)))
+                    if gx is not None:
+                        gx.add_((gxa @ A) * keep, alpha=1.0 / (1.0 - p))
+            else:
+                dA_g = gxa.t() @ x2
+                if gx is not None:
+                    gx.addmm_(gxa, A)
+            off = 0
+            for t in terms:
+                r = As[t].shape[0]
+                if need[2 + 2 * J + t]:
+                    dA[t] = dA_g[off:off + r].to(As[t].dtype)
+                off += r
+
+        gx_out = gx.view(ctx.x_shape) if gx is not None else None
+        return (gx_out, None, *dW, *db, *dA, *dB, *([None] * G))
+
+
+def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, where: str) -> None:
+    in_f, out_f, r = x.shape[-1], weight.shape[0], A.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != in_f or A.dim() != 2 or A.shape[1] != in_f \
+            or B.dim() != 2 or B.shape != (out_f, r):
+        raise ValueError(
+            f"{where}: shapes do not fit: x {tuple(x.shape)} (..., in), weight {tuple(weight.shape)} (out, in), "
+            f"A {tuple(A.shape)} (r, in), B {tuple(B.shape)} (out, r). Pass A and B of the adapter that "
+            "belongs to this weight.")
+
+
+def _check_p(p: float, where: str) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{where}: dropout must be in [0, 1), got {p}.")
+
+
+def _cast(dtype: torch.dtype, *ts):
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in ts]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _no_grad_needed(tensors) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                 As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float],
+                 term_out: Sequence[int] | None = None, dropouts: Sequence[float] | float = 0.0,
+                 training: bool = False, shared_dropout: bool = True, seeds: Sequence[Tensor | None] | None = None,
+                 backend: str = "auto") -> tuple[Tensor, ...]:
+    """Several frozen linears over one input x, with LoRA terms; the general form of the fast path.
+
+    Args:
+        x: (..., in).
+        weights, biases: the frozen linears, W_j (out_j, in), b_j (out_j,) or None.
+        As, Bs, scales: LoRA terms, A_t (r_t, in), B_t (out_{term_out[t]}, r_t).
+        term_out: which linear each term adds to (default: term t to linear t).
+        dropouts: dropout probability of each term (or one for all), used when `training`.
+        shared_dropout: terms with the same dropout probability share one mask on x, so x is
+            read once for all their A's (e.g. q, k, v as one group). False gives every term
+            with dropout its own mask, as separate `nn.Dropout` modules would.
+        seeds: one seed per dropout group ((2,) int64 tensors, see `dropout.new_seed`), in the
+            order groups are formed; default: fresh ones. For tests and exact replays.
+        backend: "auto" (Triton where it applies), "torch" or "triton".
+
+    Returns:
+        y_j (..., out_j) for each linear j.
+
+    Raises:
+        ValueError: mismatched shapes or a dropout outside [0, 1).
+    """
+    J, T = len(weights), len(As)
+    term_out = tuple(range(T)) if term_out is None else tuple(int(j) for j in term_out)
+    ps = [float(dropouts)] * T if isinstance(dropouts, (int, float)) else [float(p) for p in dropouts]
+    if len(biases) != J or len(Bs) != T or len(scales) != T or len(term_out) != T or len(ps) != T:
+        raise ValueError(f"lora_linears: {J} weights need {J} biases; {T} A's need as many B's, scales, "
+                         f"dropouts and term_out entries (got {len(biases)}, {len(Bs)}, {len(scales)}, "
+                         f"{len(ps)}, {len(term_out)}).")
+    for t in range(T):
+        if not 0 <= term_out[t] < J:
+            raise ValueError(f"lora_linears: term_out[{t}] = {term_out[t]} names no weight (there are {J}).")
+        _check(x, weights[term_out[t]], As[t], Bs[t], "lora_linears")
+        _check_p(ps[t], "lora_linears")
+    if not training:
+        ps = [0.0] * T
+
+    # Dropout groups: all terms without dropout form one group (no mask, x read once for all).
+    groups: list[list[int]] = []
+    group_p: list[float] = []
+    for t in range(T):
+        p = ps[t]
+        for gi, members in enumerate(groups):
+            if group_p[gi] == p and (p == 0.0 or shared_dropout):
+                members.append(t)
+                break
+        else:
+            groups.append([t])
+            group_p.append(p)
+
+    dtype = _compute_dtype(x)
+    x, = _cast(dtype, x)
+    weights = _cast(dtype, *weights)
+    biases = _cast(dtype, *biases)
+    As = _cast(dtype, *As)
+    Bs = _cast(dtype, *Bs)
+    tri = _use_triton(x, backend)
+
+    if seeds is None:
+        seeds = [new_seed(x.device) if p > 0 else None for p in group_p]
+    else:
+        seeds = list(seeds)
+        if len(seeds) != len(groups):
+            raise ValueError(f"lora_linears: {len(seeds)} seeds given for {len(groups)} dropout groups.")
+        seeds = [s.to(device=x.device, dtype=torch.int64) if s is not None and p > 0 else None
+                 for s, p in zip(seeds, group_p)]
+
+    plan = _Plan(J, term_out, tuple(float(s) for s in scales), tuple(tuple(m) for m in groups),
+                 tuple(group_p), "triton" if tri else "torch")
+    if _no_grad_needed([x, *weights, *biases, *As, *Bs]):
+        with torch.no_grad():
+            return LoraLinearFunction.forward(_NoCtx(), x, plan, *weights, *biases, *As, *Bs, *seeds)
+    return LoraLinearFunction.apply(x, plan, *weights, *biases, *As, *Bs, *seeds)
+
+
+class _NoCtx:
+    """Stands in for autograd's ctx when nothing needs a gradient (inference: no graph, no saving)."""
+
+    needs_input_grad = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                dropout: float = 0.0, training: bool = False, seed: Tensor | None = None,
+                backend: str = "auto") -> Tensor:
+    """y = F.linear(x, weight, bias) + scale * (dropout(x) @ A.T) @ B.T.
+
+    x (..., in); weight (out, in) frozen; bias (out,) or None; A (r, in); B (out, r).
+    Gradients for x, A, B (and bias / weight only if they require grad). Dropout applies when
+    `training` and `dropout > 0`; its mask is a function of `seed` ((2,) int64, default: a
+    fresh one), the same in forward and backward (see `dropout.keep_mask`).
+
+    Raises:
+        ValueError: mismatched shapes or a dropout outside [0, 1).
+    """
+    return lora_linears(x, [weight], [bias], [A], [B], [scale], None, dropout, training,
+                        seeds=None if seed is None else [seed], backend=backend)[0]
+
+
+def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequence[Tensor], Bs: Sequence[Tensor],
+                      scales: Sequence[float], dropouts: Sequence[float] | float = 0.0, training: bool = False,
+                      seeds: Sequence[Tensor | None] | None = None, backend: str = "auto") -> Tensor:
+    """y = F.linear(x, weight, bias) + sum_k scales[k] * (dropout_k(x) @ As[k].T) @ Bs[k].T.
+
+    Several active adapters on one linear, each with its own dropout mask (adapters without
+    dropout share one read of x). `seeds`: one per adapter with dropout, in order.
+    """
+    n = len(As)
+    ps = [float(dropouts)] * n if isinstance(dropouts, (int, float)) else list(dropouts)
+    if seeds is not None:  # one seed per adapter with dropout; the no-dropout group, if any, comes where its first member is
+        seeds = list(seeds)
+        active = [p for p in ps if training and p > 0]
+        if len(seeds) != len(active):
+            raise ValueError(f"lora_linear_multi: {len(seeds)} seeds for {len(active)} adapters with dropout.")
+        it, full, zero_seen = iter(seeds), [], False
+        for p in ps:
+            if training and p > 0:
+                full.append(next(it))
+            elif not zero_seen:
+                full.append(None)
+                zero_seen = True
+        seeds = full
+    return lora_linears(x, [weight], [bias], As, Bs, scales, [0] * n, ps, training,
+                        shared_dropout=False, seeds=seeds, backend=backend)[0]
+
+
+def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                      As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float],
+                      dropout: float = 0.0, training: bool = False, seed: Tensor | None = None,
+                      backend: str = "auto") -> tuple[Tensor, ...]:
+    """Linears that read the same x (q/k/v, gate/up), one adapter each, as one fused call.
+
+    y_j = F.linear(x, W_j, b_j) + s_j * (dropout(x) @ A_j.T) @ B_j.T, with ONE dropout mask on x
+    shared by the group (as if dropout were applied to x once, before the projections): x
+    is read once for all A's in forward and backward, the LoRA and base input-gradients are
+    summed in place, and one mask is regenerated instead of one per projection.
+    """
+    return lora_linears(x, weights, biases, As, Bs, scales, None, dropout, training,
+                        shared_dropout=True, seeds=None if seed is None else [seed], backend=backend)

@@ -1,0 +1,148 @@
+"""Per-example adapters in one batch: batch row b uses adapter rows[b] (-1: base only).
+
+    y[b] = x[b] @ W.T + bias + scales[a] * (x[b] @ A_a.T) @ B_a.T,   a = rows[b] >= 0
+
+Adapters are stacked, zero-padded to the largest rank R: A_stack (n, R, in), B_stack
+(n, out, R). Padding changes nothing (the padded rows of A and columns of B are zero, and
+so are their gradients), and lets one kernel serve any mix of ranks. `stack_adapters` does
+it with differentiable ops, so gradients reach each A_i and B_i; a caller that serves many
+batches (inference) can stack once and pass the stacks.
+
+Two paths compute the same function:
+  * CUDA + Triton: SGMV/BGMV-style kernels (`_triton.routed_mm`, `routed_outer`): each
+    program takes a block of one batch row's tokens, reads the row's adapter index on the
+    device and multiplies by that adapter's matrices. No host sync, no gather of x.
+    Hand-written backward: saves x, rows and the small xa (tokens, R).
+  * elsewhere: per-row gather of the stacks and batched matmuls, differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _triton
+
+
+def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(A_stack (n, R, in), B_stack (n, out, R)), zero-padded to the largest rank R; differentiable."""
+    R = max(A.shape[0] for A in As)
+    if all(A.shape[0] == R for A in As):
+        return torch.stack(list(As)), torch.stack(list(Bs))
+    A_stack = torch.stack([F.pad(A, (0, 0, 0, R - A.shape[0])) for A in As])
+    B_stack = torch.stack([F.pad(B, (0, R - B.shape[1])) for B in Bs])
+    return A_stack, B_stack
+
+
+class RoutedLoraFunction(torch.autograd.Function):
+    """apply(x2, rows, weight, bias, A_stack, B_stack, scales) -> y2 (Triton path, x2 is (batch*T, in))."""
+
+    @staticmethod
+    def forward(ctx, x2, rows, weight, bias, A_stack, B_stack, scales):
+        n, R, in_f = A_stack.shape
+        out_f = B_stack.shape[1]
+        ones = torch.ones(n, dtype=torch.float32, device=x2.device)
+        xa = torch.zeros(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
+        _triton.routed_mm(x2, A_stack, (R * in_f, 1, in_f), R, rows, ones, xa, accumulate=False)
+        y = F.linear(x2, weight, bias)
+        _triton.routed_mm(xa, B_stack, (out_f * R, 1, R), out_f, rows, scales, y, accumulate=True)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.save_for_backward(x2, rows, weight, A_stack, B_stack, scales, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, rows, weight, A_stack, B_stack, scales, xa = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, R, in_f = A_stack.shape
+        out_f = B_stack.shape[1]
+        gy = gy.contiguous()
+        gx = gW = gb = gA = gB = None
+        ones = torch.ones(n, dtype=torch.float32, device=x2.device)
+        # gxa = s_a * gy @ B_a, per token (zero for base-only rows).
+        gxa = torch.zeros(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
+        _triton.routed_mm(gy, B_stack, (out_f * R, R, 1), R, rows, scales, gxa, accumulate=False)
+        if need[0]:
+            gx = gy @ weight
+            _triton.routed_mm(gxa, A_stack, (R * in_f, in_f, 1), in_f, rows, ones, gx, accumulate=True)
+        if need[2]:
+            gW = gy.t() @ x2
+        if ctx.bias_grad:
+            gb = gy.sum(0)
+        # Per-row partial sums, then summed into their adapters (-1 rows go to a dropped extra slot).
+        slot = torch.where(rows >= 0, rows, n)
+        if need[4]:
+            parts = _triton.routed_outer(gxa, x2, rows)  # (batch, R, in)
+            gA = torch.zeros(n + 1, R, in_f, dtype=torch.float32, device=x2.device).index_add_(0, slot, parts)[:n]
+            gA = gA.to(A_stack.dtype)
+        if need[5]:
+            parts = _triton.routed_outer(gy, xa, rows)  # (batch, out, R)
+            gB = torch.zeros(n + 1, out_f, R, dtype=torch.float32, device=x2.device).index_add_(0, slot, parts)[:n]
+            gB = (gB * scales.view(n, 1, 1)).to(B_stack.dtype)
+        return gx, None, gW, gb, gA, gB, None
+
+
+def _routed_torch(x3: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, A_stack: Tensor, B_stack: Tensor,
+                  scales: Tensor) -> Tensor:
+    # x3 (batch, T, in). Gather each row's adapter (a BGMV in batched matmuls); -1 rows get a zero factor.
+    idx = rows.clamp(min=0)
+    on = (rows >= 0).to(x3.dtype) * scales.to(x3.dtype)[idx]
+    xa = torch.bmm(x3, A_stack[idx].transpose(1, 2))                            # (batch, T, R)
+    delta = torch.bmm(xa, B_stack[idx].transpose(1, 2)) * on.view(-1, 1, 1)    # (batch, T, out)
+    return F.linear(x3, weight, bias) + delta
+
+
+def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequence[Tensor] | Tensor,
+                       Bs: Sequence[Tensor] | Tensor, scales: Sequence[float] | Tensor, rows: Tensor,
+                       backend: str = "auto") -> Tensor:
+    """Per-example adapters: rows[b] indexes As/Bs for batch row b of x (x is (batch, ..., in)); -1 = base only.
+
+    As/Bs: lists of A_i (r_i, in) and B_i (out, r_i), ranks may differ; or already stacked
+    (A_stack (n, R, in), B_stack (n, out, R), see `stack_adapters`). scales: floats or an (n,)
+    tensor. Gradients for x and every A_i, B_i (and weight / bias if they require grad).
+
+    Raises:
+        ValueError: rows of the wrong length, an index outside [-1, n), or shapes that do not fit.
+    """
+    if isinstance(As, Tensor) and As.dim() == 3:
+        A_stack, B_stack = As, Bs
+    else:
+        A_stack, B_stack = stack_adapters(As, Bs)
+    n, R, in_f = A_stack.shape
+    batch = x.shape[0]
+    out_f = weight.shape[0]
+    if x.dim() < 2 or x.shape[-1] != in_f or weight.shape[1] != in_f or B_stack.shape != (n, out_f, R):
+        raise ValueError(f"lora_linear_routed: shapes do not fit: x {tuple(x.shape)} (batch, ..., in), weight "
+                         f"{tuple(weight.shape)} (out, in), adapters A {tuple(A_stack.shape)} (n, r, in), "
+                         f"B {tuple(B_stack.shape)} (n, out, r).")
+    if rows.shape != (batch,):
+        raise ValueError(f"lora_linear_routed: rows has shape {tuple(rows.shape)}; expected ({batch},), "
+                         "one adapter index (or -1) per batch row of x.")
+    if not torch.compiler.is_compiling() and rows.device.type == "cpu" and rows.numel() \
+            and (int(rows.min()) < -1 or int(rows.max()) >= n):
+        raise ValueError(f"lora_linear_routed: rows must lie in [-1, {n}); got {rows.tolist()}.")
+    rows = rows.to(device=x.device, dtype=torch.int64)
+    if not isinstance(scales, Tensor):
+        scales = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=x.device)
+    scales = scales.to(device=x.device, dtype=torch.float32)
+    dtype = x.dtype
+    weight, A_stack, B_stack = (t if t.dtype == dtype else t.to(dtype) for t in (weight, A_stack, B_stack))
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    x3 = x.reshape(batch, -1, in_f)
+
+    use_triton = backend != "torch" and _triton.available_for(x) and dtype in (
+        torch.float16, torch.bfloat16, torch.float32)
+    if backend == "triton" and not use_triton:
+        raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU).")
+    if not use_triton:
+        return _routed_torch(x3, rows, weight, bias, A_stack, B_stack, scales).view(*x.shape[:-1], out_f)
+    x2 = x3.reshape(-1, in_f)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    A_stack, B_stack = A_stack.contiguous(), B_stack.contiguous()
+    y = RoutedLoraFunction.apply(x2, rows, weight, bias, A_stack, B_stack, scales)
+    return y.view(*x.shape[:-1], out_f)
