@@ -1,0 +1,529 @@
+"""The training loop behind `lorakit train`: LoRA (or full) fine-tuning with eval, checkpoints and resume.
+
+A run is described by three dataclasses, `TrainConfig` (this file), `DataConfig`
+(lorakit.data) and `LoraConfig`; the CLI flags, a YAML file and the `run_config.yaml` saved
+with every run are views of them. `run(cfg)` does the whole job and returns a summary dict.
+
+Layout of an output directory:
+    run_config.yaml      the resolved configuration
+    metrics.jsonl        one JSON object per log / eval event
+    checkpoint/          the last checkpoint (trainable weights, optimizer, scheduler, RNG, data position)
+    best/                the adapter with the best eval metric so far
+    adapter/             the final adapter (PEFT format)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import inject as lk_inject
+from .config import LoraConfig
+from .data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_examples, load_records,
+                   resolve_labels)
+from .errors import ConfigError, LoraError
+from .io import atomic_write, save_adapter
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is a `lorakit train` flag (`--field-name`)."""
+
+    model: str = "smollm2-135m"
+    """A bundled model name (smollm2-135m, minilm-l6), a local Hugging Face model directory, or a hub id."""
+    train_file: str | None = None
+    """Training data (JSONL, CSV/TSV, GLUE TSV, E2E CSV, .txt). None: the built-in demo task."""
+    eval_file: str | None = None
+    """Held-out data in the same format. None: the built-in task's held-out split, else no eval."""
+    output_dir: str = "runs/lorakit"
+    """Where the run writes its config, metrics, checkpoints and the final adapter."""
+    full: bool = False
+    """Full fine-tuning (every weight trains, no LoRA), for comparison."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    """Learning-rate decay after warmup: linear, cosine or constant."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    epochs: float = 1.0
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means `epochs` passes over the data."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold; 0 disables clipping."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0: only before and after training)."""
+    save_every: int = 0
+    """Write a checkpoint every N optimizer steps (0: no intermediate checkpoints)."""
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"
+    """auto (bf16 autocast on a GPU that has it, else fp32), fp32 or bf16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    max_eval_examples: int = 200
+    """Cap on held-out examples per evaluation (0: all)."""
+    max_new_tokens: int = 48
+    """sft: tokens generated per example when the eval generates."""
+    eval_generate: bool = True
+    """sft: evaluate by generating completions (exact match / BLEU...) besides the loss."""
+    resume: bool = False
+    """Continue from output_dir/checkpoint (optimizer, scheduler, RNG and data position restored)."""
+
+    def validate(self) -> "TrainConfig":
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        return self
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: training, data and LoRA settings."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": dataclasses.asdict(self.train), "data": dataclasses.asdict(self.data),
+                "lora": dataclasses.asdict(self.lora)}
+
+
+# -- data ----------------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    records: list[dict[str, Any]]
+    examples: list[dict[str, Any]]
+    stats: Any
+
+
+def model_task(data: DataConfig) -> str:
+    return {"classification": "sequence-classification", "regression": "regression"}.get(data.task, "causal-lm")
+
+
+def read_split(path: str | None, records: list[dict] | None, tokenizer, data: DataConfig,
+               label_names=None) -> Split:
+    if records is None:
+        records = load_records(path, format=data.format, text_unit=data.text_unit) if path else []
+    examples, stats = build_examples(records, tokenizer, data, label_names=label_names, source=str(path or "data"))
+    return Split(records, examples, stats)
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+                   adapters: list[str | None] | None = None, **gen_kwargs) -> list[str]:
+    """Complete each prompt (greedy unless gen_kwargs say otherwise); returns only the new text.
+
+    With `adapters`, prompt i goes through adapter adapters[i] (None = base), all in one batch.
+    """
+    from .inject import route
+
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt ends at the last position
+    outputs: list[str] = []
+    beams = int(gen_kwargs.get("num_beams", 1))
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+            kwargs.update(gen_kwargs)
+            if adapters is not None:
+                names = [n for n in adapters[start:start + batch_size] for _ in range(beams)]
+                with route(model, names):
+                    out = model.generate(**enc, **kwargs)
+            else:
+                out = model.generate(**enc, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, device: torch.device,
+             score_fn=None) -> dict[str, float]:
+    """Task metrics on a held-out split: loss (+ perplexity) for sft/lm, accuracy/F1/MCC for
+    classification, Pearson/Spearman for regression, and, for sft with eval_generate, the
+    generation metric (`score_fn(predictions, references)`, or BLEU & co. via lorakit.metrics)."""
+    from . import metrics
+
+    cfg, data = run_cfg.train, run_cfg.data
+    n = len(split.examples) if not cfg.max_eval_examples else min(cfg.max_eval_examples, len(split.examples))
+    examples = split.examples[:n]
+    model.eval()
+    collate = PadCollator(tokenizer.pad_token_id)
+    losses, weights, preds, golds = [], [], [], []
+    for start in range(0, n, cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + cfg.batch_size]).items()}
+        with autocast(device, cfg.precision):
+            out = model(**batch)
+        if data.task in ("sft", "lm"):
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            losses.append(float(out.loss) * tokens)
+            weights.append(tokens)
+        elif data.task == "classification":
+            preds += out.logits.argmax(-1).tolist()
+            golds += batch["labels"].tolist()
+        else:
+            preds += out.logits.squeeze(-1).float().tolist()
+            golds += batch["labels"].tolist()
+    result: dict[str, float] = {}
+    if data.task in ("sft", "lm"):
+        result["loss"] = sum(losses) / max(sum(weights), 1)
+        result["perplexity"] = metrics.perplexity(result["loss"])
+        if data.task == "sft" and cfg.eval_generate and data.prompt_column in split.records[0]:
+            records = split.records[:n]
+            prompts = [r[data.prompt_column] + data.separator for r in records]
+            refs = [r[data.completion_column] for r in records]
+            hyps = generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=max(cfg.batch_size, 16))
+            if score_fn is not None:
+                result["score"] = float(score_fn(hyps, refs))
+            else:
+                result["exact_match"] = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(len(refs), 1)
+    elif data.task == "classification":
+        result.update(metrics.classification_scores(preds, golds))
+    else:
+        result.update(metrics.regression_scores(preds, golds))
+    return result
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Write output_dir/checkpoint atomically: build it beside, then swap directories."""
+    from safetensors.torch import save_file
+
+    tmp = out / ".checkpoint-tmp"
+    old = out / ".checkpoint-old"
+    final = out / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               str(tmp / "state.pt"))
+    (tmp / "progress.json").write_text(json.dumps(state, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; returns the progress dict (step, epoch, batch, best)."""
+    from safetensors.torch import load_file
+
+    ckpt = out / "checkpoint"
+    if not (ckpt / "progress.json").exists() and (out / ".checkpoint-old" / "progress.json").exists():
+        ckpt = out / ".checkpoint-old"  # a crash between the two renames of save_checkpoint
+    if not (ckpt / "progress.json").exists():
+        raise ConfigError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}). Run without "
+                          "--resume to start fresh, or point --output-dir at the run to continue.")
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ConfigError(f"The checkpoint in {ckpt} does not match this model/config (e.g. {missing[0]}); "
+                          "resume with the same settings the run started with.")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    state = torch.load(str(ckpt / "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "progress.json").read_text())
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when the output directory cannot be written."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"The output directory {out} is not writable (no write permission on {probe}). "
+                          "Pass --output-dir with a directory you can write to.")
+
+
+def _head_paths(model: nn.Module) -> list[str]:
+    """Newly initialized classification heads that must train and be saved with the adapter."""
+    return [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
+    """Train, evaluate before and after, save the adapter; returns a summary dict.
+
+    Raises:
+        LoraError subclasses for bad input (data columns, labels, model names, unwritable output,
+        a non-finite loss, a missing checkpoint on --resume).
+    """
+    from tqdm.auto import tqdm
+
+    from .models import load_model, resolve_model_path
+
+    cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
+    out = Path(cfg.output_dir)
+    check_writable(out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    builtin = cfg.train_file is None
+    score_fn = None
+    train_records = eval_records = None
+    if builtin:
+        from . import tasks
+        train_records, eval_records = tasks.builtin_task(seed=cfg.seed)
+        score_fn = tasks.score
+        if data.task != "sft":
+            raise ConfigError("The built-in task is sft (prompt -> completion); pass --train-file for "
+                              f"task {data.task!r}.")
+    # Classification needs the label set before the model (its head size).
+    label_names = None
+    num_labels = None
+    if data.task == "classification":
+        if cfg.train_file is None:
+            raise ConfigError("Classification needs --train-file (a CSV/TSV/JSONL/GLUE file with a label column).")
+        train_records = load_records(cfg.train_file, format=data.format, text_unit=data.text_unit)
+        missing = [i for i, r in enumerate(train_records) if data.label_column not in r]
+        if missing:
+            raise ConfigError(f"Record {missing[0]} of {cfg.train_file} has no column {data.label_column!r}; "
+                              f"columns: {sorted(train_records[missing[0]])}. Pass --label-column.")
+        _, label_names = resolve_labels([r[data.label_column] for r in train_records], data.labels,
+                                        source=cfg.train_file, column=data.label_column)
+        num_labels = len(label_names)
+
+    log(f"Loading {cfg.model} ...")
+    t0 = time.time()
+    model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels)
+    model.to(device)
+    log(f"  loaded in {time.time() - t0:.1f} s")
+
+    train = read_split(cfg.train_file, train_records, tokenizer, data, label_names)
+    log(f"Train data: {train.stats.describe()}")
+    evals = None
+    if eval_records is not None or cfg.eval_file:
+        evals = read_split(cfg.eval_file, eval_records, tokenizer, data, train.stats.label_names)
+        log(f"Eval data: {evals.stats.describe()}")
+
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        lora = run_cfg.lora
+        heads = _head_paths(model) if data.task in ("classification", "regression") else []
+        if heads and not lora.modules_to_save:
+            lora = dataclasses.replace(lora, modules_to_save=heads)
+        lk_inject.inject(model, lora)
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads") and not cfg.full:
+            model.enable_input_require_grads()
+    trainable, total = lk_inject.count_parameters(model)
+    log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    before = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
+    if before:
+        log(f"Before training: {_fmt(before)}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lengths = [len(e["input_ids"]) for e in train.examples]
+    sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed)
+    steps_per_epoch = max(1, sampler.num_batches // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
+    collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_text = _yaml_dump(run_cfg.to_dict())
+    atomic_write(out / "run_config.yaml", lambda f: Path(f).write_text(cfg_text))
+    progress = {"step": 0, "epoch": 0, "batch": 0, "best": None}
+    if cfg.resume:
+        progress = load_checkpoint(out, model, optimizer, scheduler)
+        log(f"Resumed from step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch']}).")
+    metrics_file = open(out / "metrics.jsonl", "a")
+
+    def record(event: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(event) + "\n")
+        metrics_file.flush()
+
+    model.train()
+    step, epoch, batch_pos = progress["step"], progress["epoch"], progress["batch"]
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    tokens_seen, t_start, window_loss, window_n = 0, time.time(), 0.0, 0
+    try:
+        while step < total_steps:
+            sampler.set_epoch(epoch, skip=batch_pos)
+            batches = iter(sampler)
+            while step < total_steps:
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    b = next(batches, None)
+                    if b is None:
+                        break
+                    micro.append(b)
+                if len(micro) < cfg.grad_accum:  # end of epoch: drop the incomplete accumulation
+                    break
+                loss_sum = 0.0
+                for idx in micro:
+                    batch = {k: v.to(device) for k, v in collate([train.examples[i] for i in idx]).items()}
+                    with autocast(device, cfg.precision):
+                        loss = model(**batch).loss / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += float(loss)
+                    tokens_seen += int(batch["attention_mask"].sum())
+                if not math.isfinite(loss_sum):
+                    raise NonFiniteLoss(step + 1, loss_sum, out)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                batch_pos += len(micro)
+                window_loss, window_n = window_loss + loss_sum, window_n + 1
+                rate = tokens_seen / max(time.time() - t_start, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    record({"event": "train", "step": step, "loss": window_loss / window_n,
+                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
+                    window_loss, window_n = 0.0, 0
+                if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    result = evaluate(model, tokenizer, evals, run_cfg, device, score_fn)
+                    model.train()
+                    record({"event": "eval", "step": step, **result})
+                    bar.write(f"step {step}: {_fmt(result)}")
+                    progress["best"] = _track_best(model, out, result, progress["best"], step, cfg.full)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint(out, model, optimizer, scheduler,
+                                    {"step": step, "epoch": epoch, "batch": batch_pos, "best": progress["best"]})
+            else:
+                break
+            epoch, batch_pos = epoch + 1, 0
+    finally:
+        bar.close()
+        metrics_file.close()
+    train_time = time.time() - t_start
+
+    after = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
+    if after:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"event": "eval", "step": step, "final": True, **after}) + "\n")
+        _track_best(model, out, after, progress["best"], step, cfg.full)
+    final_dir = out / ("model" if cfg.full else "adapter")
+    if cfg.full:
+        model.save_pretrained(str(final_dir))
+        tokenizer.save_pretrained(str(final_dir))
+    else:
+        save_adapter(model, final_dir)
+    base_dir = resolve_model_path(cfg.model)
+    summary = {
+        "before": before, "after": after, "steps": step, "train_seconds": train_time,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "adapter_dir": str(final_dir), "adapter_bytes": dir_size(final_dir),
+        "base_bytes": dir_size(base_dir) if isinstance(base_dir, Path) else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _metric_key(result: dict[str, float]) -> tuple[str, bool]:
+    """The headline metric and whether higher is better."""
+    for key in ("score", "exact_match", "accuracy", "pearson"):
+        if key in result:
+            return key, True
+    return "loss", False
+
+
+def _track_best(model, out: Path, result, best, step, full: bool):
+    key, higher = _metric_key(result)
+    value = result[key]
+    if best is None or (value > best["value"] if higher else value < best["value"]):
+        if not full:
+            save_adapter(model, out / "best")
+        return {"metric": key, "value": value, "step": step}
+    return best
+
+
+def _fmt(result: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+
+
+def _yaml_dump(data: dict[str, Any]) -> str:
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+class NonFiniteLoss(LoraError):
+    """The loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+
+    def __init__(self, step: int, value: float, out: Path) -> None:
+        super().__init__(
+            f"The loss became {value} at step {step}; training stopped. The last good checkpoint in "
+            f"{out / 'checkpoint'} (if any) is untouched. Lower --lr, enable clipping (--max-grad-norm 1.0), "
+            "or check the data for empty or broken examples, then continue with --resume.")
