@@ -208,8 +208,9 @@ def test_energy_rank():
     # Energies 9, 4, 1 of 14: two values hold 13/14 = 92.9%.
     S = torch.tensor([3.0, 2.0, 1.0])
     assert energy_rank(S, 0.9) == 2 and energy_rank(S, 0.99) == 3 and energy_rank(S, 0.5) == 1
-    # Nine of ten equal values are exactly 90%: rounding must not push it to ten.
     assert energy_rank(torch.ones(10), 0.9) == 9 and energy_rank(torch.ones(10), 0.99) == 10
+    # Eight of ten equal energies of 0.1 are 80%, though their rounded prefix sum is 0.7999999999999999.
+    assert energy_rank(torch.full((10,), 0.1**0.5, dtype=torch.float64), 0.8) == 8
     assert energy_rank(torch.zeros(3), 0.9) == 0
     with pytest.raises(ConfigError):
         energy_rank(S, 0.0)
@@ -290,6 +291,7 @@ MODULES = [
     "model.layers.0.self_attn.v_proj",
     "model.layers.1.self_attn.q_proj",
     "model.layers.10.self_attn.q_proj",
+    "model.layers.2.self_attn.q_proj",
     "model.layers.0.mlp.up_proj",
 ]
 
@@ -331,13 +333,14 @@ def test_read_adapter_round_trips_a_peft_directory(tmp_path):
     tensors = peft_tensors(g, ranks, embedding=(50, 16, 4))
     path = write_adapter(tmp_path / "ad", CONFIG, tensors)
     ad = read_adapter(path)
-    # Natural order: layer 0, 1, then 10.
+    # Natural order: layer 0, 1, 2, then 10.
     assert list(ad) == [
         "model.embed_tokens",
         "model.layers.0.mlp.up_proj",
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.q_proj",
+        "model.layers.2.self_attn.q_proj",
         "model.layers.10.self_attn.q_proj",
     ]
     for m in MODULES:
@@ -351,6 +354,7 @@ def test_read_adapter_round_trips_a_peft_directory(tmp_path):
         "model.layers.0.self_attn.q_proj": 2.0,
         "model.layers.0.self_attn.v_proj": 4.0,  # rank_pattern r=2: 8 / 2
         "model.layers.1.self_attn.q_proj": 8.0,  # alpha_pattern 32: 32 / 4
+        "model.layers.2.self_attn.q_proj": 2.0,
         "model.layers.10.self_attn.q_proj": 2.0,
     }
     emb = ad["model.embed_tokens"]
@@ -362,8 +366,22 @@ def test_read_adapter_round_trips_a_peft_directory(tmp_path):
     # The embedding's own weight (num, dim) is read in dW's (dim, num) layout.
     W_emb = torch.randn(50, 16, generator=g)
     check_against_reference(amplification(emb, W_emb, n_random=0), amplification_reference(emb.delta(), W_emb.T, 4))
+    # A square embedding is transposed too: its weight is (num, dim) whatever the sizes.
+    square = AdapterTensors("e", torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g), 1.0, 4, 4.0,
+                            "embedding", (16, 16))
+    W_sq = torch.randn(16, 16, generator=g)
+    check_against_reference(amplification(square, W_sq, n_random=0), amplification_reference(square.delta(), W_sq.T, 4))
     # The safetensors file itself names the adapter too.
     assert list(read_adapter(path / "adapter_model.safetensors")) == list(ad)
+
+
+def test_read_adapter_accepts_keys_with_the_adapter_name(tmp_path):
+    g = gen(18)
+    A, B = torch.randn(4, 12, generator=g), torch.randn(16, 4, generator=g)
+    path = write_adapter(tmp_path / "ad", CONFIG, {"base_model.model.m.q_proj.lora_A.default.weight": A,
+                                                   "base_model.model.m.q_proj.lora_B.default.weight": B})
+    ad = read_adapter(path)
+    assert list(ad) == ["m.q_proj"] and torch.equal(ad["m.q_proj"].A, A) and torch.equal(ad["m.q_proj"].B, B)
 
 
 def test_read_adapter_rslora_scale(tmp_path):
@@ -409,6 +427,14 @@ def test_read_adapter_errors_name_the_file(tmp_path):
     no_b = write_adapter(tmp_path / "nob", CONFIG, {"base_model.model.m.q_proj.lora_A.weight": torch.randn(4, 3)})
     with pytest.raises(AdapterFileError, match="m.q_proj has no lora_B"):
         read_adapter(no_b)
+
+    two_names = write_adapter(tmp_path / "twonames", CONFIG, {
+        "base_model.model.m.q_proj.lora_A.first.weight": torch.randn(4, 3),
+        "base_model.model.m.q_proj.lora_B.first.weight": torch.randn(5, 4),
+        "base_model.model.m.v_proj.lora_A.second.weight": torch.randn(4, 3),
+        "base_model.model.m.v_proj.lora_B.second.weight": torch.randn(5, 4)})
+    with pytest.raises(AdapterFileError, match="several adapters"):
+        read_adapter(two_names)
 
     empty = write_adapter(tmp_path / "empty", CONFIG, {"base_model.model.m.weight": torch.randn(4, 3)})
     with pytest.warns(UserWarning, match="not LoRA factors"), pytest.raises(AdapterFileError, match="no LoRA factors"):
@@ -464,10 +490,12 @@ def test_analyze_report(tmp_path):
     assert mods[q[0]]["a"]["spectrum"]["effective_rank"] == pytest.approx(effective_rank(S), rel=1e-12)
     check_against_reference(mods[q[0]]["a"]["amplification"],
                             amplification_reference(a[q[0]].delta(), base[f"{q[0]}.weight"], 4))
-    # The untrained module: spectrum zero, no amplification, and its B cannot be compared.
+    # b's untrained module (B = 0): zero spectrum, no amplification; its A factors still compare.
     assert "amplification" in mods[q[1]]["a"] and "amplification" not in mods[q[1]]["b"]
     assert mods[q[1]]["b"]["spectrum"]["effective_rank"] == 0.0
-    assert "amplification" not in mods[v]["a"] and "no base weight" in report["skipped"][v]
+    assert "amplification" not in mods[v]["a"]
+    assert report["skipped"][v] == ["no base weight given: no amplification for adapter a"]
+    assert report["skipped"][q[1]] == ["dW is zero in adapter b (untrained?): no amplification"]
     assert report["summary"]["modules"] == 4 and report["summary"]["similarity"]["phi_full"]["count"] == 2
     assert report["summary"]["a"]["amplification"]["count"] == 2
     assert report["files"] == []

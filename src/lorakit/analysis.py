@@ -839,7 +839,8 @@ def analyze(
     Returns:
         {"adapters", "modules" (per module: "shape", "kind", "a"/"b" with "r", "alpha", "scale",
         "spectrum" and optionally "amplification", and "similarity" when compared), "only_in_a",
-        "only_in_b", "skipped", "summary", "files"}.
+        "only_in_b", "skipped" (module -> reasons a part of the analysis was left out), "summary",
+        "files"}.
 
     Raises:
         AdapterFileError: an adapter directory cannot be read.
@@ -863,6 +864,9 @@ def analyze(
     if adapter_b is not None:
         report["adapters"]["b"] = {"path": path_b, "modules": len(b)}
 
+    def skip(module: str, reason: str) -> None:
+        report["skipped"].setdefault(module, []).append(reason)
+
     spectra: dict[str, dict[str, Tensor]] = {"a": {}, "b": {}}
     names = list(a) + [m for m in b if m not in a]
     for module in _progress(names, progress, "spectrum and amplification"):
@@ -881,9 +885,9 @@ def analyze(
                 if float(S.max()) > 0:
                     side["amplification"] = amplification(t, W, n_random=n_random, seed=seed, w_directions=w_directions)
                 else:
-                    report["skipped"].setdefault(module, f"dW is zero in adapter {label} (untrained?): no amplification")
+                    skip(module, f"dW is zero in adapter {label} (untrained?): no amplification")
             elif base_weights is not None:
-                report["skipped"].setdefault(module, "no base weight given: no amplification")
+                skip(module, f"no base weight given: no amplification for adapter {label}")
             entry[label] = side
         report["modules"][module] = entry
 
@@ -891,7 +895,7 @@ def analyze(
         sim = compare_adapters(a, b, factor=factor, progress=progress)
         report["only_in_a"], report["only_in_b"] = sim.only_in_a, sim.only_in_b
         for module, reason in sim.skipped.items():
-            report["skipped"][module] = reason
+            skip(module, f"no similarity: {reason}")
         for module, phi in sim.phi.items():
             d = a[module].shape[1] if factor == "A" else a[module].shape[0]
             n = min(phi.shape)
