@@ -164,7 +164,9 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file), device="cpu")
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{file}: not a readable safetensors file ({e}); the file is corrupt or truncated") from e
+        raise AdapterFileError(
+            f"{file}: not a readable safetensors file ({e}); the file is corrupt or truncated"
+        ) from e
 
 
 def _float(value: Any, what: str, file: Path) -> float:
@@ -231,17 +233,25 @@ def read_adapter(path: str | os.PathLike[str]) -> dict[str, AdapterTensors]:
         if m["name1"] or m["name2"]:
             names.add(m["name1"] or m["name2"])
         if kinds.setdefault(module, kind) != kind:
-            raise AdapterFileError(f"{path / WEIGHTS_FILE}: {module} has factors of two kinds ({kinds[module]}, {kind})")
+            raise AdapterFileError(
+                f"{path / WEIGHTS_FILE}: {module} has factors of two kinds ({kinds[module]}, {kind})"
+            )
         factors.setdefault(module, {})[part] = tensor
     if len(names) > 1:
         raise AdapterFileError(
-            f"{path / WEIGHTS_FILE}: holds several adapters ({', '.join(sorted(names))}); save each one to its own directory"
+            f"{path / WEIGHTS_FILE}: holds several adapters ({', '.join(sorted(names))}); "
+            f"save each one to its own directory"
         )
     if ignored:
         shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
-        warnings.warn(f"{path / WEIGHTS_FILE}: skipped {len(ignored)} tensors that are not LoRA factors ({shown})", stacklevel=2)
+        warnings.warn(
+            f"{path / WEIGHTS_FILE}: skipped {len(ignored)} tensors that are not LoRA factors ({shown})",
+            stacklevel=2,
+        )
     if not factors:
-        raise AdapterFileError(f"{path / WEIGHTS_FILE}: no LoRA factors (keys ending in lora_A.weight / lora_B.weight) found")
+        raise AdapterFileError(
+            f"{path / WEIGHTS_FILE}: no LoRA factors (keys ending in lora_A.weight / lora_B.weight) found"
+        )
 
     out: dict[str, AdapterTensors] = {}
     for module in sorted(factors, key=_natural_key):
@@ -749,7 +759,8 @@ def plot_spectra(
     for values, label, marker in zip(measures, ("effective rank", "90% energy", "99% energy"), "osd"):
         ax_r.plot(x, values, marker=marker, linewidth=1, label=label)
     if ranks:
-        ax_r.plot(x, [ranks.get(m, math.nan) for m in modules], color="gray", linestyle="--", linewidth=1, label="adapter r")
+        ax_r.plot(x, [ranks.get(m, math.nan) for m in modules], color="gray", linestyle="--", linewidth=1,
+                  label="adapter r")
     ax_r.set_xticks(x, [_panel_title(m) for m in modules], rotation=60 if len(modules) > 6 else 0,
                     ha="right" if len(modules) > 6 else "center", fontsize=8)
     ax_r.set_ylabel("rank")
@@ -772,10 +783,13 @@ def _progress(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, leave=False)
+    # disable=None: bars on a terminal, silence in logs and pipes.
+    return tqdm(items, desc=desc, leave=False, disable=None)
 
 
-def _load(adapter: str | os.PathLike[str] | Mapping[str, AdapterTensors]) -> tuple[dict[str, AdapterTensors], str | None]:
+def _load(
+    adapter: str | os.PathLike[str] | Mapping[str, AdapterTensors],
+) -> tuple[dict[str, AdapterTensors], str | None]:
     if isinstance(adapter, Mapping):
         return dict(adapter), None
     return read_adapter(adapter), str(adapter)
@@ -879,16 +893,18 @@ def analyze(
             entry.setdefault("kind", t.kind)
             _, S, _ = delta_svd(t.B, t.A, t.scale)
             spectra[label][module] = S
-            side: dict[str, Any] = {"r": t.r, "alpha": t.alpha, "scale": t.scale, "spectrum": spectrum_report(S, t.r)}
+            result: dict[str, Any] = {"r": t.r, "alpha": t.alpha, "scale": t.scale,
+                                      "spectrum": spectrum_report(S, t.r)}
             W = _base_weight(base_weights, module) if base_weights is not None else None
             if W is not None:
                 if float(S.max()) > 0:
-                    side["amplification"] = amplification(t, W, n_random=n_random, seed=seed, w_directions=w_directions)
+                    result["amplification"] = amplification(t, W, n_random=n_random, seed=seed,
+                                                             w_directions=w_directions)
                 else:
                     skip(module, f"dW is zero in adapter {label} (untrained?): no amplification")
             elif base_weights is not None:
                 skip(module, f"no base weight given: no amplification for adapter {label}")
-            entry[label] = side
+            entry[label] = result
         report["modules"][module] = entry
 
     if adapter_b is not None:
@@ -919,7 +935,9 @@ def analyze(
             try:
                 import matplotlib  # noqa: F401  (only to find out whether plotting is possible)
             except ImportError:
-                warnings.warn("matplotlib is not installed (pip install 'lorakit[plots]'): no plots written", stacklevel=2)
+                warnings.warn(
+                    "matplotlib is not installed (pip install 'lorakit[plots]'): no plots written", stacklevel=2
+                )
             else:
                 files += _write_plots(out, report, spectra, sim.phi if adapter_b is not None else {},
                                       factor, labels, max_panels)
