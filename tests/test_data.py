@@ -1,4 +1,4 @@
-"""Data layer contracts: readers on the real GLUE/E2E files, tokenization per task, collator, sampler, errors."""
+"""Data layer contracts: readers on real GLUE/E2E files, tokenization, collator, sampler, errors."""
 
 from __future__ import annotations
 
@@ -117,7 +117,12 @@ def test_e2e_train_gz_and_grouping():
 
 
 def test_group_references_consecutive_only():
-    rows = [{"mr": "a", "ref": "1"}, {"mr": "a", "ref": "2"}, {"mr": "b", "ref": "3"}, {"mr": "a", "ref": "4"}]
+    rows = [
+        {"mr": "a", "ref": "1"},
+        {"mr": "a", "ref": "2"},
+        {"mr": "b", "ref": "3"},
+        {"mr": "a", "ref": "4"},
+    ]
     assert group_references(rows, "mr", "ref") == [("a", ["1", "2"]), ("b", ["3"]), ("a", ["4"])]
     with pytest.raises(ConfigError, match="Record 0 has no column 'prompt'.*it has: mr, ref"):
         group_references(rows)
@@ -131,12 +136,20 @@ def test_jsonl_json_text_csv(tmp_path):
     p = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in recs) + "\n\n")
     assert load_records(p) == recs
     assert load_records(write(tmp_path / "d.json", json.dumps(recs))) == recs
-    assert load_records(write(tmp_path / "lines.json", json.dumps(recs[0]) + "\n" + json.dumps(recs[1]))) == recs
+    assert (
+        load_records(
+            write(tmp_path / "lines.json", json.dumps(recs[0]) + "\n" + json.dumps(recs[1]))
+        )
+        == recs
+    )
     p = write(tmp_path / "t.txt", "first line\n\nsecond line\n")
     assert load_records(p) == [{"text": "first line"}, {"text": "second line"}]
     assert load_records(p, text_unit="file") == [{"text": "first line\n\nsecond line\n"}]
     p = write(tmp_path / "d.csv", 'text,score\n"hello, world",0.5\nbye,1\n')
-    assert load_records(p) == [{"text": "hello, world", "score": "0.5"}, {"text": "bye", "score": "1"}]
+    assert load_records(p) == [
+        {"text": "hello, world", "score": "0.5"},
+        {"text": "bye", "score": "1"},
+    ]
     p = tmp_path / "d.jsonl.gz"
     p.write_bytes(gzip.compress(json.dumps(recs[0]).encode()))
     assert load_records(p) == [recs[0]]
@@ -230,7 +243,9 @@ def test_chat_every_assistant_turn_in_loss(tok):
     assert stats.chat_turns == "all"
     full = t.apply_chat_template(msgs, tokenize=False)
     assert t.decode(ex["input_ids"]) == full
-    in_loss = t.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX])
+    in_loss = t.decode(
+        [i for i, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
     assert in_loss == "hello<|endoftext|>see you<|endoftext|>"
 
 
@@ -252,7 +267,9 @@ def test_chat_falls_back_to_last_turn(tok):
     ]
     (ex,), stats = build_examples([{"messages": msgs}], t, DataConfig())
     assert stats.chat_turns == "last" and stats.notes
-    in_loss = t.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX])
+    in_loss = t.decode(
+        [i for i, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
     assert in_loss == "d"
 
 
@@ -268,7 +285,9 @@ def test_chat_errors(tok):
 
 def test_missing_column_lists_existing_columns(tok):
     recs = [{"mr": "x", "ref": "y"}]
-    with pytest.raises(ConfigError, match=r"no column 'prompt' \(DataConfig.prompt_column\).*'mr', 'ref'"):
+    with pytest.raises(
+        ConfigError, match=r"no column 'prompt' \(DataConfig.prompt_column\).*'mr', 'ref'"
+    ):
         build_examples(recs, tok, DataConfig(), source="e2e.csv")
     with pytest.raises(ConfigError, match=r"no column 'text'.*'mr', 'ref'"):
         build_examples(recs, tok, DataConfig(task="lm"))
@@ -289,10 +308,17 @@ def test_classification_labels_and_pairs(tok):
     assert [ex["labels"] for ex in examples] == [2, 0, 1]
     assert examples[0]["input_ids"] == tok("good", "fine")["input_ids"]
     # a dev split reuses the training split's mapping
-    dev, dev_stats = build_examples(recs[:1], tok, DataConfig(task="classification"), label_names=stats.label_names)
+    dev, dev_stats = build_examples(
+        recs[:1], tok, DataConfig(task="classification"), label_names=stats.label_names
+    )
     assert dev[0]["labels"] == 2 and dev_stats.label_names == stats.label_names
     with pytest.raises(ConfigError, match="Unknown label 'mixed'.*negative, neutral, positive"):
-        build_examples([{"text": "x", "label": "mixed"}], tok, DataConfig(task="classification"), label_names=stats.label_names)
+        build_examples(
+            [{"text": "x", "label": "mixed"}],
+            tok,
+            DataConfig(task="classification"),
+            label_names=stats.label_names,
+        )
 
 
 def test_label_ranges():
@@ -315,7 +341,9 @@ def test_glue_classification_real(tok):
     assert max(len(ex["input_ids"]) for ex in examples) == 48
     test = load_records(DATA / "glue/RTE/test.tsv", limit=5)
     with pytest.raises(ConfigError, match="Label -1 .*test.tsv.*use a labeled split"):
-        build_examples(test, tok, DataConfig(task="classification"), source=str(DATA / "glue/RTE/test.tsv"))
+        build_examples(
+            test, tok, DataConfig(task="classification"), source=str(DATA / "glue/RTE/test.tsv")
+        )
     sst_test = load_records(DATA / "glue/SST-2/test.tsv", limit=5)
     with pytest.raises(ConfigError, match=r"no column 'label'.*'idx', 'text'"):
         build_examples(sst_test, tok, DataConfig(task="classification"))
@@ -334,7 +362,9 @@ def test_e2e_sft_real(tok):
 
 def test_regression(tok):
     examples, _ = build_examples(
-        [{"text": "a", "label": "3.5"}, {"text": "b", "label": 1}], tok, DataConfig(task="regression")
+        [{"text": "a", "label": "3.5"}, {"text": "b", "label": 1}],
+        tok,
+        DataConfig(task="regression"),
     )
     assert [ex["labels"] for ex in examples] == [3.5, 1.0]
     with pytest.raises(ConfigError, match="Regression target 'high' of record 0 .*not a number"):
@@ -361,12 +391,19 @@ def test_collator_pads_and_masks():
     assert b["input_ids"].shape == (2, 8)
     assert b["input_ids"][1].tolist() == [0] * 7 + [8]
     assert b["attention_mask"][1].tolist() == [0] * 7 + [1]
-    cls = PadCollator(0)([{"input_ids": [1, 2], "token_type_ids": [0, 1], "labels": 2}, {"input_ids": [3], "token_type_ids": [0], "labels": 0}])
+    cls = PadCollator(0)(
+        [
+            {"input_ids": [1, 2], "token_type_ids": [0, 1], "labels": 2},
+            {"input_ids": [3], "token_type_ids": [0], "labels": 0},
+        ]
+    )
     assert cls["labels"].dtype == torch.long and cls["labels"].tolist() == [2, 0]
     assert cls["token_type_ids"].tolist() == [[0, 1], [0, 0]]
     reg = PadCollator(0)([{"input_ids": [1], "labels": 0.5}])
     assert reg["labels"].dtype == torch.float32
-    with pytest.raises(ConfigError, match="no pad token.*tokenizer.pad_token = tokenizer.eos_token"):
+    with pytest.raises(
+        ConfigError, match="no pad token.*tokenizer.pad_token = tokenizer.eos_token"
+    ):
         PadCollator(None)
 
 
@@ -382,7 +419,9 @@ def test_sampler_covers_every_index_once_and_groups_lengths():
     assert len(batches) == len(s) == s.num_batches == 63
     assert sorted(i for b in batches for i in b) == list(range(1000))
     assert max(LENGTHS[i] for i in batches[0]) == max(LENGTHS)  # longest batch first
-    spread = sum(max(LENGTHS[i] for i in b) - min(LENGTHS[i] for i in b) for b in batches) / len(batches)
+    spread = sum(max(LENGTHS[i] for i in b) - min(LENGTHS[i] for i in b) for b in batches) / len(
+        batches
+    )
     assert spread < 10  # random batches of 16 would spread ~90
 
 
@@ -416,8 +455,13 @@ def test_sampler_drop_last_unshuffled_and_ranks():
     s = LengthGroupedBatchSampler(LENGTHS, 16, shuffle=False, drop_last=True)
     batches = list(s)
     assert len(batches) == 62 and all(len(b) == 16 for b in batches)
-    assert batches == list(LengthGroupedBatchSampler(LENGTHS, 16, shuffle=False, drop_last=True, seed=99))
-    ranks = [list(LengthGroupedBatchSampler(LENGTHS, 16, seed=5, num_replicas=4, rank=r)) for r in range(4)]
+    assert batches == list(
+        LengthGroupedBatchSampler(LENGTHS, 16, shuffle=False, drop_last=True, seed=99)
+    )
+    ranks = [
+        list(LengthGroupedBatchSampler(LENGTHS, 16, seed=5, num_replicas=4, rank=r))
+        for r in range(4)
+    ]
     assert len({len(r) for r in ranks}) == 1  # every rank runs the same number of steps
     assert set(i for r in ranks for b in r for i in b) == set(range(1000))
     with pytest.raises(ConfigError, match="rank must be in"):
@@ -432,7 +476,9 @@ def test_dataloader_end_to_end(tok):
     recs = [{"prompt": f"q{i}", "completion": " a" * (i % 7 + 1)} for i in range(40)]
     examples, _ = build_examples(recs, tok, DataConfig())
     sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], 8, seed=0)
-    loader = DataLoader(examples, batch_sampler=sampler, collate_fn=PadCollator(tok.pad_token_id, 8))
+    loader = DataLoader(
+        examples, batch_sampler=sampler, collate_fn=PadCollator(tok.pad_token_id, 8)
+    )
     batches = list(loader)
     assert len(batches) == 5
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)

@@ -40,7 +40,9 @@ def test_multiclass_against_sklearn():
 
     pred = [0, 1, 2, 2, 1, 0, 2, 1]
     gold = [0, 2, 2, 1, 1, 0, 2, 0]
-    assert metrics.f1(pred, gold, average="macro") == pytest.approx(f1_score(gold, pred, average="macro"))
+    assert metrics.f1(pred, gold, average="macro") == pytest.approx(
+        f1_score(gold, pred, average="macro")
+    )
     scores = metrics.classification_scores(pred, gold)
     assert scores["f1"] == pytest.approx(f1_score(gold, pred, average="macro"))
     assert scores["mcc"] == pytest.approx(matthews_corrcoef(gold, pred))
@@ -90,7 +92,10 @@ HYPS = [
     "Aromi is a pub.",
 ]
 REFS = [
-    ["The Eagle is a low-priced coffee shop located near Burger King.", "Near Burger King there is a cheap coffee shop called The Eagle."],
+    [
+        "The Eagle is a low-priced coffee shop located near Burger King.",
+        "Near Burger King there is a cheap coffee shop called The Eagle.",
+    ],
     [
         "Zizzi is a French restaurant by the riverside. It is not family-friendly.",
         "In the riverside area, Zizzi serves French food; kids are not welcome.",
@@ -128,7 +133,11 @@ def test_bleu_nist_match_mteval_on_e2e_dev():
     def template(mr: str) -> str:  # a fixed rule-based system
         f = dict(re.findall(r"(\w[\w ]*)\[(.*?)\]", mr))
         s = f"{f.get('name', 'It')} is a {f.get('eatType', 'restaurant')}"
-        for key, fmt in (("food", " serving {} food"), ("area", " in the {}"), ("near", " near {}")):
+        for key, fmt in (
+            ("food", " serving {} food"),
+            ("area", " in the {}"),
+            ("near", " near {}"),
+        ):
             if key in f:
                 s += fmt.format(f[key])
         return s + "."
@@ -153,7 +162,9 @@ def test_rouge_cider_against_pycocoevalcap():
     h_tok, r_tok = metrics._coco_tokenize(HYPS, REFS, notes := [])
     assert not notes
     assert h_tok[2] == ["aromi is a pub"]
-    assert metrics.rouge_l(HYPS, REFS) == pytest.approx(100 * Rouge().compute_score(r_tok, h_tok)[0])
+    assert metrics.rouge_l(HYPS, REFS) == pytest.approx(
+        100 * Rouge().compute_score(r_tok, h_tok)[0]
+    )
     assert metrics.cider(HYPS, REFS) == pytest.approx(Cider().compute_score(r_tok, h_tok)[0])
     assert metrics.rouge_l(HYPS, [[h] for h in HYPS]) == pytest.approx(100.0)
 
@@ -164,10 +175,14 @@ def test_rouge_cider_against_pycocoevalcap():
     reason="slow (the JVM loads METEOR's paraphrase tables: 15-30 s a call); set LORAKIT_TEST_METEOR=1",
 )
 def test_meteor_runs_on_java():
-    score, reason = metrics.meteor(HYPS + ["A totally unrelated sentence about cars."], REFS + [["The Eagle is a pub."]])
+    score, reason = metrics.meteor(
+        HYPS + ["A totally unrelated sentence about cars."], REFS + [["The Eagle is a pub."]]
+    )
     assert reason is None
     assert 20 < score < 90
-    same, _ = metrics.meteor(["the eagle is a pub near the river"], [["The Eagle is a pub near the river."]])
+    same, _ = metrics.meteor(
+        ["the eagle is a pub near the river"], [["The Eagle is a pub near the river."]]
+    )
     assert same > 95
 
 

@@ -310,7 +310,7 @@ def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
 
     gained = [0.0] * (max_n + 1)  # information of matched n-grams, per order
     tested = [0] * (max_n + 1)  # hypothesis n-grams, per order
-    for words, per_ref in zip(hyp_words, ref_grams):
+    for words, per_ref in zip(hyp_words, ref_grams, strict=True):
         for n in range(1, max_n + 1):
             tested[n] += max(len(words) - n + 1, 0)
             best: dict[tuple[str, ...], int] = {}  # largest count in any one reference
@@ -335,7 +335,9 @@ def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     return score * penalty
 
 
-def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float | None, str | None]:
+def meteor(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[float | None, str | None]:
     """METEOR 1.5 in percent (coco-caption's, `-l en -norm`, after PTB tokenization).
 
     Returns:
@@ -375,7 +377,15 @@ def cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 # The fallback imitates coco-caption's pipeline output: Stanford PTB writes brackets as
 # -lrb- etc. (kept: the punctuation list has them in upper case, the output is lowered) and
 # "£" as "#"; then coco-caption drops its PUNCTUATIONS list.
-_FALLBACK_MAP = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-", "£": "#"}
+_FALLBACK_MAP = {
+    "(": "-lrb-",
+    ")": "-rrb-",
+    "{": "-lcb-",
+    "}": "-rcb-",
+    "[": "-lsb-",
+    "]": "-rsb-",
+    "£": "#",
+}
 _FALLBACK_DROP = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -450,7 +460,9 @@ def _coco_tokenize(
         except (OSError, RuntimeError) as e:
             notes.append(f"Stanford PTB tokenizer failed ({e}); used NLTK Treebank tokenization.")
     else:
-        notes.append("No Java: ROUGE-L and CIDEr used NLTK Treebank tokenization, not Stanford PTB.")
+        notes.append(
+            "No Java: ROUGE-L and CIDEr used NLTK Treebank tokenization, not Stanford PTB."
+        )
     if tokenized is None:
         tokenized = [_fallback_tokenize(t) for t in texts]
     h_tok = {i: [tokenized[i]] for i in range(len(hyps))}
@@ -478,7 +490,14 @@ def _ptb_tokenize(texts: list[str]) -> list[str]:
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
-    cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+    cmd = [
+        "java",
+        "-cp",
+        str(jar),
+        "edu.stanford.nlp.process.PTBTokenizer",
+        "-preserveLines",
+        "-lowerCase",
+    ]
     data = "\n".join(t.replace("\r", " ").replace("\n", " ") for t in texts) + "\n"
     proc = subprocess.run(cmd, input=data.encode("utf-8"), capture_output=True, check=False)
     if proc.returncode != 0:

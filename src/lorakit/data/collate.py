@@ -72,7 +72,9 @@ class PadCollator:
             if isinstance(first, (list, tuple)):
                 batch["labels"] = self._pad([ex["labels"] for ex in examples], width, IGNORE_INDEX)
             elif isinstance(first, float):
-                batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.float32)
+                batch["labels"] = torch.tensor(
+                    [ex["labels"] for ex in examples], dtype=torch.float32
+                )
             else:
                 batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.long)
         return batch

@@ -120,7 +120,9 @@ def build_examples(
         if chat:
             stats.chat_turns = "all" if all_turns else "last"
             if not all_turns:
-                stats.notes.append("chat template is not prefix-stable: loss on last assistant turn only")
+                stats.notes.append(
+                    "chat template is not prefix-stable: loss on last assistant turn only"
+                )
     elif task == "lm":
         examples = []
         for i, rec in enumerate(records):
@@ -179,7 +181,7 @@ def resolve_labels(
         names = [str(n) for n in names]
         index = {n: k for k, n in enumerate(names)}
         ids = []
-        for i, (v, iv) in enumerate(zip(values, ints)):
+        for i, (v, iv) in enumerate(zip(values, ints, strict=True)):
             key = str(v).strip()
             if key in index:
                 ids.append(index[key])
@@ -305,7 +307,9 @@ def _sft_example_from_ids(
 
 
 def _check_chat_tokenizer(tokenizer: Any) -> None:
-    if not hasattr(tokenizer, "apply_chat_template") or not getattr(tokenizer, "chat_template", None):
+    if not hasattr(tokenizer, "apply_chat_template") or not getattr(
+        tokenizer, "chat_template", None
+    ):
         raise ConfigError(
             "The data has chat 'messages' but the tokenizer has no chat template. Use the "
             "tokenizer of an instruct/chat model, set tokenizer.chat_template to a Jinja "
@@ -395,7 +399,9 @@ def _sequence_examples(
 ) -> list[dict[str, Any]]:
     """classification / regression: encode text (+ pair) with the tokenizer's own pair format."""
     pair = config.text_pair_column in records[0]
-    raw = [_column(r, config.label_column, "label_column", i, source) for i, r in enumerate(records)]
+    raw = [
+        _column(r, config.label_column, "label_column", i, source) for i, r in enumerate(records)
+    ]
     if config.task == "classification":
         names = label_names if label_names is not None else config.labels
         targets: list[Any]
@@ -406,9 +412,11 @@ def _sequence_examples(
         targets = [_as_float(v, i, source, config.label_column) for i, v in enumerate(raw)]
 
     examples = []
-    for i, (rec, y) in enumerate(zip(records, targets)):
+    for i, (rec, y) in enumerate(zip(records, targets, strict=True)):
         text = _text(rec, config.text_column, "text_column", i, source)
-        second = _text(rec, config.text_pair_column, "text_pair_column", i, source) if pair else None
+        second = (
+            _text(rec, config.text_pair_column, "text_pair_column", i, source) if pair else None
+        )
         enc = tokenizer(text, second, add_special_tokens=True)
         n = len(enc["input_ids"])
         stats.longest = max(stats.longest, n)

@@ -250,8 +250,7 @@ def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
             ) from e
         if not isinstance(obj, dict):
             raise ConfigError(
-                f"{path}, line {lineno}: expected a JSON object per line, got "
-                f"{type(obj).__name__}."
+                f"{path}, line {lineno}: expected a JSON object per line, got {type(obj).__name__}."
             )
         records.append(obj)
     return records
@@ -271,9 +270,7 @@ def _parse_json(text: str, path: Path) -> list[dict[str, Any]]:
     return obj
 
 
-def _parse_delimited(
-    text: str, path: Path, delimiter: str, quoting: str
-) -> list[dict[str, str]]:
+def _parse_delimited(text: str, path: Path, delimiter: str, quoting: str) -> list[dict[str, str]]:
     """Rows as dicts keyed by the header. quoting: 'csv', 'none' or 'auto' (csv, else none)."""
     if quoting == "auto":
         try:
@@ -298,7 +295,7 @@ def _parse_delimited(
                 f"{path}, row {i}: {len(row)} fields where the header has {len(header)} "
                 f"({', '.join(header)}). Check the delimiter ({delimiter!r}) and quoting."
             )
-        records.append(dict(zip(header, row)))
+        records.append(dict(zip(header, row, strict=True)))
     return records
 
 

@@ -89,11 +89,7 @@ class LengthGroupedBatchSampler:
         n = len(self.lengths)
         total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
         if self.num_replicas > 1:
-            total = (
-                total // self.num_replicas
-                if self.drop_last
-                else -(-total // self.num_replicas)
-            )
+            total = total // self.num_replicas if self.drop_last else -(-total // self.num_replicas)
         return total
 
     def __len__(self) -> int:
@@ -116,7 +112,10 @@ class LengthGroupedBatchSampler:
             chunk = order[start : start + mega]
             # stable sort so equal lengths keep their (random) permutation order
             chunk = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices]
-            batches += [chunk[k : k + self.batch_size].tolist() for k in range(0, len(chunk), self.batch_size)]
+            batches += [
+                chunk[k : k + self.batch_size].tolist()
+                for k in range(0, len(chunk), self.batch_size)
+            ]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
 
