@@ -103,7 +103,7 @@ def build_examples(
         chat = config.messages_column in records[0]
         if chat:
             _check_chat_tokenizer(tokenizer)
-        examples = []
+        per_record: list[list[tuple[str, bool]]] = []
         all_turns = True
         for i, rec in enumerate(records):
             if chat:
@@ -114,9 +114,8 @@ def build_examples(
                 prompt = _text(rec, config.prompt_column, "prompt_column", i, source)
                 completion = _text(rec, config.completion_column, "completion_column", i, source)
                 segments = [(prompt + config.separator, False), (completion, True)]
-            ex = _sft_example(tokenizer, segments, config, chat, stats)
-            if ex is not None:
-                examples.append(ex)
+            per_record.append(segments)
+        examples = _sft_examples(tokenizer, per_record, config, chat, stats)
         if chat:
             stats.chat_turns = "all" if all_turns else "last"
             if not all_turns:
@@ -124,10 +123,13 @@ def build_examples(
                     "chat template is not prefix-stable: loss on last assistant turn only"
                 )
     elif task == "lm":
+        texts = [
+            _text(r, config.text_column, "text_column", i, source) for i, r in enumerate(records)
+        ]
+        eos = _eos(tokenizer, config)
         examples = []
-        for i, rec in enumerate(records):
-            text = _text(rec, config.text_column, "text_column", i, source)
-            ids = _encode(tokenizer, text, special=True) + _eos(tokenizer, config)
+        for ids in _encode_many(tokenizer, texts, special=True):
+            ids = ids + eos
             examples.append(_sft_example_from_ids(ids, list(ids), config, stats))
     else:
         examples = _sequence_examples(records, tokenizer, config, label_names, source, stats)
@@ -257,8 +259,17 @@ def _as_int(v: Any) -> int | None:
     return None
 
 
-def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _encode_many(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts: one batched call per chunk (the fast tokenizers' Rust batch
+    path is several times faster than a call per text)."""
+    out: list[list[int]] = []
+    for start in range(0, len(texts), _CHUNK):
+        chunk = texts[start : start + _CHUNK]
+        out += [list(ids) for ids in tokenizer(chunk, add_special_tokens=special)["input_ids"]]
+    return out
+
+
+_CHUNK = 1024  # texts per tokenizer call
 
 
 def _eos(tokenizer: Any, config: DataConfig) -> list[int]:
@@ -266,31 +277,37 @@ def _eos(tokenizer: Any, config: DataConfig) -> list[int]:
     return [eos] if config.add_eos and eos is not None else []
 
 
-def _sft_example(
+def _sft_examples(
     tokenizer: Any,
-    segments: list[tuple[str, bool]],
+    per_record: list[list[tuple[str, bool]]],
     config: DataConfig,
     chat: bool,
     stats: DataStats,
-) -> dict[str, Any] | None:
-    """Tokenize (text, in_loss) segments one by one and concatenate them.
+) -> list[dict[str, Any] | None]:
+    """Tokenize each record's (text, in_loss) segments apart and concatenate them.
 
     Segments are tokenized apart so the prompt/completion boundary is a token boundary, as
     it is at generation time (the prompt is encoded alone and the model continues it).
     Special tokens (e.g. BOS) are added to the first segment only; a chat template writes
-    its own.
+    its own. None marks a dropped example.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    for k, (text, in_loss) in enumerate(segments):
-        seg = _encode(tokenizer, text, special=(k == 0 and not chat)) if text else []
-        ids += seg
-        labels += seg if in_loss else [IGNORE_INDEX] * len(seg)
-    if not chat:
-        eos = _eos(tokenizer, config)
-        ids += eos
-        labels += eos
-    return _sft_example_from_ids(ids, labels, config, stats)
+    # Flatten to two batched calls: first segments (with special tokens unless chat), the rest.
+    heads = [segs[0][0] if segs else "" for segs in per_record]
+    rest = [text for segs in per_record for text, _ in segs[1:]]
+    head_ids = _encode_many(tokenizer, heads, special=not chat)
+    rest_ids = iter(_encode_many(tokenizer, rest, special=False))
+    eos = [] if chat else _eos(tokenizer, config)
+
+    examples = []
+    for segs, first in zip(per_record, head_ids, strict=True):
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (_, in_loss) in enumerate(segs):
+            seg = first if k == 0 else next(rest_ids)
+            ids += seg
+            labels += seg if in_loss else [IGNORE_INDEX] * len(seg)
+        examples.append(_sft_example_from_ids(ids + eos, labels + eos, config, stats))
+    return examples
 
 
 def _sft_example_from_ids(
@@ -411,26 +428,41 @@ def _sequence_examples(
     else:
         targets = [_as_float(v, i, source, config.label_column) for i, v in enumerate(raw)]
 
+    texts = [_text(r, config.text_column, "text_column", i, source) for i, r in enumerate(records)]
+    seconds = (
+        [
+            _text(r, config.text_pair_column, "text_pair_column", i, source)
+            for i, r in enumerate(records)
+        ]
+        if pair
+        else None
+    )
     examples = []
-    for i, (rec, y) in enumerate(zip(records, targets, strict=True)):
-        text = _text(rec, config.text_column, "text_column", i, source)
-        second = (
-            _text(rec, config.text_pair_column, "text_pair_column", i, source) if pair else None
-        )
-        enc = tokenizer(text, second, add_special_tokens=True)
-        n = len(enc["input_ids"])
-        stats.longest = max(stats.longest, n)
-        if n > config.max_length:
-            # Re-encode with the tokenizer's own truncation: for pairs it trims the longer
-            # text first and keeps the closing special tokens.
-            stats.num_truncated += 1
-            enc = tokenizer(
-                text, second, add_special_tokens=True, truncation=True, max_length=config.max_length
-            )
-        ex = {"input_ids": list(enc["input_ids"]), "labels": y}
-        if "token_type_ids" in enc:
-            ex["token_type_ids"] = list(enc["token_type_ids"])
-        examples.append(ex)
+    for start in range(0, len(texts), _CHUNK):
+        t = texts[start : start + _CHUNK]
+        p = seconds[start : start + _CHUNK] if seconds is not None else None
+        enc = tokenizer(t, p, add_special_tokens=True)
+        for k in range(len(t)):
+            ids = list(enc["input_ids"][k])
+            types = list(enc["token_type_ids"][k]) if "token_type_ids" in enc else None
+            stats.longest = max(stats.longest, len(ids))
+            if len(ids) > config.max_length:
+                # Re-encode with the tokenizer's own truncation: for pairs it trims the longer
+                # text first and keeps the closing special tokens.
+                stats.num_truncated += 1
+                one = tokenizer(
+                    t[k],
+                    p[k] if p is not None else None,
+                    add_special_tokens=True,
+                    truncation=True,
+                    max_length=config.max_length,
+                )
+                ids = list(one["input_ids"])
+                types = list(one["token_type_ids"]) if "token_type_ids" in one else None
+            ex = {"input_ids": ids, "labels": targets[start + k]}
+            if types is not None:
+                ex["token_type_ids"] = types
+            examples.append(ex)
     return examples
 
 
