@@ -178,8 +178,7 @@ def print_summary(run_cfg, summary) -> None:
         print(f"adapter on disk: {size:.2f} MiB")
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s; saved to {summary['adapter_dir']}")
     if not cfg.full and run_cfg.data.task == "sft":
-        from . import tasks
-        prompt = tasks.example_prompt() if cfg.train_file is None else "..."
+        prompt = summary.get("example_prompt") or "..."
         print("try it:\n  lorakit generate --model {} --adapter {} --prompt {}".format(
             cfg.model, summary["adapter_dir"], json.dumps(prompt)))
 

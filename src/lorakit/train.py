@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import inject as lk_inject
+from .inject import count_parameters, inject
 from .config import LoraConfig
 from .data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_examples, load_records,
                    resolve_labels)
@@ -329,6 +329,7 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_model_path(cfg.model)  # an unknown model name fails here, before any data work
 
     builtin = cfg.train_file is None
     score_fn = None
@@ -376,12 +377,12 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
         heads = _head_paths(model) if data.task in ("classification", "regression") else []
         if heads and not lora.modules_to_save:
             lora = dataclasses.replace(lora, modules_to_save=heads)
-        lk_inject.inject(model, lora)
+        inject(model, lora)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads") and not cfg.full:
             model.enable_input_require_grads()
-    trainable, total = lk_inject.count_parameters(model)
+    trainable, total = count_parameters(model)
     log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     before = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
@@ -434,7 +435,7 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
                     with autocast(device, cfg.precision):
                         loss = model(**batch).loss / cfg.grad_accum
                     loss.backward()
-                    loss_sum += float(loss)
+                    loss_sum += float(loss.detach())
                     tokens_seen += int(batch["attention_mask"].sum())
                 if not math.isfinite(loss_sum):
                     raise NonFiniteLoss(step + 1, loss_sum, out)
@@ -487,6 +488,7 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
         "trainable_parameters": trainable, "total_parameters": total,
         "adapter_dir": str(final_dir), "adapter_bytes": dir_size(final_dir),
         "base_bytes": dir_size(base_dir) if isinstance(base_dir, Path) else None,
+        "example_prompt": (evals.records[0].get(data.prompt_column) if evals and data.task == "sft" else None),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

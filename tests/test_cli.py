@@ -1,0 +1,217 @@
+"""CLI smoke tests on tiny random models: the loss falls, kill -9 + resume equals an uninterrupted
+run, config precedence, merge/generate/eval/convert, and one-paragraph errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.cli import build_parser, main, resolve_config
+from models import SHARED
+
+TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
+pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama with the real GPT-2 tokenizer, saved as a local model directory."""
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = GPT2TokenizerFast(tokenizer_file=str(TOKENIZER))
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in words for _ in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out),
+            "--targets", "all-linear", "--r", "8", "--alpha", "16", "--lr", "0.03", "--batch-size", "4",
+            "--log-every", "1", "--warmup-ratio", "0", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in events if e["event"] == "train"]
+
+
+def test_train_loss_falls_and_adapter_is_saved(tiny_model, sft_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model, sft_file, out, "--max-steps", "24", "--eval-file", str(sft_file),
+                           "--max-new-tokens", "4")) == 0
+    assert len(losses(out)) == 24
+    summary = json.loads((out / "summary.json").read_text())
+    # held-out loss on the same examples, before and after: a tiny random model learns slowly,
+    # but a working loop moves it well beyond noise (the eval is deterministic)
+    assert summary["after"]["loss"] < summary["before"]["loss"] - 0.2
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and "adapter on disk" in printed
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "best" / "adapter_config.json").exists()
+    saved = (out / "run_config.yaml").read_text()
+    assert "lr: 0.03" in saved and "r: 8" in saved
+    from lorakit.models import load_model
+    model, _ = load_model(str(tiny_model))
+    lk.load_adapter(model, out / "adapter")
+    assert len(list(lk.lora_layers(model))) == 14
+
+
+def test_config_precedence(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 0.5\nbatch_size: 3\nlora:\n  r: 12\n  targets: all-linear\ndata:\n  max_length: 77\n")
+    parser = build_parser()
+    parts = resolve_config(parser.parse_args(["train", "--config", str(cfg), "--lr", "0.25"]))
+    assert parts["train"].lr == 0.25  # flag beats YAML
+    assert parts["train"].batch_size == 3  # YAML beats default
+    assert parts["train"].epochs == 1.0  # default
+    assert parts["lora"].r == 12 and parts["lora"].targets == "all-linear"
+    assert parts["data"].max_length == 77
+    parts = resolve_config(parser.parse_args(["train", "--targets", "q_proj,v_proj", "--rslora"]))
+    assert parts["lora"].targets == ["q_proj", "v_proj"] and parts["lora"].rslora is True
+    cfg.write_text("learning_rate: 1\n")
+    with pytest.raises(lk.ConfigError, match="unknown setting 'learning_rate'"):
+        resolve_config(parser.parse_args(["train", "--config", str(cfg)]))
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_model, sft_file, tmp_path):
+    common = ["--max-steps", "16", "--save-every", "1", "--dropout", "0.1", "--eval-generate", "false"]
+    full = tmp_path / "full"
+    assert main(train_args(tiny_model, sft_file, full, *common)) == 0
+
+    killed = tmp_path / "killed"
+    proc = _run_cli(train_args(tiny_model, sft_file, killed, *common))
+    progress = killed / "checkpoint" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if progress.exists():
+            try:
+                if json.loads(progress.read_text())["step"] >= 6:
+                    break
+            except (json.JSONDecodeError, OSError):
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(progress.read_text())["step"]
+    assert 6 <= step < 16, "the run must be killed mid-way"
+    assert not (killed / "adapter").exists()
+    assert main(train_args(tiny_model, sft_file, killed, *common, "--resume")) == 0
+    from safetensors.torch import load_file
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_model, sft_file, tmp_path, capsys):
+    out = tmp_path / "nan"
+    # Adam moves every weight by ~lr per step: 1e30 makes the second forward pass overflow.
+    code = main(train_args(tiny_model, sft_file, out, "--max-steps", "6", "--lr", "1e30", "--max-grad-norm", "0",
+                           "--save-every", "1", "--eval-generate", "false"))
+    err = capsys.readouterr().err
+    assert code == 2 and "The loss became" in err and "--resume" in err and "Traceback" not in err
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    assert 1 <= progress["step"] < 6
+    import safetensors.torch as st
+    for t in st.load((out / "checkpoint" / "trainable.safetensors").read_bytes()).values():
+        assert torch.isfinite(t).all()
+    assert not (out / "adapter").exists()
+
+
+def test_errors_are_one_paragraph(tiny_model, sft_file, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    code = main(train_args(tiny_model, bad, tmp_path / "o1", "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "'prompt'" in err and "question" in err and "Traceback" not in err
+    assert not (tmp_path / "o1").exists()  # nothing written for a run that could not start
+
+    code = main(["train", "--model", "no-such-model", "--output-dir", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "smollm2-135m" in err
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        code = main(train_args(tiny_model, sft_file, ro / "out", "--max-steps", "1"))
+        assert code == 2 and "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_merge_generate_eval_convert(tiny_model, sft_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model, sft_file, out, "--max-steps", "20", "--eval-generate", "false")) == 0
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model), "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
+    text = capsys.readouterr().out
+    diff = float(text.split("difference on a sample: ")[1].split()[0])
+    assert diff < 1e-4
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in k for k in plain.state_dict())
+
+    assert main(["generate", "--model", str(tiny_model), "--adapter", f"a={out / 'adapter'}", "--prompt", "Say red:",
+                 "--prompt", "Say cat:", "--route", "a,base", "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "[a]" in text and "[base]" in text
+    assert main(["generate", "--model", str(merged), "--prompt", "Say red:", "--max-new-tokens", "3",
+                 "--num-beams", "2"]) == 0
+    assert main(["eval", "--model", str(tiny_model), "--adapter", str(out / "adapter"), "--eval-file", str(sft_file),
+                 "--eval-generate", "false"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(text[text.index("{"):])
+    assert result["loss"] > 0 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-4)
+
+
+def test_convert_loralib(tmp_path, capsys):
+    ckpt = SHARED / "loralib-checkpoint" / "roberta_base_lora_mnli.bin"
+    if not ckpt.exists():
+        pytest.skip("no loralib checkpoint")
+    from transformers import GPT2TokenizerFast, RobertaConfig, RobertaForSequenceClassification
+    base = tmp_path / "roberta"
+    cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, num_labels=3,
+                        pad_token_id=1)
+    RobertaForSequenceClassification(cfg).save_pretrained(base)
+    tok = GPT2TokenizerFast(tokenizer_file=str(TOKENIZER))
+    tok.save_pretrained(base)
+    assert main(["convert", str(ckpt), "--model", str(base), "--alpha", "16", "--task", "classification",
+                 "--num-labels", "3", "--output", str(tmp_path / "peft")]) == 0
+    cfgj = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfgj["r"] == 8 and cfgj["lora_alpha"] == 16 and len(cfgj["target_modules"]) == 24
