@@ -215,3 +215,21 @@ def test_convert_loralib(tmp_path, capsys):
                  "--num-labels", "3", "--output", str(tmp_path / "peft")]) == 0
     cfgj = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfgj["r"] == 8 and cfgj["lora_alpha"] == 16 and len(cfgj["target_modules"]) == 24
+
+
+def test_analyze_two_adapters(tiny_model, tmp_path, capsys):
+    from lorakit.models import load_model
+    dirs = []
+    for seed, r in ((0, 8), (1, 4)):
+        model, _ = load_model(str(tiny_model))
+        torch.manual_seed(seed)
+        lk.inject(model, lk.LoraConfig(r=r, alpha=2 * r, targets=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for _, layer in lk.lora_layers(model):
+                layer.adapters["default"].lora_B.normal_()
+        dirs.append(lk.save_adapter(model, tmp_path / f"a{seed}"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(dirs[0]), str(dirs[1]), "--model", str(tiny_model), "--output", str(out)]) == 0
+    report = json.loads((out / "analysis.json").read_text())
+    assert len(report["modules"]) == 4
+    assert list(out.glob("*.png"))
