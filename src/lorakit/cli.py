@@ -113,6 +113,13 @@ def resolve_config(args: argparse.Namespace, sections=("train", "data", "lora"))
             section, name = key.split(".", 1)
             if section in values:
                 values[section][name] = value
+    if "train" in values and values["train"].get("train_file") is None:
+        # The built-in task brings its own tuned defaults; YAML and flags still override them.
+        from .train import builtin_defaults
+        for section, fields in builtin_defaults().items():
+            if section in values:
+                for name, value in fields.items():
+                    values[section].setdefault(name, value)
     built = {}
     for s in sections:
         try:
@@ -195,7 +202,8 @@ def cmd_eval(args) -> int:
     score_fn, eval_records = None, None
     if cfg.eval_file is None:
         from . import tasks
-        _, eval_records = tasks.builtin_task(seed=cfg.seed)
+        _, eval_records = tasks.builtin_task(int(tasks.DEFAULT_HPARAMS["n_train"]),
+                                             int(tasks.DEFAULT_HPARAMS["n_eval"]), seed=cfg.seed)
         score_fn = tasks.score
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     label_names = data.labels

@@ -134,6 +134,20 @@ def read_split(path: str | None, records: list[dict] | None, tokenizer, data: Da
     return Split(records, examples, stats)
 
 
+def builtin_defaults() -> dict[str, dict[str, Any]]:
+    """The settings the built-in task was tuned with (lorakit.tasks.DEFAULT_HPARAMS), by section."""
+    from .tasks import DEFAULT_HPARAMS as H
+    steps = int(H["steps"])
+    return {
+        "train": {"model": H["model"], "lr": H["lr"], "schedule": H["schedule"], "batch_size": H["batch_size"],
+                  "max_steps": steps, "warmup_ratio": int(H.get("warmup_steps", 0)) / steps,
+                  "max_new_tokens": H["max_new_tokens"], "max_eval_examples": H["n_eval"], "seed": H["seed"],
+                  "output_dir": "runs/default"},
+        "data": {"max_length": H["max_length"]},
+        "lora": {"r": H["r"], "alpha": H["alpha"], "dropout": H["dropout"], "targets": H["targets"]},
+    }
+
+
 # -- evaluation ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
@@ -336,7 +350,8 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
     train_records = eval_records = None
     if builtin:
         from . import tasks
-        train_records, eval_records = tasks.builtin_task(seed=cfg.seed)
+        train_records, eval_records = tasks.builtin_task(int(tasks.DEFAULT_HPARAMS["n_train"]),
+                                                         int(tasks.DEFAULT_HPARAMS["n_eval"]), seed=cfg.seed)
         score_fn = tasks.score
         if data.task != "sft":
             raise ConfigError("The built-in task is sft (prompt -> completion); pass --train-file for "
