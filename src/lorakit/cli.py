@@ -6,6 +6,9 @@ LoraConfig (`--batch-size` sets TrainConfig.batch_size, `--r` sets LoraConfig.r,
 and flags given on the command line override it: defaults < YAML < flags.
 
 Errors a user can fix print as one paragraph (exit code 2); `--debug` shows the traceback.
+
+`train --nproc N` runs the same command on N processes through torchrun (`torch.distributed.run`);
+`torchrun --nproc-per-node N -m lorakit train ...` does the same by hand (see lorakit.distributed).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -154,13 +158,31 @@ def _merge_yaml(values, path: Path, owner, sections):
 
 # -- subcommands ----------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from . import distributed
     from . import train as T
     from .models import KNOWN_MODELS  # noqa: F401  (fail early with a clear message if models is broken)
     parts = resolve_config(args)
+    if args.nproc is not None and not distributed.launched():
+        # Settings were checked above, once; each of the N processes parses the same flags again.
+        return distributed.launch(_without_nproc(args.argv), args.nproc)
     run_cfg = T.RunConfig(parts["train"], parts["data"], parts["lora"])
     summary = T.run(run_cfg)
-    print_summary(run_cfg, summary)
+    if distributed.env_rank() == 0:
+        print_summary(run_cfg, summary)
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus `--nproc N` / `--nproc=N` (the processes it starts must not start more)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def print_summary(run_cfg, summary) -> None:
@@ -357,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model with LoRA (or --full)",
                        description="Fine-tune with LoRA. With no flags: SmolLM2-135M on a built-in task, on CPU.")
     t.add_argument("--config", help="YAML file with settings (flags override it)")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine (one per GPU; gloo on CPU), "
+                        "launched through torchrun; see --strategy")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -414,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -422,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoraError as exc:
         if args.debug:
             raise
-        print(f"lorakit {args.command}: error: {exc}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        where = f" [rank {os.environ.get('RANK', 0)} of {world}]" if world > 1 else ""
+        print(f"lorakit {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,10 @@ Layout of an output directory:
     checkpoint/          the last checkpoint (trainable weights, optimizer, scheduler, RNG, data position)
     best/                the adapter with the best eval metric so far
     adapter/             the final adapter (PEFT format)
+
+On several processes (`torchrun --nproc-per-node N -m lorakit train`, or `lorakit train --nproc N`)
+the same loop runs data-parallel with `strategy` ddp or fsdp; `lorakit.distributed` holds the
+machinery and documents what stays the same (files, data order, evaluation, RNG).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from torch import nn
 
 from .inject import count_parameters, inject
 from .config import LoraConfig
+from .distributed import STRATEGIES, Context
 from .data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_examples, load_records,
                    resolve_labels)
 from .errors import ConfigError, LoraError
-from .io import atomic_write, save_adapter
+from .io import atomic_write
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -85,12 +90,16 @@ class TrainConfig:
     """sft: evaluate by generating completions (exact match / BLEU...) besides the loss."""
     resume: bool = False
     """Continue from output_dir/checkpoint (optimizer, scheduler, RNG and data position restored)."""
+    strategy: str = "auto"
+    """Several processes (torchrun, --nproc): ddp (a model that fits one GPU), fsdp (FSDP2 shards base and adapters), auto (ddp)."""
 
     def validate(self) -> "TrainConfig":
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -231,28 +240,44 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
     return result
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether `precision` means bf16 autocast on `device`."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write output_dir/checkpoint atomically: build it beside, then swap directories."""
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
+                    ctx: Context | None = None) -> None:
+    """Write output_dir/checkpoint atomically: build it beside, then swap directories.
+
+    With several processes every rank calls it: the weights and the optimizer state are gathered
+    in full, rank 0 writes the single-process format (so any world size can resume it), and all
+    ranks wait at a barrier.
+    """
     from safetensors.torch import save_file
 
+    ctx = ctx or Context()
+    weights = ctx.trainable_state(model)
+    optim_state = ctx.optimizer_state(model, optimizer)
+    if not ctx.is_main:
+        ctx.barrier()
+        return
     tmp = out / ".checkpoint-tmp"
     old = out / ".checkpoint-old"
     final = out / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(weights, str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        # one rank owns one GPU: its generator stands where a single process keeps device 0's
+        rng["cuda"] = [torch.cuda.get_rng_state()] if ctx.distributed else torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng},
                str(tmp / "state.pt"))
     (tmp / "progress.json").write_text(json.dumps(state, indent=2))
     for f in tmp.iterdir():
@@ -263,11 +288,18 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: di
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
 
 
-def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore what save_checkpoint wrote; returns the progress dict (step, epoch, batch, best)."""
+def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, ctx: Context | None = None) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; returns the progress dict (step, epoch, batch, best).
+
+    Every rank reads the files (a shared file system when nodes differ) and loads the full
+    tensors into its own part of the model and optimizer, whatever the world size that wrote them.
+    """
     from safetensors.torch import load_file
+
+    ctx = ctx or Context()
 
     ckpt = out / "checkpoint"
     if not (ckpt / "progress.json").exists() and (out / ".checkpoint-old" / "progress.json").exists():
@@ -281,17 +313,18 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler) -> dict[s
     if missing:
         raise ConfigError(f"The checkpoint in {ckpt} does not match this model/config (e.g. {missing[0]}); "
                           "resume with the same settings the run started with.")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    ctx.load_trainable(model, weights)
     state = torch.load(str(ckpt / "state.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    ctx.load_optimizer(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        if ctx.distributed:
+            torch.cuda.set_rng_state(rng["cuda"][0])
+        else:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((ckpt / "progress.json").read_text())
 
 
@@ -329,10 +362,28 @@ def dir_size(path: Path) -> int:
 def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
     """Train, evaluate before and after, save the adapter; returns a summary dict.
 
+    In a process started by torchrun it trains data-parallel with the other ranks
+    (`cfg.strategy`, see lorakit.distributed): every rank returns the summary, only rank 0
+    logs and writes files.
+
     Raises:
         LoraError subclasses for bad input (data columns, labels, model names, unwritable output,
-        a non-finite loss, a missing checkpoint on --resume).
+        a non-finite loss, a missing checkpoint on --resume, a strategy without a launcher).
     """
+    from . import distributed
+
+    ctx = distributed.setup(run_cfg.train.validate().strategy)
+    try:
+        return _run(run_cfg, log if ctx.is_main else _silent, ctx)
+    finally:
+        ctx.close()
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks > 0."""
+
+
+def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .models import load_model, resolve_model_path
@@ -340,9 +391,9 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
     out = Path(cfg.output_dir)
     check_writable(out)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank: the LoRA init must agree
     random.seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device
     resolve_model_path(cfg.model)  # an unknown model name fails here, before any data work
 
     builtin = cfg.train_file is None
@@ -373,8 +424,10 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
 
     log(f"Loading {cfg.model} ...")
     t0 = time.time()
-    model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels)
-    model.to(device)
+    with ctx.main_first():  # rank 0 fills any model cache before the others read it
+        model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels)
+    if ctx.strategy != "fsdp":  # FSDP moves each shard to the GPU itself: the whole model need not fit
+        model.to(device)
     log(f"  loaded in {time.time() - t0:.1f} s")
 
     train = read_split(cfg.train_file, train_records, tokenizer, data, label_names)
@@ -399,6 +452,10 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
             model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    train_model = ctx.wrap(model, bf16=uses_bf16(device, cfg.precision))
+    if ctx.distributed:
+        log(f"Data-parallel: {ctx.world_size} processes, strategy {ctx.strategy}, "
+            f"global batch {cfg.batch_size * ctx.world_size} ({cfg.batch_size} per process)")
 
     before = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
     if before:
@@ -407,7 +464,8 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lengths = [len(e["input_ids"]) for e in train.examples]
-    sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed)
+    sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, num_replicas=ctx.world_size,
+                                        rank=ctx.rank)
     steps_per_epoch = max(1, sampler.num_batches // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total_steps)
@@ -416,20 +474,23 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_text = _yaml_dump(run_cfg.to_dict())
-    atomic_write(out / "run_config.yaml", lambda f: Path(f).write_text(cfg_text))
+    if ctx.is_main:
+        atomic_write(out / "run_config.yaml", lambda f: Path(f).write_text(cfg_text))
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": None}
     if cfg.resume:
-        progress = load_checkpoint(out, model, optimizer, scheduler)
+        progress = load_checkpoint(out, model, optimizer, scheduler, ctx)
+        progress["batch"] = _resume_batch(progress, sampler, log)
         log(f"Resumed from step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch']}).")
-    metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
 
     def record(event: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(event) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(event) + "\n")
+            metrics_file.flush()
 
     model.train()
     step, epoch, batch_pos = progress["step"], progress["epoch"], progress["batch"]
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
     tokens_seen, t_start, window_loss, window_n = 0, time.time(), 0.0, 0
     try:
         while step < total_steps:
@@ -444,14 +505,17 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
                     micro.append(b)
                 if len(micro) < cfg.grad_accum:  # end of epoch: drop the incomplete accumulation
                     break
-                loss_sum = 0.0
-                for idx in micro:
+                loss_sum, step_tokens = 0.0, 0
+                for j, idx in enumerate(micro):
                     batch = {k: v.to(device) for k, v in collate([train.examples[i] for i in idx]).items()}
-                    with autocast(device, cfg.precision):
-                        loss = model(**batch).loss / cfg.grad_accum
-                    loss.backward()
+                    with ctx.accumulating(train_model, sync=j == len(micro) - 1):
+                        with autocast(device, cfg.precision):
+                            loss = train_model(**batch).loss / cfg.grad_accum
+                        loss.backward()
                     loss_sum += float(loss.detach())
-                    tokens_seen += int(batch["attention_mask"].sum())
+                    step_tokens += int(batch["attention_mask"].sum())
+                loss_sum, step_tokens = ctx.step_stats(loss_sum, step_tokens)
+                tokens_seen += step_tokens
                 if not math.isfinite(loss_sum):
                     raise NonFiniteLoss(step + 1, loss_sum, out)
                 if cfg.max_grad_norm > 0:
@@ -473,30 +537,34 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
                     result = evaluate(model, tokenizer, evals, run_cfg, device, score_fn)
                     model.train()
                     record({"event": "eval", "step": step, **result})
-                    bar.write(f"step {step}: {_fmt(result)}")
-                    progress["best"] = _track_best(model, out, result, progress["best"], step, cfg.full)
+                    if ctx.is_main:
+                        bar.write(f"step {step}: {_fmt(result)}")
+                    progress["best"] = _track_best(model, out, result, progress["best"], step, cfg.full, ctx)
                 if cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(out, model, optimizer, scheduler,
-                                    {"step": step, "epoch": epoch, "batch": batch_pos, "best": progress["best"]})
+                                    {"step": step, "epoch": epoch, "batch": batch_pos, "best": progress["best"],
+                                     "global_batch": sampler.global_batch_size, "world_size": ctx.world_size},
+                                    ctx)
             else:
                 break
             epoch, batch_pos = epoch + 1, 0
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
     train_time = time.time() - t_start
 
     after = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
     if after:
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"event": "eval", "step": step, "final": True, **after}) + "\n")
-        _track_best(model, out, after, progress["best"], step, cfg.full)
+        if ctx.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"event": "eval", "step": step, "final": True, **after}) + "\n")
+        _track_best(model, out, after, progress["best"], step, cfg.full, ctx)
     final_dir = out / ("model" if cfg.full else "adapter")
     if cfg.full:
-        model.save_pretrained(str(final_dir))
-        tokenizer.save_pretrained(str(final_dir))
+        ctx.save_pretrained(model, tokenizer, final_dir)
     else:
-        save_adapter(model, final_dir)
+        ctx.save_adapter(model, final_dir)
     base_dir = resolve_model_path(cfg.model)
     summary = {
         "before": before, "after": after, "steps": step, "train_seconds": train_time,
@@ -504,9 +572,32 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
         "adapter_dir": str(final_dir), "adapter_bytes": dir_size(final_dir),
         "base_bytes": dir_size(base_dir) if isinstance(base_dir, Path) else None,
         "example_prompt": (evals.records[0].get(data.prompt_column) if evals and data.task == "sft" else None),
+        "world_size": ctx.world_size, "strategy": ctx.strategy,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _resume_batch(progress: dict[str, Any], sampler: LengthGroupedBatchSampler, log) -> int:
+    """The batch of the checkpoint's epoch to continue from.
+
+    The position is saved as global batches of `global_batch` examples (batch_size x world size
+    of the run that wrote it). The same global batch size continues with exactly the batches an
+    uninterrupted run would see, whatever the number of processes: 2 processes x batch 4 resume
+    as 1 process x batch 8. Another global batch size regroups the epoch (the batches depend on
+    it), so the run continues at the same fraction of the epoch in the new order: the rest of
+    that epoch may repeat some examples and miss others; later epochs are complete.
+    """
+    saved = int(progress.get("global_batch", sampler.global_batch_size))
+    batch = int(progress["batch"])
+    if saved == sampler.global_batch_size:
+        return batch
+    moved = min(sampler.num_batches, batch * saved // sampler.global_batch_size)
+    log(f"Note: the checkpoint was written with a global batch of {saved} examples, this run has "
+        f"{sampler.global_batch_size} (batch size x processes); continuing at batch {moved} of the epoch in the new "
+        f"batch order. For the exact data order, keep batch size x processes = {saved}.")
+    return moved
 
 
 def _metric_key(result: dict[str, float]) -> tuple[str, bool]:
@@ -517,12 +608,12 @@ def _metric_key(result: dict[str, float]) -> tuple[str, bool]:
     return "loss", False
 
 
-def _track_best(model, out: Path, result, best, step, full: bool):
+def _track_best(model, out: Path, result, best, step, full: bool, ctx: Context | None = None):
     key, higher = _metric_key(result)
     value = result[key]
     if best is None or (value > best["value"] if higher else value < best["value"]):
         if not full:
-            save_adapter(model, out / "best")
+            (ctx or Context()).save_adapter(model, out / "best")
         return {"metric": key, "value": value, "step": step}
     return best
 

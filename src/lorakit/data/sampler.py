@@ -14,16 +14,25 @@ class LengthGroupedBatchSampler:
 
     Padding to the longest in a batch wastes little when lengths are close. Each epoch:
     1. permute all indices (seeded by `seed + epoch`; no permutation if `shuffle=False`);
-    2. cut the permutation into mega-batches of `batch_size * mega_batch_mult` indices and
-       sort each by length, longest first (grouping stays local, so batches still mix data);
-    3. cut those into batches, shuffle the batch order (if `shuffle`), and move the batch
-       holding the longest example to the front so an out-of-memory shows on step 0;
-    4. with `num_replicas > 1`, pad (or trim, if `drop_last`) the batch list to a multiple
-       of `num_replicas` and give rank r the batches r, r + num_replicas, ...
+    2. cut the permutation into mega-batches of `G * mega_batch_mult` indices, where
+       G = `batch_size * num_replicas` is the global batch, and sort each by length,
+       longest first (grouping stays local, so batches still mix data);
+    3. cut those into global batches of G, shuffle their order (if `shuffle`), and move the
+       one holding the longest example to the front so an out-of-memory shows on step 0;
+    4. with `num_replicas > 1`, rank r takes the r-th of `num_replicas` equal slices of
+       every global batch. An incomplete last global batch (not dropped) of m examples is
+       first padded by wrapping around to the epoch's first examples up to a multiple of
+       `num_replicas`, so every rank gets ceil(m / num_replicas) examples and runs the
+       same number of steps (collectives would hang otherwise).
 
-    The batches depend only on (lengths, batch_size, seed, epoch, and the flags), never on
-    global RNG state, so a resumed run sees the same batches: `set_epoch(e, skip=k)` makes
-    the next iteration start at this rank's k-th batch of epoch e.
+    So the global batch of step k is the same for any split of G into
+    `num_replicas x batch_size`: `num_replicas=2, batch_size=4` runs exactly the batches of
+    one process with `batch_size=8`, which makes data-parallel training comparable to (and
+    resumable as) single-process training. With `num_replicas=1` it is the plain sampler.
+
+    The batches depend only on (lengths, G, num_replicas, seed, epoch, and the flags), never
+    on global RNG state, so a resumed run sees the same batches: `set_epoch(e, skip=k)`
+    makes the next iteration start at the k-th (global) batch of epoch e.
 
     Args:
         lengths: length of each example (e.g. `len(ex["input_ids"])`).
@@ -84,13 +93,15 @@ class LengthGroupedBatchSampler:
         self.skip = skip
 
     @property
+    def global_batch_size(self) -> int:
+        """Examples per step over all ranks: `batch_size * num_replicas`."""
+        return self.batch_size * self.num_replicas
+
+    @property
     def num_batches(self) -> int:
-        """Batches per epoch on this rank, skip not counted."""
-        n = len(self.lengths)
-        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        if self.num_replicas > 1:
-            total = total // self.num_replicas if self.drop_last else -(-total // self.num_replicas)
-        return total
+        """Batches per epoch (the same on every rank), skip not counted."""
+        n, g = len(self.lengths), self.global_batch_size
+        return n // g if self.drop_last else -(-n // g)
 
     def __len__(self) -> int:
         """Batches the next iteration yields (the epoch's, minus the skipped ones)."""
@@ -103,21 +114,19 @@ class LengthGroupedBatchSampler:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All of this rank's batches of `epoch`, in order (a pure function of the settings)."""
         n = len(self.lengths)
+        size = self.global_batch_size
         gen = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
 
-        mega = self.batch_size * self.mega_batch_mult
+        mega = size * self.mega_batch_mult
         batches: list[list[int]] = []
         for start in range(0, n, mega):
             chunk = order[start : start + mega]
             # stable sort so equal lengths keep their (random) permutation order
             chunk = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices]
-            batches += [
-                chunk[k : k + self.batch_size].tolist()
-                for k in range(0, len(chunk), self.batch_size)
-            ]
+            batches += [chunk[k : k + size].tolist() for k in range(0, len(chunk), size)]
         if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
+            batches = [b for b in batches if len(b) == size]
 
         if self.shuffle and len(batches) > 1:
             perm = torch.randperm(len(batches), generator=gen).tolist()
@@ -126,13 +135,12 @@ class LengthGroupedBatchSampler:
             batches[0], batches[longest] = batches[longest], batches[0]
 
         if self.num_replicas > 1:
-            r = self.num_replicas
-            if self.drop_last:
-                batches = batches[: len(batches) // r * r]
-            else:
-                # Every rank must run the same number of steps (collectives would hang),
-                # so wrap around and repeat the first batches.
-                need = -(-len(batches) // r) * r
-                batches = batches + [batches[k % len(batches)] for k in range(need - len(batches))]
-            batches = batches[self.rank :: r]
+            r, flat = self.num_replicas, order.tolist()
+            sliced = []
+            for b in batches:
+                if len(b) % r:  # only an incomplete last batch: wrap around to the epoch's first examples
+                    b = b + [flat[k % n] for k in range(r - len(b) % r)]
+                per_rank = len(b) // r
+                sliced.append(b[self.rank * per_rank : (self.rank + 1) * per_rank])
+            batches = sliced
         return batches
