@@ -71,8 +71,9 @@ def test_route_matches_each_adapter_row_by_row_with_gradients():
     ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
     for g, r in zip(routed_grads, ref_grads):
         assert (g is None) == (r is None)
-        if g is not None:
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+        if g is not None:  # float32, summed in another order by the fused path: compare on the gradient's scale
+            scale = float(r.abs().max()) + 1e-12
+            torch.testing.assert_close(g / scale, r / scale, rtol=0, atol=5e-4)
     assert all(layer.routing is None for _, layer in lk.lora_layers(model))  # state restored
 
 

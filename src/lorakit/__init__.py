@@ -10,13 +10,14 @@ from .errors import (AdapterFileError, AdapterNotFoundError, ConfigError, LoraEr
 from .inject import (active_adapters, adapter_names, count_parameters, delete_adapter, disabled, eject,
                      inject, lora_layers, merge, route, set_adapter, trainable_parameters, unmerge)
 from .io import load_adapter, save_adapter
+from .layers import set_fast_path
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "inject", "set_adapter", "disabled", "route", "merge", "unmerge", "eject",
     "save_adapter", "load_adapter", "trainable_parameters", "count_parameters", "delete_adapter",
-    "adapter_names", "active_adapters", "lora_layers",
+    "adapter_names", "active_adapters", "lora_layers", "set_fast_path",
     "LoraError", "ConfigError", "TargetError", "AdapterNotFoundError", "AdapterFileError",
     "ShapeMismatchError", "StateError", "MergeError",
 ]

@@ -14,13 +14,37 @@ made through the free functions in `lorakit.inject`; nothing changes behind the 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
-from .errors import AdapterNotFoundError, MergeError, StateError
+from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError
+
+# "auto": the fused kernels (lorakit.kernels) on CUDA, the plain reference path elsewhere;
+# "on": the fused autograd Functions everywhere (they are tested on CPU too); "off": reference only.
+_FAST_PATH = os.environ.get("LORAKIT_FAST_PATH", "auto")
+
+
+def set_fast_path(mode: str) -> None:
+    """Choose how LoRA linears compute: "auto" (fused on CUDA), "on" (fused everywhere) or "off".
+
+    Both paths compute the same function (tests/test_kernels.py, tests/test_contract.py).
+
+    Raises:
+        ConfigError: an unknown mode.
+    """
+    global _FAST_PATH
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"fast path mode must be 'auto', 'on' or 'off', got {mode!r}.")
+    _FAST_PATH = mode
+
+
+def fast_path_for(x: Tensor) -> bool:
+    """Whether the fused path handles input x under the current mode."""
+    return _FAST_PATH == "on" or (_FAST_PATH == "auto" and x.is_cuda)
 
 
 class LoraAdapter(nn.Module):
@@ -200,6 +224,30 @@ class LoraLinear(LoraLayer):
         super().__init__(base)
         w = self.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled or not fast_path_for(x):
+            return super().forward(x)
+        from . import kernels
+
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight  # (out, in) view
+        if self.routing is not None:
+            if x.shape[0] != len(self.routing):
+                return super().forward(x)  # the reference path raises the explanatory error
+            rows, names = self._route_rows(x.device)
+            routed = [self.adapters[n] for n in names]
+            if not routed or (self.training and any(a.dropout_p > 0 for a in routed)):
+                return super().forward(x)  # the routed kernels have no dropout
+            return kernels.lora_linear_routed(x, weight, self.bias, [a.lora_A for a in routed],
+                                              [a.full_B() for a in routed], [a.scale for a in routed], rows)
+        active = self._unmerged_active()
+        if not active:
+            return self._base_forward(x)
+        if len(active) == 1:
+            a = active[0]
+            return kernels.lora_linear(x, weight, self.bias, a.lora_A, a.full_B(), a.scale, a.dropout_p, self.training)
+        return kernels.lora_linear_multi(x, weight, self.bias, [a.lora_A for a in active], [a.full_B() for a in active],
+                                         [a.scale for a in active], [a.dropout_p for a in active], self.training)
 
     def _base_forward(self, x: Tensor) -> Tensor:
         if self.fan_in_fan_out:  # Conv1D: y = x @ W + b with W (in, out)

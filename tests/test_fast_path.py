@@ -1,0 +1,82 @@
+"""The fused path inside the layers computes what the reference path computes: outputs and gradients,
+one adapter, several summed, routed per example, Conv1D's transposed weight, merge/unmerge around it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit as lk
+from models import example_input, make, randomize, run
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    lk.set_fast_path("auto")
+
+
+def grads_and_output(model, kind, x, mode, names=None):
+    lk.set_fast_path(mode)
+    model.zero_grad(set_to_none=True)
+    if names is None:
+        out = run(model, kind, x)
+    else:
+        with lk.route(model, names):
+            out = run(model, kind, x)
+    (out.double() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("kind,targets", [("llama", "all-linear"), ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+                                          ("bert", ["query", "value", "dense"])])
+@pytest.mark.parametrize("setup", ["one", "two-summed", "routed"])
+def test_fast_path_equals_reference(kind, targets, setup):
+    torch.manual_seed(0)
+    model = make(kind)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=targets), name="a")
+    lk.inject(model, lk.LoraConfig(r=2, alpha=3, targets=targets, rslora=True), name="b")
+    randomize(model, std=0.2)
+    model.train()  # no dropout configured: train mode exercises the autograd path
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = example_input(kind, batch=4)
+    names = None
+    if setup == "one":
+        lk.set_adapter(model, "a")
+    elif setup == "two-summed":
+        lk.set_adapter(model, ["a", "b"])
+    else:
+        names = ["a", None, "b", "a"]
+    ref_out, ref_grads = grads_and_output(model, kind, x, "off", names)
+    fast_out, fast_grads = grads_and_output(model, kind, x, "on", names)
+    torch.testing.assert_close(fast_out, ref_out, rtol=1e-5, atol=1e-5)
+    assert ref_grads.keys() == fast_grads.keys() and ref_grads
+    for n in ref_grads:
+        # float32 sums in another order: compare on the gradient's own scale
+        scale = float(ref_grads[n].abs().max()) + 1e-12
+        torch.testing.assert_close(fast_grads[n] / scale, ref_grads[n] / scale, rtol=0, atol=2e-5)
+
+
+def test_fast_path_with_dropout_trains_and_merges_exactly():
+    lk.set_fast_path("on")
+    model = make("llama")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear", dropout=0.1))
+    randomize(model, std=0.1)
+    model.train()
+    x = example_input("llama")
+    out = run(model, "llama", x)
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in lk.trainable_parameters(model))
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    unmerged = run(model, "llama", x)
+    lk.merge(model)
+    torch.testing.assert_close(run(model, "llama", x), unmerged, rtol=1e-4, atol=1e-4)
+    lk.unmerge(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
