@@ -160,11 +160,11 @@ def _merge_yaml(values, path: Path, owner, sections):
 def cmd_train(args) -> int:
     from . import distributed
     from . import train as T
-    from .models import KNOWN_MODELS  # noqa: F401  (fail early with a clear message if models is broken)
     parts = resolve_config(args)
     if args.nproc is not None and not distributed.launched():
         # Settings were checked above, once; each of the N processes parses the same flags again.
         return distributed.launch(_without_nproc(args.argv), args.nproc)
+    from .models import KNOWN_MODELS  # noqa: F401  (fail early with a clear message if models is broken)
     run_cfg = T.RunConfig(parts["train"], parts["data"], parts["lora"])
     summary = T.run(run_cfg)
     if distributed.env_rank() == 0:

@@ -1,7 +1,9 @@
 """Training on several processes with torch.distributed: DDP and FSDP2, behind one small `Context`.
 
-Launch with `torchrun --nproc-per-node N -m lorakit train ...`, or `lorakit train --nproc N`,
-which re-launches the same command through `torch.distributed.run` (torchrun's own code).
+Launch with `lorakit train --nproc N ...`, which re-launches the same command through
+`torch.distributed.run` (torchrun's own code), or with `torchrun --nproc-per-node N -m lorakit --
+train ...` (the `--` stops torchrun from reading lorakit's flags: it would take `--r` for an
+abbreviation of its own `--rdzv-*` options).
 `setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), joins the process
 group (nccl on CUDA, gloo on CPU) and returns the `Context` that the training loop asks for
 everything that differs between one and several processes:
@@ -89,15 +91,6 @@ class Context:
         if self.distributed:
             import torch.distributed as dist
             dist.barrier()
-
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first, then the others (e.g. a model cache that rank 0 fills)."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
 
     def step_stats(self, loss_sum: float, tokens: int) -> tuple[float, int]:
         """(mean of the ranks' losses, total tokens) for one optimizer step; identity on one process.
@@ -314,7 +307,9 @@ def launch(argv: list[str], nproc: int) -> int:
             f"Use --nproc {gpus} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU with gloo.")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "lorakit", *argv])
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "lorakit"])
+    # Set apart, not parsed: torchrun's parser would read lorakit's `--r` as an abbreviation of its own --rdzv-*.
+    args.training_script_args = list(argv)
     try:
         run(args)
     except ChildFailedError as exc:

@@ -424,8 +424,8 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
 
     log(f"Loading {cfg.model} ...")
     t0 = time.time()
-    with ctx.main_first():  # rank 0 fills any model cache before the others read it
-        model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels)
+    # every rank loads at once: the converted-model cache serializes its builders with a file lock
+    model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels)
     if ctx.strategy != "fsdp":  # FSDP moves each shard to the GPU itself: the whole model need not fit
         model.to(device)
     log(f"  loaded in {time.time() - t0:.1f} s")
