@@ -165,7 +165,7 @@ if triton is not None:
     @triton.jit
     def _routed_mm_kernel(in_ptr, mat_ptr, out_ptr, rows_ptr, scale_ptr, T, K, NOUT,
                           stride_in, stride_out, stride_ma, stride_mk, stride_mj,
-                          ACCUM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                          ACCUM: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # For batch row b with adapter a = rows[b] >= 0 and its tokens n = b*T .. b*T+T-1:
         #   out[n, :] (+)= scale[a] * in[n, :] @ M_a,  M_a[k, j] = mat[a*stride_ma + k*stride_mk + j*stride_mj]
@@ -187,7 +187,8 @@ if triton is not None:
                 mt = tl.load(mat + rk[:, None] * stride_mk + rn[None, :] * stride_mj,
                              mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _dot(xt, mt, acc, PREC, UPCAST)
-            acc = acc * tl.load(scale_ptr + a).to(tl.float32)
+            if SCALED:
+                acc = acc * tl.load(scale_ptr + a).to(tl.float32)
             out_ptrs = out_ptr + tok[:, None] * stride_out + rn[None, :]
             io_ok = t_ok[:, None] & n_ok[None, :]
             if ACCUM:
@@ -281,8 +282,10 @@ def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed
 
 
 def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout: int, rows: Tensor,
-              scales: Tensor, out: Tensor, accumulate: bool) -> Tensor:
+              scales: Tensor | None, out: Tensor, accumulate: bool) -> Tensor:
     """out[b*T + t] (+)= scales[rows[b]] * inp[b*T + t] @ M_{rows[b]} for rows[b] >= 0; other rows untouched.
+
+    scales None: no scaling.
 
     inp (B*T, K) and out (B*T, nout) are row-major; M_a[k, j] = mats[a*s0 + k*s1 + j*s2] with
     (s0, s1, s2) = mat_strides.
@@ -295,8 +298,8 @@ def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout
     BM = 64 if T >= 64 else 16
     grid = (batch, triton.cdiv(T, BM), triton.cdiv(nout, BN))
     _routed_mm_kernel[grid](
-        inp, mats, out, rows, scales, T, K, nout, inp.stride(0), out.stride(0), *mat_strides,
-        ACCUM=accumulate, PREC=_prec(inp.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2)
+        inp, mats, out, rows, scales if scales is not None else inp, T, K, nout, inp.stride(0), out.stride(0),
+        *mat_strides, ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2)
     return out
 
 

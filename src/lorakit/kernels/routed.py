@@ -37,18 +37,23 @@ def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, 
     return A_stack, B_stack
 
 
+def _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales) -> tuple[Tensor, Tensor]:
+    """(y2, xa): the base GEMM, then the shrink (x -> xa, (tokens, R)) and expand (y += s * xa @ B.T) kernels."""
+    n, R, in_f = A_stack.shape
+    out_f = B_stack.shape[1]
+    xa = torch.zeros(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
+    _triton.routed_mm(x2, A_stack, (R * in_f, 1, in_f), R, rows, None, xa, accumulate=False)
+    y = F.linear(x2, weight, bias)
+    _triton.routed_mm(xa, B_stack, (out_f * R, 1, R), out_f, rows, scales, y, accumulate=True)
+    return y, xa
+
+
 class RoutedLoraFunction(torch.autograd.Function):
     """apply(x2, rows, weight, bias, A_stack, B_stack, scales) -> y2 (Triton path, x2 is (batch*T, in))."""
 
     @staticmethod
     def forward(ctx, x2, rows, weight, bias, A_stack, B_stack, scales):
-        n, R, in_f = A_stack.shape
-        out_f = B_stack.shape[1]
-        ones = torch.ones(n, dtype=torch.float32, device=x2.device)
-        xa = torch.zeros(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
-        _triton.routed_mm(x2, A_stack, (R * in_f, 1, in_f), R, rows, ones, xa, accumulate=False)
-        y = F.linear(x2, weight, bias)
-        _triton.routed_mm(xa, B_stack, (out_f * R, 1, R), out_f, rows, scales, y, accumulate=True)
+        y, xa = _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales)
         ctx.bias_grad = bias is not None and bias.requires_grad
         ctx.save_for_backward(x2, rows, weight, A_stack, B_stack, scales, xa)
         return y
@@ -61,13 +66,12 @@ class RoutedLoraFunction(torch.autograd.Function):
         out_f = B_stack.shape[1]
         gy = gy.contiguous()
         gx = gW = gb = gA = gB = None
-        ones = torch.ones(n, dtype=torch.float32, device=x2.device)
         # gxa = s_a * gy @ B_a, per token (zero for base-only rows).
         gxa = torch.zeros(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
         _triton.routed_mm(gy, B_stack, (out_f * R, R, 1), R, rows, scales, gxa, accumulate=False)
         if need[0]:
             gx = gy @ weight
-            _triton.routed_mm(gxa, A_stack, (R * in_f, in_f, 1), in_f, rows, ones, gx, accumulate=True)
+            _triton.routed_mm(gxa, A_stack, (R * in_f, in_f, 1), in_f, rows, None, gx, accumulate=True)
         if need[2]:
             gW = gy.t() @ x2
         if ctx.bias_grad:
@@ -144,5 +148,9 @@ def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Seque
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     A_stack, B_stack = A_stack.contiguous(), B_stack.contiguous()
-    y = RoutedLoraFunction.apply(x2, rows, weight, bias, A_stack, B_stack, scales)
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x2, weight, bias, A_stack, B_stack)):
+        y = _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales)[0]
+    else:
+        y = RoutedLoraFunction.apply(x2, rows, weight, bias, A_stack, B_stack, scales)
     return y.view(*x.shape[:-1], out_f)

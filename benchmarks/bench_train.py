@@ -1,0 +1,226 @@
+"""Does LoRA training cost what the frozen model costs? Step time and peak memory vs the frozen floor.
+
+The DESIGN.md setup: a random-init Llama-shaped model (1.1B: hidden 2048, 22 layers, GQA 32/4,
+MLP 5632, vocab 32000; or --shape 8b), bf16, batch 8 x 1024, AdamW, LoRA r=16 alpha=32.
+All cases run in one process on the same model weights, batch and seed:
+
+  full          every weight trains (AdamW over 1.1B parameters)
+  floor         nothing trains; forward + backward through the frozen model (the embedding
+                output requires grad so the backward runs through every layer)
+  peft-all      PEFT LoRA on all 7 linears, dropout 0.05 (and peft-all-p0: dropout 0)
+  peft-qv       PEFT LoRA on q_proj, v_proj, dropout 0.05
+  kernels       "kernels only": each linear swapped for a module calling lorakit.kernels.lora_linear
+                (benchmarks/kernel_lora.py), dropout 0.05 (kernels-p0: dropout 0)
+  kernels-group the same with q/k/v and gate/up as one lora_linear_group call each
+  lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
+
+    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, batch=2, seq=1024),
+}
+CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "kernels", "kernels-p0", "kernels-group",
+         "kernels-group-p0", "lorakit"]
+
+
+def build(shape: dict, layers: int | None, device: str, dtype: torch.dtype = torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = {k: v for k, v in shape.items() if k not in ("batch", "seq")}
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    config = LlamaConfig(**cfg, max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def randomize_lora_B(model) -> None:
+    # PEFT starts B at zero; timings on zeros can flatter a GEMM, so every LoRA case gets small random B.
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+
+
+def prepare(case: str, model, r: int, alpha: float):
+    """Set the model up for `case`; returns (model, trainable parameters, note)."""
+    if case == "full":
+        return model, list(model.parameters()), ""
+    if case == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model, [], ""
+    if case.startswith("peft"):
+        import peft
+
+        targets = ["q_proj", "v_proj"] if case == "peft-qv" else "all-linear"
+        p = 0.0 if case.endswith("-p0") else 0.05
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p,
+                                                           target_modules=targets))
+        randomize_lora_B(model)
+        return model, [q for q in model.parameters() if q.requires_grad], f"peft {peft.__version__}"
+    if case.startswith("kernels"):
+        from kernel_lora import apply_kernel_lora
+
+        p = 0.0 if case.endswith("-p0") else 0.05
+        apply_kernel_lora(model, r, alpha, p, group=case.startswith("kernels-group"))
+        return model, [q for q in model.parameters() if q.requires_grad], "kernels only"
+    if case == "lorakit":
+        import lorakit as lk
+
+        lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=0.05, targets="all-linear"))
+        randomize_lora_B(model)
+        return model, list(lk.trainable_parameters(model)), "lk.inject"
+    raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Bytes of distinct non-parameter storages autograd keeps for backward in one forward (then freed)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def run_case(case: str, args, shape: dict) -> dict:
+    dev = args.device
+    model = build(shape, args.layers, dev, getattr(torch, args.dtype))
+    model, params, note = prepare(case, model, args.rank, args.alpha)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    g = torch.Generator(device="cpu").manual_seed(2)
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(dev)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    cuda = dev == "cuda"
+    saved = saved_activation_bytes(model, ids)
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        if cuda:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            step()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    n_train = sum(p.numel() for p in params)
+    del model, params, opt, ids
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return dict(case=case, ms=statistics.median(times), ms_min=min(times), ms_max=max(times), peak_gib=peak,
+                saved_gib=saved / 2**30, trainable=n_train, note=note)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    shape = dict(SHAPES[args.shape])
+    if args.batch:
+        shape["batch"] = args.batch
+    if args.seq:
+        shape["seq"] = args.seq
+
+    import transformers
+
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    layers = args.layers or shape["num_hidden_layers"]
+    print(f"# bench_train: {gpu}, torch {torch.__version__}, triton {tv}, transformers {transformers.__version__}; "
+          f"shape {args.shape} ({layers} layers), batch {shape['batch']}x{shape['seq']}, {args.dtype}, AdamW, "
+          f"r={args.rank} alpha={args.alpha:g}; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+    rows = []
+    for case in args.cases.split(","):
+        try:
+            row = run_case(case, args, shape)
+        except Exception as e:  # one broken case must not lose the others' numbers
+            row = dict(case=case, ms=float("nan"), ms_min=float("nan"), ms_max=float("nan"), peak_gib=float("nan"),
+                       saved_gib=float("nan"), trainable=0, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"  {row['case']:<18} {row['ms']:8.1f} ms  {row['peak_gib']:6.2f} GiB peak  {row['saved_gib']:6.2f} GiB saved"
+              f"  {row['note']}", flush=True)
+    floor = next((r for r in rows if r["case"] == "floor"), None)
+    print(f"\n{'case':<18} {'step ms':>8} {'(min-max)':>15} {'peak GiB':>9} {'ms/floor':>9} {'GiB/floor':>10} "
+          f"{'saved GiB':>10} {'trainable':>12}  note")
+    for r in rows:
+        rt = r["ms"] / floor["ms"] if floor else float("nan")
+        rm = r["peak_gib"] / floor["peak_gib"] if floor else float("nan")
+        print(f"{r['case']:<18} {r['ms']:8.1f} {r['ms_min']:7.1f}-{r['ms_max']:<7.1f} {r['peak_gib']:9.2f} {rt:9.3f} "
+              f"{rm:10.3f} {r['saved_gib']:10.3f} {r['trainable']:12,d}  {r['note']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=gpu, torch=torch.__version__, triton=tv, transformers=transformers.__version__,
+                           shape=args.shape, layers=layers, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
