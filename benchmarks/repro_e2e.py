@@ -1,0 +1,94 @@
+"""E2E NLG with smollm2-135m: zero-shot base vs lorakit LoRA vs full fine-tuning, beam search on the test MRs.
+
+    python benchmarks/repro_e2e.py --method lorakit --out runs/e2e     # train 1 epoch (q_proj,v_proj, r=8), decode
+    python benchmarks/repro_e2e.py --method full --out runs/e2e        # full fine-tuning, decode
+    python benchmarks/repro_e2e.py --method zero-shot --out runs/e2e   # the instruct model as is, chat prompt
+
+Training pairs are "<MR>\\n" -> "<reference>" + EOS (loss on the reference only), one epoch of the
+42,061 training pairs. Decoding follows the paper (Appendix D.3): beam 10, length penalty 0.9,
+no repeated 4-grams, on the 630 unique test MRs in file order. Writes <out>/<run>.predictions.txt
+(one line per MR) and <out>/<run>.json; benchmarks/repro_report.py scores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+LR = {"full": 5e-5, "lorakit": 1e-3}
+BEAM = {"num_beams": 10, "length_penalty": 0.9, "no_repeat_ngram_size": 4, "early_stopping": True}
+ZERO_SHOT = "Write one sentence that describes this restaurant, using all of the following facts: {mr}"
+
+
+def test_mrs(data: Path) -> list[tuple[str, list[str]]]:
+    from lorakit.data import group_references, load_records
+    return group_references(load_records(data / "testset_w_refs.csv"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=["zero-shot", "lorakit", "full"], default="lorakit")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--out", default="runs/e2e")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--limit", type=int, help="decode only the first N test MRs (smoke tests)")
+    ap.add_argument("--no-decode", action="store_true", help="train and save only")
+    args = ap.parse_args()
+
+    import torch
+
+    from lorakit.data import DataConfig, load_records
+    from lorakit.models import load_model
+    from lorakit.train import generate_texts, read_split
+    from repro_common import adapt, environment, fit, seed_everything, sizes
+
+    data, out = Path(args.data), Path(args.out)
+    name = f"lorakit_r{args.r}" if args.method == "lorakit" else args.method
+    lr = args.lr or LR.get(args.method)
+    t0 = time.perf_counter()
+    seed_everything(0)
+    model, tok = load_model(args.model, task="causal-lm", dtype="float32")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict = {"run": name, "method": args.method, "environment": environment(), "decoding": BEAM}
+    if args.method != "zero-shot":
+        cfg = DataConfig(task="sft", separator="\n", max_length=128)
+        train = read_split(None, load_records(data / "trainset.csv.gz"), tok, cfg)
+        save = adapt(model, args.method, r=args.r, alpha=2 * args.r, targets=("q_proj", "v_proj"))
+        stats = fit(model, train.examples, tok.pad_token_id, lr=lr, epochs=args.epochs,
+                    batch_size=args.batch_size, seed=0)
+        saved = out / ("tmp_full" if args.method == "full" else "adapters") / name
+        result.update(r=args.r, lr=lr, epochs=args.epochs, batch_size=args.batch_size,
+                      train_examples=len(train.examples), **stats, **sizes(model, save, saved))
+        prompts_of = lambda mr: mr + "\n"  # noqa: E731
+    else:
+        prompts_of = lambda mr: tok.apply_chat_template(  # noqa: E731
+            [{"role": "user", "content": ZERO_SHOT.format(mr=mr)}], add_generation_prompt=True, tokenize=False)
+    if not args.no_decode:
+        mrs = [mr for mr, _ in test_mrs(data)][: args.limit]
+        t = time.perf_counter()
+        hyps = generate_texts(model, tok, [prompts_of(mr) for mr in mrs], max_new_tokens=80, batch_size=64, **BEAM)
+        hyps = [h.strip().split("\n")[0].strip() for h in hyps]
+        result.update(decode_seconds=time.perf_counter() - t, test_mrs=len(mrs))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.predictions.txt").write_text("\n".join(hyps) + "\n")
+        print("\n".join(f"{mr}\n  -> {h}" for mr, h in list(zip(mrs, hyps))[:3]))
+    result["wall_seconds"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
