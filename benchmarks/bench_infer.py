@@ -105,13 +105,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     dev = args.device
     shape = SHAPES["1b"]
     import transformers
 
     print(f"# bench_infer: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; bf16, no grad, r=16 alpha=32, median of {args.reps}", flush=True)
+          f"transformers {transformers.__version__}; {dtype}, no grad, r=16 alpha=32, median of {args.reps}", flush=True)
     rows = []
 
     def report(name, ms, base):
@@ -124,12 +126,12 @@ def main() -> None:
     ids32 = torch.randint(0, vocab, (32, args.seq // 4), generator=g).to(dev)
 
     # -- kernels only ------------------------------------------------------------------------------------
-    model = build(shape, args.layers, dev).eval()
+    model = build(shape, args.layers, dev, dtype).eval()
     with torch.no_grad():
         fwd8 = lambda: model(input_ids=ids8)  # noqa: E731
         fwd32 = lambda: model(input_ids=ids32)  # noqa: E731
         base8 = time_fn(fwd8, dev, args.reps)
-        report("forward 8x1024 base", base8, base8)
+        report(f"forward 8x{args.seq} base", base8, base8)
         base32 = time_fn(fwd32, dev, args.reps)
         report(f"forward 32x{args.seq // 4} base", base32, base32)
         if not args.no_decode:
@@ -138,11 +140,11 @@ def main() -> None:
             dec32 = decode_ms(model, ids32[:, :16], args.new_tokens, dev, 3)
             report("decode batch 32 base (ms/token)", dec32, dec32)
         mods = swap(model, 32, 16, 32)
-        report("forward 8x1024 kernels unmerged (1 adapter)", time_fn(fwd8, dev, args.reps), base8)
+        report(f"forward 8x{args.seq} kernels unmerged (1 adapter)", time_fn(fwd8, dev, args.reps), base8)
         set_rows(mods, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device=dev))
-        report("forward 8x1024 kernels routed, 4 adapters", time_fn(fwd8, dev, args.reps), base8)
+        report(f"forward 8x{args.seq} kernels routed, 4 adapters", time_fn(fwd8, dev, args.reps), base8)
         set_rows(mods, torch.tensor([0, 1, -1, 3, 0, -1, 2, 3], device=dev))
-        report("forward 8x1024 kernels routed, 4 + base rows", time_fn(fwd8, dev, args.reps), base8)
+        report(f"forward 8x{args.seq} kernels routed, 4 + base rows", time_fn(fwd8, dev, args.reps), base8)
         set_rows(mods, torch.arange(32, device=dev))
         report(f"forward 32x{args.seq // 4} kernels routed, 32 adapters", time_fn(fwd32, dev, args.reps), base32)
         if not args.no_decode:
@@ -163,23 +165,25 @@ def main() -> None:
     if not args.no_peft:
         import peft
 
-        model = build(shape, args.layers, dev).eval()
+        model = build(shape, args.layers, dev, dtype).eval()
         names = [f"a{i}" for i in range(32)]
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
                                     adapter_name=names[0])
+        model.eval()
         for n in names[1:4]:
             model.add_adapter(n, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 1e-2)
-            report("forward 8x1024 PEFT unmerged (1 adapter)", time_fn(lambda: model(input_ids=ids8), dev, args.reps),
+            report(f"forward 8x{args.seq} PEFT unmerged (1 adapter)", time_fn(lambda: model(input_ids=ids8), dev, args.reps),
                    base8)
             mix = [names[i % 4] for i in range(8)]
-            report("forward 8x1024 PEFT 4 adapters mixed",
+            report(f"forward 8x{args.seq} PEFT 4 adapters mixed",
                    time_fn(lambda: model(input_ids=ids8, adapter_names=mix), dev, max(3, args.reps // 3)), base8)
         for n in names[4:]:
             model.add_adapter(n, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        model.eval()
         with torch.no_grad():
             report(f"forward 32x{args.seq // 4} PEFT 32 adapters mixed",
                    time_fn(lambda: model(input_ids=ids32, adapter_names=names), dev, 3), base32)
