@@ -6,9 +6,10 @@ with LORAKIT_TEST_CONVERSION=1; the cache's atomicity is tested on a tiny random
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import multiprocessing
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,6 @@ def _save_tiny_llama(out_dir: Path) -> None:
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(out_dir)
-
-
-def _build_in_child(dest: str, cache: str) -> None:
-    os.environ["LORAKIT_CACHE"] = cache
-    models.build_cached_dir(dest, _save_tiny_llama)
 
 
 # --------------------------------------------------------------------------- names and paths
@@ -173,16 +169,33 @@ def test_incomplete_destination_is_rebuilt(private_cache):
     assert (dest / models._MARKER).is_file() and (dest / "model.safetensors").is_file()
 
 
-def test_concurrent_builds_yield_one_complete_directory(private_cache):
+@pytest.mark.parametrize("with_lock", [True, False])
+def test_concurrent_builds_yield_one_complete_directory(private_cache, monkeypatch, with_lock):
+    """Threads stand in for processes: flock locks separate open files even within one process."""
+    if not with_lock:  # platforms without fcntl: every caller builds, the first rename wins
+        @contextlib.contextmanager
+        def no_lock(path):
+            yield False
+
+        monkeypatch.setattr(models, "_exclusive_lock", no_lock)
     dest = private_cache / "models" / "tiny"
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_build_in_child, args=(str(dest), str(private_cache))) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert (dest / models._MARKER).is_file()
+    start = threading.Barrier(3)
+    errors = []
+
+    def worker() -> None:
+        try:
+            start.wait()
+            assert models.build_cached_dir(dest, _save_tiny_llama) == dest
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert (dest / models._MARKER).is_file() and (dest / "model.safetensors").is_file()
     assert [p.name for p in dest.parent.iterdir() if ".tmp-" in p.name] == []
 
 
@@ -210,6 +223,7 @@ def test_load_model_local_directory_prepares_tokenizer(tmp_path):
     tok = AutoTokenizer.from_pretrained(models.resolve_model_path("minilm-l6"))
     tok.pad_token = None
     tok.eos_token = "[SEP]"
+    tok.model_max_length = int(1e30)  # what tokenizers without a recorded limit report
     tok.save_pretrained(tmp_path)
     model, tok = models.load_model(tmp_path, dtype="bfloat16")
     assert tok.pad_token == "[SEP]" and tok.padding_side == "right"

@@ -1,22 +1,50 @@
-"""The built-in task that ``lorakit train`` runs with no arguments: date normalization.
+r"""The built-in task that ``lorakit train`` runs with no arguments: date normalization.
 
 Each record turns a date written in words into ISO 8601::
 
-    prompt:     "Date: March 7, 2024\\nISO:"
-    completion: " 2024-03-07\\n"
+    prompt:     "Date: March 7, 2024\nISO:"
+    completion: " 2024-03-07\n"
 
 Dates come in four surface forms ("7 March 2024", "March 7, 2024", "7 Mar 2024",
 "Mar 7, 2024"), years 1900-2099, every valid day. The model must map month names to
-numbers, zero-pad, and reorder; SmolLM2-135M-Instruct does not do this zero-shot with this
-prompt, and learns it in a few hundred examples. Records are plain text rather than chat-
-formatted: the chat template adds a ~20-token system prompt to a ~23-token example, which
-would triple the cost of every step on a CPU for no gain in what is learned.
+numbers, zero-pad the day and month, and reorder; SmolLM2-135M-Instruct gets none right
+zero-shot with this prompt, and learns it from about 200 examples. Records are plain text,
+not chat-formatted: the chat template adds a ~25-token system prompt to a ~27-token record,
+which would double the cost of every step on a CPU without making the task easier to learn.
 
-The metric is exact match of the first line of the generated text (so generation can stop
-at the first newline) against the reference date; see `score`.
+How to train and evaluate it (what ``benchmarks/default_task_probe.py`` does):
+- tokens = prompt + completion + EOS, loss on the completion and EOS only; a record is
+  26-28 SmolLM2 tokens. The completion ends in a newline, so the metric does not depend on
+  whether a trainer appends EOS; appending it lets generation stop by itself.
+- evaluate with greedy decoding, left padding, ``max_new_tokens`` from `DEFAULT_HPARAMS`,
+  stopping at the first newline (``stop_strings=["\n"]``); all held-out prompts fit in one
+  batch, which on a CPU costs little more than one prompt since decoding is bound by
+  reading the weights.
+- the metric is `score`: exact match of the first line of each generated text.
 
-Measured results: see the end of this docstring (filled in from
-``benchmarks/default_task_probe.py``).
+Measured (``python benchmarks/default_task_probe.py``, `DEFAULT_HPARAMS`, peft 0.21.2 as the
+LoRA implementation, torch 2.13.0+cpu, float32, 2-core AMD EPYC VM with AVX2, 24 GiB)::
+
+    | phase                          | wall s | CPU s | result                      |
+    |--------------------------------|--------|-------|-----------------------------|
+    | load smollm2-135m (cached)     |    1.0 |   1.0 |                             |
+    | eval before, 100 held-out      |   27.0 |  26.4 | exact match 0.000 (0/100)   |
+    | train 40 steps x 8 records     |  265.2 | 249.9 | loss 2.529 -> 0.003         |
+    | eval after, same 100           |   41.0 |  31.5 | exact match 1.000 (100/100) |
+    | whole job, imports included    |  344.1 | 318.1 |                             |
+
+- 1 thread (``--threads 1``): other processes kept the load average at 3.5-5.5 on the two
+  cores, and two OpenMP threads then lose most of their time waiting for each other (a
+  forward + backward of 16 x 24 tokens: 7.7 s with 1 thread, 48-69 s with 2). On an idle
+  machine wall time is at most the CPU time above. Median step: 6.1 s wall, 5.9 CPU-s
+  (8 records, ~27 tokens each); forward and backward take about the same time.
+- the first run also converts the GGUF file once: +49 s wall (43 CPU-s), so a first
+  ``lorakit train`` is about 6.6 minutes here, later ones about 5.7.
+- the loss is below 0.01 by step 20 (160 records); 60 steps of 8 with the same settings
+  also gave 0.000 -> 1.000 on 64 held-out records.
+- zero-shot, other prompts do not rescue the base model (32 records of the first form):
+  "28 October 1967 =>" gets 6%, a chat-formatted instruction ("Convert the date to ISO 8601
+  (YYYY-MM-DD): 28 October 1967") 9%.
 """
 
 from __future__ import annotations
@@ -48,6 +76,7 @@ DEFAULT_HPARAMS: dict[str, object] = {
     "alpha": 16,
     "dropout": 0.0,
     "targets": "all-linear",  # q,k,v,o,gate,up,down of every layer (not lm_head)
+    "optimizer": "adamw",  # torch.optim.AdamW, default betas and eps
     "lr": 2e-3,
     "weight_decay": 0.0,
     "warmup_steps": 5,
@@ -60,7 +89,11 @@ DEFAULT_HPARAMS: dict[str, object] = {
     "n_eval": 100,
     "seed": 0,
 }
-"""Settings that make the default job improve clearly within 10 minutes on a 2-core CPU."""
+"""Settings that take the default job from 0% to 100% exact match in under 6 minutes on a
+2-core CPU (module docstring). The keys name LoRA settings (`r`, `alpha`, `dropout`,
+`targets`), optimization (`optimizer`, `lr`, `weight_decay`, `warmup_steps`, `schedule`,
+`steps`, `batch_size`), data (`n_train`, `n_eval`, `seed` for `builtin_task`, `max_length`)
+and evaluation (`max_new_tokens`, greedy)."""
 
 
 def _render(day: int, month: int, year: int, form: int) -> str:
