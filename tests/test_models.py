@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -159,6 +162,33 @@ def test_killed_build_leftovers_are_ignored_and_removed(private_cache):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(dest).config.hidden_size == 16
+
+
+def test_sigkilled_build_leaves_nothing_loadable(private_cache):
+    """A conversion killed with SIGKILL leaves no `dest`, releases its lock, and is cleaned up."""
+    dest = private_cache / "models" / "tiny"
+    script = textwrap.dedent(f"""
+        import time
+        from lorakit.models import build_cached_dir
+
+        def build(out):
+            (out / "config.json").write_text("{{}}")  # half-written
+            print("building", flush=True)
+            time.sleep(600)
+
+        build_cached_dir({str(dest)!r}, build)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "building"
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert not dest.exists()
+    assert len(list(dest.parent.glob(f".{dest.name}.tmp-*"))) == 1
+    models.build_cached_dir(dest, _save_tiny_llama)  # would hang if the dead process kept the lock
+    assert (dest / models._MARKER).is_file()
+    assert list(dest.parent.glob(f".{dest.name}.tmp-*")) == []
 
 
 def test_incomplete_destination_is_rebuilt(private_cache):
