@@ -56,7 +56,7 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip:
             seen[ptr] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # returning t itself would make a saved output keep its own graph alive (a leak)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
@@ -124,6 +124,29 @@ def run(args) -> list[dict]:
     return rows
 
 
+def kernel_rows(args) -> list[str]:
+    """The Triton dropout kernels alone: ms and achieved GB/s (bytes that must move / time)."""
+    dev, dt = args.device, getattr(torch, args.dtype)
+    out = []
+    for K, R in [(2048, 16), (2048, 48), (5632, 16)]:
+        x = torch.randn(args.tokens, K, device=dev, dtype=dt)
+        A = torch.randn(R, K, device=dev, dtype=dt)
+        g = torch.randn(args.tokens, R, device=dev, dtype=dt)
+        gx = torch.randn(args.tokens, K, device=dev, dtype=dt)
+        seed = torch.tensor([1, 2], device=dev)
+        nb = x.numel() * x.element_size()
+        cases = [("shrink p=0.05 (reads x)", lambda: _triton.shrink(x, A, seed, 0.05), nb),
+                 ("shrink p=0 (reads x)", lambda: _triton.shrink(x, A), nb),
+                 ("cuBLAS x @ A.T (reads x)", lambda: x @ A.t(), nb),
+                 ("dropout bwd, gx in place (x, gx r/w)", lambda: _triton.dropout_backward(x, g, A, gx, seed, 0.05),
+                  3 * nb),
+                 ("cuBLAS g.T @ x + gx.addmm_ (p=0)", lambda: (g.t() @ x, gx.addmm_(g, A)), 3 * nb)]
+        for name, fn, nbytes in cases:
+            ms = timer(fn, dev)
+            out.append(f"{K:>6} {R:>4} {name:<40} {ms:8.4f} ms {nbytes / ms / 1e6:9.0f} GB/s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=None, help="rows of x (default 8192 on CUDA, 512 on CPU)")
@@ -139,6 +162,10 @@ def main() -> None:
     tri = getattr(_triton.triton, "__version__", "none")
     print(f"# bench_linear: {gpu}, torch {torch.__version__}, triton {tri}, {args.dtype}, tokens {args.tokens}, "
           f"r {args.rank}; fwd+bwd (grads x, A, B), median ms; saved = activation MiB kept for backward beyond x")
+    if _triton.available_for(torch.empty(0, device=args.device)):
+        print(f"{'K':>6} {'R':>4} kernel (tokens {args.tokens})")
+        for line in kernel_rows(args):
+            print(line, flush=True)
     rows = run(args)
     print(f"{'shape':<20} {'p':>5} {'variant':<22} {'ms':>8} {'x base':>7} {'saved MiB':>10}")
     for r in rows:

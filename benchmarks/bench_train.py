@@ -105,7 +105,7 @@ def saved_activation_bytes(model, ids) -> int:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             seen[ptr] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # returning t itself would make a saved output keep its own graph alive (a leak)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss

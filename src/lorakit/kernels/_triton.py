@@ -84,7 +84,7 @@ if triton is not None:
         rk = k_start + tl.arange(0, BK)
         k0 = tl.load(seed_ptr).to(tl.uint32)
         mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
-        keep = _keep_tile(rm, k_start, tl.to_tensor(half).to(tl.uint32), k0, mul, tl.to_tensor(thresh).to(tl.uint32), BK)
+        keep = _keep_tile(rm, k_start, k0 * 0 + half, k0, mul, k0 * 0 + thresh, BK)
         tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -101,8 +101,8 @@ if triton is not None:
         if DROPOUT:
             k0 = tl.load(seed_ptr).to(tl.uint32)
             mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
-            half_u = tl.to_tensor(half).to(tl.uint32)
-            thresh_u = tl.to_tensor(thresh).to(tl.uint32)
+            half_u = k0 * 0 + half  # uint32, also when Triton passes `half` as a constant
+            thresh_u = k0 * 0 + thresh
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k_start in range(0, K, BK):
             rk = k_start + tl.arange(0, BK)
@@ -136,8 +136,8 @@ if triton is not None:
         r_ok = rr < R
         k0 = tl.load(seed_ptr).to(tl.uint32)
         mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
-        half_u = tl.to_tensor(half).to(tl.uint32)
-        thresh_u = tl.to_tensor(thresh).to(tl.uint32)
+        half_u = k0 * 0 + half  # uint32, also when Triton passes `half` as a constant
+        thresh_u = k0 * 0 + thresh
         if HAS_GX:
             a = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         ga = tl.zeros((BR, BK), dtype=tl.float32)

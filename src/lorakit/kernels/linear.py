@@ -309,8 +309,23 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     Raises:
         ValueError: mismatched shapes or a dropout outside [0, 1).
     """
+    if not (training and dropout > 0) and not _needs_graph(x, weight, bias, A, B) \
+            and x.dtype == weight.dtype == A.dtype == B.dtype and (bias is None or bias.dtype == x.dtype) \
+            and not torch.is_autocast_enabled(x.device.type):
+        # Inference (decode is bound by per-call CPU overhead): three ops, nothing else.
+        in_f = x.shape[-1]
+        if weight.shape[1] == in_f and A.shape[1] == in_f and B.shape == (weight.shape[0], A.shape[0]):
+            y = F.linear(x, weight, bias)
+            xa = x.reshape(-1, in_f) @ A.t()
+            y.view(-1, y.shape[-1]).addmm_(xa, B.t(), alpha=scale)
+            return y
     return lora_linears(x, [weight], [bias], [A], [B], [scale], None, dropout, training,
                         seeds=None if seed is None else [seed], backend=backend)[0]
+
+
+def _needs_graph(x, weight, bias, A, B) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequence[Tensor], Bs: Sequence[Tensor],
