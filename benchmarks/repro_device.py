@@ -97,12 +97,16 @@ def stage2(b: Path, budget: float) -> None:
             os.killpg(pid, signal.SIGKILL)
     out = Path(os.environ.get("OUT", WORK / "out"))
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
-        for sub in ("glue/json", "glue/adapters", "e2e"):
-            if (WORK / sub).exists():
-                tar.add(WORK / sub, arcname=sub, filter=lambda t: None if "tmp_full" in t.name else t)
-        for log in sorted(WORK.glob("*.log")):
-            tar.add(log, arcname=f"logs/{log.name}")
+    # at most 16 MiB a file comes back: scores and predictions, then the adapters in three parts
+    parts = {"results": ["glue/json", *[str(p.relative_to(WORK)) for p in WORK.glob("e2e/*.*")],
+                         *[p.name for p in WORK.glob("*.log")]],
+             "glue_adapters": ["glue/adapters"], "e2e_r8": ["e2e/adapters/lorakit_r8"],
+             "e2e_r64": ["e2e/adapters/lorakit_r64"]}
+    for name, paths in parts.items():
+        with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
+            for sub in paths:
+                if (WORK / sub).exists():
+                    tar.add(WORK / sub, arcname=sub)
     done = len(list((WORK / "glue/json").glob("*.json"))) if (WORK / "glue/json").exists() else 0
     print(json.dumps({"glue_runs_done": done, "e2e": sorted(p.name for p in (WORK / "e2e").glob("*.json"))
                       if (WORK / "e2e").exists() else [], "stage2_seconds": round(time.time() - t0)}))

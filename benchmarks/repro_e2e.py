@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, help="decode only the first N test MRs (smoke tests)")
+    ap.add_argument("--train-limit", type=int, help="train on the first N pairs only (smoke tests)")
     ap.add_argument("--no-decode", action="store_true", help="train and save only")
     args = ap.parse_args()
 
@@ -62,12 +63,12 @@ def main() -> None:
     result: dict = {"run": name, "method": args.method, "environment": environment(), "decoding": BEAM}
     if args.method != "zero-shot":
         cfg = DataConfig(task="sft", separator="\n", max_length=128)
-        train = read_split(None, load_records(data / "trainset.csv.gz"), tok, cfg)
+        train = read_split(None, load_records(data / "trainset.csv.gz")[: args.train_limit], tok, cfg)
         save = adapt(model, args.method, r=args.r, alpha=2 * args.r, targets=("q_proj", "v_proj"))
         stats = fit(model, train.examples, tok.pad_token_id, lr=lr, epochs=args.epochs,
                     batch_size=args.batch_size, seed=0)
         saved = out / ("tmp_full" if args.method == "full" else "adapters") / name
-        result.update(r=args.r, lr=lr, epochs=args.epochs, batch_size=args.batch_size,
+        result.update(r=args.r, lr=lr, batch_size=args.batch_size,
                       train_examples=len(train.examples), **stats, **sizes(model, save, saved))
         prompts_of = lambda mr: mr + "\n"  # noqa: E731
     else:
@@ -77,7 +78,7 @@ def main() -> None:
         mrs = [mr for mr, _ in test_mrs(data)][: args.limit]
         t = time.perf_counter()
         hyps = generate_texts(model, tok, [prompts_of(mr) for mr in mrs], max_new_tokens=80, batch_size=64, **BEAM)
-        hyps = [h.strip().split("\n")[0].strip() for h in hyps]
+        hyps = [next((line.strip() for line in h.splitlines() if line.strip()), "") for h in hyps]  # first line
         result.update(decode_seconds=time.perf_counter() - t, test_mrs=len(mrs))
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.predictions.txt").write_text("\n".join(hyps) + "\n")
