@@ -40,8 +40,11 @@ LoRA implementation, torch 2.13.0+cpu, float32, 2-core AMD EPYC VM with AVX2, 24
   (8 records, ~27 tokens each); forward and backward take about the same time.
 - the first run also converts the GGUF file once: +49 s wall (43 CPU-s), so a first
   ``lorakit train`` is about 6.6 minutes here, later ones about 5.7.
+- another seed (``--seed 1``, other records and other LoRA init): 0.960 after training
+  (96/100; train 238.6 CPU-s, whole job 280.9 CPU-s without the evaluation before); the 4
+  misses are single-digit days not zero-padded ("1995-04-2-2", "1985-02-1").
 - the loss is below 0.01 by step 20 (160 records); 60 steps of 8 with the same settings
-  also gave 0.000 -> 1.000 on 64 held-out records.
+  (seed 0, all-linear) also gave 0.000 -> 1.000 on 64 held-out records, in 385 CPU-s.
 - zero-shot, other prompts do not rescue the base model (32 records of the first form):
   "28 October 1967 =>" gets 6%, a chat-formatted instruction ("Convert the date to ISO 8601
   (YYYY-MM-DD): 28 October 1967") 9%.
