@@ -428,7 +428,8 @@ def load_model(
         )
         model = auto.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        hint = "" if allow_pickle else " (only safetensors weights are read unless allow_pickle=True)"
+        pickle_only = not allow_pickle and any(k in str(exc) for k in (".bin", "safetensors", ".pt"))
+        hint = " (only safetensors weights are read unless allow_pickle=True)" if pickle_only else ""
         raise ConfigError(f"cannot load model {raw!r} from {source} for task {task!r}{hint}: {exc}") from exc
     _prepare_for_batching(model, tokenizer)
     return model, tokenizer
