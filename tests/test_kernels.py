@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from lorakit.kernels import (keep_mask, lora_linear, lora_linear_group, lora_linear_multi, lora_linear_routed,
-                             new_seed, reference_lora_linear, reference_lora_linear_multi,
-                             reference_lora_linear_routed)
+                             mark_recomputable, new_seed, recipe_of, reference_lora_linear,
+                             reference_lora_linear_multi, reference_lora_linear_routed)
 from lorakit.kernels import _triton
 
 CUDA = torch.cuda.is_available()
@@ -246,6 +246,49 @@ def test_routed_refuses_bad_rows():
         lora_linear_routed(x, W, b, As, Bs, [1.0] * 3, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="must lie in"):
         lora_linear_routed(x, W, b, As, Bs, [1.0] * 3, torch.tensor([0, 3, -1]))
+
+
+# -- rebuilding x in backward instead of keeping it --------------------------------------------------
+
+def saved_storages(fn) -> set[int]:
+    ptrs = set()
+
+    def pack(t):
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, ptrs
+
+
+def test_recompute_gives_the_same_gradients_without_keeping_x():
+    gen = torch.Generator().manual_seed(10)
+    u = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    s = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    W = torch.randn(12, 16, generator=gen)
+    A = torch.randn(4, 16, generator=gen, requires_grad=True)
+    B = torch.randn(12, 4, generator=gen, requires_grad=True)
+    Ws = [W, W[:6].clone()]
+    As = [A, A[:2].detach().clone().requires_grad_(True)]
+    Bs = [B, B[:6, :2].detach().clone().requires_grad_(True)]
+    seed = torch.tensor([5, 6])
+    for group in (False, True):
+        grads = []
+        for rc in (False, True):
+            x = mark_recomputable(s * u, torch.mul, s, u)  # x = s * u; s and u are kept by the mul anyway
+            recipe = recipe_of(x) if rc else None
+            if group:
+                fn = lambda: lora_linear_group(x, Ws, [None, None], As, Bs, [2.0, 0.5], 0.2, True, seed=seed,  # noqa
+                                               recompute=recipe)
+            else:
+                fn = lambda: (lora_linear(x, W, None, A, B, 2.0, 0.2, True, seed=seed, recompute=recipe),)  # noqa
+            ys, ptrs = saved_storages(fn)
+            assert (x.untyped_storage().data_ptr() in ptrs) != rc  # x itself is kept only without the recipe
+            wrt = [u, s, *As, *Bs] if group else [u, s, A, B]
+            grads.append(torch.autograd.grad([y.square().sum() for y in ys], wrt))
+        for g0, g1 in zip(*grads):
+            assert torch.equal(g0, g1)
 
 
 # -- training machinery: checkpointing, torch.compile -------------------------------------------------

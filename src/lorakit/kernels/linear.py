@@ -26,7 +26,7 @@ Backward, with g_j = dL/dy_j:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ class _Plan:
     groups: tuple[tuple[int, ...], ...]   # term indices of each dropout group, in A-concatenation order
     group_p: tuple[float, ...]            # dropout probability per group (0 = none)
     backend: str                          # "triton" or "torch"
+    recompute: Callable | None = None     # x == recompute(*saved recipe tensors), bit for bit
 
 
 def _use_triton(x: Tensor, backend: str) -> bool:
@@ -86,6 +87,7 @@ class LoraLinearFunction(torch.autograd.Function):
         Ws, bs = tensors[:J], tensors[J:2 * J]
         As, Bs = tensors[2 * J:2 * J + T], tensors[2 * J + T:2 * J + 2 * T]
         seeds = tensors[2 * J + 2 * T:2 * J + 2 * T + G]
+        recipe = tensors[2 * J + 2 * T + G:]
         triton = plan.backend == "triton"
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
@@ -114,7 +116,9 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.x_shape = x.shape
         ctx.bias_grad = tuple(b is not None and b.requires_grad for b in bs)
-        ctx.save_for_backward(x2, *Ws, *As, *Bs, *xas, *(s if s is not None else x2.new_empty(0) for s in seeds))
+        ctx.n_recipe = len(recipe)
+        ctx.save_for_backward(x2 if plan.recompute is None else None, *Ws, *As, *Bs, *xas,
+                              *(s if s is not None else x2.new_empty(0) for s in seeds), *recipe)
         return tuple(outs)
 
     @staticmethod
@@ -127,9 +131,11 @@ class LoraLinearFunction(torch.autograd.Function):
         As = saved[1 + J:1 + J + T]
         Bs = saved[1 + J + T:1 + J + 2 * T]
         xas = saved[1 + J + 2 * T:1 + J + 2 * T + G]
-        seeds = saved[1 + J + 2 * T + G:]
+        seeds = saved[1 + J + 2 * T + G:1 + J + 2 * T + 2 * G]
+        if plan.recompute is not None:
+            x2 = _recompute(plan.recompute, saved[1 + J + 2 * T + 2 * G:], ctx.x_shape)
         triton = plan.backend == "triton"
-        need = ctx.needs_input_grad  # (x, plan, W.., b.., A.., B.., seed..)
+        need = ctx.needs_input_grad  # (x, plan, W.., b.., A.., B.., seed.., recipe..)
         need_x = need[0]
         M = x2.shape[0]
         g2 = [g.reshape(M, g.shape[-1]) for g in grads]
@@ -175,7 +181,33 @@ class LoraLinearFunction(torch.autograd.Function):
                 off += r
 
         gx_out = gx.view(ctx.x_shape) if gx is not None else None
-        return (gx_out, None, *dW, *db, *dA, *dB, *([None] * G))
+        return (gx_out, None, *dW, *db, *dA, *dB, *([None] * G), *([None] * ctx.n_recipe))
+
+
+def _recompute(fn: Callable, recipe, x_shape) -> Tensor:
+    """x (as 2-D) rebuilt in backward from the tensors it was made of (saved anyway by their own ops)."""
+    with torch.no_grad():
+        x = fn(*recipe)
+    if x.shape != x_shape:
+        raise RuntimeError(f"recompute gave shape {tuple(x.shape)} for an input of shape {tuple(x_shape)}.")
+    return x.reshape(-1, x_shape[-1])
+
+
+def mark_recomputable(x: Tensor, fn: Callable, *tensors: Tensor) -> Tensor:
+    """Note on x that x == fn(*tensors) exactly (same ops, same inputs), and return x.
+
+    Producers of a LoRA input whose own backward keeps `tensors` anyway (an RMSNorm keeps its
+    float32 input and 1/rms; silu(g) * u keeps silu(g) and u) mark their output, and the layer
+    passes `recompute=recipe_of(x)` to `lora_linear`: backward then rebuilds x from those
+    tensors instead of keeping a second copy of x alive. x must not be modified in place.
+    """
+    x._lorakit_recipe = (fn, tensors)
+    return x
+
+
+def recipe_of(x: Tensor) -> tuple[Callable, tuple[Tensor, ...]] | None:
+    """The (fn, tensors) recipe `mark_recomputable` put on x, or None."""
+    return getattr(x, "_lorakit_recipe", None)
 
 
 def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, where: str) -> None:
@@ -212,7 +244,8 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
                  As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float],
                  term_out: Sequence[int] | None = None, dropouts: Sequence[float] | float = 0.0,
                  training: bool = False, shared_dropout: bool = True, seeds: Sequence[Tensor | None] | None = None,
-                 backend: str = "auto") -> tuple[Tensor, ...]:
+                 backend: str = "auto", recompute: tuple[Callable, Sequence[Tensor]] | None = None
+                 ) -> tuple[Tensor, ...]:
     """Several frozen linears over one input x, with LoRA terms; the general form of the fast path.
 
     Args:
@@ -227,6 +260,8 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
         seeds: one seed per dropout group ((2,) int64 tensors, see `dropout.new_seed`), in the
             order groups are formed; default: fresh ones. For tests and exact replays.
         backend: "auto" (Triton where it applies), "torch" or "triton".
+        recompute: (fn, tensors) with fn(*tensors) == x exactly (see `mark_recomputable`):
+            backward rebuilds x from tensors instead of keeping x.
 
     Returns:
         y_j (..., out_j) for each linear j.
@@ -279,12 +314,13 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
         seeds = [s.to(device=x.device, dtype=torch.int64) if s is not None and p > 0 else None
                  for s, p in zip(seeds, group_p)]
 
+    fn, recipe = (None, ()) if recompute is None or x.dtype != dtype else (recompute[0], tuple(recompute[1]))
     plan = _Plan(J, term_out, tuple(float(s) for s in scales), tuple(tuple(m) for m in groups),
-                 tuple(group_p), "triton" if tri else "torch")
+                 tuple(group_p), "triton" if tri else "torch", fn)
     if _no_grad_needed([x, *weights, *biases, *As, *Bs]):
         with torch.no_grad():
-            return LoraLinearFunction.forward(_NoCtx(), x, plan, *weights, *biases, *As, *Bs, *seeds)
-    return LoraLinearFunction.apply(x, plan, *weights, *biases, *As, *Bs, *seeds)
+            return LoraLinearFunction.forward(_NoCtx(), x, plan, *weights, *biases, *As, *Bs, *seeds, *recipe)
+    return LoraLinearFunction.apply(x, plan, *weights, *biases, *As, *Bs, *seeds, *recipe)
 
 
 class _NoCtx:
@@ -296,31 +332,117 @@ class _NoCtx:
         pass
 
 
+class LoraLinearSingle(torch.autograd.Function):
+    """One linear, one adapter: the common case, with as little per-call Python as possible.
+
+    apply(x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe) -> y
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe):
+        x2 = x.reshape(-1, x.shape[-1])
+        if seed is None:
+            xa = torch.mm(x2, A.t())
+        elif triton:
+            if x2.stride(-1) != 1 or not A.is_contiguous():
+                x2, A = x2.contiguous(), A.contiguous()
+            xa = _triton.shrink(x2, A, seed, p)
+        else:
+            xa = torch.mm(apply_dropout(x2, seed, p), A.t())
+        y = F.linear(x2, weight, bias)
+        y.addmm_(xa, B.t(), alpha=scale)
+        ctx.scale, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = scale, p, triton, recompute_fn, x.shape
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.save_for_backward(None if recompute_fn is not None else x2, weight, A, B, xa, seed, *recipe)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, A, B, xa, seed, *recipe = ctx.saved_tensors
+        if ctx.fn is not None:
+            x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        s, p = ctx.scale, ctx.p
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = torch.mm(g2, weight) if need_x else None
+        gW = g2.t() @ x2 if need_w else None
+        gb = g2.sum(0) if ctx.bias_grad else None
+        z = _zero(g2)
+        gB = torch.addmm(z, g2.t(), xa, beta=0, alpha=s) if need_b else None
+        gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
+        gA = None
+        if seed is None:
+            if need_a:
+                gA = torch.mm(gxa.t(), x2)
+            if gx is not None:
+                gx.addmm_(gxa, A)
+        elif ctx.triton:
+            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p).to(A.dtype)
+        else:
+            keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
+            gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
+            if gx is not None:
+                gx.add_((gxa @ A) * keep, alpha=1.0 / (1.0 - p))
+        gx = gx.view(ctx.x_shape) if gx is not None else None
+        return (gx, gW, gb, gA if need_a else None, gB, None, None, None, None, None, *([None] * len(recipe)))
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ZEROS: dict = {}
+
+
+def _zero(t: Tensor) -> Tensor:
+    """A cached 0-d zero of t's dtype and device: the ignored `input` of addmm(beta=0, alpha=s),
+    which scales a product without a separate multiply."""
+    key = (t.dtype, t.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+    return z
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 dropout: float = 0.0, training: bool = False, seed: Tensor | None = None,
-                backend: str = "auto") -> Tensor:
+                backend: str = "auto", recompute: tuple[Callable, Sequence[Tensor]] | None = None) -> Tensor:
     """y = F.linear(x, weight, bias) + scale * (dropout(x) @ A.T) @ B.T.
 
     x (..., in); weight (out, in) frozen; bias (out,) or None; A (r, in); B (out, r).
     Gradients for x, A, B (and bias / weight only if they require grad). Dropout applies when
     `training` and `dropout > 0`; its mask is a function of `seed` ((2,) int64, default: a
-    fresh one), the same in forward and backward (see `dropout.keep_mask`).
+    fresh one), the same in forward and backward (see `dropout.keep_mask`). `recompute`:
+    (fn, tensors) with fn(*tensors) == x exactly, so that backward rebuilds x instead of
+    keeping it (see `mark_recomputable`).
 
     Raises:
         ValueError: mismatched shapes or a dropout outside [0, 1).
     """
-    if not (training and dropout > 0) and not _needs_graph(x, weight, bias, A, B) \
-            and x.dtype == weight.dtype == A.dtype == B.dtype and (bias is None or bias.dtype == x.dtype) \
-            and not torch.is_autocast_enabled(x.device.type):
+    in_f = x.shape[-1]
+    dt = x.dtype
+    if weight.dim() != 2 or weight.shape[1] != in_f or A.dim() != 2 or A.shape[1] != in_f \
+            or B.shape != (weight.shape[0], A.shape[0]):
+        _check(x, weight, A, B, "lora_linear")
+    if not (weight.dtype == A.dtype == B.dtype == dt and (bias is None or bias.dtype == dt)) \
+            or torch.is_autocast_enabled(x.device.type) or backend == "triton":
+        return lora_linears(x, [weight], [bias], [A], [B], [scale], None, dropout, training,
+                            seeds=None if seed is None else [seed], backend=backend, recompute=recompute)[0]
+    drop = training and dropout > 0
+    if not _needs_graph(x, weight, bias, A, B) and not drop:
         # Inference (decode is bound by per-call CPU overhead): three ops, nothing else.
-        in_f = x.shape[-1]
-        if weight.shape[1] == in_f and A.shape[1] == in_f and B.shape == (weight.shape[0], A.shape[0]):
-            y = F.linear(x, weight, bias)
-            xa = x.reshape(-1, in_f) @ A.t()
-            y.view(-1, y.shape[-1]).addmm_(xa, B.t(), alpha=scale)
-            return y
-    return lora_linears(x, [weight], [bias], [A], [B], [scale], None, dropout, training,
-                        seeds=None if seed is None else [seed], backend=backend)[0]
+        y = F.linear(x, weight, bias)
+        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, in_f) @ A.t(), B.t(), alpha=scale)
+        return y
+    if drop:
+        _check_p(dropout, "lora_linear")
+        seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
+    else:
+        seed = None
+    triton = backend == "auto" and drop and dt in _TRITON_DTYPES and _triton.available_for(x)
+    fn, recipe = recompute if recompute is not None else (None, ())
+    if not _needs_graph(x, weight, bias, A, B):
+        with torch.no_grad():
+            return LoraLinearSingle.forward(_NoCtx(), x, weight, bias, A, B, seed, float(scale), float(dropout),
+                                            triton, None)
+    return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
 
 
 def _needs_graph(x, weight, bias, A, B) -> bool:
@@ -358,7 +480,8 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequen
 def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                       As: Sequence[Tensor], Bs: Sequence[Tensor], scales: Sequence[float],
                       dropout: float = 0.0, training: bool = False, seed: Tensor | None = None,
-                      backend: str = "auto") -> tuple[Tensor, ...]:
+                      backend: str = "auto", recompute: tuple[Callable, Sequence[Tensor]] | None = None
+                      ) -> tuple[Tensor, ...]:
     """Linears that read the same x (q/k/v, gate/up), one adapter each, as one fused call.
 
     y_j = F.linear(x, W_j, b_j) + s_j * (dropout(x) @ A_j.T) @ B_j.T, with ONE dropout mask on x
@@ -367,4 +490,5 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
     summed in place, and one mask is regenerated instead of one per projection.
     """
     return lora_linears(x, weights, biases, As, Bs, scales, None, dropout, training,
-                        shared_dropout=True, seeds=None if seed is None else [seed], backend=backend)
+                        shared_dropout=True, seeds=None if seed is None else [seed], backend=backend,
+                        recompute=recompute)
