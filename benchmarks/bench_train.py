@@ -12,6 +12,7 @@ All cases run in one process on the same model weights, batch and seed:
   kernels       "kernels only": each linear swapped for a module calling lorakit.kernels.lora_linear
                 (benchmarks/kernel_lora.py), dropout 0.05 (kernels-p0: dropout 0)
   kernels-group the same with q/k/v and gate/up as one lora_linear_group call each
+  kernels-group-rc  ... and the RMSNorm / MLP outputs marked rebuildable (no extra copy of x kept)
   lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
 
     PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
@@ -34,7 +35,7 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, batch=2, seq=1024),
 }
 CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "kernels", "kernels-p0", "kernels-group",
-         "kernels-group-p0", "lorakit"]
+         "kernels-group-p0", "kernels-group-rc", "kernels-group-rc-p0", "lorakit"]
 
 
 def build(shape: dict, layers: int | None, device: str, dtype: torch.dtype = torch.bfloat16):
@@ -85,7 +86,7 @@ def prepare(case: str, model, r: int, alpha: float):
         from kernel_lora import apply_kernel_lora
 
         p = 0.0 if case.endswith("-p0") else 0.05
-        apply_kernel_lora(model, r, alpha, p, group=case.startswith("kernels-group"))
+        apply_kernel_lora(model, r, alpha, p, group=case.startswith("kernels-group"), recompute="-rc" in case)
         return model, [q for q in model.parameters() if q.requires_grad], "kernels only"
     if case == "lorakit":
         import lorakit as lk
@@ -138,12 +139,14 @@ def run_case(case: str, args, shape: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(args.steps):
         if cuda:
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record()
+            h0 = time.perf_counter()
             step()
+            host.append((time.perf_counter() - h0) * 1e3)  # time to enqueue the step: ~step ms means CPU-bound
             t1.record()
             t1.synchronize()
             times.append(t0.elapsed_time(t1))
@@ -158,7 +161,8 @@ def run_case(case: str, args, shape: dict) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return dict(case=case, ms=statistics.median(times), ms_min=min(times), ms_max=max(times), peak_gib=peak,
-                saved_gib=saved / 2**30, trainable=n_train, note=note)
+                saved_gib=saved / 2**30, host_ms=statistics.median(host) if host else float("nan"),
+                trainable=n_train, note=note)
 
 
 def main() -> None:
@@ -201,7 +205,7 @@ def main() -> None:
             row = run_case(case, args, shape)
         except Exception as e:  # one broken case must not lose the others' numbers
             row = dict(case=case, ms=float("nan"), ms_min=float("nan"), ms_max=float("nan"), peak_gib=float("nan"),
-                       saved_gib=float("nan"), trainable=0, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
+                       saved_gib=float("nan"), host_ms=float("nan"), trainable=0, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -210,12 +214,12 @@ def main() -> None:
               f"  {row['note']}", flush=True)
     floor = next((r for r in rows if r["case"] == "floor"), None)
     print(f"\n{'case':<18} {'step ms':>8} {'(min-max)':>15} {'peak GiB':>9} {'ms/floor':>9} {'GiB/floor':>10} "
-          f"{'saved GiB':>10} {'trainable':>12}  note")
+          f"{'saved GiB':>10} {'host ms':>8} {'trainable':>12}  note")
     for r in rows:
         rt = r["ms"] / floor["ms"] if floor else float("nan")
         rm = r["peak_gib"] / floor["peak_gib"] if floor else float("nan")
         print(f"{r['case']:<18} {r['ms']:8.1f} {r['ms_min']:7.1f}-{r['ms_max']:<7.1f} {r['peak_gib']:9.2f} {rt:9.3f} "
-              f"{rm:10.3f} {r['saved_gib']:10.3f} {r['trainable']:12,d}  {r['note']}")
+              f"{rm:10.3f} {r['saved_gib']:10.3f} {r['host_ms']:8.1f} {r['trainable']:12,d}  {r['note']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=gpu, torch=torch.__version__, triton=tv, transformers=transformers.__version__,

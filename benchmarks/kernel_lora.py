@@ -7,6 +7,10 @@ benchmarks measure the fused Functions inside a real model, labelled "kernels on
 
 group=True makes linears that read the same input (q/k/v, gate/up) one `lora_linear_group`
 call: the first member called computes every member's output and the others pick theirs up.
+
+recompute=True also patches the Llama RMSNorms and MLPs to mark their outputs with how to
+rebuild them (`mark_recomputable`) from tensors their own backward keeps anyway, so the LoRA
+Functions do not keep the q/k/v/gate/up input or the down_proj input alive.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lorakit.kernels import lora_linear, lora_linear_group
+from lorakit.kernels import lora_linear, lora_linear_group, mark_recomputable, recipe_of
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -43,7 +47,8 @@ class KernelLoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.group is not None:
             return self.group.output(self, x)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, self.p, self.training)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, self.p, self.training,
+                           recompute=recipe_of(x))
 
 
 class _Group:
@@ -59,7 +64,8 @@ class _Group:
         if self.x is not x or i not in self.outs:
             ms = self.members
             ys = lora_linear_group(x, [k.weight for k in ms], [k.bias for k in ms], [k.lora_A for k in ms],
-                                   [k.lora_B for k in ms], [k.scale for k in ms], ms[0].p, ms[0].training)
+                                   [k.lora_B for k in ms], [k.scale for k in ms], ms[0].p, ms[0].training,
+                                   recompute=recipe_of(x))
             self.x, self.outs = x, dict(enumerate(ys))
         y = self.outs.pop(i)
         if not self.outs:
@@ -67,9 +73,48 @@ class _Group:
         return y
 
 
+def _norm_recipe(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    return weight * (h32 * rstd).to(weight.dtype)
+
+
+def _rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
+    # LlamaRMSNorm.forward, op for op, with the output marked as rebuildable from (h32, rstd, weight):
+    # the pow and the multiply keep h32 and rstd for their own backward anyway.
+    input_dtype = hidden_states.dtype
+    h32 = hidden_states.to(torch.float32)
+    variance = h32.pow(2).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(variance + self.variance_epsilon)
+    out = self.weight * (h32 * rstd).to(input_dtype)
+    if out.dtype == self.weight.dtype:
+        mark_recomputable(out, _norm_recipe, h32, rstd, self.weight)
+    return out
+
+
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    # LlamaMLP.forward with act = silu(gate) * up marked as rebuildable from its two factors,
+    # which the multiply keeps for its own backward anyway.
+    s = self.act_fn(self.gate_proj(x))
+    u = self.up_proj(x)
+    return self.down_proj(mark_recomputable(s * u, torch.mul, s, u))
+
+
+def patch_llama_recompute(model: nn.Module) -> None:
+    import types
+
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    for m in model.modules():
+        if isinstance(m, LlamaRMSNorm):
+            m.forward = types.MethodType(_rmsnorm_forward, m)
+        elif isinstance(m, LlamaMLP):
+            m.forward = types.MethodType(_mlp_forward, m)
+
+
 def apply_kernel_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-                      targets=ALL_LINEAR, group: bool = False) -> nn.Module:
+                      targets=ALL_LINEAR, group: bool = False, recompute: bool = False) -> nn.Module:
     """Freeze `model` and swap every nn.Linear named in `targets` for a KernelLoraLinear, in place."""
+    if recompute:
+        patch_llama_recompute(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):

@@ -120,7 +120,7 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _dropout_bwd_kernel(x_ptr, g_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, rows_per_prog,
+    def _dropout_bwd_kernel(x_ptr, g_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, SPLITS,
                             stride_xm, stride_gm, stride_am, stride_gxm, half, thresh, inv_keep,
                             HAS_GX: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                             BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
@@ -141,6 +141,7 @@ if triton is not None:
         if HAS_GX:
             a = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         ga = tl.zeros((BR, BK), dtype=tl.float32)
+        rows_per_prog = tl.cdiv(tl.cdiv(M, SPLITS), BM) * BM
         m_lo = pid_s * rows_per_prog
         m_hi = tl.minimum(m_lo + rows_per_prog, M)
         for m_start in range(m_lo, m_hi, BM):
@@ -220,6 +221,44 @@ if triton is not None:
                  mask=u_ok[:, None] & v_ok[None, :])
 
 
+    # Autotuned launchers for large inputs (many tokens): the best tile shape depends on K, R and
+    # the GPU; small inputs (tests, decode) use the fixed configurations in the wrappers below.
+    def _cfgs(specs, names):
+        return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in specs]
+
+    _shrink_tuned = triton.autotune(
+        configs=_cfgs([(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 4, 2),
+                       (64, 128, 8, 4), (16, 256, 4, 3)], ("BM", "BK")),
+        key=["K", "R", "DROPOUT"])(_shrink_kernel)
+    _dropout_bwd_tuned = triton.autotune(
+        configs=_cfgs([(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+                       (32, 64, 4, 3), (128, 128, 8, 3)], ("BM", "BK")),
+        key=["K", "R", "HAS_GX"], restore_value=["gx_ptr"])(_dropout_bwd_kernel)
+    _routed_mm_tuned = triton.autotune(
+        configs=_cfgs([(64, 128, 64, 4, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2), (128, 128, 32, 8, 2),
+                       (64, 128, 32, 4, 3), (128, 64, 64, 8, 3)], ("BM", "BN", "BK")),
+        key=["K", "NOUT", "ACCUM"], restore_value=["out_ptr"])(_routed_mm_kernel)
+
+
+_TUNING = {"on": True}
+
+
+def _tune(M: int, t: Tensor) -> bool:
+    return _TUNING["on"] and M >= 4096 and t.is_cuda and not interpreting()
+
+
+def _tuned(launch, fallback) -> None:
+    """Run the autotuned launch; if autotuning itself fails, warn once and use the fixed configuration."""
+    try:
+        launch()
+    except Exception as e:  # a failed tuning run must not take the fast path down with it
+        import warnings
+
+        warnings.warn(f"lorakit: Triton autotuning failed ({type(e).__name__}: {e}); using fixed tile sizes.")
+        _TUNING["on"] = False
+        fallback()
+
+
 # -- wrappers -------------------------------------------------------------------------------------
 
 def _dropout_args(cols: int, p: float) -> tuple[int, int, float]:
@@ -246,12 +285,21 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
     dropout = seed is not None and p > 0
     half, thresh, inv_keep = _dropout_args(K, p) if dropout else (1, 0, 1.0)
     BR = _pow2(R)
+    args = (x2, A, out, seed if dropout else x2, M, K, R, x2.stride(0), A.stride(0), out.stride(0),
+            half, thresh, inv_keep)
     BM = 32 if BR <= 32 else 16
     BK = 128 if K >= 128 else 64
-    _shrink_kernel[(triton.cdiv(M, BM),)](
-        x2, A, out, seed if dropout else x2, M, K, R, x2.stride(0), A.stride(0), out.stride(0),
-        half, thresh, inv_keep, DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR,
-        num_warps=4, num_stages=3)
+
+    def fixed():
+        _shrink_kernel[(triton.cdiv(M, BM),)](
+            *args, DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR,
+            num_warps=4, num_stages=3)
+
+    if _tune(M, x2):
+        _tuned(lambda: _shrink_tuned[lambda meta: (triton.cdiv(M, meta["BM"]),)](
+            *args, DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
+    else:
+        fixed()
     return out
 
 
@@ -264,21 +312,37 @@ def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed
     R = A.shape[0]
     half, thresh, inv_keep = _dropout_args(K, p)
     BR = _pow2(R)
-    BM = 64
-    BK = 64 if BR <= 32 else 32
-    col_blocks = triton.cdiv(K, BK)
-    # Enough row slices to fill the GPU (~4 programs per SM); each writes its own partial dA.
-    n_sm = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(4 * n_sm, col_blocks)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, splits), BM) * BM
-    splits = triton.cdiv(M, rows_per_prog)
+    # Enough row slices to fill the GPU (~4 programs per SM at 64 columns a program); each slice
+    # writes its own partial dA, summed at the end (deterministic, no atomics).
+    splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(4 * _sm_count(x2.device), triton.cdiv(K, 64))))
     part = torch.empty(splits, R, K, dtype=torch.float32, device=x2.device)
     has_gx = gx is not None
-    _dropout_bwd_kernel[(col_blocks, splits)](
-        x2, gxa, A, gx if has_gx else x2, part, seed, M, K, R, rows_per_prog,
-        x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0, half, thresh, inv_keep,
-        HAS_GX=has_gx, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR, num_warps=4, num_stages=2)
+    args = (x2, gxa, A, gx if has_gx else x2, part, seed, M, K, R, splits,
+            x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0, half, thresh, inv_keep)
+    BK = 64 if BR <= 32 else 32
+
+    def fixed():
+        _dropout_bwd_kernel[(triton.cdiv(K, BK), splits)](
+            *args, HAS_GX=has_gx, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=64, BK=BK, BR=BR,
+            num_warps=4, num_stages=2)
+
+    if _tune(M, x2):
+        _tuned(lambda: _dropout_bwd_tuned[lambda meta: (triton.cdiv(K, meta["BK"]), splits)](
+            *args, HAS_GX=has_gx, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
+    else:
+        fixed()
     return part.sum(0) if splits > 1 else part[0]
+
+
+_SM: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM:
+        _SM[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM[device]
 
 
 def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout: int, rows: Tensor,
@@ -293,13 +357,23 @@ def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout
     N, K = inp.shape
     batch = rows.shape[0]
     T = N // batch
+    args = (inp, mats, out, rows, scales if scales is not None else inp, T, K, nout, inp.stride(0), out.stride(0),
+            *mat_strides)
     BN = min(128, _pow2(nout))
     BK = min(64, _pow2(K))
-    BM = 64 if T >= 64 else 16
-    grid = (batch, triton.cdiv(T, BM), triton.cdiv(nout, BN))
-    _routed_mm_kernel[grid](
-        inp, mats, out, rows, scales if scales is not None else inp, T, K, nout, inp.stride(0), out.stride(0),
-        *mat_strides, ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2)
+    BM = 16 if T < 64 else (32 if nout <= 64 else 64)
+
+    def fixed():
+        _routed_mm_kernel[(batch, triton.cdiv(T, BM), triton.cdiv(nout, BN))](
+            *args, ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=interpreting(),
+            BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2)
+
+    if _tune(N, inp) and T >= 64 and nout >= 64:
+        _tuned(lambda: _routed_mm_tuned[
+            lambda meta: (batch, triton.cdiv(T, meta["BM"]), triton.cdiv(nout, meta["BN"]))](
+            *args, ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=False), fixed)
+    else:
+        fixed()
     return out
 
 
