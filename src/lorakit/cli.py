@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import os
 import sys
 import typing
@@ -209,7 +210,15 @@ def print_summary(run_cfg, summary) -> None:
     if not cfg.full and run_cfg.data.task == "sft":
         prompt = summary.get("example_prompt") or "..."
         print("try it:\n  lorakit generate --model {} --adapter {} --prompt {}".format(
-            cfg.model, summary["adapter_dir"], json.dumps(prompt)))
+            shlex.quote(cfg.model), shlex.quote(summary["adapter_dir"]), shell_quote(prompt)))
+
+
+def shell_quote(text: str) -> str:
+    """Quote for bash; newlines and tabs as $'...' escapes so the command stays on one line."""
+    if "\n" not in text and "\t" not in text:
+        return shlex.quote(text)
+    body = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t")
+    return f"$'{body}'"
 
 
 def cmd_eval(args) -> int:

@@ -230,7 +230,8 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
             records = split.records[:n]
             prompts = [r[data.prompt_column] + data.separator for r in records]
             refs = [r[data.completion_column] for r in records]
-            hyps = generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=max(cfg.batch_size, 16))
+            # decoding is bound by reading the weights: large batches cost little more than one prompt
+            hyps = generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64)
             if score_fn is not None:
                 result["score"] = float(score_fn(hyps, refs))
             else:
@@ -461,9 +462,10 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
         log(f"Data-parallel: {ctx.world_size} processes, strategy {ctx.strategy}, "
             f"global batch {cfg.batch_size * ctx.world_size} ({cfg.batch_size} per process)")
 
+    t_eval = time.time()
     before = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
     if before:
-        log(f"Before training: {_fmt(before)}")
+        log(f"Before training: {_fmt(before)} ({time.time() - t_eval:.0f} s)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
