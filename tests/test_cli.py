@@ -233,3 +233,27 @@ def test_analyze_two_adapters(tiny_model, tmp_path, capsys):
     report = json.loads((out / "analysis.json").read_text())
     assert len(report["modules"]) == 4
     assert list(out.glob("*.png"))
+
+
+def test_eval_generation_metrics_groups_references(tiny_model, tmp_path, capsys, monkeypatch):
+    from lorakit import metrics
+    seen = {}
+    real = metrics.generation_scores
+
+    def without_meteor(hyps, refs, **kw):  # METEOR needs a JVM and ~30 s: covered in test_metrics
+        seen["refs"] = refs
+        return real(hyps, refs, with_meteor=False)
+
+    monkeypatch.setattr(metrics, "generation_scores", without_meteor)
+    data = tmp_path / "e2e.jsonl"
+    rows = [("name[A], food[Thai]", "A serves Thai food."), ("name[A], food[Thai]", "Thai food at A."),
+            ("name[B]", "This is B.")]
+    data.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in rows) + "\n")
+    preds = tmp_path / "preds.txt"
+    assert main(["eval", "--model", str(tiny_model), "--eval-file", str(data), "--eval-generate", "false",
+                 "--generation-metrics", "--max-new-tokens", "4", "--predictions", str(preds)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert seen["refs"] == [["A serves Thai food.", "Thai food at A."], ["This is B."]]
+    assert {"BLEU", "NIST", "ROUGE_L", "CIDEr"} <= set(result) or {"bleu", "nist", "rouge_l", "cider"} <= set(result)
+    assert len(preds.read_text().splitlines()) == 2

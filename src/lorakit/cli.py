@@ -259,19 +259,20 @@ def cmd_eval(args) -> int:
 
 
 def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, Any]:
-    """BLEU, NIST, METEOR, ROUGE-L, CIDEr with every reference of a prompt (E2E-style data)."""
+    """BLEU, NIST, METEOR, ROUGE-L, CIDEr with every reference of a prompt (E2E-style data).
+
+    References of one prompt are consecutive records, grouped as the official E2E scorer does."""
     from . import metrics
+    from .data import group_references
     from .train import generate_texts
-    refs: dict[str, list[str]] = {}
-    for r in split.records:
-        refs.setdefault(r[data.prompt_column], []).append(r[data.completion_column])
-    prompts = list(refs)[: cfg.max_eval_examples or None]
-    hyps = generate_texts(model, tokenizer, [p + data.separator for p in prompts], cfg.max_new_tokens,
+    groups = group_references(split.records, data.prompt_column, data.completion_column)
+    groups = groups[: cfg.max_eval_examples or None]
+    hyps = generate_texts(model, tokenizer, [p + data.separator for p, _ in groups], cfg.max_new_tokens,
                           num_beams=args.num_beams)
-    scores = metrics.generation_scores(hyps, [refs[p] for p in prompts])
+    scores = metrics.generation_scores(hyps, [refs for _, refs in groups])
     if args.predictions:
         Path(args.predictions).write_text("\n".join(h.strip() for h in hyps) + "\n")
-    return dataclasses.asdict(scores) if dataclasses.is_dataclass(scores) else dict(scores)
+    return scores.as_dict()
 
 
 def cmd_generate(args) -> int:
