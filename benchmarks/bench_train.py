@@ -115,6 +115,22 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
+def profile_step(step, case: str) -> None:
+    """Print the GPU kernels of one step, by total time (where the milliseconds go)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+    print(f"  -- {case}: GPU kernel time in one step {total:.1f} ms; top kernels:")
+    events.sort(key=lambda e: -getattr(e, "self_device_time_total", 0))
+    for e in events[:18]:
+        t = getattr(e, "self_device_time_total", 0) / 1e3
+        print(f"     {t:8.2f} ms {e.count:6d}x  {e.key[:90]}")
+
+
 def run_case(case: str, args, shape: dict) -> dict:
     dev = args.device
     model = build(shape, args.layers, dev, getattr(torch, args.dtype))
@@ -155,6 +171,11 @@ def run_case(case: str, args, shape: dict) -> dict:
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if case in args.profile.split(","):
+        try:
+            profile_step(step, case)
+        except Exception as e:  # the profile is a diagnostic; keep the case's numbers regardless
+            print(f"  -- profile of {case} failed: {type(e).__name__}: {e}")
     n_train = sum(p.numel() for p in params)
     del model, params, opt, ids
     gc.collect()
@@ -179,6 +200,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     shape = dict(SHAPES[args.shape])
