@@ -38,13 +38,18 @@ def summarize(report: dict) -> list[dict]:
             if sides:
                 row[f"r_{side}"] = sides[0]["r"]
                 row[f"eff_rank_{side}"] = statistics.mean(s["spectrum"]["effective_rank"] for s in sides)
-                amps = [s["amplification"]["amplification"] for s in sides if s.get("amplification")]
-                row[f"amplification_{side}"] = statistics.mean(amps) if amps else None
+                amps = [s["amplification"] for s in sides if s.get("amplification")]
+                for key in ("amplification", "dW_fro", "W_fro", "proj_dW", "proj_W", "proj_random"):
+                    row[f"{key}_{side}"] = statistics.mean(a[key] for a in amps) if amps else None
         if sims:
             n = min(len(s["phi_diagonal"]) for s in sims)
+            d = mods[0]["shape"][1]  # phi is over the rows of A: directions in the input space
             row["phi_11"] = statistics.mean(s["phi_top1"] for s in sims)
             row["phi_diag"] = [round(statistics.mean(s["phi_diagonal"][k] for s in sims), 3) for k in range(n)]
             row["random_11"] = sims[0]["random_top1"]
+            # how much of A_a's top direction lies in the whole span of A_b (random: r_b / d)
+            row["phi_1_rb"] = statistics.mean(s["phi"][0][-1] for s in sims)
+            row["random_1_rb"] = len(sims[0]["phi"][0]) / d
         rows.append(row)
     return rows
 
@@ -76,10 +81,15 @@ def main() -> None:
         report = analyze(a, b, base_weights=weights[model], out_dir=RESULTS / name, progress=False)
         table[name] = summarize(report)
         for row in table[name]:
-            amp = "/".join(f"{row[k]:.1f}" if row.get(k) is not None else "-" for k in ("amplification_a", "amplification_b"))
-            print(f"{name:<28} {row['matrix']:<7} layers {row['layers']:>2}  phi(1,1) {row.get('phi_11', 0):.3f} "
-                  f"(random {row.get('random_11', 0):.4f})  phi(i,i) {row.get('phi_diag')}  eff. rank "
-                  f"{row.get('eff_rank_a', 0):.1f}/{row.get('eff_rank_b', 0):.1f}  amplification {amp}")
+            print(f"{name:<27} {row['matrix']:<7} r {row['r_a']}/{row['r_b']}  phi(1,1) {row['phi_11']:.3f} (random "
+                  f"{row['random_11']:.4f})  phi(1,r_b) {row['phi_1_rb']:.3f} (random {row['random_1_rb']:.3f})  "
+                  f"eff. rank {row['eff_rank_a']:.1f}/{row['eff_rank_b']:.1f}")
+            for side in ("a", "b"):
+                if row.get(f"amplification_{side}") is not None:
+                    print(f"{'':<35} r={row[f'r_{side}']:<3} ||dW|| {row[f'dW_fro_{side}']:.2f}  ||W|| "
+                          f"{row[f'W_fro_{side}']:.1f}  ||U'WV|| with U,V of dW {row[f'proj_dW_{side}']:.2f}, of W "
+                          f"{row[f'proj_W_{side}']:.2f}, random {row[f'proj_random_{side}']:.2f}  "
+                          f"amplification {row[f'amplification_{side}']:.1f}")
     (RESULTS / "summary.json").write_text(json.dumps(table, indent=1))
 
 

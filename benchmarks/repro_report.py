@@ -170,7 +170,7 @@ def plot_e2e_loss(raw: Path) -> None:
         if curve:
             ax.plot(*zip(*curve), label=f.stem)
     ax.set_xlabel("step (batch 32)")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (one batch / 50 steps)")
     ax.set_ylim(0, None)
     ax.set_title("SmolLM2-135M on E2E, one epoch")
     ax.legend()
