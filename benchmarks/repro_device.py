@@ -62,9 +62,9 @@ def stage1(a: Path) -> None:
                   "--data", str(WORK / "data/glue"), "--out", str(WORK / "glue"),
                   "--deadline-file", str(WORK / "deadline")], WORK / "glue.log")
     (WORK / "glue.pid").write_text(str(proc.pid))
-    subprocess.run([sys.executable, "-c", "import torch, transformers, peft; print('torch', torch.__version__, "
-                    "'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"],
-                   env=env(), cwd=WORK)
+    versions = ("import torch, transformers, peft; print('torch', torch.__version__, 'transformers', "
+                "transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())")
+    subprocess.run([sys.executable, "-c", versions], env=env(), cwd=WORK)
     time.sleep(15)
     print((WORK / "glue.log").read_text()[-3000:])
 

@@ -79,7 +79,8 @@ def glue_summary(runs: list[dict]) -> dict:
 
 
 def print_glue(summary: dict) -> None:
-    print("| task | method | dev acc (mean ± std) | MRPC F1 | best-epoch acc | trainable params | saved | train s | ms/step |")
+    print("| task | method | dev acc (mean ± std) | MRPC F1 | best-epoch acc | trainable params | saved | train s "
+          "| ms/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for key, c in summary["main"].items():
         task, method = key.split("/")
