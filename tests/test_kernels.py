@@ -397,6 +397,13 @@ TRITON_SCRIPT = textwrap.dedent("""
             errs = [rel(g, w) for g, w in zip(got, want) if w is not None]
             assert all(e < tol for e in errs), (dtype, shape, errs)
             assert got[2].abs().sum() == 0  # adapter 1 is unused
+    if dev == "cuda":  # autotuned launch without gx (x needs no grad), x shared by two Functions
+        x = torch.randn(4096, 320, device=dev, dtype=torch.bfloat16)
+        W = torch.randn(64, 320, device=dev, dtype=torch.bfloat16) / 18
+        As = [(torch.randn(16, 320, device=dev) / 18).bfloat16().requires_grad_(True) for _ in range(2)]
+        Bs = [torch.randn(64, 16, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+        ys = [lora_linear(x, W, None, A, B, 2.0, 0.1, True) for A, B in zip(As, Bs)]
+        torch.autograd.grad(ys, [*As, *Bs], [torch.randn_like(y) for y in ys])
     print("TRITON-OK")
 """)
 

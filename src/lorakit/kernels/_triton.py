@@ -317,7 +317,9 @@ def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed
     splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(4 * _sm_count(x2.device), triton.cdiv(K, 64))))
     part = torch.empty(splits, R, K, dtype=torch.float32, device=x2.device)
     has_gx = gx is not None
-    args = (x2, gxa, A, gx if has_gx else x2, part, seed, M, K, R, splits,
+    # Without gx, `part` stands in for its pointer (never read then): not x2, which the autotuner's
+    # restore of gx_ptr would write to, bumping the version of a tensor autograd has saved.
+    args = (x2, gxa, A, gx if has_gx else part, part, seed, M, K, R, splits,
             x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0, half, thresh, inv_keep)
     BK = 64 if BR <= 32 else 32
 

@@ -89,10 +89,14 @@ class LoraLinearFunction(torch.autograd.Function):
             x2 = x2.contiguous()
 
         # xa for each group: x read once per group; then term t's slice of it.
-        xas, xa_of = [], [None] * T
+        xas, A_cats, xa_of = [], [], [None] * T
         for g, terms in enumerate(plan.groups):
-            xa = _shrink(x2, _cat([As[t] for t in terms]), seeds[g], plan.group_p[g], triton)
+            A_cat = _cat([As[t] for t in terms])
+            if triton and not A_cat.is_contiguous():
+                A_cat = A_cat.contiguous()
+            xa = _shrink(x2, A_cat, seeds[g], plan.group_p[g], triton)
             xas.append(xa)
+            A_cats.append(A_cat)
             off = 0
             for t in terms:
                 r = As[t].shape[0]
@@ -111,8 +115,10 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.bias_grad = tuple(b is not None and b.requires_grad for b in bs)
         ctx.n_recipe = len(recipe)
-        ctx.save_for_backward(x2 if plan.recompute is None else None, *Ws, *As, *Bs, *xas,
+        ctx.save_for_backward(x2 if plan.recompute is None else None, *Ws, *A_cats, *Bs, *xas,
                               *(s if s is not None else x2.new_empty(0) for s in seeds), *recipe)
+        ctx.ranks = tuple(A.shape[0] for A in As)
+        ctx.a_dtypes = tuple(A.dtype for A in As)
         return tuple(outs)
 
     @staticmethod
@@ -122,12 +128,12 @@ class LoraLinearFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x2 = saved[0]
         Ws = saved[1:1 + J]
-        As = saved[1 + J:1 + J + T]
-        Bs = saved[1 + J + T:1 + J + 2 * T]
-        xas = saved[1 + J + 2 * T:1 + J + 2 * T + G]
-        seeds = saved[1 + J + 2 * T + G:1 + J + 2 * T + 2 * G]
+        A_cats = saved[1 + J:1 + J + G]
+        Bs = saved[1 + J + G:1 + J + G + T]
+        xas = saved[1 + J + G + T:1 + J + 2 * G + T]
+        seeds = saved[1 + J + 2 * G + T:1 + J + 3 * G + T]
         if plan.recompute is not None:
-            x2 = _recompute(plan.recompute, saved[1 + J + 2 * T + 2 * G:], ctx.x_shape)
+            x2 = _recompute(plan.recompute, saved[1 + J + 3 * G + T:], ctx.x_shape)
         triton = plan.backend == "triton"
         need = ctx.needs_input_grad  # (x, plan, W.., b.., A.., B.., seed.., recipe..)
         need_x = need[0]
@@ -144,20 +150,20 @@ class LoraLinearFunction(torch.autograd.Function):
         dW = [g2[j].t() @ x2 if need[2 + j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
         dA, dB = [None] * T, [None] * T
+        z = _zero(x2)
         for g, terms in enumerate(plan.groups):
-            xa, p = xas[g], plan.group_p[g]
+            xa, p, A = xas[g], plan.group_p[g], A_cats[g]
             gxas, off = [], 0
             for t in terms:
-                r, s, gy = As[t].shape[0], plan.term_scale[t], g2[plan.term_out[t]]
+                r, s, gy = ctx.ranks[t], plan.term_scale[t], g2[plan.term_out[t]]
                 if need[2 + 2 * J + T + t]:
-                    dB[t] = (gy.t() @ xa[:, off:off + r]).mul_(s)
-                gxas.append(torch.mm(gy, Bs[t]).mul_(s))
+                    dB[t] = torch.addmm(z, gy.t(), xa[:, off:off + r], beta=0, alpha=s)
+                gxas.append(torch.addmm(z, gy, Bs[t], beta=0, alpha=s))
                 off += r
             gxa = gxas[0] if len(gxas) == 1 else torch.cat(gxas, 1)
-            A = _cat([As[t] for t in terms])
             if p > 0 and seeds[g].numel():
                 if triton:
-                    dA_g = _triton.dropout_backward(x2, gxa, A.contiguous(), gx, seeds[g], p)
+                    dA_g = _triton.dropout_backward(x2, gxa, A, gx, seeds[g], p)
                 else:
                     keep = keep_mask(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
                     dA_g = gxa.t() @ (x2 * keep * (1.0 / (1.0 - p)))
@@ -169,9 +175,9 @@ class LoraLinearFunction(torch.autograd.Function):
                     gx.addmm_(gxa, A)
             off = 0
             for t in terms:
-                r = As[t].shape[0]
+                r = ctx.ranks[t]
                 if need[2 + 2 * J + t]:
-                    dA[t] = dA_g[off:off + r].to(As[t].dtype)
+                    dA[t] = dA_g[off:off + r].to(ctx.a_dtypes[t])
                 off += r
 
         gx_out = gx.view(ctx.x_shape) if gx is not None else None
