@@ -370,7 +370,10 @@ def cmd_analyze(args) -> int:
     base_weights = None
     if args.model:
         from .models import load_model
-        model, _ = load_model(args.model)
+        try:
+            model, _ = load_model(args.model)
+        except ConfigError:  # an encoder (e.g. minilm-l6): adapters were trained on its classification model
+            model, _ = load_model(args.model, task="sequence-classification")
         base_weights = {n.rsplit(".", 1)[0]: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
     report = analysis.analyze(args.adapter, args.other, base_weights=base_weights, out_dir=args.output)
     summary = report.get("summary", report) if isinstance(report, dict) else report
