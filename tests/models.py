@@ -90,3 +90,20 @@ def randomize(model: nn.Module, std: float = 0.5, seed: int = 3) -> None:
             for a in layer.adapters.values():
                 for p in (a.lora_A, a.lora_B):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+GPT2_TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
+
+
+def save_tiny_causal_lm(path):
+    """A tiny random Llama with the real GPT-2 tokenizer, saved as a local model directory at `path`."""
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+    tok = GPT2TokenizerFast(tokenizer_file=str(GPT2_TOKENIZER))
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

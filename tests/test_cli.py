@@ -16,7 +16,7 @@ import torch
 
 import lorakit as lk
 from lorakit.cli import build_parser, main, resolve_config
-from models import SHARED
+from models import SHARED, save_tiny_causal_lm
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
@@ -26,17 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama with the real GPT-2 tokenizer, saved as a local model directory."""
-    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = GPT2TokenizerFast(tokenizer_file=str(TOKENIZER))
-    tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

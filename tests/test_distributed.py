@@ -29,7 +29,7 @@ import lorakit as lk
 from lorakit import distributed
 from lorakit.cli import main
 from lorakit.data import LengthGroupedBatchSampler
-from models import SHARED
+from models import SHARED, save_tiny_causal_lm
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists() or not torch.distributed.is_available(),
@@ -64,17 +64,7 @@ dist.destroy_process_group()
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama with the real GPT-2 tokenizer (as in test_cli)."""
-    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = GPT2TokenizerFast(tokenizer_file=str(TOKENIZER))
-    tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
