@@ -394,6 +394,8 @@ _ZEROS: dict = {}
 def _zero(t: Tensor) -> Tensor:
     """A cached 0-d zero of t's dtype and device: the ignored `input` of addmm(beta=0, alpha=s),
     which scales a product without a separate multiply."""
+    if torch.compiler.is_compiling():  # no cache mutation inside a traced graph
+        return torch.zeros((), dtype=t.dtype, device=t.device)
     key = (t.dtype, t.device)
     z = _ZEROS.get(key)
     if z is None:
