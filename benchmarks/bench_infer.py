@@ -113,7 +113,8 @@ def main() -> None:
     import transformers
 
     print(f"# bench_infer: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; {dtype}, no grad, r=16 alpha=32, median of {args.reps}", flush=True)
+          f"transformers {transformers.__version__}; {dtype}, no grad, r=16 alpha=32, median of {args.reps}",
+          flush=True)
     rows = []
 
     def report(name, ms, base):
@@ -176,7 +177,8 @@ def main() -> None:
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 1e-2)
-            report(f"forward 8x{args.seq} PEFT unmerged (1 adapter)", time_fn(lambda: model(input_ids=ids8), dev, args.reps),
+            report(f"forward 8x{args.seq} PEFT unmerged (1 adapter)",
+                   time_fn(lambda: model(input_ids=ids8), dev, args.reps),
                    base8)
             mix = [names[i % 4] for i in range(8)]
             report(f"forward 8x{args.seq} PEFT 4 adapters mixed",

@@ -227,12 +227,14 @@ def main() -> None:
             row = run_case(case, args, shape)
         except Exception as e:  # one broken case must not lose the others' numbers
             row = dict(case=case, ms=float("nan"), ms_min=float("nan"), ms_max=float("nan"), peak_gib=float("nan"),
-                       saved_gib=float("nan"), host_ms=float("nan"), trainable=0, note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
+                       saved_gib=float("nan"), host_ms=float("nan"), trainable=0,
+                       note=f"FAILED: {type(e).__name__}: {str(e)[:120]}")
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-        print(f"  {row['case']:<18} {row['ms']:8.1f} ms  {row['peak_gib']:6.2f} GiB peak  {row['saved_gib']:6.2f} GiB saved"
+        print(f"  {row['case']:<18} {row['ms']:8.1f} ms  {row['peak_gib']:6.2f} GiB peak  "
+              f"{row['saved_gib']:6.2f} GiB saved"
               f"  {row['note']}", flush=True)
     floor = next((r for r in rows if r["case"] == "floor"), None)
     print(f"\n{'case':<18} {'step ms':>8} {'(min-max)':>15} {'peak GiB':>9} {'ms/floor':>9} {'GiB/floor':>10} "

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-from .dropout import MUL1, MUL2, threshold  # noqa: F401  (the constants are written out in _keep_tile)
+from .dropout import threshold  # the hash constants (dropout.MUL1, MUL2) are written out in _keep_tile
 
 
 def interpreting() -> bool:
@@ -198,7 +198,8 @@ if triton is not None:
 
     @triton.jit
     def _routed_outer_kernel(u_ptr, v_ptr, out_ptr, rows_ptr, T, U, V, stride_u, stride_v,
-                             PREC: tl.constexpr, UPCAST: tl.constexpr, BU: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+                             PREC: tl.constexpr, UPCAST: tl.constexpr,
+                             BU: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
         # out[b] (U, V) float32 = u[b].T @ v[b] over the T tokens of batch row b (0 where rows[b] < 0).
         b = tl.program_id(0)
         a = tl.load(rows_ptr + b)
@@ -391,5 +392,6 @@ def routed_outer(u: Tensor, v: Tensor, rows: Tensor) -> Tensor:
     out = torch.empty(batch, U, V, dtype=torch.float32, device=u.device)
     grid = (batch, triton.cdiv(U, BU), triton.cdiv(V, BV))
     _routed_outer_kernel[grid](u, v, out, rows, T, U, V, u.stride(0), v.stride(0),
-                               PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT, num_warps=4, num_stages=2)
+                               PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT,
+                               num_warps=4, num_stages=2)
     return out

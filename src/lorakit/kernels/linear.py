@@ -5,7 +5,7 @@
 One input x feeds one or more frozen linears j (q, k and v read the same x) and one or more
 LoRA terms t (several adapters on one linear). Terms are put in dropout groups g: the terms
 of a group share one mask on x, so a group's A's are concatenated and x is read once for all
-of them. `lora_linear` is one linear with one term.
+of them. `lora_linear` is one linear with one term, served by the leaner `LoraLinearSingle`.
 
 What autograd would do with the plain formula, and what this does instead:
   * saved for backward: x (the same storage the caller holds, so q/k/v share it), the small
@@ -15,6 +15,8 @@ What autograd would do with the plain formula, and what this does instead:
     Triton kernels make it in registers, so dropout(x) is not even written in forward.
   * no weight gradient for frozen W; the LoRA input-gradient is added into the base one
     in place; for several outputs the base input-gradients are accumulated in place too.
+  * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
+    rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway.
 
 Backward, with g_j = dL/dy_j:
     gxa_t = s_t * g_j @ B_t                    (..., r)
@@ -73,7 +75,7 @@ def _shrink(x2: Tensor, A: Tensor, seed: Tensor | None, p: float, triton: bool) 
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """apply(x, plan, W_0..W_{J-1}, b_0..b_{J-1}, A_0..A_{T-1}, B_0..B_{T-1}, seed_0..seed_{G-1}) -> y_0..y_{J-1}."""
+    """apply(x, plan, W_0.., b_0.., A_0.., B_0.., seed_0..seed_{G-1}, *recipe) -> y_0..y_{J-1}."""
 
     @staticmethod
     def forward(ctx, x: Tensor, plan: _Plan, *tensors):
@@ -462,7 +464,8 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequen
     """
     n = len(As)
     ps = [float(dropouts)] * n if isinstance(dropouts, (int, float)) else list(dropouts)
-    if seeds is not None:  # one seed per adapter with dropout; the no-dropout group, if any, comes where its first member is
+    if seeds is not None:
+        # One seed per adapter with dropout; the no-dropout group (no seed) sits where its first member is.
         seeds = list(seeds)
         active = [p for p in ps if training and p > 0]
         if len(seeds) != len(active):
