@@ -107,3 +107,12 @@ def save_tiny_causal_lm(path):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def write_sft_file(path):
+    """32 prompt/completion records of one length (6 GPT-2 tokens, 3 of them in the loss), as JSONL."""
+    import json
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]  # one GPT-2 token each
+    rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in words for _ in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -16,7 +16,7 @@ import torch
 
 import lorakit as lk
 from lorakit.cli import build_parser, main, resolve_config
-from models import SHARED, save_tiny_causal_lm
+from models import SHARED, save_tiny_causal_lm, write_sft_file
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
@@ -31,11 +31,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
-    rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in words for _ in range(4)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_sft_file(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train_args(model, data, out, *extra):

@@ -29,7 +29,7 @@ import lorakit as lk
 from lorakit import distributed
 from lorakit.cli import main
 from lorakit.data import LengthGroupedBatchSampler
-from models import SHARED, save_tiny_causal_lm
+from models import SHARED, save_tiny_causal_lm, write_sft_file
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists() or not torch.distributed.is_available(),
@@ -69,12 +69,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory) -> Path:
-    """32 examples of one length: 6 tokens, 3 of them (the completion + eos) in the loss."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]  # one GPT-2 token each
-    rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in words for _ in range(4)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_sft_file(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train_args(model, data, out, batch_size, *extra):

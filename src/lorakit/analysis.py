@@ -19,12 +19,10 @@ written by lorakit, PEFT or anything else using that layout can be analysed with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import AdapterFileError, ConfigError, ShapeMismatchError
+from lorakit.io import atomic_write
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -630,19 +629,14 @@ def _slug(text: str) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    # A reader never sees a half-written file: write a temporary file beside it, then rename.
+    # A reader never sees a half-written file (lorakit.io.atomic_write: temp file, fsync, rename).
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, to_file)
 
 
 def _pick(modules: list[str], max_panels: int) -> list[str]:
