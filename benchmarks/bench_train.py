@@ -13,7 +13,10 @@ All cases run in one process on the same model weights, batch and seed:
                 (benchmarks/kernel_lora.py), dropout 0.05 (kernels-p0: dropout 0)
   kernels-group the same with q/k/v and gate/up as one lora_linear_group call each
   kernels-group-rc  ... and the RMSNorm / MLP outputs marked rebuildable (no extra copy of x kept)
-  lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
+  lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear")), the
+                layers' fast path with lorakit.fusion (q/k/v and gate/up in one call, LoRA inputs
+                rebuilt from the RMSNorm / MLP tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
+                lorakit-unfused: the fast path per linear, without lorakit.fusion
 
     PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
 """
@@ -35,7 +38,8 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, batch=2, seq=1024),
 }
 CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "kernels", "kernels-p0", "kernels-group",
-         "kernels-group-p0", "kernels-group-rc", "kernels-group-rc-p0", "lorakit"]
+         "kernels-group-p0", "kernels-group-rc", "kernels-group-rc-p0", "lorakit", "lorakit-p0", "lorakit-qv",
+         "lorakit-unfused"]
 
 
 def build(shape: dict, layers: int | None, device: str, dtype: torch.dtype = torch.bfloat16):
@@ -88,10 +92,16 @@ def prepare(case: str, model, r: int, alpha: float):
         p = 0.0 if case.endswith("-p0") else 0.05
         apply_kernel_lora(model, r, alpha, p, group=case.startswith("kernels-group"), recompute="-rc" in case)
         return model, [q for q in model.parameters() if q.requires_grad], "kernels only"
-    if case == "lorakit":
+    if case.startswith("lorakit"):
         import lorakit as lk
+        from lorakit.fusion import remove_producers, ungroup
 
-        lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=0.05, targets="all-linear"))
+        targets = ["q_proj", "v_proj"] if case == "lorakit-qv" else "all-linear"
+        p = 0.0 if case.endswith("-p0") else 0.05
+        lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=p, targets=targets))
+        if case == "lorakit-unfused":
+            ungroup(model)
+            remove_producers(model)
         randomize_lora_B(model)
         return model, list(lk.trainable_parameters(model)), "lk.inject"
     raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
@@ -149,9 +159,9 @@ def run_case(case: str, args, shape: dict) -> dict:
         return loss
 
     cuda = dev == "cuda"
-    saved = saved_activation_bytes(model, ids)
-    for _ in range(args.warmup):
+    for _ in range(args.warmup):  # lorakit.fusion learns its groups in the first passes
         step()
+    saved = saved_activation_bytes(model, ids)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import LoraConfig, name_matches
 from .errors import AdapterNotFoundError, ConfigError, StateError, TargetError
+from .fusion import group_siblings, install_producers, remove_producers, ungroup
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -145,6 +146,8 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
             cfg.slices_for(path))
     configs(model)[name] = cfg
     _freeze_base(model, cfg, paths)
+    group_siblings(model)
+    install_producers(model)
     set_adapter(model, name)
     return model
 
@@ -343,6 +346,8 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge_active(model)
     else:
         unmerge(model)
+    remove_producers(model)
+    ungroup(model)
     for path, layer in list(lora_layers(model)):
         base = layer.unwrap()
         base.train(layer.training)

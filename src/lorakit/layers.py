@@ -219,6 +219,10 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear (weight (out, in)) or Hugging Face's Conv1D (weight (in, out), `fan_in_fan_out`)."""
 
+    #: linears of the same parent and input size; on the fast path those that read one tensor
+    #: are computed in one fused call (`lorakit.fusion`, set up by `lk.inject`)
+    siblings = None
+
     def __init__(self, base: nn.Module, fan_in_fan_out: bool = False) -> None:
         self.fan_in_fan_out = fan_in_fan_out
         super().__init__(base)
@@ -240,12 +244,17 @@ class LoraLinear(LoraLayer):
                 return super().forward(x)  # the routed kernels have no dropout
             return kernels.lora_linear_routed(x, weight, self.bias, [a.lora_A for a in routed],
                                               [a.full_B() for a in routed], [a.scale for a in routed], rows)
+        if self.siblings is not None and not torch.compiler.is_compiling():
+            y = self.siblings.forward(self, x)
+            if y is not None:
+                return y
         active = self._unmerged_active()
         if not active:
             return self._base_forward(x)
         if len(active) == 1:
             a = active[0]
-            return kernels.lora_linear(x, weight, self.bias, a.lora_A, a.full_B(), a.scale, a.dropout_p, self.training)
+            return kernels.lora_linear(x, weight, self.bias, a.lora_A, a.full_B(), a.scale, a.dropout_p, self.training,
+                                       recompute=kernels.recipe_of(x))
         return kernels.lora_linear_multi(x, weight, self.bias, [a.lora_A for a in active], [a.full_B() for a in active],
                                          [a.scale for a in active], [a.dropout_p for a in active], self.training)
 

@@ -203,13 +203,16 @@ def mark_recomputable(x: Tensor, fn: Callable, *tensors: Tensor) -> Tensor:
     passes `recompute=recipe_of(x)` to `lora_linear`: backward then rebuilds x from those
     tensors instead of keeping a second copy of x alive. x must not be modified in place.
     """
-    x._lorakit_recipe = (fn, tensors)
+    x._lorakit_recipe = (fn, tensors, x._version)
     return x
 
 
 def recipe_of(x: Tensor) -> tuple[Callable, tuple[Tensor, ...]] | None:
-    """The (fn, tensors) recipe `mark_recomputable` put on x, or None."""
-    return getattr(x, "_lorakit_recipe", None)
+    """The (fn, tensors) recipe `mark_recomputable` put on x, or None (also once x was changed in place)."""
+    recipe = getattr(x, "_lorakit_recipe", None)
+    if recipe is None or recipe[2] != x._version:
+        return None
+    return recipe[0], recipe[1]
 
 
 def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, where: str) -> None:
