@@ -5,6 +5,7 @@ Same random-init Llama-shaped model as bench_train.py (bf16, no grad). Cases:
       4 adapters mixed per example (lora_linear_routed); PEFT unmerged; PEFT 4 mixed (adapter_names)
   forward, batch 32 x 256: base; 32 adapters mixed, one per example (routed); PEFT 32 mixed
   decode with generate (KV cache, 64 new tokens), batch 1 and 32: base; unmerged; 32 mixed (batch 32)
+  lorakit: the same through lorakit's own layers: lk.inject (32 adapters, one active), lk.route
 
     PYTHONPATH=src python benchmarks/bench_infer.py [--layers 22] [--no-peft] [--no-decode]
 """
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-lorakit", action="store_true", help="skip the lk.inject / lk.route cases")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -120,6 +122,9 @@ def main() -> None:
     def report(name, ms, base):
         rows.append((name, ms, ms / base if base else float("nan")))
         print(f"  {name:<44} {ms:9.2f} ms  {ms / base if base else float('nan'):6.2f}x base", flush=True)
+
+    def fwd8_of(m):
+        return lambda: m(input_ids=ids8)
 
     g = torch.Generator().manual_seed(4)
     vocab = shape["vocab_size"]
@@ -161,6 +166,45 @@ def main() -> None:
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
+
+    # -- lorakit's layers (lk.inject, lk.route) ------------------------------------------------------------
+    if not args.no_lorakit:
+        import lorakit as lk
+        from lorakit.fusion import ungroup
+
+        model = build(shape, args.layers, dev, dtype).eval()
+        names = [f"a{i}" for i in range(32)]
+        for n in names:
+            lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"), name=n)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 1e-2)
+        lk.set_adapter(model, "a0")
+        with torch.no_grad():
+            report(f"forward 8x{args.seq} lorakit unmerged (1 adapter)", time_fn(fwd8_of(model), dev, args.reps), base8)
+            if not args.no_decode:
+                report("decode batch 1 lorakit unmerged (ms/token)",
+                       decode_ms(model, ids8[:1, :16], args.new_tokens, dev, 3), dec1)
+                report("decode batch 32 lorakit unmerged (ms/token)",
+                       decode_ms(model, ids32[:, :16], args.new_tokens, dev, 3), dec32)
+            with lk.route(model, [names[i % 4] for i in range(8)]):
+                report(f"forward 8x{args.seq} lorakit route, 4 adapters", time_fn(fwd8_of(model), dev, args.reps),
+                       base8)
+            with lk.route(model, names):
+                report(f"forward 32x{args.seq // 4} lorakit route, 32 adapters",
+                       time_fn(lambda: model(input_ids=ids32), dev, args.reps), base32)
+            ungroup(model)  # per-linear calls, no sibling grouping
+            report(f"forward 8x{args.seq} lorakit unmerged, ungrouped", time_fn(fwd8_of(model), dev, args.reps), base8)
+            if not args.no_decode:
+                report("decode batch 32 lorakit unmerged, ungrouped",
+                       decode_ms(model, ids32[:, :16], args.new_tokens, dev, 3), dec32)
+            lk.merge(model, "a0")
+            report(f"forward 8x{args.seq} lorakit merged", time_fn(fwd8_of(model), dev, args.reps), base8)
+        del model
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
     # -- PEFT ------------------------------------------------------------------------------------------
     if not args.no_peft:

@@ -216,3 +216,25 @@ def test_gradient_checkpointing_and_dropout_run_through_the_groups():
     torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
     for n in grads:
         torch.testing.assert_close(grads2[n], grads[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fast path's default device)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_model_on_cuda_matches_reference(dtype):
+    torch.manual_seed(0)
+    model = llama().to("cuda", dtype)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    ids = torch.randint(0, 96, (2, 64), device="cuda")
+    ref_loss, ref_grads = loss_and_grads(model, ids, "off")
+    for _ in range(3):
+        loss, grads = loss_and_grads(model, ids, "auto")
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for n in ref_grads:
+        scale = ref_grads[n].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads[n] / scale, ref_grads[n] / scale, **tol)
+    assert all(g.hits > 0 for g in groups(model))
