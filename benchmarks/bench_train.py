@@ -18,7 +18,7 @@ All cases run in one process on the same model weights, batch and seed:
                 rebuilt from the RMSNorm / MLP tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
                 lorakit-unfused: the fast path per linear, without lorakit.fusion
 
-    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
+    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels] [--compile]
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ def run_case(case: str, args, shape: dict) -> dict:
     model = build(shape, args.layers, dev, getattr(torch, args.dtype))
     model, params, note = prepare(case, model, args.rank, args.alpha)
     model.train()
+    if args.compile:
+        model = torch.compile(model)
+        note = (note + ", " if note else "") + "torch.compile"
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator(device="cpu").manual_seed(2)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(dev)
@@ -161,7 +164,7 @@ def run_case(case: str, args, shape: dict) -> dict:
     cuda = dev == "cuda"
     for _ in range(args.warmup):  # lorakit.fusion learns its groups in the first passes
         step()
-    saved = saved_activation_bytes(model, ids)
+    saved = float("nan") if args.compile else saved_activation_bytes(model, ids)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -210,6 +213,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every case's model (warm-up compiles)")
     ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

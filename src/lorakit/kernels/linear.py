@@ -52,8 +52,8 @@ class _Plan:
 
 
 def _use_triton(x: Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
+    if backend == "torch" or (backend == "auto" and torch.compiler.is_compiling()):
+        return False  # under torch.compile the PyTorch ops are traced and fused by the compiler
     ok = _triton.available_for(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if backend == "triton" and not ok:
         raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU) "
@@ -443,7 +443,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
     else:
         seed = None
-    triton = backend == "auto" and drop and dt in _TRITON_DTYPES and _triton.available_for(x)
+    # Under torch.compile the PyTorch mask ops are traced and fused by the compiler instead.
+    triton = backend == "auto" and drop and dt in _TRITON_DTYPES and not torch.compiler.is_compiling() \
+        and _triton.available_for(x)
     fn, recipe = recompute if recompute is not None else (None, ())
     if not _needs_graph(x, weight, bias, A, B):
         with torch.no_grad():
