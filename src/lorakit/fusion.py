@@ -5,7 +5,7 @@ Two things the per-linear fused Function cannot see on its own, set up by `lk.in
 * **Siblings.** q/k/v (and gate/up) are separate modules that read the same tensor. A
   `SiblingGroup` holds the adapted linears of one parent with one input size. It learns,
   from a forward pass, which of them are called with the very same tensor object; from then
-  on the first of those computes all of their outputs in one `lora_linear_group` call (x read
+  on, in training (with autograd), the first of those computes all of their outputs in one `lora_linear_group` call (x read
   once, one concatenated A, one dropout mask on x shared by the group, input gradients summed
   in place) and the others pick theirs up. A call that does not fit the learned pattern
   (another tensor, x changed in place, grad mode or adapter state changed) computes alone, so
@@ -68,8 +68,8 @@ class SiblingGroup:
 
     def forward(self, member: nn.Module, x: Tensor) -> Tensor | None:
         """member's output if the group has it or makes it now; None: compute it alone."""
-        if not self.enabled:
-            return None
+        if not self.enabled or not torch.is_grad_enabled():
+            return None  # inference: the per-linear path is already three ops; grouping saves nothing
         i = self.members.index(member)
         pending = self._pending
         if pending is not None:
