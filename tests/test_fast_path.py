@@ -80,3 +80,35 @@ def test_fast_path_with_dropout_trains_and_merges_exactly():
     lk.unmerge(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_routed_serving_stacks_once_and_sees_weight_changes(monkeypatch):
+    from lorakit import kernels
+
+    torch.manual_seed(0)
+    model = make("llama")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
+    lk.inject(model, lk.LoraConfig(r=2, alpha=3, targets="all-linear"), name="b")
+    randomize(model, std=0.2)
+    model.eval()
+    x = example_input("llama", batch=4)
+    names = ["a", None, "b", "a"]
+    calls = []
+    real = kernels.stack_adapters
+    monkeypatch.setattr(kernels, "stack_adapters", lambda As, Bs: calls.append(1) or real(As, Bs))
+    n_layers = len(list(lk.lora_layers(model)))
+    lk.set_fast_path("on")
+    with torch.no_grad(), lk.route(model, names):
+        first = run(model, "llama", x)
+        run(model, "llama", x)
+        assert len(calls) == n_layers  # stacked once per layer, reused by the second forward
+        q = model.model.layers[0].self_attn.q_proj
+        q.adapters["a"].lora_B.add_(1.0)  # an in-place change is seen
+        changed = run(model, "llama", x)
+        assert len(calls) == n_layers + 1
+    assert not any("_stack_cache" in layer.__dict__ for _, layer in lk.lora_layers(model))
+    with torch.no_grad(), lk.route(model, names):
+        lk.set_fast_path("off")
+        ref = run(model, "llama", x)
+    torch.testing.assert_close(changed, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, changed)

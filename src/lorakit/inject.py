@@ -274,6 +274,7 @@ def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     finally:
         for _, layer in layers:
             layer.routing, layer._rows_cache = None, None
+            layer.__dict__.pop("_stack_cache", None)  # the stacked adapters live as long as the route
 
 
 # -- merge / unmerge / eject ------------------------------------------------------------------------

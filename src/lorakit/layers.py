@@ -242,8 +242,8 @@ class LoraLinear(LoraLayer):
             routed = [self.adapters[n] for n in names]
             if not routed or (self.training and any(a.dropout_p > 0 for a in routed)):
                 return super().forward(x)  # the routed kernels have no dropout
-            return kernels.lora_linear_routed(x, weight, self.bias, [a.lora_A for a in routed],
-                                              [a.full_B() for a in routed], [a.scale for a in routed], rows)
+            A, B, scales = self._routed_stacks(routed, x.device)
+            return kernels.lora_linear_routed(x, weight, self.bias, A, B, scales, rows)
         if self.siblings is not None and not torch.compiler.is_compiling():
             y = self.siblings.forward(self, x)
             if y is not None:
@@ -257,6 +257,25 @@ class LoraLinear(LoraLayer):
                                        recompute=kernels.recipe_of(x))
         return kernels.lora_linear_multi(x, weight, self.bias, [a.lora_A for a in active], [a.full_B() for a in active],
                                          [a.scale for a in active], [a.dropout_p for a in active], self.training)
+
+    def _routed_stacks(self, routed: list[LoraAdapter], device: torch.device):
+        """(A_stack, B_stack, scales) for the routed kernels. Without autograd (serving) they are
+        stacked once and reused while the adapters' tensors are unchanged (same objects, same
+        versions); with autograd they are stacked every call, so gradients reach each adapter."""
+        from . import kernels
+
+        scales = torch.tensor([a.scale for a in routed], dtype=torch.float32)
+        if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in routed):
+            return (*kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]),
+                    scales.to(device))
+        key = (device, tuple((id(a.lora_A), a.lora_A._version, id(a.lora_B), a.lora_B._version, a.scale)
+                             for a in routed))
+        cache = self.__dict__.get("_stack_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
+            cache = self._stack_cache = (key, A, B, scales.to(device))
+        return cache[1], cache[2], cache[3]
 
     def _base_forward(self, x: Tensor) -> Tensor:
         if self.fan_in_fan_out:  # Conv1D: y = x @ W + b with W (in, out)
