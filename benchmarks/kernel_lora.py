@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lorakit.kernels import lora_linear, lora_linear_group, mark_recomputable, recipe_of
+from lorakit.kernels import lora_linear, lora_linear_group, recipe_of
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -73,41 +73,11 @@ class _Group:
         return y
 
 
-def _norm_recipe(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
-    return weight * (h32 * rstd).to(weight.dtype)
-
-
-def _rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
-    # LlamaRMSNorm.forward, op for op, with the output marked as rebuildable from (h32, rstd, weight):
-    # the pow and the multiply keep h32 and rstd for their own backward anyway.
-    input_dtype = hidden_states.dtype
-    h32 = hidden_states.to(torch.float32)
-    variance = h32.pow(2).mean(-1, keepdim=True)
-    rstd = torch.rsqrt(variance + self.variance_epsilon)
-    out = self.weight * (h32 * rstd).to(input_dtype)
-    if out.dtype == self.weight.dtype:
-        mark_recomputable(out, _norm_recipe, h32, rstd, self.weight)
-    return out
-
-
-def _mlp_forward(self, x: Tensor) -> Tensor:
-    # LlamaMLP.forward with act = silu(gate) * up marked as rebuildable from its two factors,
-    # which the multiply keeps for its own backward anyway.
-    s = self.act_fn(self.gate_proj(x))
-    u = self.up_proj(x)
-    return self.down_proj(mark_recomputable(s * u, torch.mul, s, u))
-
-
 def patch_llama_recompute(model: nn.Module) -> None:
-    import types
+    # The same producers lk.inject installs (lorakit.fusion): RMSNorm and MLP outputs marked rebuildable.
+    from lorakit.fusion import install_producers
 
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
-
-    for m in model.modules():
-        if isinstance(m, LlamaRMSNorm):
-            m.forward = types.MethodType(_rmsnorm_forward, m)
-        elif isinstance(m, LlamaMLP):
-            m.forward = types.MethodType(_mlp_forward, m)
+    install_producers(model)
 
 
 def apply_kernel_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05,
