@@ -264,17 +264,18 @@ class LoraLinear(LoraLayer):
         versions); with autograd they are stacked every call, so gradients reach each adapter."""
         from . import kernels
 
-        scales = torch.tensor([a.scale for a in routed], dtype=torch.float32)
+        def scales() -> Tensor:
+            return torch.tensor([a.scale for a in routed], dtype=torch.float32, device=device)
+
         if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in routed):
-            return (*kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]),
-                    scales.to(device))
+            return (*kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]), scales())
         key = (device, tuple((id(a.lora_A), a.lora_A._version, id(a.lora_B), a.lora_B._version, a.scale)
                              for a in routed))
         cache = self.__dict__.get("_stack_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
-            cache = self._stack_cache = (key, A, B, scales.to(device))
+            cache = self._stack_cache = (key, A, B, scales())
         return cache[1], cache[2], cache[3]
 
     def _base_forward(self, x: Tensor) -> Tensor:
