@@ -195,12 +195,13 @@ class LoraLayer(nn.Module):
 
     def _route_rows(self, device: torch.device) -> tuple[Tensor, list[str]]:
         """rows[b] = index into `names` of the adapter for batch row b, -1 for base only (cached per route)."""
-        if self._rows_cache is None or self._rows_cache[0] != device:
+        cache = self._rows_cache
+        if cache is None or cache[0] != device:
             names = [n for n in dict.fromkeys(self.routing) if n is not None and n in self.adapters]
             rows = torch.tensor([names.index(n) if n in names else -1 for n in self.routing],
                                 dtype=torch.long, device=device)
-            self._rows_cache = (device, rows, names)
-        return self._rows_cache[1], self._rows_cache[2]
+            cache = self._rows_cache = (device, rows, names, [self.adapters[n] for n in names])
+        return cache[1], cache[2]
 
     def _routed_forward(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self.routing):
@@ -238,11 +239,15 @@ class LoraLinear(LoraLayer):
         if self.routing is not None:
             if x.shape[0] != len(self.routing):
                 return super().forward(x)  # the reference path raises the explanatory error
-            rows, names = self._route_rows(x.device)
-            routed = [self.adapters[n] for n in names]
+            rows, _ = self._route_rows(x.device)
+            routed = self._rows_cache[3]
             if not routed or (self.training and any(a.dropout_p > 0 for a in routed)):
                 return super().forward(x)  # the routed kernels have no dropout
-            A, B, scales = self._routed_stacks(routed, x.device)
+            stacks = self._served_stacks(routed)
+            if stacks is not None:  # serving: stacks checked once, no per-call validation
+                return kernels.routed.routed_prepared(x, weight, self.bias, *stacks, rows)
+            A, B, scales = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]) + (
+                torch.tensor([a.scale for a in routed], dtype=torch.float32, device=x.device),)
             return kernels.lora_linear_routed(x, weight, self.bias, A, B, scales, rows)
         if self.siblings is not None and not torch.compiler.is_compiling():
             y = self.siblings.forward(self, x)
@@ -258,25 +263,26 @@ class LoraLinear(LoraLayer):
         return kernels.lora_linear_multi(x, weight, self.bias, [a.lora_A for a in active], [a.full_B() for a in active],
                                          [a.scale for a in active], [a.dropout_p for a in active], self.training)
 
-    def _routed_stacks(self, routed: list[LoraAdapter], device: torch.device):
-        """(A_stack, B_stack, scales) for the routed kernels. Without autograd (serving) they are
-        stacked once and reused while the adapters' tensors are unchanged (same objects, same
-        versions); with autograd they are stacked every call, so gradients reach each adapter."""
+    def _served_stacks(self, routed: list[LoraAdapter]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(A_stack, B_stack, scales) for serving (no autograd): stacked once per route block and
+        reused while every adapter tensor keeps its version (a cheap check: no lookups, no ids).
+        None when autograd needs the adapters: then they are stacked on every call, so that
+        gradients reach each of them."""
+        if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in routed):
+            return None
+        cache = self.__dict__.get("_stack_cache")
+        if cache is not None and cache[0] is routed and [t._version for t in cache[1]] == cache[2]:
+            return cache[3]
         from . import kernels
 
-        def scales() -> Tensor:
-            return torch.tensor([a.scale for a in routed], dtype=torch.float32, device=device)
-
-        if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in routed):
-            return (*kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]), scales())
-        key = (device, tuple((id(a.lora_A), a.lora_A._version, id(a.lora_B), a.lora_B._version, a.scale)
-                             for a in routed))
-        cache = self.__dict__.get("_stack_cache")
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
-            cache = self._stack_cache = (key, A, B, scales())
-        return cache[1], cache[2], cache[3]
+        tensors = [t for a in routed for t in (a.lora_A, a.lora_B)]
+        dtype, device = self.weight.dtype, self.weight.device
+        with torch.no_grad():
+            A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
+            stacks = (A.to(dtype).contiguous(), B.to(dtype).contiguous(),
+                      torch.tensor([a.scale for a in routed], dtype=torch.float32, device=device))
+        self._stack_cache = (routed, tensors, [t._version for t in tensors], stacks)
+        return stacks
 
     def _base_forward(self, x: Tensor) -> Tensor:
         if self.fan_in_fan_out:  # Conv1D: y = x @ W + b with W (in, out)

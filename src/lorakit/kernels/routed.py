@@ -132,24 +132,38 @@ def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Seque
     if not isinstance(scales, Tensor):
         scales = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=x.device)
     scales = scales.to(device=x.device, dtype=torch.float32)
-    dtype = x.dtype
-    weight, A_stack, B_stack = (t if t.dtype == dtype else t.to(dtype) for t in (weight, A_stack, B_stack))
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
-    x3 = x.reshape(batch, -1, in_f)
-
-    use_triton = backend != "torch" and _triton.available_for(x) and dtype in (
-        torch.float16, torch.bfloat16, torch.float32)
+    use_triton = backend != "torch" and _triton.available_for(x) and x.dtype in _TRITON_DTYPES
     if backend == "triton" and not use_triton:
         raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU).")
+    return routed_prepared(x, weight, bias, A_stack.contiguous(), B_stack.contiguous(), scales, rows, use_triton)
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def routed_prepared(x: Tensor, weight: Tensor, bias: Tensor | None, A_stack: Tensor, B_stack: Tensor,
+                    scales: Tensor, rows: Tensor, use_triton: bool | None = None) -> Tensor:
+    """`lora_linear_routed` for inputs already checked: contiguous stacks, float32 scales and int64 rows
+    on x's device. The serving path of `lk.route` calls this directly, with stacks built once."""
+    in_f = x.shape[-1]
+    out_f = weight.shape[0]
+    dtype = x.dtype
+    if use_triton is None:
+        use_triton = _triton.available_for(x) and dtype in _TRITON_DTYPES
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if A_stack.dtype != dtype:
+        A_stack, B_stack = A_stack.to(dtype), B_stack.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    x3 = x.reshape(x.shape[0], -1, in_f)
     if not use_triton:
         return _routed_torch(x3, rows, weight, bias, A_stack, B_stack, scales).view(*x.shape[:-1], out_f)
     x2 = x3.reshape(-1, in_f)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    A_stack, B_stack = A_stack.contiguous(), B_stack.contiguous()
-    if not torch.is_grad_enabled() or not any(
-            t is not None and t.requires_grad for t in (x2, weight, bias, A_stack, B_stack)):
+    if not torch.is_grad_enabled() or not (x2.requires_grad or weight.requires_grad or A_stack.requires_grad
+                                           or B_stack.requires_grad or (bias is not None and bias.requires_grad)):
         y = _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales)[0]
     else:
         y = RoutedLoraFunction.apply(x2, rows, weight, bias, A_stack, B_stack, scales)
