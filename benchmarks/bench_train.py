@@ -18,7 +18,11 @@ All cases run in one process on the same model weights, batch and seed:
                 rebuilt from the RMSNorm / MLP tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
                 lorakit-unfused: the fast path per linear, without lorakit.fusion
 
-    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels] [--compile]
+    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
+        [--compile] [--graphs]
+
+--graphs captures each case's whole step (forward, backward, AdamW with capturable=True) as one
+CUDA graph and times its replays: what the GPU needs with no CPU work per op, for every case alike.
 """
 
 from __future__ import annotations
@@ -149,7 +153,8 @@ def run_case(case: str, args, shape: dict) -> dict:
     if args.compile:
         model = torch.compile(model)
         note = (note + ", " if note else "") + "torch.compile"
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # capturable: the optimizer step can be part of a CUDA graph (--graphs)
+    opt = torch.optim.AdamW(params, lr=1e-4, capturable=args.graphs) if params else None
     g = torch.Generator(device="cpu").manual_seed(2)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(dev)
 
@@ -162,12 +167,34 @@ def run_case(case: str, args, shape: dict) -> dict:
         return loss
 
     cuda = dev == "cuda"
-    for _ in range(args.warmup):  # lorakit.fusion learns its groups in the first passes
-        step()
+    if args.graphs:  # warm up on a side stream, as torch.cuda.graph requires
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(args.warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        for _ in range(args.warmup):  # lorakit.fusion learns its groups in the first passes
+            step()
     saved = float("nan") if args.compile else saved_activation_bytes(model, ids)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if args.graphs:
+        # The whole step (forward, backward, optimizer) as one CUDA graph: no per-op CPU work on replay.
+        # The peak is taken over the capture, which allocates what one eager step does.
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+        torch.cuda.synchronize()
+        step = graph.replay
+        note = (note + ", " if note else "") + "CUDA graph"
+        for _ in range(2):
+            step()
     times, host = [], []
     for _ in range(args.steps):
         if cuda:
@@ -214,6 +241,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--compile", action="store_true", help="torch.compile every case's model (warm-up compiles)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="capture each case's whole step as one CUDA graph and time its replays (CUDA)")
     ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

@@ -357,14 +357,39 @@ TRITON_SCRIPT = textwrap.dedent("""
             A = (torch.randn(r, shape[-1], device=dev) / 8).to(dtype).requires_grad_(True)
             B = torch.randn(48, r, device=dev, dtype=dtype, requires_grad=True)
             seed = new_seed(dev)
-            y = lora_linear(x, W, None, A, B, 1.5, p, True, seed=seed, backend="triton")
             keep = keep_mask(seed, x.numel() // shape[-1], shape[-1], p, dev).view(shape)
             L = [t.detach().double().requires_grad_(True) for t in (x, A, B)]
             ref = reference_lora_linear(L[0], W.double(), None, L[1], L[2], 1.5, p, True, keep)
-            assert rel(y, ref) < tol, (dtype, shape, r, p, rel(y, ref))
-            gy = torch.randn_like(y)
-            for g, w in zip(torch.autograd.grad(y, [x, A, B], gy), torch.autograd.grad(ref, L, gy.double())):
-                assert rel(g, w) < tol, (dtype, shape, r, p, rel(g, w))
+            gy = torch.randn_like(ref, dtype=dtype)
+            want = torch.autograd.grad(ref, L, gy.double())
+            # backend="triton": the general Function; "auto": the one-adapter Function (LoraLinearSingle)
+            for backend in ("triton", "auto"):
+                y = lora_linear(x, W, None, A, B, 1.5, p, True, seed=seed, backend=backend)
+                assert rel(y, ref) < tol, (backend, dtype, shape, r, p, rel(y, ref))
+                for g, w in zip(torch.autograd.grad(y, [x, A, B], gy), want):
+                    assert rel(g, w) < tol, (backend, dtype, shape, r, p, rel(g, w))
+        # dropout backward that writes gx (gx_init) equals the accumulating one minus gx's old contents
+        x = torch.randn(300, 96, device=dev, dtype=dtype)
+        g = torch.randn(300, 8, device=dev, dtype=dtype)
+        A = (torch.randn(8, 96, device=dev) / 8).to(dtype)
+        gx0 = torch.randn(300, 96, device=dev, dtype=dtype)
+        seed = new_seed(dev)
+        acc = gx0.clone()
+        dA1 = _triton.dropout_backward(x, g, A, acc, seed, 0.1)
+        init = torch.full_like(gx0, float("nan"))
+        dA2 = _triton.dropout_backward(x, g, A, init, seed, 0.1, gx_init=True)
+        assert torch.equal(dA1, dA2)
+        assert rel(init + gx0, acc) < tol, rel(init + gx0, acc)
+        # the fused RMSNorm apply (recomputation in backward) is bit-identical to PyTorch's three ops
+        for shape in [(4, 130), (2, 3, 64), (1, 2048)]:
+            h32 = torch.randn(*shape, device=dev) * 3
+            rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)
+            w = (torch.randn(shape[-1], device=dev) * 2).to(dtype)
+            got, want = _triton.norm_apply(h32, rstd, w), w * (h32 * rstd).to(dtype)
+            if dev == "cpu" and dtype == torch.bfloat16:  # the interpreter truncates float32 -> bfloat16
+                assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -6).all(), shape  # two roundings
+            else:
+                assert torch.equal(got, want), (dtype, shape)
         # a q/k/v group through the fused kernels
         x = torch.randn(2, 9, 64, device=dev, dtype=dtype, requires_grad=True)
         Ws = [(torch.randn(o, 64, device=dev) / 8).to(dtype) for o in (64, 16, 16)]

@@ -171,6 +171,11 @@ def _marking() -> bool:
 
 
 def _norm_recipe(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    # The last three ops of the forward below (input dtype == weight dtype), in one kernel where Triton runs.
+    from .kernels import _triton
+
+    if _triton.available_for(h32) and weight.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return _triton.norm_apply(h32, rstd, weight)
     return weight * (h32 * rstd).to(weight.dtype)
 
 
@@ -182,7 +187,7 @@ def _rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
     variance = h32.pow(2).mean(-1, keepdim=True)
     rstd = torch.rsqrt(variance + self.variance_epsilon)
     out = self.weight * (h32 * rstd).to(input_dtype)
-    if hidden_states.requires_grad and _marking() and out.dtype == self.weight.dtype:
+    if hidden_states.requires_grad and _marking() and out.dtype == self.weight.dtype == input_dtype:
         from .kernels import mark_recomputable
 
         mark_recomputable(out, _norm_recipe, h32, rstd, self.weight)

@@ -122,11 +122,12 @@ if triton is not None:
     @triton.jit
     def _dropout_bwd_kernel(x_ptr, g_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, SPLITS,
                             stride_xm, stride_gm, stride_am, stride_gxm, half, thresh, inv_keep,
-                            HAS_GX: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                            HAS_GX: tl.constexpr, GX_INIT: tl.constexpr, PREC: tl.constexpr,
+                            UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         # For one column block of K and one slice of rows:
         #   ga_part[slice] (R, BK) = g.T @ dropout(x)          g = d loss / d xa, (M, R)
         #   gx (M, BK) += where(keep, g @ A, 0) / (1 - p)        in place, if HAS_GX
+        #   (GX_INIT: gx = ... instead of +=, gx is written without being read)
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
         k_start = pid_k * BK
@@ -157,8 +158,9 @@ if triton is not None:
                 t = _dot(gt, a, tl.zeros((BM, BK), dtype=tl.float32), PREC, UPCAST)
                 gx_ptrs = gx_ptr + rm64 * stride_gxm + rk[None, :]
                 io_ok = m_ok[:, None] & k_ok[None, :]
-                gxt = tl.load(gx_ptrs, mask=io_ok, other=0.0).to(tl.float32)
-                gxt += tl.where(keep, t * inv_keep, 0.0)
+                gxt = tl.where(keep, t * inv_keep, 0.0)
+                if not GX_INIT:
+                    gxt += tl.load(gx_ptrs, mask=io_ok, other=0.0).to(tl.float32)
                 tl.store(gx_ptrs, gxt.to(gx_ptr.dtype.element_ty), mask=io_ok)
         ga = ga * inv_keep
         tl.store(ga_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], ga, mask=r_ok[:, None] & k_ok[None, :])
@@ -222,6 +224,21 @@ if triton is not None:
                  mask=u_ok[:, None] & v_ok[None, :])
 
 
+    @triton.jit
+    def _norm_apply_kernel(h_ptr, r_ptr, w_ptr, out_ptr, N, stride_h, stride_o, BN: tl.constexpr):
+        # out[row] = w * (h[row] * rstd[row]).to(out dtype): an RMSNorm's last three ops in one pass, rounded
+        # where PyTorch rounds (h * rstd in float32 -> out dtype, then the product in float32 -> out dtype).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BN)
+        ok = cols < N
+        h = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0)
+        r = tl.load(r_ptr + row)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        xn = (h * r).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        y = w.to(tl.float32) * xn.to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
+
+
     # Autotuned launchers for large inputs (many tokens): the best tile shape depends on K, R and
     # the GPU; small inputs (tests, decode) use the fixed configurations in the wrappers below.
     def _cfgs(specs, names):
@@ -234,7 +251,7 @@ if triton is not None:
     _dropout_bwd_tuned = triton.autotune(
         configs=_cfgs([(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
                        (32, 64, 4, 3), (128, 128, 8, 3)], ("BM", "BK")),
-        key=["K", "R", "HAS_GX"], restore_value=["gx_ptr"])(_dropout_bwd_kernel)
+        key=["K", "R", "HAS_GX", "GX_INIT"], restore_value=["gx_ptr"])(_dropout_bwd_kernel)
     _routed_mm_tuned = triton.autotune(
         configs=_cfgs([(64, 128, 64, 4, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2), (128, 128, 32, 8, 2),
                        (64, 128, 32, 4, 3), (128, 64, 64, 8, 3)], ("BM", "BN", "BK")),
@@ -304,8 +321,10 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
     return out
 
 
-def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor, p: float) -> Tensor:
-    """dA (R, K) float32 = gxa.T @ dropout(x2); if gx is given, gx += (gxa @ A) * mask / (1 - p) in place.
+def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor, p: float,
+                     gx_init: bool = False) -> Tensor:
+    """dA (R, K) float32 = gxa.T @ dropout(x2); if gx is given, gx += (gxa @ A) * mask / (1 - p) in place
+    (gx_init: gx = ..., gx's old contents are neither read nor kept).
 
     x2 (M, K), gxa (M, R), A (R, K), gx (M, K): unit stride in the last dimension.
     """
@@ -326,12 +345,12 @@ def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed
 
     def fixed():
         _dropout_bwd_kernel[(triton.cdiv(K, BK), splits)](
-            *args, HAS_GX=has_gx, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=64, BK=BK, BR=BR,
-            num_warps=4, num_stages=2)
+            *args, HAS_GX=has_gx, GX_INIT=gx_init, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=64, BK=BK,
+            BR=BR, num_warps=4, num_stages=2)
 
     if _tune(M, x2):
         _tuned(lambda: _dropout_bwd_tuned[lambda meta: (triton.cdiv(K, meta["BK"]), splits)](
-            *args, HAS_GX=has_gx, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
+            *args, HAS_GX=has_gx, GX_INIT=gx_init, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
     else:
         fixed()
     return part.sum(0) if splits > 1 else part[0]
@@ -395,3 +414,23 @@ def routed_outer(u: Tensor, v: Tensor, rows: Tensor) -> Tensor:
                                PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT,
                                num_warps=4, num_stages=2)
     return out
+
+
+def norm_apply(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    """weight * (h32 * rstd).to(weight.dtype), bit for bit, in one kernel (h32 (..., N) float32, rstd (..., 1)).
+
+    The recomputation of a Llama-style RMSNorm's output (`lorakit.fusion`): PyTorch's three
+    elementwise kernels move 18 bytes per element, this one 6.
+    """
+    N = h32.shape[-1]
+    h2 = h32.reshape(-1, N)
+    r = rstd.reshape(-1)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    if r.numel() != h2.shape[0]:
+        raise ValueError(f"norm_apply: rstd has {r.numel()} values for {h2.shape[0]} rows.")
+    out = torch.empty(h2.shape, dtype=weight.dtype, device=h32.device)
+    BN = _pow2(N)
+    _norm_apply_kernel[(h2.shape[0],)](h2, r.contiguous(), weight.contiguous(), out, N, h2.stride(0), out.stride(0),
+                                       BN=BN, num_warps=4 if BN <= 2048 else 8)
+    return out.view(h32.shape)

@@ -13,8 +13,9 @@ What autograd would do with the plain formula, and what this does instead:
     never dropout(x), never the (..., out) LoRA output.
   * the dropout mask is regenerated in backward from the seed (`dropout.py`); on CUDA the
     Triton kernels make it in registers, so dropout(x) is not even written in forward.
-  * no weight gradient for frozen W; the LoRA input-gradient is added into the base one
-    in place; for several outputs the base input-gradients are accumulated in place too.
+  * no weight gradient for frozen W. The small LoRA terms are computed first (output y and
+    input-gradient gx alike) and the large base GEMM adds onto them in place (`addmm_`), which
+    reads them in its epilogue: one memory-bound pass over y or gx fewer than adding them last.
   * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
     rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway.
 
@@ -107,10 +108,17 @@ class LoraLinearFunction(torch.autograd.Function):
 
         outs = []
         for j in range(J):
-            y = F.linear(x2, Ws[j], bs[j])
+            y = None
             for t in range(T):
                 if plan.term_out[t] == j:
-                    y.addmm_(xa_of[t], Bs[t].t(), alpha=plan.term_scale[t])
+                    if y is None:
+                        y = _lora_out(bs[j], xa_of[t], Bs[t], plan.term_scale[t])
+                    else:
+                        y.addmm_(xa_of[t], Bs[t].t(), alpha=plan.term_scale[t])
+            if y is None:
+                y = F.linear(x2, Ws[j], bs[j])
+            else:
+                y.addmm_(x2, Ws[j].t())  # the base GEMM adds onto the small LoRA output in its epilogue
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
 
         ctx.plan = plan
@@ -142,13 +150,9 @@ class LoraLinearFunction(torch.autograd.Function):
         M = x2.shape[0]
         g2 = [g.reshape(M, g.shape[-1]) for g in grads]
 
-        # Base input-gradient, accumulated in place over the outputs.
+        # The input-gradient starts with the (memory-bound) LoRA terms; the base GEMMs then add onto
+        # it in their epilogues, so gx is read once less than when the small terms are added last.
         gx = None
-        if need_x:
-            gx = torch.mm(g2[0], Ws[0])
-            for j in range(1, J):
-                gx.addmm_(g2[j], Ws[j])
-
         dW = [g2[j].t() @ x2 if need[2 + j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
         dA, dB = [None] * T, [None] * T
@@ -165,16 +169,20 @@ class LoraLinearFunction(torch.autograd.Function):
             gxa = gxas[0] if len(gxas) == 1 else torch.cat(gxas, 1)
             if p > 0 and seeds[g].numel():
                 if triton:
-                    dA_g = _triton.dropout_backward(x2, gxa, A, gx, seeds[g], p)
+                    init = need_x and gx is None
+                    if init:
+                        gx = torch.empty_like(x2)
+                    dA_g = _triton.dropout_backward(x2, gxa, A, gx, seeds[g], p, gx_init=init)
                 else:
                     keep = keep_mask(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
                     dA_g = gxa.t() @ (x2 * keep * (1.0 / (1.0 - p)))
-                    if gx is not None:
-                        gx.add_((gxa @ A) * keep, alpha=1.0 / (1.0 - p))
+                    if need_x:
+                        gl = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+                        gx = gl if gx is None else gx.add_(gl)
             else:
                 dA_g = gxa.t() @ x2
-                if gx is not None:
-                    gx.addmm_(gxa, A)
+                if need_x:
+                    gx = gxa @ A if gx is None else gx.addmm_(gxa, A)
             off = 0
             for t in terms:
                 r = ctx.ranks[t]
@@ -182,8 +190,19 @@ class LoraLinearFunction(torch.autograd.Function):
                     dA[t] = dA_g[off:off + r].to(ctx.a_dtypes[t])
                 off += r
 
+        if need_x:
+            for j in range(J):
+                gx = torch.mm(g2[j], Ws[j]) if gx is None else gx.addmm_(g2[j], Ws[j])
         gx_out = gx.view(ctx.x_shape) if gx is not None else None
         return (gx_out, None, *dW, *db, *dA, *dB, *([None] * G), *([None] * ctx.n_recipe))
+
+
+def _lora_out(bias: Tensor | None, xa: Tensor, B: Tensor, scale: float) -> Tensor:
+    """bias + scale * xa @ B.T as a new (M, out) tensor: the start of an output that the base GEMM
+    then adds onto (`addmm_`), reading it in its epilogue instead of in a separate memory-bound pass."""
+    if bias is None:
+        return torch.addmm(_zero(xa), xa, B.t(), beta=0, alpha=scale)
+    return torch.addmm(bias, xa, B.t(), alpha=scale)
 
 
 def _recompute(fn: Callable, recipe, x_shape) -> Tensor:
@@ -354,8 +373,8 @@ class LoraLinearSingle(torch.autograd.Function):
             xa = _triton.shrink(x2, A, seed, p)
         else:
             xa = torch.mm(apply_dropout(x2, seed, p), A.t())
-        y = F.linear(x2, weight, bias)
-        y.addmm_(xa, B.t(), alpha=scale)
+        y = _lora_out(bias, xa, B, scale)
+        y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         ctx.scale, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = scale, p, triton, recompute_fn, x.shape
         ctx.bias_grad = bias is not None and bias.requires_grad
         ctx.save_for_backward(None if recompute_fn is not None else x2, weight, A, B, xa, seed, *recipe)
@@ -369,26 +388,28 @@ class LoraLinearSingle(torch.autograd.Function):
         need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
         s, p = ctx.scale, ctx.p
         g2 = gy.reshape(-1, gy.shape[-1])
-        gx = torch.mm(g2, weight) if need_x else None
         gW = g2.t() @ x2 if need_w else None
         gb = g2.sum(0) if ctx.bias_grad else None
         z = _zero(g2)
         gB = torch.addmm(z, g2.t(), xa, beta=0, alpha=s) if need_b else None
         gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
-        gA = None
+        # gx: the small LoRA term first, then the base GEMM adds onto it in its epilogue.
+        gA = gx = None
         if seed is None:
             if need_a:
                 gA = torch.mm(gxa.t(), x2)
-            if gx is not None:
-                gx.addmm_(gxa, A)
+            if need_x:
+                gx = torch.mm(gxa, A)
         elif ctx.triton:
-            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p).to(A.dtype)
+            gx = torch.empty_like(x2) if need_x else None
+            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True).to(A.dtype)
         else:
             keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
             gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
-            if gx is not None:
-                gx.add_((gxa @ A) * keep, alpha=1.0 / (1.0 - p))
-        gx = gx.view(ctx.x_shape) if gx is not None else None
+            if need_x:
+                gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+        if need_x:
+            gx = gx.addmm_(g2, weight).view(ctx.x_shape)
         return (gx, gW, gb, gA if need_a else None, gB, None, None, None, None, None, *([None] * len(recipe)))
 
 
@@ -435,9 +456,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     drop = training and dropout > 0
     if not _needs_graph(x, weight, bias, A, B) and not drop:
         # Inference (decode is bound by per-call CPU overhead): three ops, nothing else.
-        y = F.linear(x, weight, bias)
-        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, in_f) @ A.t(), B.t(), alpha=scale)
-        return y
+        x2 = x.reshape(-1, in_f)
+        y = _lora_out(bias, x2 @ A.t(), B, scale)
+        y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
+        return y.view(*x.shape[:-1], y.shape[-1])
     if drop:
         _check_p(dropout, "lora_linear")
         seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
