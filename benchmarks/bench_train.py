@@ -129,7 +129,7 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
-def profile_step(step, case: str) -> None:
+def profile_step(step, case: str, top: int = 18) -> None:
     """Print the GPU kernels of one step, by total time (where the milliseconds go)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -140,7 +140,7 @@ def profile_step(step, case: str) -> None:
     total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
     print(f"  -- {case}: GPU kernel time in one step {total:.1f} ms; top kernels:")
     events.sort(key=lambda e: -getattr(e, "self_device_time_total", 0))
-    for e in events[:18]:
+    for e in events[:top]:
         t = getattr(e, "self_device_time_total", 0) / 1e3
         print(f"     {t:8.2f} ms {e.count:6d}x  {e.key[:90]}")
 
@@ -213,7 +213,7 @@ def run_case(case: str, args, shape: dict) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     if case in args.profile.split(","):
         try:
-            profile_step(step, case)
+            profile_step(step, case, args.profile_top)
         except Exception as e:  # the profile is a diagnostic; keep the case's numbers regardless
             print(f"  -- profile of {case} failed: {type(e).__name__}: {e}")
     n_train = sum(p.numel() for p in params)
@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile every case's model (warm-up compiles)")
     ap.add_argument("--graphs", action="store_true",
                     help="capture each case's whole step as one CUDA graph and time its replays (CUDA)")
+    ap.add_argument("--profile-top", type=int, default=18, help="how many kernels the profile lists")
     ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
