@@ -396,18 +396,20 @@ TRITON_SCRIPT = textwrap.dedent("""
         As = [(torch.randn(8, 64, device=dev) / 8).to(dtype).requires_grad_(True) for _ in range(3)]
         Bs = [torch.randn(o, 8, device=dev, dtype=dtype, requires_grad=True) for o in (64, 16, 16)]
         seed = new_seed(dev)
-        ys = lora_linear_group(x, Ws, [None] * 3, As, Bs, [2.0, 1.0, 0.5], 0.2, True, seed=seed, backend="triton")
         keep = keep_mask(seed, 18, 64, 0.2, dev).view(x.shape)
         x64 = x.detach().double().requires_grad_(True)
         A64 = [a.detach().double().requires_grad_(True) for a in As]
         B64 = [b.detach().double().requires_grad_(True) for b in Bs]
         refs = [reference_lora_linear(x64, W.double(), None, a, b, s, 0.2, True, keep)
                 for W, a, b, s in zip(Ws, A64, B64, [2.0, 1.0, 0.5])]
-        gys = [torch.randn_like(y) for y in ys]
-        got = torch.autograd.grad(ys, [x, *As, *Bs], gys)
+        gys = [torch.randn_like(r, dtype=dtype) for r in refs]
         want = torch.autograd.grad(refs, [x64, *A64, *B64], [g.double() for g in gys])
-        assert all(rel(y, r) < tol for y, r in zip(ys, refs))
-        assert all(rel(g, w) < tol for g, w in zip(got, want)), [rel(g, w) for g, w in zip(got, want)]
+        # "triton": the general Function; "auto": the group Function (LoraLinearShared)
+        for backend in ("triton", "auto"):
+            ys = lora_linear_group(x, Ws, [None] * 3, As, Bs, [2.0, 1.0, 0.5], 0.2, True, seed=seed, backend=backend)
+            got = torch.autograd.grad(ys, [x, *As, *Bs], gys)
+            assert all(rel(y, r) < tol for y, r in zip(ys, refs)), backend
+            assert all(rel(g, w) < tol for g, w in zip(got, want)), (backend, [rel(g, w) for g, w in zip(got, want)])
         # routed, mixed ranks, -1 rows, 2-D and 3-D x
         for shape in [(6, 80), (6, 20, 80)] + ([(6, 700, 80)] if dev == "cuda" else []):
             x = torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True)

@@ -12,13 +12,14 @@ dropout masks defined in `dropout.py` and regenerated in backward rather than st
 """
 
 from .dropout import keep_mask, new_seed
-from .linear import (LoraLinearFunction, LoraLinearSingle, lora_linear, lora_linear_group, lora_linear_multi,
-                     lora_linears, mark_recomputable, recipe_of)
+from .linear import (LoraLinearFunction, LoraLinearShared, LoraLinearSingle, lora_linear, lora_linear_group,
+                     lora_linear_multi, lora_linears, mark_recomputable, recipe_of)
 from .reference import reference_lora_linear, reference_lora_linear_multi, reference_lora_linear_routed
 from .routed import lora_linear_routed, stack_adapters
 
 __all__ = [
     "LoraLinearFunction",
+    "LoraLinearShared",
     "LoraLinearSingle",
     "keep_mask",
     "lora_linear",

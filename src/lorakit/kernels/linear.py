@@ -521,6 +521,121 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
     is read once for all A's in forward and backward, the LoRA and base input-gradients are
     summed in place, and one mask is regenerated instead of one per projection.
     """
-    return lora_linears(x, weights, biases, As, Bs, scales, None, dropout, training,
-                        shared_dropout=True, seeds=None if seed is None else [seed], backend=backend,
-                        recompute=recompute)
+    J = len(weights)
+    dt = x.dtype
+    in_f = x.shape[-1]
+    lean = backend != "triton" and J > 0 and len(biases) == J and len(As) == J and len(Bs) == J \
+        and len(scales) == J and not torch.is_autocast_enabled(x.device.type)
+    if lean:
+        for W, b, A, B in zip(weights, biases, As, Bs):
+            if not (W.dtype == A.dtype == B.dtype == dt and (b is None or b.dtype == dt) and W.dim() == 2
+                    and W.shape[1] == in_f and A.dim() == 2 and A.shape[1] == in_f
+                    and B.shape == (W.shape[0], A.shape[0])):
+                lean = False  # the general path casts, or raises the explanatory error
+                break
+    if not lean:
+        return lora_linears(x, weights, biases, As, Bs, scales, None, dropout, training,
+                            shared_dropout=True, seeds=None if seed is None else [seed], backend=backend,
+                            recompute=recompute)
+    drop = training and dropout > 0
+    if drop:
+        _check_p(dropout, "lora_linear_group")
+        seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
+    else:
+        seed = None
+    triton = backend == "auto" and drop and dt in _TRITON_DTYPES and not torch.compiler.is_compiling() \
+        and _triton.available_for(x)
+    fn, recipe = recompute if recompute is not None else (None, ())
+    args = (tuple(A.shape[0] for A in As), tuple(float(s) for s in scales), float(dropout), triton)
+    if not _needs_graph_any(x, weights, biases, As, Bs):
+        with torch.no_grad():
+            return LoraLinearShared.forward(_NoCtx(), x, J, *args, None, *weights, *biases, *As, *Bs, seed)
+    return LoraLinearShared.apply(x, J, *args, fn, *weights, *biases, *As, *Bs, seed, *recipe)
+
+
+def _needs_graph_any(x, weights, biases, As, Bs) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t is not None and t.requires_grad for ts in (weights, biases, As, Bs) for t in ts)
+
+
+class LoraLinearShared(torch.autograd.Function):
+    """J linears reading one x, one adapter each, one dropout mask on x: `lora_linear_group`'s
+    common case (q/k/v, gate/up), with less per-call Python than the general `LoraLinearFunction`.
+
+    apply(x, J, ranks, scales, p, triton, recompute_fn, W_0.., b_0.., A_0.., B_0.., seed, *recipe) -> y_0..y_{J-1}
+    """
+
+    @staticmethod
+    def forward(ctx, x, J, ranks, scales, p, triton, recompute_fn, *tensors):
+        Ws, bs, As, Bs = tensors[:J], tensors[J:2 * J], tensors[2 * J:3 * J], tensors[3 * J:4 * J]
+        seed, recipe = tensors[4 * J], tensors[4 * J + 1:]
+        x2 = x.reshape(-1, x.shape[-1])
+        A = torch.cat(As) if J > 1 else As[0]
+        if seed is None:
+            xa = torch.mm(x2, A.t())
+        elif triton:
+            if x2.stride(-1) != 1 or not A.is_contiguous():
+                x2, A = x2.contiguous(), A.contiguous()
+            xa = _triton.shrink(x2, A, seed, p)
+        else:
+            xa = torch.mm(apply_dropout(x2, seed, p), A.t())
+        outs, off, lead = [], 0, x.shape[:-1]
+        for j in range(J):
+            r = ranks[j]
+            y = _lora_out(bs[j], xa[:, off:off + r], Bs[j], scales[j])
+            y.addmm_(x2, Ws[j].t())  # the base GEMM adds onto the small LoRA output in its epilogue
+            outs.append(y.view(*lead, y.shape[-1]))
+            off += r
+        ctx.J, ctx.ranks, ctx.scales, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = J, ranks, scales, p, triton, \
+            recompute_fn, x.shape
+        ctx.bias_grad = tuple(b is not None and b.requires_grad for b in bs)
+        ctx.a_dtype = As[0].dtype
+        ctx.save_for_backward(None if recompute_fn is not None else x2, A, xa, seed, *Ws, *Bs, *recipe)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        J, ranks, scales, p = ctx.J, ctx.ranks, ctx.scales, ctx.p
+        x2, A, xa, seed, *rest = ctx.saved_tensors
+        Ws, Bs, recipe = rest[:J], rest[J:2 * J], rest[2 * J:]
+        if ctx.fn is not None:
+            x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
+        need = ctx.needs_input_grad  # (x, J, ranks, scales, p, triton, fn, W.., b.., A.., B.., seed, recipe..)
+        need_x = need[0]
+        M = x2.shape[0]
+        g2 = [g.reshape(M, g.shape[-1]) for g in grads]
+        z = _zero(x2)
+        dW = [g2[j].t() @ x2 if need[7 + j] else None for j in range(J)]
+        db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
+        dB, gxas, off = [], [], 0
+        for j in range(J):
+            r, s = ranks[j], scales[j]
+            dB.append(torch.addmm(z, g2[j].t(), xa[:, off:off + r], beta=0, alpha=s) if need[7 + 3 * J + j] else None)
+            gxas.append(torch.addmm(z, g2[j], Bs[j], beta=0, alpha=s))
+            off += r
+        gxa = torch.cat(gxas, 1) if J > 1 else gxas[0]
+        # gx: the small LoRA term first, then the base GEMMs add onto it in their epilogues.
+        gx = None
+        if seed is None:
+            dA = torch.mm(gxa.t(), x2)
+            if need_x:
+                gx = torch.mm(gxa, A)
+        elif ctx.triton:
+            gx = torch.empty_like(x2) if need_x else None
+            dA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True)
+        else:
+            keep = keep_mask(seed, M, x2.shape[1], p, x2.device).to(x2.dtype)
+            dA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
+            if need_x:
+                gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
+        if need_x:
+            for j in range(J):
+                gx.addmm_(g2[j], Ws[j])
+            gx = gx.view(ctx.x_shape)
+        dAs, off = [], 0
+        for j in range(J):
+            r = ranks[j]
+            dAs.append(dA[off:off + r].to(ctx.a_dtype) if need[7 + 2 * J + j] else None)
+            off += r
+        return (gx, None, None, None, None, None, None, *dW, *db, *dAs, *dB, None, *([None] * len(recipe)))
