@@ -41,7 +41,8 @@ def _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales) -> 
     """(y2, xa): the base GEMM, then the shrink (x -> xa, (tokens, R)) and expand (y += s * xa @ B.T) kernels."""
     n, R, in_f = A_stack.shape
     out_f = B_stack.shape[1]
-    xa = torch.zeros(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
+    # Rows routed to no adapter (-1) are left unwritten in xa, and every reader skips them too.
+    xa = torch.empty(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
     _triton.routed_mm(x2, A_stack, (R * in_f, 1, in_f), R, rows, None, xa, accumulate=False)
     y = F.linear(x2, weight, bias)
     _triton.routed_mm(xa, B_stack, (out_f * R, 1, R), out_f, rows, scales, y, accumulate=True)
