@@ -167,14 +167,6 @@ def run_case(case: str, args, shape: dict) -> dict:
         return loss
 
     cuda = dev == "cuda"
-    if args.sdpa:  # one attention kernel for every case (cuDNN's backward runs slower inside a CUDA graph)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                   "cudnn": SDPBackend.CUDNN_ATTENTION}[args.sdpa]
-        ctx = sdpa_kernel([backend])
-        ctx.__enter__()
-        note = (note + ", " if note else "") + f"sdpa {args.sdpa}"
     if args.graphs:  # warm up on a side stream, as torch.cuda.graph requires
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -224,8 +216,6 @@ def run_case(case: str, args, shape: dict) -> dict:
             profile_step(step, case, args.profile_top)
         except Exception as e:  # the profile is a diagnostic; keep the case's numbers regardless
             print(f"  -- profile of {case} failed: {type(e).__name__}: {e}")
-    if args.sdpa:
-        ctx.__exit__(None, None, None)
     n_train = sum(p.numel() for p in params)
     del model, params, opt, ids
     gc.collect()
@@ -253,8 +243,6 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile every case's model (warm-up compiles)")
     ap.add_argument("--graphs", action="store_true",
                     help="capture each case's whole step as one CUDA graph and time its replays (CUDA)")
-    ap.add_argument("--sdpa", choices=["flash", "efficient", "cudnn"], default=None,
-                    help="pin the attention kernel (default: PyTorch's choice)")
     ap.add_argument("--profile-top", type=int, default=18, help="how many kernels the profile lists")
     ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
     args = ap.parse_args()
