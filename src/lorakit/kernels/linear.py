@@ -460,20 +460,26 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         y = _lora_out(bias, x2 @ A.t(), B, scale)
         y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         return y.view(*x.shape[:-1], y.shape[-1])
-    if drop:
-        _check_p(dropout, "lora_linear")
-        seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
-    else:
-        seed = None
-    # Under torch.compile the PyTorch mask ops are traced and fused by the compiler instead.
-    triton = backend == "auto" and drop and dt in _TRITON_DTYPES and not torch.compiler.is_compiling() \
-        and _triton.available_for(x)
+    seed, triton = _seed_and_kernels(x, drop, dropout, seed, backend, "lora_linear")
     fn, recipe = recompute if recompute is not None else (None, ())
     if not _needs_graph(x, weight, bias, A, B):
         with torch.no_grad():
             return LoraLinearSingle.forward(_NoCtx(), x, weight, bias, A, B, seed, float(scale), float(dropout),
                                             triton, None)
     return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
+
+
+def _seed_and_kernels(x: Tensor, drop: bool, p: float, seed: Tensor | None, backend: str,
+                      where: str) -> tuple[Tensor | None, bool]:
+    """(the dropout seed or None, whether the Triton dropout kernels run) for the one-group Functions."""
+    if not drop:
+        return None, False
+    _check_p(p, where)
+    seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
+    # Under torch.compile the PyTorch mask ops are traced and fused by the compiler instead.
+    triton = backend == "auto" and x.dtype in _TRITON_DTYPES and not torch.compiler.is_compiling() \
+        and _triton.available_for(x)
+    return seed, triton
 
 
 def _needs_graph(x, weight, bias, A, B) -> bool:
@@ -537,14 +543,7 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
         return lora_linears(x, weights, biases, As, Bs, scales, None, dropout, training,
                             shared_dropout=True, seeds=None if seed is None else [seed], backend=backend,
                             recompute=recompute)
-    drop = training and dropout > 0
-    if drop:
-        _check_p(dropout, "lora_linear_group")
-        seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
-    else:
-        seed = None
-    triton = backend == "auto" and drop and dt in _TRITON_DTYPES and not torch.compiler.is_compiling() \
-        and _triton.available_for(x)
+    seed, triton = _seed_and_kernels(x, training and dropout > 0, dropout, seed, backend, "lora_linear_group")
     fn, recipe = recompute if recompute is not None else (None, ())
     args = (tuple(A.shape[0] for A in As), tuple(float(s) for s in scales), float(dropout), triton)
     if not _needs_graph_any(x, weights, biases, As, Bs):
