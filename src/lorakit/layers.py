@@ -193,15 +193,16 @@ class LoraLayer(nn.Module):
             y = y + self._adapter_forward(x, a)
         return y
 
-    def _route_rows(self, device: torch.device) -> tuple[Tensor, list[str]]:
-        """rows[b] = index into `names` of the adapter for batch row b, -1 for base only (cached per route)."""
+    def _route_rows(self, device: torch.device) -> tuple[Tensor, list[str], list[LoraAdapter]]:
+        """(rows, names, adapters): rows[b] indexes `names` (and `adapters`) for batch row b, -1 for base
+        only. Cached per route block."""
         cache = self._rows_cache
         if cache is None or cache[0] != device:
             names = [n for n in dict.fromkeys(self.routing) if n is not None and n in self.adapters]
             rows = torch.tensor([names.index(n) if n in names else -1 for n in self.routing],
                                 dtype=torch.long, device=device)
             cache = self._rows_cache = (device, rows, names, [self.adapters[n] for n in names])
-        return cache[1], cache[2]
+        return cache[1], cache[2], cache[3]
 
     def _routed_forward(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self.routing):
@@ -210,7 +211,7 @@ class LoraLayer(nn.Module):
                 f"(input shape {tuple(x.shape)}); pass one name (or None) per example."
             )
         y = self._base_forward(x)
-        rows, names = self._route_rows(x.device)
+        rows, names, _ = self._route_rows(x.device)
         for i, name in enumerate(names):
             idx = (rows == i).nonzero().squeeze(1)
             y = y.index_add(0, idx, self._adapter_forward(x.index_select(0, idx), self.adapters[name]))
@@ -239,8 +240,7 @@ class LoraLinear(LoraLayer):
         if self.routing is not None:
             if x.shape[0] != len(self.routing):
                 return super().forward(x)  # the reference path raises the explanatory error
-            rows, _ = self._route_rows(x.device)
-            routed = self._rows_cache[3]
+            rows, _, routed = self._route_rows(x.device)
             if not routed or (self.training and any(a.dropout_p > 0 for a in routed)):
                 return super().forward(x)  # the routed kernels have no dropout
             stacks = self._served_stacks(routed)

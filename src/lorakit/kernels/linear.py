@@ -66,13 +66,17 @@ def _cat(ts: list[Tensor]) -> Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, 0)
 
 
-def _shrink(x2: Tensor, A: Tensor, seed: Tensor | None, p: float, triton: bool) -> Tensor:
-    """xa = dropout(x2) @ A.T, (M, r). Without dropout cuBLAS (measured as fast as the Triton kernel)."""
+def _shrink(x2: Tensor, A: Tensor, seed: Tensor | None, p: float, triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(x2, A, xa = dropout(x2) @ A.T (M, r)). Without dropout cuBLAS (measured as fast as the Triton
+    kernel). On the Triton path x2 and A come back with unit last stride, as the backward kernel
+    needs them too: save the returned ones."""
     if seed is None:
-        return x2 @ A.t()
+        return x2, A, torch.mm(x2, A.t())
     if triton:
-        return _triton.shrink(x2, A.contiguous(), seed, p)
-    return apply_dropout(x2, seed, p) @ A.t()
+        if x2.stride(-1) != 1 or not A.is_contiguous():
+            x2, A = x2.contiguous(), A.contiguous()
+        return x2, A, _triton.shrink(x2, A, seed, p)
+    return x2, A, torch.mm(apply_dropout(x2, seed, p), A.t())
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -88,16 +92,11 @@ class LoraLinearFunction(torch.autograd.Function):
         triton = plan.backend == "triton"
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
 
         # xa for each group: x read once per group; then term t's slice of it.
         xas, A_cats, xa_of = [], [], [None] * T
         for g, terms in enumerate(plan.groups):
-            A_cat = _cat([As[t] for t in terms])
-            if triton and not A_cat.is_contiguous():
-                A_cat = A_cat.contiguous()
-            xa = _shrink(x2, A_cat, seeds[g], plan.group_p[g], triton)
+            x2, A_cat, xa = _shrink(x2, _cat([As[t] for t in terms]), seeds[g], plan.group_p[g], triton)
             xas.append(xa)
             A_cats.append(A_cat)
             off = 0
@@ -365,14 +364,7 @@ class LoraLinearSingle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe):
         x2 = x.reshape(-1, x.shape[-1])
-        if seed is None:
-            xa = torch.mm(x2, A.t())
-        elif triton:
-            if x2.stride(-1) != 1 or not A.is_contiguous():
-                x2, A = x2.contiguous(), A.contiguous()
-            xa = _triton.shrink(x2, A, seed, p)
-        else:
-            xa = torch.mm(apply_dropout(x2, seed, p), A.t())
+        x2, A, xa = _shrink(x2, A, seed, p, triton)
         y = _lora_out(bias, xa, B, scale)
         y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         ctx.scale, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = scale, p, triton, recompute_fn, x.shape
@@ -571,14 +563,7 @@ class LoraLinearShared(torch.autograd.Function):
         seed, recipe = tensors[4 * J], tensors[4 * J + 1:]
         x2 = x.reshape(-1, x.shape[-1])
         A = torch.cat(As) if J > 1 else As[0]
-        if seed is None:
-            xa = torch.mm(x2, A.t())
-        elif triton:
-            if x2.stride(-1) != 1 or not A.is_contiguous():
-                x2, A = x2.contiguous(), A.contiguous()
-            xa = _triton.shrink(x2, A, seed, p)
-        else:
-            xa = torch.mm(apply_dropout(x2, seed, p), A.t())
+        x2, A, xa = _shrink(x2, A, seed, p, triton)
         outs, off, lead = [], 0, x.shape[:-1]
         for j in range(J):
             r = ranks[j]
