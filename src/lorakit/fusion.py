@@ -170,15 +170,6 @@ def _marking() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _norm_recipe(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
-    # The last three ops of the forward below (input dtype == weight dtype), in one kernel where Triton runs.
-    from .kernels import _triton
-
-    if _triton.available_for(h32) and weight.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return _triton.norm_apply(h32, rstd, weight)
-    return weight * (h32 * rstd).to(weight.dtype)
-
-
 def _rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
     # The Hugging Face Llama-family RMSNorm, op for op; pow keeps h32 and the multiply keeps
     # rstd for their own backward, so the output is marked as rebuildable from them.
@@ -188,9 +179,9 @@ def _rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
     rstd = torch.rsqrt(variance + self.variance_epsilon)
     out = self.weight * (h32 * rstd).to(input_dtype)
     if hidden_states.requires_grad and _marking() and out.dtype == self.weight.dtype == input_dtype:
-        from .kernels import mark_recomputable
+        from .kernels import mark_recomputable, rms_norm_apply
 
-        mark_recomputable(out, _norm_recipe, h32, rstd, self.weight)
+        mark_recomputable(out, rms_norm_apply, h32, rstd, self.weight)
     return out
 
 

@@ -120,14 +120,33 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _dropout_bwd_kernel(x_ptr, g_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, SPLITS,
-                            stride_xm, stride_gm, stride_am, stride_gxm, half, thresh, inv_keep,
-                            HAS_GX: tl.constexpr, GX_INIT: tl.constexpr, PREC: tl.constexpr,
+    def _load_x(x_ptr, u_ptr, v_ptr, rm, rm64, rk, m_ok, k_ok, stride_xm, stride_um, DT: tl.constexpr,
+                XSRC: tl.constexpr):
+        # The (BM, BK) tile of x: read (XSRC 0), or rebuilt from an RMSNorm's (1) or a product's (2) inputs.
+        io_ok = m_ok[:, None] & k_ok[None, :]
+        t = tl.load(x_ptr + rm64 * stride_xm + rk[None, :], mask=io_ok, other=0.0)
+        if XSRC == 1:
+            r = tl.load(u_ptr + rm, mask=m_ok, other=0.0)
+            w = tl.load(v_ptr + rk, mask=k_ok, other=0.0)
+            xn = (t * r[:, None]).to(DT, fp_downcast_rounding="rtne")
+            t = (w[None, :].to(tl.float32) * xn.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
+        elif XSRC == 2:
+            u = tl.load(u_ptr + rm64 * stride_um + rk[None, :], mask=io_ok, other=0.0)
+            t = (t.to(tl.float32) * u.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
+        return t
+
+    @triton.jit
+    def _dropout_bwd_kernel(x_ptr, g_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, u_ptr, v_ptr, M, K, R, SPLITS,
+                            stride_xm, stride_gm, stride_am, stride_gxm, stride_um, half, thresh, inv_keep,
+                            HAS_GX: tl.constexpr, GX_INIT: tl.constexpr, XSRC: tl.constexpr, PREC: tl.constexpr,
                             UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         # For one column block of K and one slice of rows:
         #   ga_part[slice] (R, BK) = g.T @ dropout(x)          g = d loss / d xa, (M, R)
         #   gx (M, BK) += where(keep, g @ A, 0) / (1 - p)        in place, if HAS_GX
         #   (GX_INIT: gx = ... instead of +=, gx is written without being read)
+        # x itself is read (XSRC 0) or rebuilt in registers from what made it, rounded as PyTorch rounds:
+        #   XSRC 1, an RMSNorm output:  x = v * (x_ptr * u[row]).to(dt)   (x_ptr: float32 input, u: 1/rms, v: weight)
+        #   XSRC 2, a product:          x = x_ptr * u_ptr                  (both of x's dtype and shape)
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
         k_start = pid_k * BK
@@ -150,7 +169,7 @@ if triton is not None:
             m_ok = rm < m_hi
             rm64 = rm[:, None].to(tl.int64)
             keep = _keep_tile(rm, k_start, half_u, k0, mul, thresh_u, BK)
-            xt = tl.load(x_ptr + rm64 * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xt = _load_x(x_ptr, u_ptr, v_ptr, rm, rm64, rk, m_ok, k_ok, stride_xm, stride_um, a_ptr.dtype.element_ty, XSRC)
             xt = tl.where(keep, xt, tl.zeros_like(xt))
             gt = tl.load(g_ptr + rm64 * stride_gm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             ga = _dot(tl.trans(gt), xt, ga, PREC, UPCAST)
@@ -251,7 +270,7 @@ if triton is not None:
     _dropout_bwd_tuned = triton.autotune(
         configs=_cfgs([(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
                        (32, 64, 4, 3), (128, 128, 8, 3)], ("BM", "BK")),
-        key=["K", "R", "HAS_GX", "GX_INIT"], restore_value=["gx_ptr"])(_dropout_bwd_kernel)
+        key=["K", "R", "HAS_GX", "GX_INIT", "XSRC"], restore_value=["gx_ptr"])(_dropout_bwd_kernel)
     _routed_mm_tuned = triton.autotune(
         configs=_cfgs([(64, 128, 64, 4, 2), (64, 64, 64, 4, 3), (32, 128, 64, 4, 2), (128, 128, 32, 8, 2),
                        (64, 128, 32, 4, 3), (128, 64, 64, 8, 3)], ("BM", "BN", "BK")),
@@ -339,13 +358,19 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
     return out
 
 
-def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor, p: float,
-                     gx_init: bool = False) -> Tensor:
+def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor, p: float,
+                     gx_init: bool = False, src: tuple | None = None) -> Tensor:
     """dA (R, K) float32 = gxa.T @ dropout(x2); if gx is given, gx += (gxa @ A) * mask / (1 - p) in place
     (gx_init: gx = ..., gx's old contents are neither read nor kept).
 
-    x2 (M, K), gxa (M, R), A (R, K), gx (M, K): unit stride in the last dimension.
+    x2 (M, K), gxa (M, R), A (R, K), gx (M, K): unit stride in the last dimension. Instead of x2
+    (None), `src` (see `rebuild_source`) names what x2 was made of; the kernel rebuilds its tiles
+    in registers, bit for bit, and x2 is never written to memory.
     """
+    xsrc, u, v = 0, None, None
+    if src is not None:
+        kind, x2, u, v = src
+        xsrc = 1 if kind == "norm" else 2
     M, K = x2.shape
     R = A.shape[0]
     half, thresh, inv_keep = _dropout_args(K, p)
@@ -357,22 +382,44 @@ def dropout_backward(x2: Tensor, gxa: Tensor, A: Tensor, gx: Tensor | None, seed
     has_gx = gx is not None
     # Without gx, `part` stands in for its pointer (never read then): not x2, which the autotuner's
     # restore of gx_ptr would write to, bumping the version of a tensor autograd has saved.
-    args = (x2, gxa, A, gx if has_gx else part, part, seed, M, K, R, splits,
-            x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0, half, thresh, inv_keep)
+    args = (x2, gxa, A, gx if has_gx else part, part, seed, x2 if u is None else u, x2 if v is None else v,
+            M, K, R, splits, x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0,
+            u.stride(0) if xsrc == 2 else 0, half, thresh, inv_keep)
     BK = 64 if BR <= 32 else 32
 
     def fixed():
         _dropout_bwd_kernel[(triton.cdiv(K, BK), splits)](
-            *args, HAS_GX=has_gx, GX_INIT=gx_init, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=64, BK=BK,
-            BR=BR, num_warps=4, num_stages=2)
+            *args, HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=interpreting(), BM=64,
+            BK=BK, BR=BR, num_warps=4, num_stages=2)
 
     if _tune(M, x2):
-        _tuned(_dropout_bwd_tuned, _dropout_bwd_kernel, (K, R, has_gx, gx_init, x2.dtype, x2.device),
+        _tuned(_dropout_bwd_tuned, _dropout_bwd_kernel, (K, R, has_gx, gx_init, xsrc, A.dtype, x2.device),
                lambda meta: (triton.cdiv(K, meta["BK"]), splits), args,
-               dict(HAS_GX=has_gx, GX_INIT=gx_init, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
+               dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=False, BR=BR), fixed)
     else:
         fixed()
     return part.sum(0) if splits > 1 else part[0]
+
+
+def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:
+    """What `dropout_backward` needs to rebuild x (shape x_shape, dtype) in registers, or None when the
+    tensors do not have the layout the kernel reads (then x is rebuilt by PyTorch ops).
+
+    kind "norm": tensors (h32, rstd, weight) with x = weight * (h32 * rstd).to(dtype), an RMSNorm's output;
+    kind "mul": tensors (a, b) with x = a * b.
+    """
+    K = x_shape[-1]
+    if kind == "norm":
+        h, r, w = tensors
+        if h.dtype != torch.float32 or h.shape != x_shape or r.numel() * K != h.numel() or w.shape != (K,) \
+                or w.dtype != dtype or not (h.is_contiguous() and r.is_contiguous() and w.is_contiguous()):
+            return None
+        return "norm", h.view(-1, K), r.view(-1), w
+    a, b = tensors
+    if a.shape != x_shape or b.shape != x_shape or a.dtype != dtype or b.dtype != dtype \
+            or not (a.is_contiguous() and b.is_contiguous()):
+        return None
+    return "mul", a.view(-1, K), b.view(-1, K), None
 
 
 _SM: dict = {}

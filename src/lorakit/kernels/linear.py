@@ -213,6 +213,23 @@ def _recompute(fn: Callable, recipe, x_shape) -> Tensor:
     return x.reshape(-1, x_shape[-1])
 
 
+def rms_norm_apply(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    """weight * (h32 * rstd).to(weight.dtype): a Llama-style RMSNorm's output from its float32 input h32
+    and 1/rms, the recipe its producer marks (`lorakit.fusion`). One kernel where Triton runs."""
+    if _triton.available_for(h32) and weight.dtype in _TRITON_DTYPES:
+        return _triton.norm_apply(h32, rstd, weight)
+    return weight * (h32 * rstd).to(weight.dtype)
+
+
+# Recipes the dropout-backward kernel rebuilds in registers (x never written): fn -> the kernel's name for it.
+_IN_KERNEL = {rms_norm_apply: "norm", torch.mul: "mul"}
+
+
+def _in_kernel(fn: Callable, recipe, x_shape, dtype: torch.dtype) -> tuple | None:
+    kind = _IN_KERNEL.get(fn)
+    return None if kind is None else _triton.rebuild_source(kind, tuple(recipe), x_shape, dtype)
+
+
 def mark_recomputable(x: Tensor, fn: Callable, *tensors: Tensor) -> Tensor:
     """Note on x that x == fn(*tensors) exactly (same ops, same inputs), and return x.
 
@@ -375,8 +392,12 @@ class LoraLinearSingle(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, weight, A, B, xa, seed, *recipe = ctx.saved_tensors
+        src = None
         if ctx.fn is not None:
-            x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
+            if ctx.triton and seed is not None and not ctx.needs_input_grad[1]:
+                src = _in_kernel(ctx.fn, recipe, ctx.x_shape, A.dtype)
+            if src is None:
+                x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
         need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
         s, p = ctx.scale, ctx.p
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -393,8 +414,8 @@ class LoraLinearSingle(torch.autograd.Function):
             if need_x:
                 gx = torch.mm(gxa, A)
         elif ctx.triton:
-            gx = torch.empty_like(x2) if need_x else None
-            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True).to(A.dtype)
+            gx = A.new_empty(g2.shape[0], A.shape[1]) if need_x else None
+            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src).to(A.dtype)
         else:
             keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
             gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
@@ -583,13 +604,17 @@ class LoraLinearShared(torch.autograd.Function):
         J, ranks, scales, p = ctx.J, ctx.ranks, ctx.scales, ctx.p
         x2, A, xa, seed, *rest = ctx.saved_tensors
         Ws, Bs, recipe = rest[:J], rest[J:2 * J], rest[2 * J:]
-        if ctx.fn is not None:
-            x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
         need = ctx.needs_input_grad  # (x, J, ranks, scales, p, triton, fn, W.., b.., A.., B.., seed, recipe..)
+        src = None
+        if ctx.fn is not None:
+            if ctx.triton and seed is not None and not any(need[7:7 + J]):
+                src = _in_kernel(ctx.fn, recipe, ctx.x_shape, A.dtype)
+            if src is None:
+                x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
         need_x = need[0]
-        M = x2.shape[0]
+        M = xa.shape[0]
         g2 = [g.reshape(M, g.shape[-1]) for g in grads]
-        z = _zero(x2)
+        z = _zero(xa)
         dW = [g2[j].t() @ x2 if need[7 + j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
         dB, gxas, off = [], [], 0
@@ -606,8 +631,8 @@ class LoraLinearShared(torch.autograd.Function):
             if need_x:
                 gx = torch.mm(gxa, A)
         elif ctx.triton:
-            gx = torch.empty_like(x2) if need_x else None
-            dA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True)
+            gx = A.new_empty(M, A.shape[1]) if need_x else None
+            dA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
         else:
             keep = keep_mask(seed, M, x2.shape[1], p, x2.device).to(x2.dtype)
             dA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
