@@ -19,7 +19,7 @@ All cases run in one process on the same model weights, batch and seed:
                 lorakit-unfused: the fast path per linear, without lorakit.fusion
 
     PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
-        [--compile] [--graphs]
+        [--compile] [--graphs] [--attn sdpa|causal] [--profile CASES] [--cprofile CASES]
 
 --graphs captures each case's whole step (forward, backward, AdamW with capturable=True) as one
 CUDA graph and times its replays: what the GPU needs with no CPU work per op, for every case alike.
@@ -46,13 +46,37 @@ CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "kernels", "kern
          "lorakit-unfused"]
 
 
-def build(shape: dict, layers: int | None, device: str, dtype: torch.dtype = torch.bfloat16):
+def register_causal_attention() -> str:
+    """Register "lk_causal": PyTorch SDPA with is_causal=True and no mask tensor, ever.
+
+    Transformers' own "sdpa" makes the same call in an eager step of this benchmark (no padding: no
+    mask, is_causal=True), but while a CUDA graph is being captured it builds a mask tensor instead,
+    and the masked attention backward is more than twice as slow (BENCHMARKS.md, run 8). With this,
+    eager and graphed steps run the same attention kernels. Only valid without padding.
+    """
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("lk_causal", attention)
+    AttentionMaskInterface.register("lk_causal", lambda *args, **kwargs: None)
+    return "lk_causal"
+
+
+def build(shape: dict, layers: int | None, device: str, dtype: torch.dtype = torch.bfloat16, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = {k: v for k, v in shape.items() if k not in ("batch", "seq")}
     if layers is not None:
         cfg["num_hidden_layers"] = layers
-    config = LlamaConfig(**cfg, max_position_embeddings=4096, attn_implementation="sdpa")
+    if attn == "causal":
+        attn = register_causal_attention()
+    config = LlamaConfig(**cfg, max_position_embeddings=4096, attn_implementation=attn)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -145,9 +169,25 @@ def profile_step(step, case: str, top: int = 18) -> None:
         print(f"     {t:8.2f} ms {e.count:6d}x  {e.key[:90]}")
 
 
+def cprofile_steps(step, case: str, steps: int = 3, top: int = 30) -> None:
+    """Print where the CPU time of `steps` steps goes: Python functions and ATen calls by own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    print(f"  -- {case}: host time of {steps} steps by function (own time, cProfile)")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def run_case(case: str, args, shape: dict) -> dict:
     dev = args.device
-    model = build(shape, args.layers, dev, getattr(torch, args.dtype))
+    model = build(shape, args.layers, dev, getattr(torch, args.dtype), args.attn)
     model, params, note = prepare(case, model, args.rank, args.alpha)
     model.train()
     if args.compile:
@@ -216,6 +256,8 @@ def run_case(case: str, args, shape: dict) -> dict:
             profile_step(step, case, args.profile_top)
         except Exception as e:  # the profile is a diagnostic; keep the case's numbers regardless
             print(f"  -- profile of {case} failed: {type(e).__name__}: {e}")
+    if case in args.cprofile.split(","):
+        cprofile_steps(step, case)
     n_train = sum(p.numel() for p in params)
     del model, params, opt, ids
     gc.collect()
@@ -244,6 +286,10 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true",
                     help="capture each case's whole step as one CUDA graph and time its replays (CUDA)")
     ap.add_argument("--profile-top", type=int, default=18, help="how many kernels the profile lists")
+    ap.add_argument("--cprofile", default="", help="comma-separated cases whose host time to break down (cProfile)")
+    ap.add_argument("--attn", choices=["sdpa", "causal"], default="sdpa",
+                    help="attention: transformers' sdpa, or SDPA with is_causal and no mask tensor (see "
+                         "register_causal_attention; the same kernels eager and in a CUDA graph)")
     ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -264,7 +310,8 @@ def main() -> None:
     layers = args.layers or shape["num_hidden_layers"]
     print(f"# bench_train: {gpu}, torch {torch.__version__}, triton {tv}, transformers {transformers.__version__}; "
           f"shape {args.shape} ({layers} layers), batch {shape['batch']}x{shape['seq']}, {args.dtype}, AdamW, "
-          f"r={args.rank} alpha={args.alpha:g}; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+          f"r={args.rank} alpha={args.alpha:g}, attention {args.attn}; median of {args.steps} steps after "
+          f"{args.warmup} warm-up", flush=True)
     rows = []
     for case in args.cases.split(","):
         try:
