@@ -22,7 +22,8 @@ All cases run in one process on the same model weights, batch and seed:
         [--compile] [--graphs] [--attn sdpa|causal] [--profile CASES] [--cprofile CASES]
 
 --graphs captures each case's whole step (forward, backward, AdamW with capturable=True) as one
-CUDA graph and times its replays: what the GPU needs with no CPU work per op, for every case alike.
+CUDA graph with `lk.graphed_step` and times its replays: what the GPU needs with no CPU work per
+op, for every case alike (--attn causal keeps the attention kernels those of the eager step).
 """
 
 from __future__ import annotations
@@ -207,34 +208,27 @@ def run_case(case: str, args, shape: dict) -> dict:
         return loss
 
     cuda = dev == "cuda"
-    if args.graphs:  # warm up on a side stream, as torch.cuda.graph requires
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(args.warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
+    if args.graphs:
+        # The whole step (forward, backward, optimizer) as one CUDA graph, through lorakit's own helper
+        # (it works on any model): no per-op CPU work on replay. The peak includes warm-up and capture.
+        import lorakit as lk
+
+        batch = {"input_ids": ids, "labels": ids}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        graphed = lk.graphed_step(model, opt, batch, warmup=args.warmup)
+        step = lambda: graphed(batch)  # noqa: E731
+        note = (note + ", " if note else "") + "CUDA graph"
+        saved = float("nan")
+        for _ in range(2):
+            step()
     else:
         for _ in range(args.warmup):  # lorakit.fusion learns its groups in the first passes
             step()
-    saved = float("nan") if args.compile else saved_activation_bytes(model, ids)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    if args.graphs:
-        # The whole step (forward, backward, optimizer) as one CUDA graph: no per-op CPU work on replay.
-        # The peak is taken over the capture, which allocates what one eager step does.
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if opt is not None:
-                opt.step()
-        torch.cuda.synchronize()
-        step = graph.replay
-        note = (note + ", " if note else "") + "CUDA graph"
-        for _ in range(2):
-            step()
+        saved = float("nan") if args.compile else saved_activation_bytes(model, ids)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
     times, host = [], []
     for _ in range(args.steps):
         if cuda:

@@ -5,10 +5,11 @@
 """
 
 from .config import LoraConfig
-from .errors import (AdapterFileError, AdapterNotFoundError, ConfigError, LoraError, MergeError,
+from .errors import (AdapterFileError, AdapterNotFoundError, ConfigError, GraphError, LoraError, MergeError,
                      ShapeMismatchError, StateError, TargetError)
 from .inject import (active_adapters, adapter_names, count_parameters, delete_adapter, disabled, eject,
                      inject, lora_layers, merge, route, set_adapter, trainable_parameters, unmerge)
+from .graphs import graphed_step
 from .io import load_adapter, save_adapter
 from .layers import set_fast_path
 
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "inject", "set_adapter", "disabled", "route", "merge", "unmerge", "eject",
     "save_adapter", "load_adapter", "trainable_parameters", "count_parameters", "delete_adapter",
-    "adapter_names", "active_adapters", "lora_layers", "set_fast_path",
+    "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "graphed_step",
     "LoraError", "ConfigError", "TargetError", "AdapterNotFoundError", "AdapterFileError",
-    "ShapeMismatchError", "StateError", "MergeError",
+    "ShapeMismatchError", "StateError", "MergeError", "GraphError",
 ]

@@ -37,3 +37,7 @@ class StateError(LoraError):
 
 class MergeError(LoraError):
     """Merging failed, e.g. because the delta holds NaN or inf."""
+
+
+class GraphError(LoraError, ValueError):
+    """A training step that cannot be captured as a CUDA graph, or a batch that does not fit the captured one."""

@@ -1,0 +1,211 @@
+"""A training step captured once as a CUDA graph and replayed: no per-op CPU work per step.
+
+An adapted model launches several small kernels per adapted linear. When the host cannot
+enqueue them as fast as the GPU runs them, the step is bound by CPU time, not GPU time
+(BENCHMARKS.md measures both). A CUDA graph records forward, backward, gradient clipping
+and the optimizer step once; each later step copies the batch into the recorded input
+buffers and replays the whole step with one launch.
+
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=2e-4, capturable=True)
+    step = lk.graphed_step(model, opt, first_batch)      # batch: dict of tensors, fixed shapes
+    for batch in loader:
+        loss = step(batch)
+        scheduler.step()                                  # schedules keep working (lr is a tensor)
+
+What it needs: every batch has the same keys, shapes and dtypes (pad to one length); an
+optimizer built with `capturable=True`; no host synchronization inside the
+step (no `.item()`, no data-dependent Python control flow). Dropout stays random: the
+fast path draws its seeds on the GPU, which a replay advances. One optimizer step per batch
+(no gradient accumulation across calls).
+
+Capturing needs a few warm-up steps on the example batch (kernels compile and tune, lorakit
+groups sibling linears). They change nothing the caller sees: the trainable parameters and
+the optimizer state are put back as they were. Off CUDA, `graphed_step` returns the same
+step run eagerly, so code that uses it runs anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import GraphError
+
+Batch = Mapping[str, Tensor] | Sequence[Tensor]
+
+
+def _default_loss(model: nn.Module, batch: Batch) -> Tensor:
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise GraphError("graphed_step: the model's output has no loss (pass labels in the batch, or "
+                         "loss_fn=lambda model, batch: <loss tensor>).")
+    return loss
+
+
+def _tensors(batch: Batch) -> list[tuple[Any, Tensor]]:
+    items = list(batch.items()) if isinstance(batch, Mapping) else list(enumerate(batch))
+    for k, t in items:
+        if not isinstance(t, Tensor):
+            raise GraphError(f"graphed_step: batch[{k!r}] is a {type(t).__name__}; every entry must be a tensor.")
+    return items
+
+
+class GraphedStep:
+    """`step(batch) -> loss`: one training step (forward, backward, optional clipping, optimizer step).
+
+    Built by `graphed_step`; see the module docstring.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, example: Batch,
+                 loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None, max_grad_norm: float | None = None,
+                 warmup: int = 3) -> None:
+        if loss_fn is None and not isinstance(example, Mapping):
+            raise GraphError("graphed_step: a batch that is not a dict needs "
+                             "loss_fn=lambda model, batch: <loss tensor>.")
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn or _default_loss
+        self.max_grad_norm = max_grad_norm
+        items = _tensors(example)
+        self._spec = [(k, tuple(t.shape), t.dtype) for k, t in items]
+        self._params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        device = items[0][1].device if items else next(model.parameters()).device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if device.type != "cuda":
+            return  # eager: the same step, run op by op
+        if optimizer is not None:
+            _check_capturable(optimizer)
+            _lr_as_tensor(optimizer, device)
+        self._static = {k: t.detach().clone() for k, t in items}
+        self._capture(device, warmup)
+
+    # -- the step --------------------------------------------------------------------------------
+    def _step(self, batch: Batch) -> Tensor:
+        loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        if self.optimizer is not None:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
+            self.optimizer.step()
+        return loss.detach()
+
+    def _static_batch(self) -> Batch:
+        if all(isinstance(k, int) for k, _, _ in self._spec):
+            return [self._static[k] for k, _, _ in self._spec]
+        return dict(self._static)
+
+    def _capture(self, device: torch.device, warmup: int) -> None:
+        saved = _snapshot(self._params, self.optimizer)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: compile, tune, let lorakit learn its sibling groups
+            for _ in range(max(1, warmup)):
+                self._zero_grad()
+                self._step(self._static_batch())
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        _restore(saved, self.optimizer)
+        self._zero_grad()  # gradients are then allocated inside the graph, written (not added to) by each replay
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._loss = self._step(self._static_batch())
+
+    def _zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
+
+    def __call__(self, batch: Batch) -> Tensor:
+        items = _tensors(batch)
+        spec = [(k, tuple(t.shape), t.dtype) for k, t in items]
+        if spec != self._spec:
+            raise GraphError(
+                f"graphed_step: this batch has entries {_fmt(spec)} but the step was captured for {_fmt(self._spec)}. "
+                "A captured step replays fixed shapes: pad every batch to one length (and one batch size), "
+                "or build one graphed_step per shape.")
+        if self.graph is None:
+            self._zero_grad()
+            return self._step(batch)
+        for k, t in items:
+            self._static[k].copy_(t, non_blocking=True)
+        self.graph.replay()
+        return self._loss.clone()
+
+
+def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, example_batch: Batch,
+                 loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None, *, max_grad_norm: float | None = None,
+                 warmup: int = 3) -> GraphedStep:
+    """A training step for `model` captured as one CUDA graph (eager off CUDA); see the module docstring.
+
+    Args:
+        model: in training mode, on the GPU.
+        optimizer: built with `capturable=True`; None: forward and backward only.
+        example_batch: a dict (passed as `model(**batch)`) or a sequence of tensors, on the model's
+            device, with the shapes and dtypes of every later batch.
+        loss_fn: `loss_fn(model, batch) -> scalar loss`; default `model(**batch).loss`.
+        max_grad_norm: clip the gradients' total norm to this before each optimizer step.
+        warmup: eager steps before the capture (their effect on parameters and optimizer state is undone).
+
+    Returns:
+        `step(batch) -> loss` (a detached scalar tensor; reading it with `.item()` waits for the step).
+
+    Raises:
+        GraphError: an optimizer that cannot be captured, or (at a call) a batch of another shape.
+    """
+    return GraphedStep(model, optimizer, example_batch, loss_fn, max_grad_norm, warmup)
+
+
+def _fmt(spec) -> str:
+    return ", ".join(f"{k}: {list(s)} {str(d).replace('torch.', '')}" for k, s, d in spec)
+
+
+def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    for g in optimizer.param_groups:
+        if not g.get("capturable"):
+            raise GraphError(
+                f"graphed_step: {type(optimizer).__name__} was built without capturable=True; its step reads the "
+                f"step count on the CPU and cannot be recorded. Build it as {type(optimizer).__name__}(params, ..., "
+                "capturable=True) (Adam, AdamW and most torch.optim optimizers accept it).")
+
+
+def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    # A float lr would be baked into the recorded kernels; as a tensor, schedulers update it in place.
+    for g in optimizer.param_groups:
+        if not isinstance(g["lr"], Tensor):
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+
+
+def _snapshot(params: list[Tensor], optimizer) -> tuple[list[Tensor], dict]:
+    with torch.no_grad():
+        values = [p.detach().clone() for p in params]
+        state = {}
+        if optimizer is not None:
+            for p, st in optimizer.state.items():
+                state[p] = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+    return values, state
+
+
+def _restore(saved: tuple[list[Tensor], dict], optimizer) -> None:
+    """Parameters and optimizer state as before the warm-up, in the same tensors (the graph records
+    their addresses). State the warm-up created is zeroed: a fresh Adam-family state."""
+    values, state = saved
+    with torch.no_grad():
+        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        for p, v in zip(params, values):
+            p.copy_(v)
+        if optimizer is None:
+            return
+        for p, st in optimizer.state.items():
+            before = state.get(p)
+            for k, v in st.items():
+                if not isinstance(v, Tensor):
+                    if before is not None and k in before:
+                        st[k] = before[k]
+                    continue
+                if before is not None and k in before:
+                    v.copy_(before[k])
+                else:
+                    v.zero_()

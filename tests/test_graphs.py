@@ -1,0 +1,116 @@
+"""lk.graphed_step: a training step captured as one CUDA graph (eager off CUDA), same results as the plain loop."""
+
+import pytest
+import torch
+
+import lorakit as lk
+from models import clone, example_input, make, randomize
+
+CUDA = torch.cuda.is_available()
+
+
+def adapted(dropout: float = 0.0, device: str = "cpu"):
+    model = make("llama")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, dropout=dropout, targets="all-linear"))
+    randomize(model, std=0.1)
+    return model.to(device).train()
+
+
+def batch(device: str = "cpu", seed: int = 1):
+    ids = example_input("llama", batch=4, seed=seed).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def plain_steps(model, opt, batches, max_grad_norm=None):
+    losses = []
+    for b in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(**b).loss
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(lk.trainable_parameters(model)), max_grad_norm)
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_off_cuda_it_is_the_plain_training_step():
+    m1 = adapted()
+    m2 = clone(m1)
+    batches = [batch(seed=s) for s in (1, 2, 3)]
+    o1 = torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-2)
+    o2 = torch.optim.AdamW(lk.trainable_parameters(m2), lr=1e-2)
+    step = lk.graphed_step(m2, o2, batches[0], max_grad_norm=0.5)
+    want = plain_steps(m1, o1, batches, max_grad_norm=0.5)
+    got = [step(b) for b in batches]
+    assert step.graph is None
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    s1, s2 = adapter_state(m1), adapter_state(m2)
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], p) for k, p in adapter_state(adapted()).items())  # it did train
+
+
+def test_a_batch_of_another_shape_is_refused_with_the_fix():
+    model = adapted()
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=1e-3)
+    step = lk.graphed_step(model, opt, batch())
+    ids = torch.randint(0, 96, (4, 7))
+    with pytest.raises(lk.GraphError, match="pad every batch to one length"):
+        step({"input_ids": ids, "labels": ids})
+    with pytest.raises(lk.GraphError, match="loss_fn"):
+        lk.graphed_step(model, opt, [ids])
+    with pytest.raises(lk.GraphError, match="must be a tensor"):
+        lk.graphed_step(model, opt, {"input_ids": ids, "labels": ids.tolist()})
+
+
+def test_custom_loss_and_sequence_batch():
+    model = adapted()
+    opt = torch.optim.SGD(lk.trainable_parameters(model), lr=1e-2)
+    ids = example_input("llama")
+    step = lk.graphed_step(model, opt, [ids], loss_fn=lambda m, b: m(input_ids=b[0]).logits.float().square().mean())
+    first = step([ids])
+    for _ in range(5):
+        last = step([ids])
+    assert last < first  # SGD on the mean square of the logits pushes them down
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_captured_step_matches_the_eager_loop_on_the_gpu():
+    m1 = adapted(device="cuda")
+    m2 = clone(m1)
+    before = adapter_state(m2)
+    batches = [batch("cuda", seed=s) for s in (1, 2, 3, 4)]
+    o1 = torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-2, capturable=True)
+    o2 = torch.optim.AdamW(lk.trainable_parameters(m2), lr=1e-2, capturable=True)
+    step = lk.graphed_step(m2, o2, batches[0], max_grad_norm=0.5)
+    assert step.graph is not None
+    after = adapter_state(m2)  # the warm-up steps were undone
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    sched = torch.optim.lr_scheduler.LambdaLR(o2, lambda i: 0.5 ** i)
+    sched1 = torch.optim.lr_scheduler.LambdaLR(o1, lambda i: 0.5 ** i)
+    want, got = [], []
+    for b in batches:
+        want += plain_steps(m1, o1, [b], max_grad_norm=0.5)
+        sched1.step()
+        got.append(step(b))
+        sched.step()
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (want, got)
+    s1, s2 = adapter_state(m1), adapter_state(m2)
+    assert all(torch.allclose(s1[k], s2[k], rtol=1e-3, atol=1e-5) for k in s1)
+    with pytest.raises(lk.GraphError, match="capturable=True"):
+        lk.graphed_step(m1, torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-3), batches[0])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_dropout_stays_random_across_replays():
+    model = adapted(dropout=0.3, device="cuda")
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=0.0, capturable=True)  # lr 0: weights fixed
+    b = batch("cuda")
+    step = lk.graphed_step(model, opt, b)
+    losses = {step(b).item() for _ in range(4)}
+    assert len(losses) == 4  # a fresh dropout mask in every replay
