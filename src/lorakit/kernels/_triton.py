@@ -358,10 +358,10 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
     return out
 
 
-def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor, p: float,
+def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor | None, p: float,
                      gx_init: bool = False, src: tuple | None = None) -> Tensor:
     """dA (R, K) float32 = gxa.T @ dropout(x2); if gx is given, gx += (gxa @ A) * mask / (1 - p) in place
-    (gx_init: gx = ..., gx's old contents are neither read nor kept).
+    (gx_init: gx = ..., gx's old contents are neither read nor kept). seed None: no dropout.
 
     x2 (M, K), gxa (M, R), A (R, K), gx (M, K): unit stride in the last dimension. Instead of x2
     (None), `src` (see `rebuild_source`) names what x2 was made of; the kernel rebuilds its tiles
@@ -373,6 +373,8 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
         xsrc = 1 if kind == "norm" else 2
     M, K = x2.shape
     R = A.shape[0]
+    if seed is None:  # threshold 0 keeps every element
+        seed, p = _zero_seed(x2.device), 0.0
     half, thresh, inv_keep = _dropout_args(K, p)
     BR = _pow2(R)
     # Enough row slices to fill the GPU (~4 programs per SM at 64 columns a program); each slice
@@ -423,6 +425,15 @@ def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.
 
 
 _SM: dict = {}
+_ZERO_SEEDS: dict = {}
+
+
+def _zero_seed(device: torch.device) -> Tensor:
+    seed = _ZERO_SEEDS.get(device)
+    if seed is None:
+        seed = _ZERO_SEEDS[device] = torch.zeros(2, dtype=torch.int64, device=device)
+    return seed
+
 
 
 def _sm_count(device: torch.device) -> int:

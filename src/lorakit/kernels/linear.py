@@ -394,7 +394,7 @@ class LoraLinearSingle(torch.autograd.Function):
         x2, weight, A, B, xa, seed, *recipe = ctx.saved_tensors
         src = None
         if ctx.fn is not None:
-            if ctx.triton and seed is not None and not ctx.needs_input_grad[1]:
+            if ctx.triton and not ctx.needs_input_grad[1]:
                 src = _in_kernel(ctx.fn, recipe, ctx.x_shape, A.dtype)
             if src is None:
                 x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
@@ -408,7 +408,7 @@ class LoraLinearSingle(torch.autograd.Function):
         gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
         # gx: the small LoRA term first, then the base GEMM adds onto it in its epilogue.
         gA = gx = None
-        if seed is None:
+        if seed is None and src is None:
             if need_a:
                 gA = torch.mm(gxa.t(), x2)
             if need_x:
@@ -484,14 +484,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
 def _seed_and_kernels(x: Tensor, drop: bool, p: float, seed: Tensor | None, backend: str,
                       where: str) -> tuple[Tensor | None, bool]:
-    """(the dropout seed or None, whether the Triton dropout kernels run) for the one-group Functions."""
-    if not drop:
-        return None, False
-    _check_p(p, where)
-    seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
-    # Under torch.compile the PyTorch mask ops are traced and fused by the compiler instead.
+    """(the dropout seed or None, whether the Triton kernels run) for the one-group Functions."""
+    # Under torch.compile the PyTorch ops are traced and fused by the compiler instead. Without dropout
+    # the Triton backward still serves an input rebuilt in registers (`_in_kernel`).
     triton = backend == "auto" and x.dtype in _TRITON_DTYPES and not torch.compiler.is_compiling() \
         and _triton.available_for(x)
+    if not drop:
+        return None, triton
+    _check_p(p, where)
+    seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
     return seed, triton
 
 
@@ -607,7 +608,7 @@ class LoraLinearShared(torch.autograd.Function):
         need = ctx.needs_input_grad  # (x, J, ranks, scales, p, triton, fn, W.., b.., A.., B.., seed, recipe..)
         src = None
         if ctx.fn is not None:
-            if ctx.triton and seed is not None and not any(need[7:7 + J]):
+            if ctx.triton and not any(need[7:7 + J]):
                 src = _in_kernel(ctx.fn, recipe, ctx.x_shape, A.dtype)
             if src is None:
                 x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
@@ -626,7 +627,7 @@ class LoraLinearShared(torch.autograd.Function):
         gxa = torch.cat(gxas, 1) if J > 1 else gxas[0]
         # gx: the small LoRA term first, then the base GEMMs add onto it in their epilogues.
         gx = None
-        if seed is None:
+        if seed is None and src is None:
             dA = torch.mm(gxa.t(), x2)
             if need_x:
                 gx = torch.mm(gxa, A)
