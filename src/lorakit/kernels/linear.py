@@ -17,7 +17,9 @@ What autograd would do with the plain formula, and what this does instead:
     input-gradient gx alike) and the large base GEMM adds onto them in place (`addmm_`), which
     reads them in its epilogue: one memory-bound pass over y or gx fewer than adding them last.
   * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
-    rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway.
+    rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway. For an
+    RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
+    x tile by tile in registers, bit for bit, so x is never written to memory at all.
 
 Backward, with g_j = dL/dy_j:
     gxa_t = s_t * g_j @ B_t                    (..., r)
