@@ -57,9 +57,10 @@ def test_fast_path_equals_reference(kind, targets, setup):
     torch.testing.assert_close(fast_out, ref_out, rtol=1e-5, atol=1e-5)
     assert ref_grads.keys() == fast_grads.keys() and ref_grads
     for n in ref_grads:
-        # float32 sums in another order: compare on the gradient's own scale
+        # float32 sums in another order (and over another number of CPU threads): compare on the
+        # gradient's own scale (a 16-core host measured 2.03e-5 on gpt2 routed)
         scale = float(ref_grads[n].abs().max()) + 1e-12
-        torch.testing.assert_close(fast_grads[n] / scale, ref_grads[n] / scale, rtol=0, atol=2e-5)
+        torch.testing.assert_close(fast_grads[n] / scale, ref_grads[n] / scale, rtol=0, atol=5e-5)
 
 
 def test_fast_path_with_dropout_trains_and_merges_exactly():
