@@ -79,13 +79,14 @@ def test_custom_loss_and_sequence_batch():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_captured_step_matches_the_eager_loop_on_the_gpu():
+@pytest.mark.parametrize("fused", [False, True])
+def test_captured_step_matches_the_eager_loop_on_the_gpu(fused):
     m1 = adapted(device="cuda")
     m2 = clone(m1)
     before = adapter_state(m2)
     batches = [batch("cuda", seed=s) for s in (1, 2, 3, 4)]
-    o1 = torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-2, capturable=True)
-    o2 = torch.optim.AdamW(lk.trainable_parameters(m2), lr=1e-2, capturable=True)
+    o1 = torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-2, capturable=True, fused=fused)
+    o2 = torch.optim.AdamW(lk.trainable_parameters(m2), lr=1e-2, capturable=True, fused=fused)
     step = lk.graphed_step(m2, o2, batches[0], max_grad_norm=0.5)
     assert step.graph is not None
     after = adapter_state(m2)  # the warm-up steps were undone

@@ -6,14 +6,16 @@ enqueue them as fast as the GPU runs them, the step is bound by CPU time, not GP
 and the optimizer step once; each later step copies the batch into the recorded input
 buffers and replays the whole step with one launch.
 
-    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=2e-4, capturable=True)
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=2e-4, capturable=True, fused=True)
     step = lk.graphed_step(model, opt, first_batch)      # batch: dict of tensors, fixed shapes
     for batch in loader:
         loss = step(batch)
         scheduler.step()                                  # schedules keep working (lr is a tensor)
 
 What it needs: every batch has the same keys, shapes and dtypes (pad to one length); an
-optimizer built with `capturable=True`; no host synchronization inside the
+optimizer built with `capturable=True` (with AdamW also `fused=True`: its capturable foreach
+form launches kernels per parameter, 3.5 ms per step for the 308 adapter tensors of a 1.1B
+Llama, BENCHMARKS.md); no host synchronization inside the
 step (no `.item()`, no data-dependent Python control flow). Dropout stays random: the
 fast path draws its seeds on the GPU, which a replay advances. One optimizer step per batch
 (no gradient accumulation across calls).
