@@ -5,7 +5,7 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
   route:  a 4-layer Llama-1.1B-shaped model with 32 adapters, batch 32 x 256, kernels-only routed
           vs lk.route: GPU ms, host ms per forward, and the top GPU kernels of each
 
-    PYTHONPATH=src python benchmarks/diag_host.py
+    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route]
 """
 
 from __future__ import annotations
@@ -127,6 +127,18 @@ def route() -> None:
 
 
 if __name__ == "__main__":
-    print(f"# diag_host: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    launch()
-    route()
+    import sys
+
+    parts = sys.argv[1:] or ["launch", "route"]
+    print(f"# diag_host: {torch.cuda.get_device_name()}, torch {torch.__version__}; {' '.join(parts)}", flush=True)
+    if "launch" in parts:
+        launch()
+    if "launch-triton" in parts:  # Triton's own launch path, then lorakit's direct launches of compiled kernels
+        from lorakit.kernels import _triton
+
+        for direct in (False, True):
+            _triton._DIRECT["on"] = direct
+            print(f"  -- direct launches {'on' if direct else 'off'}")
+            launch()
+    if "route" in parts:
+        route()

@@ -185,6 +185,51 @@ if triton is not None:
         tl.store(ga_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], ga, mask=r_ok[:, None] & k_ok[None, :])
 
     @triton.jit
+    def _lora_grad_kernel(g_ptr, b_ptr, xa_ptr, gp_ptr, dbp_ptr, M, N, R, SPLITS, stride_gm, stride_bn, stride_xm,
+                          PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BR: tl.constexpr):
+        # The two products of the LoRA backward that read g = d loss / d y (M, N), from one read of g.
+        # For one column block of N and one slice of rows:
+        #   gp[block] (rows, BR) = g @ B           partial sums over this column block (float32)
+        #   dbp[slice] (BN, BR)  = g.T @ xa        partial sums over this slice of rows (float32)
+        # B (N, R), xa (M, R); summed over blocks / slices by _sum_parts_kernel (deterministic, no atomics).
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        n_ok = rn < N
+        r_ok = rr < R
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        db = tl.zeros((BN, BR), dtype=tl.float32)
+        rows_per_prog = tl.cdiv(tl.cdiv(M, SPLITS), BM) * BM
+        m_lo = pid_s * rows_per_prog
+        m_hi = tl.minimum(m_lo + rows_per_prog, M)
+        gp_base = gp_ptr + pid_n.to(tl.int64) * M * BR
+        for m_start in range(m_lo, m_hi, BM):
+            rm = m_start + tl.arange(0, BM)
+            m_ok = rm < m_hi
+            rm64 = rm[:, None].to(tl.int64)
+            gt = tl.load(g_ptr + rm64 * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            xt = tl.load(xa_ptr + rm64 * stride_xm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            db = _dot(tl.trans(gt), xt, db, PREC, UPCAST)
+            gp = _dot(gt, b, tl.zeros((BM, BR), dtype=tl.float32), PREC, UPCAST)
+            tl.store(gp_base + rm64 * BR + rr[None, :], gp, mask=m_ok[:, None])
+        tl.store(dbp_ptr + pid_s.to(tl.int64) * N * BR + rn[:, None] * BR + rr[None, :], db, mask=n_ok[:, None])
+
+    @triton.jit
+    def _sum_parts_kernel(p_ptr, out_ptr, P, ROWS, R, stride_om, scale, BR: tl.constexpr, BROWS: tl.constexpr):
+        # out[i, j] = scale * sum_p p[p, i, j]  (i < ROWS, j < R), p (P, ROWS, BR) float32, summed in order.
+        rows = tl.program_id(0) * BROWS + tl.arange(0, BROWS)
+        rr = tl.arange(0, BR)
+        ok = rows < ROWS
+        offs = rows[:, None].to(tl.int64) * BR + rr[None, :]
+        acc = tl.zeros((BROWS, BR), dtype=tl.float32)
+        for q in range(0, P):
+            acc += tl.load(p_ptr + q * ROWS * BR + offs, mask=ok[:, None], other=0.0)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + rr[None, :],
+                 (acc * scale).to(out_ptr.dtype.element_ty), mask=ok[:, None] & (rr[None, :] < R))
+
+    @triton.jit
     def _routed_mm_kernel(in_ptr, mat_ptr, out_ptr, rows_ptr, scale_ptr, T, K, NOUT,
                           stride_in, stride_out, stride_ma, stride_mk, stride_mj,
                           ACCUM: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -279,6 +324,45 @@ if triton is not None:
 
 _TUNING = {"on": True}
 
+# -- launching ------------------------------------------------------------------------------------
+# Triton's own launch (`kernel[grid](...)`) binds and specializes every argument in Python on every
+# call: 35-100 us of CPU per launch on the benchmark host, where a LoRA step launches ~180 kernels.
+# Once a kernel was compiled for a specialization, `_launch` calls the compiled kernel directly.
+# Its cache key is finer than Triton's own (every property Triton specializes an argument on, and
+# then some), so it can only miss where Triton would hit, never reuse a kernel Triton would not.
+_COMPILED: dict = {}
+_DIRECT = {"on": os.environ.get("LORAKIT_TRITON_DIRECT", "1") != "0"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _spec(a) -> tuple:
+    if isinstance(a, Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool):
+        return "b", a
+    if isinstance(a, int):
+        return "i", a == 0, a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31
+    if isinstance(a, float):
+        return ("f",)
+    return "v", a
+
+
+def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
+    """kernel[grid](*args, **consts), by the compiled kernel's own launcher once Triton has compiled it."""
+    if not (_DIRECT["on"] and args[0].is_cuda):
+        kernel[grid](*args, **consts)
+        return
+    key = (kernel, args[0].device, tuple(_spec(a) for a in args), tuple(sorted(consts.items())))
+    hit = _COMPILED.get(key)
+    if hit is not None:
+        hit[0][grid](*args, *hit[1])
+        return
+    compiled = kernel[grid](*args, **consts)
+    names = kernel.arg_names[len(args):]
+    if hasattr(compiled, "run") and all(n in consts for n in names) \
+            and len(consts) == len(names) + sum(o in consts for o in _OPTIONS):
+        _COMPILED[key] = (compiled, tuple(consts[n] for n in names))
+
 
 def _tune(M: int, t: Tensor) -> bool:
     return _TUNING["on"] and M >= 4096 and t.is_cuda and not interpreting()
@@ -297,7 +381,8 @@ def _tuned(tuner, kernel, key: tuple, grid, args: tuple, consts: dict, fallback)
     """
     cfg = _BEST.get((kernel, key))
     if cfg is not None:
-        kernel[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch(kernel, grid(cfg.kwargs), args,
+                {**consts, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         return
     try:
         tuner[grid](*args, **consts)
@@ -345,9 +430,9 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
     BK = 128 if K >= 128 else 64
 
     def fixed():
-        _shrink_kernel[(triton.cdiv(M, BM),)](
-            *args, DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR,
-            num_warps=4, num_stages=3)
+        _launch(_shrink_kernel, (triton.cdiv(M, BM),), args,
+                dict(DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR,
+                     num_warps=4, num_stages=3))
 
     if _tune(M, x2):
         _tuned(_shrink_tuned, _shrink_kernel, (K, R, dropout, x2.dtype, x2.device),
@@ -390,9 +475,9 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     BK = 64 if BR <= 32 else 32
 
     def fixed():
-        _dropout_bwd_kernel[(triton.cdiv(K, BK), splits)](
-            *args, HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=interpreting(), BM=64,
-            BK=BK, BR=BR, num_warps=4, num_stages=2)
+        _launch(_dropout_bwd_kernel, (triton.cdiv(K, BK), splits), args,
+                dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=interpreting(), BM=64,
+                     BK=BK, BR=BR, num_warps=4, num_stages=2))
 
     if _tune(M, x2):
         _tuned(_dropout_bwd_tuned, _dropout_bwd_kernel, (K, R, has_gx, gx_init, xsrc, A.dtype, x2.device),
@@ -401,6 +486,34 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     else:
         fixed()
     return part.sum(0) if splits > 1 else part[0]
+
+
+def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) -> Tensor:
+    """The LoRA backward's two products of g, reading g once: writes gxa_out = scale * g @ B and
+    returns dB = scale * g.T @ xa (a new (N, R) tensor of B's dtype).
+
+    g (M, N), B (N, R), xa (M, R), gxa_out (M, R): unit stride in the last dimension (row strides
+    free, so xa and gxa_out may be column slices of a group's wider tensors).
+    """
+    M, N = g.shape
+    R = B.shape[1]
+    BR = _pow2(R)
+    BM, BN = (64, 256) if N >= 256 else (64, _pow2(N))
+    blocks = triton.cdiv(N, BN)
+    # Enough programs to fill the GPU (~2 per SM); each row slice keeps its own partial dB.
+    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _sm_count(g.device), blocks)))
+    gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
+    dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
+    up = interpreting()
+    _launch(_lora_grad_kernel, (blocks, splits),
+            (g, B, xa, gp, dbp, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0)),
+            dict(PREC=_prec(g.dtype), UPCAST=up, BM=BM, BN=BN, BR=BR, num_warps=4, num_stages=3))
+    _launch(_sum_parts_kernel, (triton.cdiv(M, 128),), (gp, gxa_out, blocks, M, R, gxa_out.stride(0), float(scale)),
+            dict(BR=BR, BROWS=128, num_warps=4))
+    dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
+    _launch(_sum_parts_kernel, (triton.cdiv(N, 128),), (dbp, dB, splits, N, R, dB.stride(0), float(scale)),
+            dict(BR=BR, BROWS=128, num_warps=4))
+    return dB
 
 
 def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:
@@ -463,9 +576,9 @@ def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout
     BM = 16 if T < 64 else (32 if nout <= 64 else 64)
 
     def fixed():
-        _routed_mm_kernel[(batch, triton.cdiv(T, BM), triton.cdiv(nout, BN))](
-            *args, ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=interpreting(),
-            BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2)
+        _launch(_routed_mm_kernel, (batch, triton.cdiv(T, BM), triton.cdiv(nout, BN)), args,
+                dict(ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=interpreting(),
+                     BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2))
 
     if _tune(N, inp) and T >= 64 and nout >= 64:
         _tuned(_routed_mm_tuned, _routed_mm_kernel, (K, nout, accumulate, scales is not None, inp.dtype, inp.device),
@@ -487,9 +600,8 @@ def routed_outer(u: Tensor, v: Tensor, rows: Tensor) -> Tensor:
     BT = 64 if T >= 64 else 16
     out = torch.empty(batch, U, V, dtype=torch.float32, device=u.device)
     grid = (batch, triton.cdiv(U, BU), triton.cdiv(V, BV))
-    _routed_outer_kernel[grid](u, v, out, rows, T, U, V, u.stride(0), v.stride(0),
-                               PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT,
-                               num_warps=4, num_stages=2)
+    _launch(_routed_outer_kernel, grid, (u, v, out, rows, T, U, V, u.stride(0), v.stride(0)),
+            dict(PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT, num_warps=4, num_stages=2))
     return out
 
 
@@ -508,6 +620,6 @@ def norm_apply(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
         raise ValueError(f"norm_apply: rstd has {r.numel()} values for {h2.shape[0]} rows.")
     out = torch.empty(h2.shape, dtype=weight.dtype, device=h32.device)
     BN = _pow2(N)
-    _norm_apply_kernel[(h2.shape[0],)](h2, r.contiguous(), weight.contiguous(), out, N, h2.stride(0), out.stride(0),
-                                       BN=BN, num_warps=4 if BN <= 2048 else 8)
+    _launch(_norm_apply_kernel, (h2.shape[0],), (h2, r.contiguous(), weight.contiguous(), out, N, h2.stride(0),
+                                                 out.stride(0)), dict(BN=BN, num_warps=4 if BN <= 2048 else 8))
     return out.view(h32.shape)
