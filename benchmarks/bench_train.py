@@ -194,8 +194,8 @@ def run_case(case: str, args, shape: dict) -> dict:
     if args.compile:
         model = torch.compile(model)
         note = (note + ", " if note else "") + "torch.compile"
-    # capturable: the optimizer step can be part of a CUDA graph (--graphs); there the fused AdamW, whose
-    # capturable foreach form launches per-parameter kernels (3.5 ms per step for lorakit's 308 tensors)
+    # capturable: the optimizer step can be part of a CUDA graph (--graphs); there the fused AdamW (the
+    # capturable foreach form made lorakit's graphed step 4.6 ms slower, BENCHMARKS.md run 9)
     opt = torch.optim.AdamW(params, lr=1e-4, capturable=args.graphs, fused=args.graphs or None) if params else None
     g = torch.Generator(device="cpu").manual_seed(2)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(dev)
