@@ -355,7 +355,7 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
     key = (kernel, args[0].device, tuple(_spec(a) for a in args), tuple(sorted(consts.items())))
     hit = _COMPILED.get(key)
     if hit is not None:
-        hit[0][grid](*args, *hit[1])
+        hit[0][grid + (1,) * (3 - len(grid))](*args, *hit[1])  # the compiled kernel's launcher reads 3 dims
         return
     compiled = kernel[grid](*args, **consts)
     names = kernel.arg_names[len(args):]
