@@ -185,51 +185,6 @@ if triton is not None:
         tl.store(ga_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], ga, mask=r_ok[:, None] & k_ok[None, :])
 
     @triton.jit
-    def _lora_grad_kernel(g_ptr, b_ptr, xa_ptr, gp_ptr, dbp_ptr, M, N, R, SPLITS, stride_gm, stride_bn, stride_xm,
-                          PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BR: tl.constexpr):
-        # The two products of the LoRA backward that read g = d loss / d y (M, N), from one read of g.
-        # For one column block of N and one slice of rows:
-        #   gp[block] (rows, BR) = g @ B           partial sums over this column block (float32)
-        #   dbp[slice] (BN, BR)  = g.T @ xa        partial sums over this slice of rows (float32)
-        # B (N, R), xa (M, R); summed over blocks / slices by _sum_parts_kernel (deterministic, no atomics).
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rr = tl.arange(0, BR)
-        n_ok = rn < N
-        r_ok = rr < R
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        db = tl.zeros((BN, BR), dtype=tl.float32)
-        rows_per_prog = tl.cdiv(tl.cdiv(M, SPLITS), BM) * BM
-        m_lo = pid_s * rows_per_prog
-        m_hi = tl.minimum(m_lo + rows_per_prog, M)
-        gp_base = gp_ptr + pid_n.to(tl.int64) * M * BR
-        for m_start in range(m_lo, m_hi, BM):
-            rm = m_start + tl.arange(0, BM)
-            m_ok = rm < m_hi
-            rm64 = rm[:, None].to(tl.int64)
-            gt = tl.load(g_ptr + rm64 * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            xt = tl.load(xa_ptr + rm64 * stride_xm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            db = _dot(tl.trans(gt), xt, db, PREC, UPCAST)
-            gp = _dot(gt, b, tl.zeros((BM, BR), dtype=tl.float32), PREC, UPCAST)
-            tl.store(gp_base + rm64 * BR + rr[None, :], gp, mask=m_ok[:, None])
-        tl.store(dbp_ptr + pid_s.to(tl.int64) * N * BR + rn[:, None] * BR + rr[None, :], db, mask=n_ok[:, None])
-
-    @triton.jit
-    def _sum_parts_kernel(p_ptr, out_ptr, P, ROWS, R, stride_om, scale, BR: tl.constexpr, BROWS: tl.constexpr):
-        # out[i, j] = scale * sum_p p[p, i, j]  (i < ROWS, j < R), p (P, ROWS, BR) float32, summed in order.
-        rows = tl.program_id(0) * BROWS + tl.arange(0, BROWS)
-        rr = tl.arange(0, BR)
-        ok = rows < ROWS
-        offs = rows[:, None].to(tl.int64) * BR + rr[None, :]
-        acc = tl.zeros((BROWS, BR), dtype=tl.float32)
-        for q in range(0, P):
-            acc += tl.load(p_ptr + q * ROWS * BR + offs, mask=ok[:, None], other=0.0)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + rr[None, :],
-                 (acc * scale).to(out_ptr.dtype.element_ty), mask=ok[:, None] & (rr[None, :] < R))
-
-    @triton.jit
     def _routed_mm_kernel(in_ptr, mat_ptr, out_ptr, rows_ptr, scale_ptr, T, K, NOUT,
                           stride_in, stride_out, stride_ma, stride_mk, stride_mj,
                           ACCUM: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -486,34 +441,6 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     else:
         fixed()
     return part.sum(0) if splits > 1 else part[0]
-
-
-def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) -> Tensor:
-    """The LoRA backward's two products of g, reading g once: writes gxa_out = scale * g @ B and
-    returns dB = scale * g.T @ xa (a new (N, R) tensor of B's dtype).
-
-    g (M, N), B (N, R), xa (M, R), gxa_out (M, R): unit stride in the last dimension (row strides
-    free, so xa and gxa_out may be column slices of a group's wider tensors).
-    """
-    M, N = g.shape
-    R = B.shape[1]
-    BR = _pow2(R)
-    BM, BN = (64, 256) if N >= 256 else (64, _pow2(N))
-    blocks = triton.cdiv(N, BN)
-    # Enough programs to fill the GPU (~2 per SM); each row slice keeps its own partial dB.
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _sm_count(g.device), blocks)))
-    gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
-    dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
-    up = interpreting()
-    _launch(_lora_grad_kernel, (blocks, splits),
-            (g, B, xa, gp, dbp, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0)),
-            dict(PREC=_prec(g.dtype), UPCAST=up, BM=BM, BN=BN, BR=BR, num_warps=4, num_stages=3))
-    _launch(_sum_parts_kernel, (triton.cdiv(M, 128),), (gp, gxa_out, blocks, M, R, gxa_out.stride(0), float(scale)),
-            dict(BR=BR, BROWS=128, num_warps=4))
-    dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
-    _launch(_sum_parts_kernel, (triton.cdiv(N, 128),), (dbp, dB, splits, N, R, dB.stride(0), float(scale)),
-            dict(BR=BR, BROWS=128, num_warps=4))
-    return dB
 
 
 def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:
