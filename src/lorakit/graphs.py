@@ -133,6 +133,10 @@ class GraphedStep:
         for k, t in items:
             self._static[k].copy_(t, non_blocking=True)
         self.graph.replay()
+        if self.optimizer is not None:
+            # What a Python-level optimizer.step() call would note; lr schedulers check it, and a replay
+            # runs the recorded step without calling it.
+            self.optimizer._opt_called = True
         return self._loss.clone()
 
 
