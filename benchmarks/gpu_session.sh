@@ -16,13 +16,13 @@ PY=${PY:-python3}
   tests/test_fast_path.py tests/test_graphs.py -q -x -k "not interpreter" -p no:cacheprovider -W ignore::FutureWarning 2>&1 | tail -5 | tee "$OUT/tests.log"
 [ "${T_TRAIN1B:-200}" != 0 ] && timeout ${T_TRAIN1B:-200} $PY benchmarks/bench_train.py \
   --cases ${CASES_1B:-floor,peft-all,kernels-group-rc,lorakit,lorakit-p0,lorakit-qv,lorakit-unfused} \
-  --profile ${PROFILE_1B:-lorakit} ${ARGS_1B:-} --json "$OUT/train1b.json" 2>&1 | tee "$OUT/train1b.log"
+  --profile "${PROFILE_1B:-lorakit}" ${ARGS_1B:-} --json "$OUT/train1b.json" 2>&1 | tee "$OUT/train1b.log"
 [ "${T_GRAPHS:-0}" != 0 ] && timeout ${T_GRAPHS} $PY benchmarks/bench_train.py --graphs \
-  --cases ${CASES_GRAPHS:-floor,lorakit,lorakit-p0,lorakit-qv,peft-all} --profile ${PROFILE_GRAPHS:-} ${ARGS_GRAPHS:-} \
+  --cases ${CASES_GRAPHS:-floor,lorakit,lorakit-p0,lorakit-qv,peft-all} --profile "${PROFILE_GRAPHS:-}" ${ARGS_GRAPHS:-} \
   --json "$OUT/graphs1b.json" 2>&1 | tee "$OUT/graphs1b.log"
 [ "${T_TRAIN8B:-150}" != 0 ] && timeout ${T_TRAIN8B:-150} $PY benchmarks/bench_train.py --shape 8b \
   --cases ${CASES_8B:-floor,lorakit} --steps 6 --warmup 2 ${ARGS_8B:-} \
-  --profile ${PROFILE_8B:-floor,lorakit} --json "$OUT/train8b.json" 2>&1 | tee "$OUT/train8b.log"
+  --profile "${PROFILE_8B:-floor,lorakit}" --json "$OUT/train8b.json" 2>&1 | tee "$OUT/train8b.log"
 [ "${T_GRAPHS8B:-0}" != 0 ] && timeout ${T_GRAPHS8B} $PY benchmarks/bench_train.py --shape 8b --graphs --attn causal \
   --cases ${CASES_GRAPHS8B:-floor,lorakit} --steps 6 --warmup 2 --json "$OUT/graphs8b.json" 2>&1 | tee "$OUT/graphs8b.log"
 [ "${T_INFER:-110}" != 0 ] && timeout ${T_INFER:-110} $PY benchmarks/bench_infer.py ${INFER_ARGS:---no-peft} 2>&1 | tee "$OUT/infer.log"
