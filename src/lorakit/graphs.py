@@ -21,7 +21,8 @@ fast path draws its seeds on the GPU, which a replay advances. One optimizer ste
 
 Capturing needs a few warm-up steps on the example batch (kernels compile and tune, lorakit
 groups sibling linears). They change nothing the caller sees: the trainable parameters and
-the optimizer state are put back as they were. Off CUDA, `graphed_step` returns the same
+the optimizer state are put back as they were (a copy of the trainable parameters is held
+meanwhile, small for adapters, a second model for full fine-tuning). Off CUDA, `graphed_step` returns the same
 step run eagerly, so code that uses it runs anywhere.
 """
 

@@ -169,7 +169,8 @@ if triton is not None:
             m_ok = rm < m_hi
             rm64 = rm[:, None].to(tl.int64)
             keep = _keep_tile(rm, k_start, half_u, k0, mul, thresh_u, BK)
-            xt = _load_x(x_ptr, u_ptr, v_ptr, rm, rm64, rk, m_ok, k_ok, stride_xm, stride_um, a_ptr.dtype.element_ty, XSRC)
+            xt = _load_x(x_ptr, u_ptr, v_ptr, rm, rm64, rk, m_ok, k_ok, stride_xm, stride_um,
+                         a_ptr.dtype.element_ty, XSRC)
             xt = tl.where(keep, xt, tl.zeros_like(xt))
             gt = tl.load(g_ptr + rm64 * stride_gm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             ga = _dot(tl.trans(gt), xt, ga, PREC, UPCAST)
@@ -280,8 +281,8 @@ if triton is not None:
 _TUNING = {"on": True}
 
 # -- launching ------------------------------------------------------------------------------------
-# Triton's own launch (`kernel[grid](...)`) binds and specializes every argument in Python on every
-# call: 35-100 us of CPU per launch on the benchmark host, where a LoRA step launches ~180 kernels.
+# Triton's own launch (`kernel[grid](...)`) binds and specializes every argument on every call:
+# 35-95 us of CPU per launch on the benchmark host, where a LoRA step launches ~180 kernels.
 # Once a kernel was compiled for a specialization, `_launch` calls the compiled kernel directly.
 # Its cache key is finer than Triton's own (every property Triton specializes an argument on, and
 # then some), so it can only miss where Triton would hit, never reuse a kernel Triton would not.
