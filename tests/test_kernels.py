@@ -381,6 +381,16 @@ TRITON_SCRIPT = textwrap.dedent("""
         dA2 = _triton.dropout_backward(x, g, A, init, seed, 0.1, gx_init=True)
         assert torch.equal(dA1, dA2)
         assert rel(init + gx0, acc) < tol, rel(init + gx0, acc)
+        # both products of g in one pass: gxa = s * g @ B (into a column slice) and dB = s * g.T @ xa
+        for M, N, R in [(70, 300, 5), (130, 40, 16), (9, 600, 24)]:
+            g = torch.randn(M, N, device=dev, dtype=dtype)
+            Bm = torch.randn(N, R, device=dev, dtype=dtype)
+            xa_wide = torch.randn(M, R + 3, device=dev, dtype=dtype)
+            out = torch.full((M, R + 7), float("nan"), device=dev, dtype=dtype)
+            dB = _triton.lora_grads(g, Bm, xa_wide[:, 3:], 0.5, out[:, 2:2 + R])
+            assert rel(out[:, 2:2 + R], 0.5 * g.double() @ Bm.double()) < tol, (M, N, R)
+            assert rel(dB, 0.5 * g.double().t() @ xa_wide[:, 3:].double()) < tol, (M, N, R)
+            assert out[:, :2].isnan().all() and out[:, 2 + R:].isnan().all()  # nothing outside the slice
         # the fused RMSNorm apply (recomputation in backward) is bit-identical to PyTorch's three ops
         for shape in [(4, 130), (2, 3, 64), (1, 2048)]:
             h32 = torch.randn(*shape, device=dev) * 3

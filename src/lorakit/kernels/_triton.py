@@ -186,6 +186,67 @@ if triton is not None:
         tl.store(ga_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], ga, mask=r_ok[:, None] & k_ok[None, :])
 
     @triton.jit
+    def _lora_grad_kernel(g_ptr, b_ptr, xa_ptr, gp_ptr, dbp_ptr, M, N, R, SPLITS, stride_gm, stride_bn, stride_xm,
+                          PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BR: tl.constexpr):
+        # The two products of the LoRA backward that read g = d loss / d y (M, N), from one read of g.
+        # For one column block of N and one slice of rows:
+        #   gp[block] (rows, BR) = g @ B           partial sums over this column block (float32)
+        #   dbp[slice] (BN, BR)  = g.T @ xa        partial sums over this slice of rows (float32)
+        # B (N, R), xa (M, R); summed over blocks / slices by _sum_parts_kernel (deterministic, no atomics).
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        n_ok = rn < N
+        r_ok = rr < R
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        db = tl.zeros((BN, BR), dtype=tl.float32)
+        rows_per_prog = tl.cdiv(tl.cdiv(M, SPLITS), BM) * BM
+        m_lo = pid_s * rows_per_prog
+        m_hi = tl.minimum(m_lo + rows_per_prog, M)
+        gp_base = gp_ptr + pid_n.to(tl.int64) * M * BR
+        for m_start in range(m_lo, m_hi, BM):
+            rm = m_start + tl.arange(0, BM)
+            m_ok = rm < m_hi
+            rm64 = rm[:, None].to(tl.int64)
+            gt = tl.load(g_ptr + rm64 * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            xt = tl.load(xa_ptr + rm64 * stride_xm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            db = _dot(tl.trans(gt), xt, db, PREC, UPCAST)
+            gp = _dot(gt, b, tl.zeros((BM, BR), dtype=tl.float32), PREC, UPCAST)
+            tl.store(gp_base + rm64 * BR + rr[None, :], gp, mask=m_ok[:, None])
+        tl.store(dbp_ptr + pid_s.to(tl.int64) * N * BR + rn[:, None] * BR + rr[None, :], db, mask=n_ok[:, None])
+
+    @triton.jit
+    def _sum_chunk(p_ptr, out_ptr, P, ROWS, R, stride_om, scale, chunk, BR: tl.constexpr, CROWS: tl.constexpr,
+                   BP: tl.constexpr):
+        # out[i, j] = scale * sum_q p[q, i, j] for the CROWS rows of `chunk` (j < R); p (P, ROWS, BR) float32.
+        # BP partials per load, summed in a fixed order (deterministic).
+        offs = chunk.to(tl.int64) * CROWS * BR + tl.arange(0, CROWS * BR)
+        ok = offs < ROWS * BR
+        rq = tl.arange(0, BP)
+        acc = tl.zeros((CROWS * BR,), dtype=tl.float32)
+        for q0 in range(0, P, BP):
+            q = q0 + rq
+            t = tl.load(p_ptr + q[:, None].to(tl.int64) * ROWS * BR + offs[None, :],
+                        mask=(q < P)[:, None] & ok[None, :], other=0.0)
+            acc += tl.sum(t, axis=0)
+        row = offs // BR
+        col = offs % BR
+        tl.store(out_ptr + row * stride_om + col, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok & (col < R))
+
+    @triton.jit
+    def _sum_parts_kernel(gp_ptr, gxa_ptr, M, stride_gxa, dbp_ptr, db_ptr, N, SPLITS, BLOCKS, R, scale, NG,
+                          BR: tl.constexpr, CROWS: tl.constexpr, BP: tl.constexpr):
+        # One launch for both sums of _lora_grad_kernel: programs [0, NG) sum gxa's BLOCKS column-block
+        # partials, the others dB's SPLITS row-slice partials.
+        pid = tl.program_id(0)
+        if pid < NG:
+            _sum_chunk(gp_ptr, gxa_ptr, BLOCKS, M, R, stride_gxa, scale, pid, BR, CROWS, BP)
+        else:
+            _sum_chunk(dbp_ptr, db_ptr, SPLITS, N, R, R, scale, pid - NG, BR, CROWS, BP)
+
+    @triton.jit
     def _routed_mm_kernel(in_ptr, mat_ptr, out_ptr, rows_ptr, scale_ptr, T, K, NOUT,
                           stride_in, stride_out, stride_ma, stride_mk, stride_mj,
                           ACCUM: tl.constexpr, SCALED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -442,6 +503,34 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     else:
         fixed()
     return part.sum(0) if splits > 1 else part[0]
+
+
+def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) -> Tensor:
+    """The LoRA backward's two products of g, reading g once: writes gxa_out = scale * g @ B and
+    returns dB = scale * g.T @ xa (a new (N, R) tensor of B's dtype).
+
+    g (M, N), B (N, R), xa (M, R), gxa_out (M, R): unit stride in the last dimension (row strides
+    free, so xa and gxa_out may be column slices of a group's wider tensors).
+    """
+    M, N = g.shape
+    R = B.shape[1]
+    BR = _pow2(R)
+    BM, BN = 64, min(_pow2(N), 256 if BR <= 16 else (128 if BR <= 32 else 64))  # dB's (BN, BR) sum in registers
+    blocks = triton.cdiv(N, BN)
+    # Enough programs to fill the GPU (~2 per SM); each row slice keeps its own partial dB.
+    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _sm_count(g.device), blocks)))
+    gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
+    dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
+    _launch(_lora_grad_kernel, (blocks, splits),
+            (g, B, xa, gp, dbp, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0)),
+            dict(PREC=_prec(g.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BR=BR, num_warps=4, num_stages=3))
+    dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
+    crows = max(1, 512 // BR)  # rows per reduction program: 512 partial values a load
+    ng = triton.cdiv(M, crows)
+    _launch(_sum_parts_kernel, (ng + triton.cdiv(N, crows),),
+            (gp, gxa_out, M, gxa_out.stride(0), dbp, dB, N, splits, blocks, R, float(scale), ng),
+            dict(BR=BR, CROWS=crows, BP=16, num_warps=4))
+    return dB
 
 
 def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:

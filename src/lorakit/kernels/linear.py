@@ -21,6 +21,8 @@ What autograd would do with the plain formula, and what this does instead:
     RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
     x tile by tile in registers, bit for bit, so x is never written to memory at all.
 
+On the Triton path the backward reads each g_j once for both gxa_t and dB_t (`_triton.lora_grads`).
+
 Backward, with g_j = dL/dy_j:
     gxa_t = s_t * g_j @ B_t                    (..., r)
     dB_t  = s_t * g_j.T @ xa_t                 (out, r)
@@ -405,9 +407,13 @@ class LoraLinearSingle(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         gW = g2.t() @ x2 if need_w else None
         gb = g2.sum(0) if ctx.bias_grad else None
-        z = _zero(g2)
-        gB = torch.addmm(z, g2.t(), xa, beta=0, alpha=s) if need_b else None
-        gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
+        if ctx.triton and need_b:  # g read once for both of its products
+            gxa = xa.new_empty(xa.shape)
+            gB = _triton.lora_grads(_unit_last(g2), _unit_last(B), xa, s, gxa)
+        else:
+            z = _zero(g2)
+            gB = torch.addmm(z, g2.t(), xa, beta=0, alpha=s) if need_b else None
+            gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
         # gx: the small LoRA term first, then the base GEMM adds onto it in its epilogue.
         gA = gx = None
         if seed is None and src is None:
@@ -429,6 +435,10 @@ class LoraLinearSingle(torch.autograd.Function):
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 _ZEROS: dict = {}
 
 
@@ -620,13 +630,23 @@ class LoraLinearShared(torch.autograd.Function):
         z = _zero(xa)
         dW = [g2[j].t() @ x2 if need[7 + j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
-        dB, gxas, off = [], [], 0
-        for j in range(J):
-            r, s = ranks[j], scales[j]
-            dB.append(torch.addmm(z, g2[j].t(), xa[:, off:off + r], beta=0, alpha=s) if need[7 + 3 * J + j] else None)
-            gxas.append(torch.addmm(z, g2[j], Bs[j], beta=0, alpha=s))
-            off += r
-        gxa = torch.cat(gxas, 1) if J > 1 else gxas[0]
+        dB, off = [], 0
+        if ctx.triton and all(need[7 + 3 * J:7 + 4 * J]):  # each g read once for both of its products
+            gxa = xa.new_empty(xa.shape)
+            for j in range(J):
+                r = ranks[j]
+                dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa[:, off:off + r], scales[j],
+                                             gxa[:, off:off + r]))
+                off += r
+        else:
+            gxas = []
+            for j in range(J):
+                r, s = ranks[j], scales[j]
+                dB.append(torch.addmm(z, g2[j].t(), xa[:, off:off + r], beta=0, alpha=s)
+                          if need[7 + 3 * J + j] else None)
+                gxas.append(torch.addmm(z, g2[j], Bs[j], beta=0, alpha=s))
+                off += r
+            gxa = torch.cat(gxas, 1) if J > 1 else gxas[0]
         # gx: the small LoRA term first, then the base GEMMs add onto it in their epilogues.
         gx = None
         if seed is None and src is None:
