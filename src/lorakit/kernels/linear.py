@@ -407,7 +407,7 @@ class LoraLinearSingle(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         gW = g2.t() @ x2 if need_w else None
         gb = g2.sum(0) if ctx.bias_grad else None
-        if ctx.triton and need_b:  # g read once for both of its products
+        if ctx.triton and need_b and B.shape[1] <= _ONE_READ_MAX_RANK:  # g read once for both of its products
             gxa = xa.new_empty(xa.shape)
             gB = _triton.lora_grads(_unit_last(g2), _unit_last(B), xa, s, gxa)
         else:
@@ -435,11 +435,14 @@ class LoraLinearSingle(torch.autograd.Function):
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ZEROS: dict = {}
+# `_triton.lora_grads` writes and reads float32 partial sums of about out * tokens * rank / 64 bytes
+# (rank 16: a quarter of what its one read of g saves; rank 32: all of it). Above 16, cuBLAS does both.
+_ONE_READ_MAX_RANK = 16
 
 
 def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-_ZEROS: dict = {}
 
 
 def _zero(t: Tensor) -> Tensor:
@@ -631,7 +634,8 @@ class LoraLinearShared(torch.autograd.Function):
         dW = [g2[j].t() @ x2 if need[7 + j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
         dB, off = [], 0
-        if ctx.triton and all(need[7 + 3 * J:7 + 4 * J]):  # each g read once for both of its products
+        if ctx.triton and all(need[7 + 3 * J:7 + 4 * J]) and max(ranks) <= _ONE_READ_MAX_RANK:
+            # each g read once for both of its products
             gxa = xa.new_empty(xa.shape)
             for j in range(J):
                 r = ranks[j]
