@@ -669,9 +669,10 @@ class LoraLinearShared(torch.autograd.Function):
             for j in range(J):
                 gx.addmm_(g2[j], Ws[j])
             gx = gx.view(ctx.x_shape)
+        dA = dA.to(ctx.a_dtype)  # one cast for the group, then views
         dAs, off = [], 0
         for j in range(J):
             r = ranks[j]
-            dAs.append(dA[off:off + r].to(ctx.a_dtype) if need[7 + 2 * J + j] else None)
+            dAs.append(dA[off:off + r] if need[7 + 2 * J + j] else None)
             off += r
         return (gx, None, None, None, None, None, None, *dW, *db, *dAs, *dB, None, *([None] * len(recipe)))
