@@ -234,6 +234,17 @@ def _in_kernel(fn: Callable, recipe, x_shape, dtype: torch.dtype) -> tuple | Non
     return None if kind is None else _triton.rebuild_source(kind, tuple(recipe), x_shape, dtype)
 
 
+def _backward_input(ctx, x2: Tensor | None, recipe, dtype: torch.dtype,
+                    need_w: bool) -> tuple[Tensor | None, tuple | None]:
+    """(x2, src) for a one-group backward: x2 as kept; or rebuilt by PyTorch ops from its recipe; or
+    (None, src) when the Triton kernel rebuilds it in registers (only without a weight gradient,
+    which would need x2 itself)."""
+    if ctx.fn is None:
+        return x2, None
+    src = _in_kernel(ctx.fn, recipe, ctx.x_shape, dtype) if ctx.triton and not need_w else None
+    return (None, src) if src is not None else (_recompute(ctx.fn, recipe, ctx.x_shape), None)
+
+
 def mark_recomputable(x: Tensor, fn: Callable, *tensors: Tensor) -> Tensor:
     """Note on x that x == fn(*tensors) exactly (same ops, same inputs), and return x.
 
@@ -396,12 +407,7 @@ class LoraLinearSingle(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, weight, A, B, xa, seed, *recipe = ctx.saved_tensors
-        src = None
-        if ctx.fn is not None:
-            if ctx.triton and not ctx.needs_input_grad[1]:
-                src = _in_kernel(ctx.fn, recipe, ctx.x_shape, A.dtype)
-            if src is None:
-                x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
+        x2, src = _backward_input(ctx, x2, recipe, A.dtype, ctx.needs_input_grad[1])
         need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
         s, p = ctx.scale, ctx.p
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -621,12 +627,7 @@ class LoraLinearShared(torch.autograd.Function):
         x2, A, xa, seed, *rest = ctx.saved_tensors
         Ws, Bs, recipe = rest[:J], rest[J:2 * J], rest[2 * J:]
         need = ctx.needs_input_grad  # (x, J, ranks, scales, p, triton, fn, W.., b.., A.., B.., seed, recipe..)
-        src = None
-        if ctx.fn is not None:
-            if ctx.triton and not any(need[7:7 + J]):
-                src = _in_kernel(ctx.fn, recipe, ctx.x_shape, A.dtype)
-            if src is None:
-                x2 = _recompute(ctx.fn, recipe, ctx.x_shape)
+        x2, src = _backward_input(ctx, x2, recipe, A.dtype, any(need[7:7 + J]))
         need_x = need[0]
         M = xa.shape[0]
         g2 = [g.reshape(M, g.shape[-1]) for g in grads]
