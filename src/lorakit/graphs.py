@@ -184,22 +184,21 @@ def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
             g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
 
 
-def _snapshot(params: list[Tensor], optimizer) -> tuple[list[Tensor], dict]:
+def _snapshot(params: list[Tensor], optimizer) -> tuple[list[Tensor], list[Tensor], dict]:
     with torch.no_grad():
         values = [p.detach().clone() for p in params]
         state = {}
         if optimizer is not None:
             for p, st in optimizer.state.items():
                 state[p] = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
-    return values, state
+    return params, values, state
 
 
-def _restore(saved: tuple[list[Tensor], dict], optimizer) -> None:
+def _restore(saved: tuple[list[Tensor], list[Tensor], dict], optimizer) -> None:
     """Parameters and optimizer state as before the warm-up, in the same tensors (the graph records
     their addresses). State the warm-up created is zeroed: a fresh Adam-family state."""
-    values, state = saved
+    params, values, state = saved
     with torch.no_grad():
-        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
         for p, v in zip(params, values):
             p.copy_(v)
         if optimizer is None:
