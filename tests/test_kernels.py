@@ -465,6 +465,27 @@ TRITON_SCRIPT = textwrap.dedent("""
             errs = [rel(g, w) for g, w in zip(got, want) if w is not None]
             assert all(e < tol for e in errs), (dtype, shape, errs)
             assert got[2].abs().sum() == 0  # adapter 1 is unused
+        # inference with few rows (decode): one fused kernel (`_triton.lora_small`); more rows: three ops
+        calls = []
+        small = _triton.lora_small
+        _triton.lora_small = lambda *a, **k: calls.append(1) or small(*a, **k)
+        for shape, bias, transposed in [((1, 1, 80), True, False), ((7, 80), False, True), ((2, 32, 80), True, True),
+                                        ((65, 80), True, False)]:
+            x = torch.randn(*shape, device=dev, dtype=dtype)
+            W = (torch.randn(72, 80, device=dev) / 9).to(dtype)
+            if transposed:  # GPT-2 Conv1D keeps (in, out): its (out, in) view is read in place
+                W = W.t().contiguous().t()
+            b = torch.randn(72, device=dev, dtype=dtype) if bias else None
+            A = (torch.randn(16, 80, device=dev) / 9).to(dtype)
+            B = torch.randn(72, 16, device=dev, dtype=dtype)
+            n = len(calls)
+            with torch.no_grad():
+                y = lora_linear(x, W, b, A, B, 2.0)
+            ref = reference_lora_linear(x.double(), W.double(), None if b is None else b.double(), A.double(),
+                                        B.double(), 2.0)
+            assert len(calls) - n == (1 if x.numel() // 80 <= 64 else 0), shape
+            assert y.shape == ref.shape and y.dtype == dtype and rel(y, ref) < tol, (dtype, shape, rel(y, ref))
+        _triton.lora_small = small
     if dev == "cuda":  # direct launches of compiled kernels give what Triton's own launch gives
         x = torch.randn(300, 96, device=dev, dtype=torch.bfloat16)
         A = (torch.randn(8, 96, device=dev) / 8).bfloat16()

@@ -306,6 +306,41 @@ if triton is not None:
 
 
     @triton.jit
+    def _lora_small_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, M, N, K, R, scale,
+                           stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
+                           HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        # y (M, N) = x @ W.T + bias + scale * (x @ A.T) @ B.T for few rows M (decode), in one pass:
+        # each program streams a (BN, K) block of W and the whole (R, K) A (small, from L2), so
+        # x @ A.T is complete at the end of the loop and its product with B lands in the epilogue.
+        # xa stays float32 and is multiplied by B in full float32 precision; y is rounded once.
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, BR)
+        n_ok = rn < N
+        m_ok = rm < M
+        r_ok = rr < R
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        xa = tl.zeros((BM, BR), dtype=tl.float32)
+        for k_start in range(0, K, BK):
+            rk = k_start + tl.arange(0, BK)
+            k_ok = rk < K
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
+                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            at = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None], mask=r_ok[None, :] & k_ok[:, None],
+                         other=0.0)
+            acc = _dot(xt, wt, acc, PREC, UPCAST)
+            xa = _dot(xt, at, xa, PREC, UPCAST)
+        bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+        acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _norm_apply_kernel(h_ptr, r_ptr, w_ptr, out_ptr, N, stride_h, stride_o, BN: tl.constexpr):
         # out[row] = w * (h[row] * rstd[row]).to(out dtype): an RMSNorm's last three ops in one pass, rounded
         # where PyTorch rounds (h * rstd in float32 -> out dtype, then the product in float32 -> out dtype).
@@ -531,6 +566,34 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) 
             (gp, gxa_out, M, gxa_out.stride(0), dbp, dB, N, splits, blocks, R, float(scale), ng),
             dict(BR=BR, CROWS=crows, BP=16, num_warps=4))
     return dB
+
+
+# Few rows (decode): the fused one-pass kernel serves up to this many; above, GEMMs are compute-bound
+# enough that cuBLAS for the base product wins.
+SMALL_MAX_ROWS = 64
+_SMALL_CFG = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
+
+
+def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+               cfg: dict | None = None) -> Tensor:
+    """y = x2 @ weight.T + bias + scale * (x2 @ A.T) @ B.T as a new (M, N) tensor, in one kernel (M small).
+
+    x2 (M, K), A (R, K), B (N, R), bias (N,) or None: unit stride in the last dimension; weight (N, K)
+    any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). `cfg` overrides the tile sizes (benchmarks).
+    """
+    M, K = x2.shape
+    N = weight.shape[0]
+    R = A.shape[0]
+    c = dict(_SMALL_CFG, **(cfg or {}))
+    BM = min(_pow2(M), 64)
+    BR = _pow2(R)
+    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    _launch(_lora_small_kernel, (triton.cdiv(N, c["BN"]), triton.cdiv(M, BM)),
+            (x2, weight, x2 if bias is None else bias, A, B, out, M, N, K, R, float(scale),
+             x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0), out.stride(0)),
+            dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BN=c["BN"],
+                 BK=min(c["BK"], _pow2(K)), BR=BR, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return out
 
 
 def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:

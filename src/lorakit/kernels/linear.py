@@ -489,8 +489,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
                             seeds=None if seed is None else [seed], backend=backend, recompute=recompute)[0]
     drop = training and dropout > 0
     if not _needs_graph(x, weight, bias, A, B) and not drop:
-        # Inference (decode is bound by per-call CPU overhead): three ops, nothing else.
+        # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, else three ops.
         x2 = x.reshape(-1, in_f)
+        if x2.shape[0] <= _triton.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
+            y = _triton.lora_small(x2, weight, bias, A, B, scale)
+            return y.view(*x.shape[:-1], y.shape[-1])
         y = _lora_out(bias, x2 @ A.t(), B, scale)
         y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -501,6 +504,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
             return LoraLinearSingle.forward(_NoCtx(), x, weight, bias, A, B, seed, float(scale), float(dropout),
                                             triton, None)
     return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
+
+
+def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
+    """Whether `_triton.lora_small` serves this inference call (its operands' layout included)."""
+    return x2.dtype in _TRITON_DTYPES and x2.stride(-1) == 1 and A.stride(-1) == 1 and B.stride(-1) == 1 \
+        and (bias is None or bias.stride(0) == 1) and _triton.available_for(x2) \
+        and not torch.compiler.is_compiling()
 
 
 def _seed_and_kernels(x: Tensor, drop: bool, p: float, seed: Tensor | None, backend: str,

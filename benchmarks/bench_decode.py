@@ -1,0 +1,232 @@
+"""What does an unmerged adapter cost in decode (one token at a time, KV cache)?
+
+Decode through `generate` is bound by per-call CPU work (BENCHMARKS.md, inference runs 4-8), so
+its ratios measure the host. Served decode replays each step as a CUDA graph; this script times
+that, for the base model and with an adapter, the same way:
+
+  linear: one adapted linear of the Llama shapes at 1 and 32 rows, as CUDA graphs of 20 calls:
+          the base F.linear, lorakit's three-op inference path (x @ A.T, then s * xa @ B.T, then the
+          base GEMM adding onto it), and the fused one-kernel path (`_triton.lora_small`) over a
+          sweep of tile sizes. Each fused result is checked against a float64 reference first.
+  model:  the 1.1B model (random weights), a static KV cache, one decode step (forward, greedy
+          token, cache position + 1) captured as a CUDA graph and replayed; ms per token for the
+          base model, `lk.inject` unmerged (fused kernel, and the three-op path), merged; plus
+          eager `generate` for comparison.
+
+    PYTHONPATH=src python benchmarks/bench_decode.py [--part linear,model] [--layers 22]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench_train import SHAPES, build
+
+LINEARS = {  # (out, in) of the seven adapted linears
+    "1b": {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)},
+    "8b": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
+}
+SWEEP = [dict(BN=bn, BK=bk, num_warps=w, num_stages=s) for bn, bk, w, s in
+         [(16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 4, 4), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 4, 4),
+          (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 2)]]
+
+
+def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
+    """Median µs per call of fn, replayed as one CUDA graph of `calls` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(ts)
+
+
+def part_linear(shapes: list[str]) -> None:
+    from lorakit.kernels import _triton
+    from lorakit.kernels.linear import _lora_out
+
+    dev, dt = "cuda", torch.bfloat16
+    print("\n# one linear, CUDA graphs, µs per call (bf16, r=16)")
+    print(f"{'shape':<14} {'M':>3} {'base':>7} {'3 ops':>7} {'fused':>7} {'best':>7}  best config; 3 ops / base, best / base")
+    best_cfgs = {}
+    for shape, M in itertools.product(shapes, (1, 32)):
+        for name, (N, K) in LINEARS[shape].items():
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(M, K, device=dev, dtype=dt, generator=g)
+            W = (torch.randn(N, K, device=dev, generator=g) / K ** 0.5).to(dt)
+            A = (torch.randn(16, K, device=dev, generator=g) / K ** 0.5).to(dt)
+            B = (torch.randn(N, 16, device=dev, generator=g) * 0.01).to(dt)
+            ref = x.double() @ W.double().t() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+            base = graph_us(lambda: F.linear(x, W))
+
+            def three():
+                y = _lora_out(None, x @ A.t(), B, 2.0)
+                y.addmm_(x, W.t())
+
+            t3 = graph_us(three)
+            fused = graph_us(lambda: _triton.lora_small(x, W, None, A, B, 2.0))
+            results = []
+            for cfg in SWEEP:
+                try:
+                    y = _triton.lora_small(x, W, None, A, B, 2.0, cfg)
+                except Exception as e:  # a configuration this GPU cannot compile
+                    print(f"  {cfg}: {type(e).__name__}")
+                    continue
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                if err > 1e-2:
+                    raise SystemExit(f"lora_small {shape} {name} M={M} {cfg}: relative error {err:.2e}")
+                results.append((graph_us(lambda: _triton.lora_small(x, W, None, A, B, 2.0, cfg)), cfg))
+            bt, bc = min(results, key=lambda r: r[0])
+            best_cfgs[(shape, name, M)] = bc
+            cfg_s = f"BN{bc['BN']} BK{bc['BK']} w{bc['num_warps']} s{bc['num_stages']}"
+            print(f"{shape + ' ' + name:<14} {M:>3} {base:7.2f} {t3:7.2f} {fused:7.2f} {bt:7.2f}  {cfg_s}; "
+                  f"{t3 / base:.2f}x, {bt / base:.2f}x", flush=True)
+
+
+def decode_graph_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> float:
+    """ms per token of greedy decode with a static KV cache, each step replayed as one CUDA graph."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev,
+                        generator=torch.Generator(device=dev).manual_seed(5))
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new + 8)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev),
+                    use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.tensor([prompt], device=dev)
+
+        def step():
+            logits = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            tok.copy_(logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        if dev.type != "cuda":  # a smoke test of the script: the same steps, eagerly, timed by the clock
+            import time
+
+            t0 = time.perf_counter()
+            for _ in range(new):
+                step()
+            return (time.perf_counter() - t0) * 1e3 / new
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        ts = []
+        for _ in range(reps):
+            pos.fill_(prompt)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(new):
+                g.replay()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / new)
+    del g
+    return statistics.median(ts)
+
+
+def decode_eager_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> float:
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev,
+                        generator=torch.Generator(device=dev).manual_seed(5))
+    ts = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)
+            b.record()
+            b.synchronize()
+            if i:
+                ts.append(a.elapsed_time(b) / new)
+    return statistics.median(ts)
+
+
+def part_model(layers: int | None, new: int) -> None:
+    import lorakit as lk
+    from lorakit.kernels import _triton
+
+    model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
+    rows = []
+
+    def report(name, ms, base):
+        rows.append((name, ms, ms / base))
+        print(f"  {name:<48} {ms:8.3f} ms/token {ms / base:6.3f}x base", flush=True)
+
+    base = {b: decode_graph_ms(model, b, 16, new) for b in (1, 32)}
+    for b in (1, 32):
+        report(f"graphed decode batch {b}, base", base[b], base[b])
+    eager = {b: decode_eager_ms(model, b, 16, new) for b in (1, 32)}
+    for b in (1, 32):
+        report(f"eager generate batch {b}, base", eager[b], eager[b])
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-2)
+    for b in (1, 32):
+        report(f"graphed decode batch {b}, unmerged (fused kernel)", decode_graph_ms(model, b, 16, new), base[b])
+    limit = _triton.SMALL_MAX_ROWS
+    _triton.SMALL_MAX_ROWS = 0
+    for b in (1, 32):
+        report(f"graphed decode batch {b}, unmerged (three ops)", decode_graph_ms(model, b, 16, new), base[b])
+    _triton.SMALL_MAX_ROWS = limit
+    for b in (1, 32):
+        report(f"eager generate batch {b}, unmerged (fused kernel)", decode_eager_ms(model, b, 16, new), eager[b])
+    lk.merge(model)
+    for b in (1, 32):
+        report(f"graphed decode batch {b}, merged", decode_graph_ms(model, b, 16, new), base[b])
+    print(f"\n{'case':<50} {'ms/token':>9} {'x base':>7}")
+    for name, ms, ratio in rows:
+        print(f"{name:<50} {ms:9.3f} {ratio:7.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", default="linear,model")
+    ap.add_argument("--shapes", default="1b,8b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    import transformers
+    import triton
+
+    print(f"# bench_decode: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"transformers {transformers.__version__}", flush=True)
+    parts = args.part.split(",")
+    if "linear" in parts:
+        part_linear(args.shapes.split(","))
+    if "model" in parts:
+        part_model(args.layers, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
