@@ -306,25 +306,32 @@ if triton is not None:
 
 
     @triton.jit
-    def _lora_small_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, M, N, K, R, scale,
+    def _lora_small_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
                            stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
-                           HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        # y (M, N) = x @ W.T + bias + scale * (x @ A.T) @ B.T for few rows M (decode), in one pass:
-        # each program streams a (BN, K) block of W and the whole (R, K) A (small, from L2), so
-        # x @ A.T is complete at the end of the loop and its product with B lands in the epilogue.
-        # xa stays float32 and is multiplied by B in full float32 precision; y is rounded once.
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        # y (M, N) = x @ W.T + bias + scale * (x @ A.T) @ B.T for few rows M (decode), in one launch.
+        # Program (n, s, m) streams the (BN, KC) block of W at columns s*KC.. and the same columns of
+        # the small A (from L2); both products are linear in x, so its share of y is
+        #     x_s @ W_s.T + scale * (x_s @ A_s.T) @ B.T         (xa kept float32, its B product in ieee float32)
+        # With SPLIT > 1 the shares go to a float32 workspace; the last program of a tile to finish
+        # (a counter per tile) adds them in the order s = 0, 1, .. (deterministic), rounds once,
+        # writes y and sets the counter back to 0 for the next launch.
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
         rr = tl.arange(0, BR)
         n_ok = rn < N
         m_ok = rm < M
         r_ok = rr < R
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         xa = tl.zeros((BM, BR), dtype=tl.float32)
-        for k_start in range(0, K, BK):
+        k_hi = tl.minimum(pid_s * KC + KC, K)
+        for k_start in range(pid_s * KC, k_hi, BK):
             rk = k_start + tl.arange(0, BK)
-            k_ok = rk < K
+            k_ok = rk < k_hi
             xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0)
             wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
@@ -335,10 +342,26 @@ if triton is not None:
             xa = _dot(xt, at, xa, PREC, UPCAST)
         bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        io_ok = m_ok[:, None] & n_ok[None, :]
+        out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=io_ok)
+        else:
+            tile = rm[:, None] * N + rn[None, :]
+            tl.store(ws_ptr + pid_s * M * N + tile, acc, mask=io_ok)
+            tl.debug_barrier()  # every thread's share is written before the counter says so
+            cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+            if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                tl.debug_barrier()
+                total = tl.zeros((BM, BN), dtype=tl.float32)
+                for q in range(SPLIT):
+                    total += tl.load(ws_ptr + q * M * N + tile, mask=io_ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=io_ok)
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _norm_apply_kernel(h_ptr, r_ptr, w_ptr, out_ptr, N, stride_h, stride_o, BN: tl.constexpr):
@@ -568,31 +591,60 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) 
     return dB
 
 
-# Few rows (decode): the fused one-pass kernel serves up to this many; above, GEMMs are compute-bound
-# enough that cuBLAS for the base product wins.
+# Few rows (decode): the fused one-launch kernel serves up to this many; above, the base GEMM is
+# compute-bound enough that cuBLAS for it wins.
 SMALL_MAX_ROWS = 64
-_SMALL_CFG = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
+_COUNTERS: dict = {}
+
+
+def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tile sizes for `lora_small`: enough programs (column blocks x K splits) to keep every SM
+    streaming W, each with a few BK steps."""
+    BN = 64 if N >= 4096 else 32
+    BK = 256
+    blocks = triton.cdiv(N, BN)
+    split = max(1, min(triton.cdiv(K, 2 * BK), triton.cdiv(2 * _sm_count(device), blocks)))
+    return {"BN": BN, "BK": BK, "SPLIT": split, "num_warps": 4, "num_stages": 3}
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """Zeroed int32 tile counters for `lora_small`'s split reduction, one buffer per device and stream
+    (every launch leaves them at zero again; two streams must not share them)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                cfg: dict | None = None) -> Tensor:
-    """y = x2 @ weight.T + bias + scale * (x2 @ A.T) @ B.T as a new (M, N) tensor, in one kernel (M small).
+    """y = x2 @ weight.T + bias + scale * (x2 @ A.T) @ B.T as a new (M, N) tensor, in one launch (M small).
 
     x2 (M, K), A (R, K), B (N, R), bias (N,) or None: unit stride in the last dimension; weight (N, K)
-    any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). `cfg` overrides the tile sizes (benchmarks).
+    any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). `cfg`
+    overrides the tile sizes (benchmarks).
     """
     M, K = x2.shape
     N = weight.shape[0]
     R = A.shape[0]
-    c = dict(_SMALL_CFG, **(cfg or {}))
     BM = min(_pow2(M), 64)
-    BR = _pow2(R)
+    c = _small_config(M, N, K, x2.device)
+    c.update(cfg or {})
+    BK = min(c["BK"], _pow2(K))
+    split = max(1, min(c["SPLIT"], triton.cdiv(K, BK)))
+    KC = triton.cdiv(triton.cdiv(K, split), BK) * BK
+    split = triton.cdiv(K, KC)  # no empty splits
+    grid = (triton.cdiv(N, c["BN"]), split, triton.cdiv(M, BM))
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    _launch(_lora_small_kernel, (triton.cdiv(N, c["BN"]), triton.cdiv(M, BM)),
-            (x2, weight, x2 if bias is None else bias, A, B, out, M, N, K, R, float(scale),
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
+    cnt = _counters(x2.device, grid[0] * grid[2]) if split > 1 else out
+    _launch(_lora_small_kernel, grid,
+            (x2, weight, x2 if bias is None else bias, A, B, out, ws, cnt, M, N, K, R, float(scale), KC,
              x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0), out.stride(0)),
-            dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BN=c["BN"],
-                 BK=min(c["BK"], _pow2(K)), BR=BR, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+            dict(SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM,
+                 BN=c["BN"], BK=BK, BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return out
 
 
