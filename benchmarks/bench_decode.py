@@ -31,8 +31,10 @@ LINEARS = {  # (out, in) of the seven adapted linears
     "1b": {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)},
     "8b": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
 }
-SWEEP = [dict(BN=bn, SPLIT=sp, BK=bk, num_warps=4, num_stages=3)
-         for bn in (16, 32, 64, 128) for sp in (1, 2, 4, 8, 16) for bk in (128, 256) if not (sp == 1 and bk == 128)]
+SWEEP = [dict(BN=bn, SPLIT=sp, BK=bk, num_warps=4, num_stages=3, GEMV=False)
+         for bn in (16, 32, 64, 128) for sp in (1, 2, 4, 8) for bk in (128, 256)]
+SWEEP_GEMV = [dict(BN=bn, SPLIT=sp, BK=bk, num_warps=4, num_stages=3, GEMV=True)
+              for bn in (16, 32, 64) for sp in (1, 2, 4, 8, 16) for bk in (128, 256)]
 
 
 def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
@@ -84,7 +86,7 @@ def part_linear(shapes: list[str]) -> None:
             t3 = graph_us(three)
             fused = graph_us(lambda: _triton.lora_small(x, W, None, A, B, 2.0))
             results = []
-            for cfg in SWEEP:
+            for cfg in SWEEP + (SWEEP_GEMV if M == 1 else []):
                 try:
                     y = _triton.lora_small(x, W, None, A, B, 2.0, cfg)
                 except Exception as e:  # a configuration this GPU cannot compile
@@ -96,7 +98,7 @@ def part_linear(shapes: list[str]) -> None:
                 results.append((graph_us(lambda: _triton.lora_small(x, W, None, A, B, 2.0, cfg)), cfg))
             bt, bc = min(results, key=lambda r: r[0])
             best_cfgs[(shape, name, M)] = bc
-            cfg_s = f"BN{bc['BN']} split{bc['SPLIT']} BK{bc['BK']}"
+            cfg_s = f"{'gemv' if bc['GEMV'] else 'dot'} BN{bc['BN']} split{bc['SPLIT']} BK{bc['BK']}"
             print(f"{shape + ' ' + name:<14} {M:>3} {base:7.2f} {t3:7.2f} {fused:7.2f} {bt:7.2f}  {cfg_s}; "
                   f"{t3 / base:.2f}x, {bt / base:.2f}x", flush=True)
 
@@ -108,7 +110,9 @@ def decode_graph_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
     dev = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(5))
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new + 8)
+    # Transformers' static cache layers keep their own write position and advance it on every call
+    # (whatever cache_position says), so every step timed here gets a slot of its own.
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 8 + (reps + 1) * new)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev),
                     use_cache=True)
@@ -141,7 +145,6 @@ def decode_graph_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
             step()
         ts = []
         for _ in range(reps):
-            pos.fill_(prompt)
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()

@@ -487,16 +487,20 @@ TRITON_SCRIPT = textwrap.dedent("""
             assert y.shape == ref.shape and y.dtype == dtype and rel(y, ref) < tol, (dtype, shape, rel(y, ref))
         _triton.lora_small = small
         # split over K: each program's share lands in a float32 workspace, the last one adds them in a fixed order
-        x = torch.randn(3, 200, device=dev, dtype=dtype)
+        # (one row: the multiply-add kernel; more: tensor-core dots)
         W = (torch.randn(72, 200, device=dev) / 14).to(dtype)
         b = torch.randn(72, device=dev, dtype=dtype)
         A = (torch.randn(16, 200, device=dev) / 14).to(dtype)
         B = torch.randn(72, 16, device=dev, dtype=dtype)
-        ref = reference_lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0)
-        one = _triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=1, BK=32, BN=16))
-        for split in (2, 4):
-            got = [_triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=split, BK=32, BN=16)) for _ in range(2)]
-            assert torch.equal(got[0], got[1]) and rel(got[0], ref) < tol and rel(got[0], one) < tol, split
+        for rows, gemv in [(1, True), (1, False), (3, True)]:
+            x = torch.randn(rows, 200, device=dev, dtype=dtype)
+            ref = reference_lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0)
+            one = _triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=1, BK=32, BN=16, GEMV=gemv))
+            for split in (2, 4):
+                got = [_triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=split, BK=32, BN=16, GEMV=gemv))
+                       for _ in range(2)]
+                assert torch.equal(got[0], got[1]) and rel(got[0], ref) < tol and rel(got[0], one) < tol, \
+                    (rows, gemv, split)
     if dev == "cuda":  # direct launches of compiled kernels give what Triton's own launch gives
         x = torch.randn(300, 96, device=dev, dtype=torch.bfloat16)
         A = (torch.randn(8, 96, device=dev) / 8).bfloat16()

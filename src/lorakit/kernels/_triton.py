@@ -342,11 +342,19 @@ if triton is not None:
             xa = _dot(xt, at, xa, PREC, UPCAST)
         bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
+        _small_finish(acc, rm, rn, m_ok, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
+                      pid_n, pid_s, pid_m, SPLIT, HAS_BIAS, BM, BN)
+
+    @triton.jit
+    def _small_finish(acc, rm, rn, m_ok, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
+                      pid_n, pid_s, pid_m, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr):
+        # Writes y's (BM, BN) tile: this program's float32 share acc, plus (SPLIT > 1) the other splits'.
         io_ok = m_ok[:, None] & n_ok[None, :]
         out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
         if SPLIT == 1:
             if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=io_ok)
         else:
             tile = rm[:, None] * N + rn[None, :]
@@ -359,9 +367,42 @@ if triton is not None:
                 for q in range(SPLIT):
                     total += tl.load(ws_ptr + q * M * N + tile, mask=io_ok, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                    total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=io_ok)
                 tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _lora_gemv_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
+                          stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
+                          SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          BR: tl.constexpr):
+        # `_lora_small_kernel` for one row (M == 1): products as float32 multiply-adds on whole (BN, BK)
+        # tiles of W, summed over K at the end, instead of tensor-core dots padded to 16 rows.
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        n_ok = rn < N
+        r_ok = rr < R
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        xa = tl.zeros((BR, BK), dtype=tl.float32)
+        k_hi = tl.minimum(pid_s * KC + KC, K)
+        for k_start in range(pid_s * KC, k_hi, BK):
+            rk = k_start + tl.arange(0, BK)
+            k_ok = rk < k_hi
+            xk = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk,
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += wt.to(tl.float32) * xk[None, :]
+            xa += at.to(tl.float32) * xk[None, :]
+        y = tl.sum(acc, axis=1)
+        xs = tl.sum(xa, axis=1)
+        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        y += scale * tl.sum(bt.to(tl.float32) * xs[None, :], axis=1)
+        rm = tl.arange(0, 1)
+        _small_finish(y[None, :], rm, rn, rm < 1, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, 1, N, stride_om,
+                      pid_n, pid_s, 0, SPLIT, HAS_BIAS, 1, BN)
 
     @triton.jit
     def _norm_apply_kernel(h_ptr, r_ptr, w_ptr, out_ptr, N, stride_h, stride_o, BN: tl.constexpr):
@@ -598,12 +639,12 @@ _COUNTERS: dict = {}
 
 
 def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile sizes for `lora_small`: enough programs (column blocks x K splits) to keep every SM
-    streaming W, each with a few BK steps."""
-    BN = 64 if N >= 4096 else 32
-    BK = 256
+    """Tile sizes for `lora_small`: about one program per SM (column blocks x K splits), the
+    shape the H100 sweep of benchmarks/bench_decode.py found fastest for the Llama linears."""
+    BN = 16 if N <= 512 else 64
+    BK = 128
     blocks = triton.cdiv(N, BN)
-    split = max(1, min(triton.cdiv(K, 2 * BK), triton.cdiv(2 * _sm_count(device), blocks)))
+    split = max(1, min(triton.cdiv(K, 2 * BK), (_sm_count(device) + blocks // 2) // blocks))
     return {"BN": BN, "BK": BK, "SPLIT": split, "num_warps": 4, "num_stages": 3}
 
 
@@ -640,11 +681,15 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
     cnt = _counters(x2.device, grid[0] * grid[2]) if split > 1 else out
-    _launch(_lora_small_kernel, grid,
-            (x2, weight, x2 if bias is None else bias, A, B, out, ws, cnt, M, N, K, R, float(scale), KC,
-             x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0), out.stride(0)),
-            dict(SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM,
-                 BN=c["BN"], BK=BK, BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    args = (x2, weight, x2 if bias is None else bias, A, B, out, ws, cnt, M, N, K, R, float(scale), KC,
+            x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0), out.stride(0))
+    if M == 1 and c.get("GEMV", True):
+        _launch(_lora_gemv_kernel, grid, args, dict(SPLIT=split, HAS_BIAS=bias is not None, BN=c["BN"], BK=BK,
+                                                   BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    else:
+        _launch(_lora_small_kernel, grid, args,
+                dict(SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM,
+                     BN=c["BN"], BK=BK, BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return out
 
 
