@@ -61,7 +61,7 @@ def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
     return statistics.median(ts)
 
 
-def part_linear(shapes: list[str]) -> None:
+def part_linear(shapes: list[str], sweep: bool) -> None:
     from lorakit.kernels import _triton
     from lorakit.kernels.linear import _lora_out
 
@@ -86,7 +86,7 @@ def part_linear(shapes: list[str]) -> None:
             t3 = graph_us(three)
             fused = graph_us(lambda: _triton.lora_small(x, W, None, A, B, 2.0))
             results = []
-            for cfg in SWEEP + (SWEEP_GEMV if M == 1 else []):
+            for cfg in (SWEEP + (SWEEP_GEMV if M == 1 else [])) if sweep else [{}]:
                 try:
                     y = _triton.lora_small(x, W, None, A, B, 2.0, cfg)
                 except Exception as e:  # a configuration this GPU cannot compile
@@ -98,7 +98,8 @@ def part_linear(shapes: list[str]) -> None:
                 results.append((graph_us(lambda: _triton.lora_small(x, W, None, A, B, 2.0, cfg)), cfg))
             bt, bc = min(results, key=lambda r: r[0])
             best_cfgs[(shape, name, M)] = bc
-            cfg_s = f"{'gemv' if bc['GEMV'] else 'dot'} BN{bc['BN']} split{bc['SPLIT']} BK{bc['BK']}"
+            cfg_s = f"{'dot' if not bc.get('GEMV', M == 1) else 'gemv'} BN{bc.get('BN', '-')} " \
+                f"split{bc.get('SPLIT', '-')} BK{bc.get('BK', '-')}"
             print(f"{shape + ' ' + name:<14} {M:>3} {base:7.2f} {t3:7.2f} {fused:7.2f} {bt:7.2f}  {cfg_s}; "
                   f"{t3 / base:.2f}x, {bt / base:.2f}x", flush=True)
 
@@ -220,6 +221,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--no-sweep", action="store_true", help="linear: the default tile sizes only")
     args = ap.parse_args()
     import transformers
     import triton
@@ -228,7 +230,7 @@ def main() -> None:
           f"transformers {transformers.__version__}", flush=True)
     parts = args.part.split(",")
     if "linear" in parts:
-        part_linear(args.shapes.split(","))
+        part_linear(args.shapes.split(","), not args.no_sweep)
     if "model" in parts:
         part_model(args.layers, args.new_tokens)
 

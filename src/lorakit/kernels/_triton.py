@@ -639,13 +639,23 @@ _COUNTERS: dict = {}
 
 
 def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile sizes for `lora_small`: about one program per SM (column blocks x K splits), the
-    shape the H100 sweep of benchmarks/bench_decode.py found fastest for the Llama linears."""
-    BN = 16 if N <= 512 else 64
-    BK = 128
-    blocks = triton.cdiv(N, BN)
-    split = max(1, min(triton.cdiv(K, 2 * BK), (_sm_count(device) + blocks // 2) // blocks))
-    return {"BN": BN, "BK": BK, "SPLIT": split, "num_warps": 4, "num_stages": 3}
+    """Tile sizes for `lora_small`, as the H100 sweep of benchmarks/bench_decode.py found fastest for
+    the Llama linears: one row (multiply-add kernel) wants about three programs per SM (column
+    blocks x K splits), more rows (tensor-core dots) about one; each program gets at least two BK steps."""
+    key = (M == 1, N, K, device)
+    c = _SMALL_CFGS.get(key)
+    if c is None:
+        BN = 16 if N <= 512 else 64
+        BK = 128
+        blocks = triton.cdiv(N, BN)
+        sms = _sm_count(device)
+        want = (3 * sms + blocks // 2) // blocks if M == 1 else sms // blocks
+        split = max(1, min(want, K // (2 * BK)))
+        c = _SMALL_CFGS[key] = {"BN": BN, "BK": BK, "SPLIT": split, "num_warps": 4, "num_stages": 3}
+    return c
+
+
+_SMALL_CFGS: dict = {}
 
 
 def _counters(device: torch.device, n: int) -> Tensor:
@@ -672,7 +682,8 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     R = A.shape[0]
     BM = min(_pow2(M), 64)
     c = _small_config(M, N, K, x2.device)
-    c.update(cfg or {})
+    if cfg:
+        c = dict(c, **cfg)
     BK = min(c["BK"], _pow2(K))
     split = max(1, min(c["SPLIT"], triton.cdiv(K, BK)))
     KC = triton.cdiv(triton.cdiv(K, split), BK) * BK
