@@ -47,6 +47,28 @@ def fast_path_for(x: Tensor) -> bool:
     return _FAST_PATH == "on" or (_FAST_PATH == "auto" and x.is_cuda)
 
 
+# Decode runs every adapted linear once per token, and there the Python around the three tensor
+# ops is the cost: an attribute read that nn.Module.__getattr__ answers (`self.weight`,
+# `a.lora_A`) takes about 1 µs on a CPU, and a call used to make eight. The forward passes below
+# read what they need from the modules' own `_parameters` / `_modules` dicts instead: live
+# state, no cache that could go stale (tests/test_host_overhead.py).
+_kernels = None  # lorakit.kernels (which imports Triton), imported on the first fast-path call
+
+
+def _import_kernels():
+    global _kernels
+    from . import kernels
+
+    _kernels = kernels
+    return kernels
+
+
+def _param(module: nn.Module, name: str) -> Tensor | None:
+    """`getattr(module, name)` for a tensor that is usually a registered parameter, without __getattr__."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 class LoraAdapter(nn.Module):
     """One named adapter of one layer: `lora_A` (r, in), `lora_B` (out, r), a scale and a dropout.
 
@@ -70,19 +92,39 @@ class LoraAdapter(nn.Module):
 
     @property
     def dropout_p(self) -> float:
-        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        dropout = self._modules["dropout"]
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+    def apply_dropout(self, x: Tensor) -> Tensor:
+        """dropout(x); x itself where that is the identity (no dropout, or eval), without a module call."""
+        dropout = self._modules["dropout"]
+        if type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training):
+            return x
+        return dropout(x)
+
+    def operands(self) -> tuple[Tensor, Tensor, float, float]:
+        """(lora_A, full_B(), scale, dropout_p): an adapter's arguments to a fused call, read from the
+        module's own dicts (see `_param`)."""
+        params = self._parameters
+        if self.slices is None and "lora_A" in params and "lora_B" in params:
+            A, B = params["lora_A"], params["lora_B"]
+        else:
+            A, B = self.lora_A, self.full_B()
+        return A, B, self.scale, self.dropout_p
 
     def full_B(self) -> Tensor:
-        """B acting on the whole output: (out, r_total); for sliced adapters a block matrix with zero rows."""
+        """B acting on the whole output: (out, r_total); for sliced adapters a block matrix with zero rows.
+
+        Built on every call (not cached), so it always reflects in-place changes of `lora_B`."""
+        B = _param(self, "lora_B")
         if self.slices is None:
-            return self.lora_B
+            return B
         n, k = len(self.slices), sum(self.slices)
-        out_slice = self.lora_B.shape[0] // k
-        full = self.lora_B.new_zeros(out_slice * n, self.r * k)
+        out_slice = B.shape[0] // k
+        full = B.new_zeros(out_slice * n, self.r * k)
         enabled = [i for i, on in enumerate(self.slices) if on]
         for j, i in enumerate(enabled):
-            full[i * out_slice:(i + 1) * out_slice, j * self.r:(j + 1) * self.r] = \
-                self.lora_B[j * out_slice:(j + 1) * out_slice]
+            full[i * out_slice:(i + 1) * out_slice, j * self.r:(j + 1) * self.r] = B[j * out_slice:(j + 1) * out_slice]
         return full
 
     def extra_repr(self) -> str:
@@ -181,7 +223,8 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _unmerged_active(self) -> list[LoraAdapter]:
-        return [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        adapters, merged = self._modules["adapters"]._modules, self.merged  # the ModuleDict's own dict
+        return [adapters[n] for n in self.active if n in adapters and n not in merged]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
@@ -234,9 +277,16 @@ class LoraLinear(LoraLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled or not fast_path_for(x):
             return super().forward(x)
-        from . import kernels
-
-        weight = self.weight.t() if self.fan_in_fan_out else self.weight  # (out, in) view
+        kernels = _kernels or _import_kernels()
+        if self.routing is None and not self.merged and len(self.active) == 1 and not torch.is_grad_enabled():
+            # Inference with one adapter (decode): what the general path below does in this case,
+            # minus what needs autograd (sibling groups, recompute recipes). Nothing is cached.
+            a = self._modules["adapters"]._modules.get(self.active[0])
+            if a is not None:
+                A, B, scale, p = a.operands()
+                return kernels.lora_linear(x, self._weight_out_in(), _param(self, "bias"), A, B, scale, p,
+                                           self.training)
+        weight, bias = self._weight_out_in(), _param(self, "bias")
         if self.routing is not None:
             if x.shape[0] != len(self.routing):
                 return super().forward(x)  # the reference path raises the explanatory error
@@ -245,11 +295,12 @@ class LoraLinear(LoraLayer):
                 return super().forward(x)  # the routed kernels have no dropout
             stacks = self._served_stacks(routed)
             if stacks is not None:  # serving: stacks checked once, no per-call validation
-                return kernels.routed.routed_prepared(x, weight, self.bias, *stacks, rows)
+                return kernels.routed.routed_prepared(x, weight, bias, *stacks, rows)
             A, B, scales = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]) + (
                 torch.tensor([a.scale for a in routed], dtype=torch.float32, device=x.device),)
-            return kernels.lora_linear_routed(x, weight, self.bias, A, B, scales, rows)
-        if self.siblings is not None and not torch.compiler.is_compiling():
+            return kernels.lora_linear_routed(x, weight, bias, A, B, scales, rows)
+        grad = torch.is_grad_enabled()  # without autograd a sibling group computes nothing (SiblingGroup.forward)
+        if grad and self.siblings is not None and not torch.compiler.is_compiling():
             y = self.siblings.forward(self, x)
             if y is not None:
                 return y
@@ -257,11 +308,16 @@ class LoraLinear(LoraLayer):
         if not active:
             return self._base_forward(x)
         if len(active) == 1:
-            a = active[0]
-            return kernels.lora_linear(x, weight, self.bias, a.lora_A, a.full_B(), a.scale, a.dropout_p, self.training,
-                                       recompute=kernels.recipe_of(x))
-        return kernels.lora_linear_multi(x, weight, self.bias, [a.lora_A for a in active], [a.full_B() for a in active],
+            A, B, scale, p = active[0].operands()
+            # a recipe only changes what backward keeps: none without autograd
+            return kernels.lora_linear(x, weight, bias, A, B, scale, p, self.training,
+                                       recompute=kernels.recipe_of(x) if grad else None)
+        return kernels.lora_linear_multi(x, weight, bias, [a.lora_A for a in active], [a.full_B() for a in active],
                                          [a.scale for a in active], [a.dropout_p for a in active], self.training)
+
+    def _weight_out_in(self) -> Tensor:
+        weight = _param(self, "weight")
+        return weight.t() if self.fan_in_fan_out else weight  # Conv1D stores (in, out)
 
     def _served_stacks(self, routed: list[LoraAdapter]) -> tuple[Tensor, Tensor, Tensor] | None:
         """(A_stack, B_stack, scales) for serving (no autograd): stacked once per route block and
@@ -285,13 +341,14 @@ class LoraLinear(LoraLayer):
         return stacks
 
     def _base_forward(self, x: Tensor) -> Tensor:
+        weight, bias = _param(self, "weight"), _param(self, "bias")
         if self.fan_in_fan_out:  # Conv1D: y = x @ W + b with W (in, out)
-            y = x @ self.weight
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.weight, self.bias)
+            y = x @ weight
+            return y + bias if bias is not None else y
+        return F.linear(x, weight, bias)
 
     def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
-        return LF.lora_delta_out(a.dropout(x), a.lora_A, a.full_B(), a.scale)
+        return LF.lora_delta_out(a.apply_dropout(x), _param(a, "lora_A"), a.full_B(), a.scale)
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.t() if self.fan_in_fan_out else delta

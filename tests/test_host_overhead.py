@@ -1,0 +1,272 @@
+"""An adapted linear reads its state afresh on every call: whatever changes an adapter, its
+tensors or the layer (names, merges, routes, replaced parameters, `.to()`), the very next call
+computes with it. The decode path (one adapter, no autograd) reads the modules' dicts directly
+instead of through nn.Module.__getattr__; these tests pin that it serves nothing stale.
+
+Each case warms the layer up with a few calls, changes one thing, and compares the next call
+bit for bit with the same computation spelled out from the layer's public attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit as lk
+from lorakit import functional as LF
+from lorakit import kernels
+from models import randomize
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    yield
+    lk.set_fast_path("auto")
+
+
+class One(nn.Module):
+    """One adaptable linear, `proj` (8 -> 6): no siblings, so every call is the layer's own."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.proj = base
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+# layer kind -> (the base module, LoraConfig kwargs)
+KINDS = {
+    "linear": (lambda: nn.Linear(8, 6), {}),
+    "linear-no-bias": (lambda: nn.Linear(8, 6, bias=False), {}),
+    "conv1d-sliced": (lambda: Conv1D(6, 8), {"slices": {"proj": [True, False, True]}}),
+}
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    make_base, kwargs = KINDS[kind]
+    model = One(make_base()).eval()
+    lk.inject(model, lk.LoraConfig(r=2, alpha=4, targets=["proj"], **kwargs))
+    lk.inject(model, lk.LoraConfig(r=3, alpha=3, targets=["proj"], **kwargs), name="b")
+    lk.set_adapter(model, "default")
+    randomize(model, std=0.5)
+    return model, model.proj
+
+
+def expected(layer, x):
+    """The layer's output, spelled out from its public attributes (read through __getattr__ now)."""
+    W = layer.weight
+    if layer.fan_in_fan_out:
+        base = x @ W + layer.bias if layer.bias is not None else x @ W
+    else:
+        base = F.linear(x, W, layer.bias)
+    active = [layer.adapters[n] for n in layer.active if n in layer.adapters and n not in layer.merged]
+    if layer.disabled or not active:
+        return base
+    W_out_in = W.t() if layer.fan_in_fan_out else W
+    if lk.layers.fast_path_for(x):
+        if len(active) == 1:
+            a = active[0]
+            return kernels.lora_linear(x, W_out_in, layer.bias, a.lora_A, a.full_B(), a.scale, a.dropout_p,
+                                       layer.training)
+        return kernels.lora_linear_multi(x, W_out_in, layer.bias, [a.lora_A for a in active],
+                                         [a.full_B() for a in active], [a.scale for a in active],
+                                         [a.dropout_p for a in active], layer.training)
+    y = base
+    for a in active:
+        y = y + LF.lora_delta_out(a.dropout(x), a.lora_A, a.full_B(), a.scale)
+    return y
+
+
+def check(model, layer, grad: bool, changed_from: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's next output equals `expected` bit for bit (same dropout seed for both)."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(7)).to(layer.weight.dtype)
+    with torch.set_grad_enabled(grad):
+        torch.manual_seed(11)
+        y = model(x)
+        torch.manual_seed(11)
+        want = expected(layer, x)
+    assert torch.equal(y, want)
+    if changed_from is not None:  # the change under test does change the output
+        assert y.shape != changed_from.shape or y.dtype != changed_from.dtype or not torch.equal(y, changed_from)
+    return y.detach()
+
+
+def add_adapter(model, layer):
+    slices = {"slices": {"proj": [True, False, True]}} if layer.fan_in_fan_out else {}
+    lk.inject(model, lk.LoraConfig(r=2, alpha=4, targets=["proj"], **slices), name="c")  # and activate it
+    randomize(model, seed=5)
+
+
+def replace_adapter(model, layer):
+    layer.adapters["default"] = copy.deepcopy(layer.adapters["b"])
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.mul_(-2)
+
+
+def replace_param(module_of, name):
+    def change(model, layer):
+        module = module_of(layer)
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(torch.randn_like(old), requires_grad=old.requires_grad))
+    return change
+
+
+def edit_in_place(module_of, name):
+    def change(model, layer):
+        with torch.no_grad():
+            getattr(module_of(layer), name).mul_(3).add_(0.25)
+    return change
+
+
+def load_other_state(model, layer):
+    state = {k: v + 0.5 if ".adapters." in k else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+
+
+def to_double(flag):
+    """model.double() (`flag`: how `_apply` converts, see torch.__future__), then an in-place edit of
+    every parameter: float32 -> float64 is exact, so the edit is what shows a stale tensor."""
+    def change(model, layer):
+        setter = getattr(torch.__future__, f"set_{flag}_module_params_on_conversion") if flag else None
+        if setter is not None:
+            setter(True)
+        try:
+            model.double()
+        finally:
+            if setter is not None:
+                setter(False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.125)
+    return change
+
+
+def with_dropout(model, layer):
+    layer.adapters["default"].dropout = nn.Dropout(0.5)
+    model.train()
+
+
+def default_adapter(layer):
+    return layer.adapters["default"]
+
+
+# change name -> how to make it; each changes the layer's output
+CHANGES = {
+    "set_adapter": lambda model, layer: lk.set_adapter(model, "b"),
+    "active assigned": lambda model, layer: setattr(layer, "active", ["b"]),
+    "active edited in place": lambda model, layer: layer.active.__setitem__(0, "b"),
+    "active appended": lambda model, layer: layer.active.append("b"),
+    "active cleared": lambda model, layer: layer.active.clear(),
+    "adapter deleted": lambda model, layer: lk.delete_adapter(model, "default"),
+    "adapter replaced": replace_adapter,
+    "adapter added": add_adapter,
+    "merged": lambda model, layer: lk.merge(model, "default"),
+    "lora_A replaced": replace_param(default_adapter, "lora_A"),
+    "lora_B replaced": replace_param(default_adapter, "lora_B"),
+    "weight replaced": replace_param(lambda layer: layer, "weight"),
+    "lora_A edited in place": edit_in_place(default_adapter, "lora_A"),
+    "lora_B edited in place": edit_in_place(default_adapter, "lora_B"),
+    "weight edited in place": edit_in_place(lambda layer: layer, "weight"),
+    "bias set": lambda model, layer: setattr(layer, "bias", nn.Parameter(torch.full((6,), 0.3))),
+    "state loaded": load_other_state,
+    "to(float64)": to_double(None),
+    "to(float64), new parameters": to_double("overwrite"),
+    "to(float64), swapped tensors": to_double("swap"),
+    "scale changed": lambda model, layer: setattr(layer.adapters["default"], "scale", 7.0),
+    "dropout, train mode": with_dropout,
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_next_call_sees_the_change(change, kind, mode, grad):
+    lk.set_fast_path(mode)
+    model, layer = build(kind)
+    for _ in range(3):
+        before = check(model, layer, grad)
+    CHANGES[change](model, layer)
+    check(model, layer, grad, changed_from=before)
+    check(model, layer, grad)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_state_round_trips_show_on_every_call(kind, mode, grad):
+    lk.set_fast_path(mode)
+    model, layer = build(kind)
+    adapted = check(model, layer, grad)
+    with lk.disabled(model):
+        base = check(model, layer, grad, changed_from=adapted)
+    assert torch.equal(check(model, layer, grad), adapted)
+    lk.merge(model)
+    lk.unmerge(model)
+    assert torch.equal(check(model, layer, grad), adapted)
+    lk.set_adapter(model, "b")
+    check(model, layer, grad, changed_from=adapted)
+    lk.set_adapter(model, "default")
+    assert torch.equal(check(model, layer, grad), adapted)
+    lk.set_fast_path("off" if mode == "on" else "on")
+    check(model, layer, grad)
+    lk.set_fast_path(mode)
+    assert not torch.equal(adapted, base)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_routes_and_what_follows_them(kind, mode):
+    lk.set_fast_path(mode)
+    model, layer = build(kind)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        adapted = check(model, layer, grad=False)
+        with lk.disabled(model):
+            base = model(x)
+        lk.set_adapter(model, "b")
+        only_b = model(x)
+        lk.set_adapter(model, "default")
+        with lk.route(model, ["b", None, "default"]):
+            routed = model(x)
+            with torch.no_grad():
+                layer.adapters["b"].lora_B.mul_(2)
+            routed_after_edit = model(x)
+        assert torch.equal(check(model, layer, grad=False), adapted)
+    torch.testing.assert_close(routed[0], only_b[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed[1], base[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed[2], adapted[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed_after_edit[0] - base[0], 2 * (only_b[0] - base[0]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_operands_are_the_adapters_own(kind):
+    model, layer = build(kind)
+    a = layer.adapters["default"]
+    A, B, scale, p = a.operands()
+    assert A is a.lora_A and scale == a.scale and p == a.dropout_p == 0.0
+    assert B is a.lora_B if a.slices is None else torch.equal(B, a.full_B())
+    a.dropout = nn.Dropout(0.25)
+    assert a.operands()[3] == a.dropout_p == 0.25
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_apply_dropout_is_the_dropout_module(train):
+    model, layer = build("linear")
+    a = layer.adapters["default"]
+    x = torch.randn(4, 8)
+    assert a.apply_dropout(x) is x  # nn.Identity: no dropout configured
+    a.dropout = nn.Dropout(0.5)
+    model.train(train)
+    torch.manual_seed(0)
+    got = a.apply_dropout(x)
+    torch.manual_seed(0)
+    assert torch.equal(got, a.dropout(x))
+    assert (got is x) == (not train)
