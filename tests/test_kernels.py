@@ -55,6 +55,18 @@ def rows_of(x: torch.Tensor) -> int:
 
 # -- the dropout mask -----------------------------------------------------------------------------
 
+@pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
+def test_direct_launch_key_separates_what_triton_specializes_on():
+    # `_launch` reuses a compiled kernel only for arguments with the same key: it must tell apart
+    # everything Triton compiles differently for (dtype, 16-byte alignment, ints 0 / 1 / %16 / 64-bit).
+    t = torch.zeros(64)
+    key = _triton._specs
+    for a, b in [((t, 32, 2.0), (torch.ones(64), 48, 3.5)), ((2 ** 31,), (2 ** 35 + 48,))]:
+        assert key(a) == key(b)
+    for a, b in [(t, t.half()), (t, t[1:]), (1, 2), (0, 16), (16, 17), (2 ** 31, 32), (True, 1)]:
+        assert key((a,)) != key((b,)), (a, b)
+
+
 def test_mask_is_a_function_of_the_seed_with_the_right_rate():
     seed = torch.tensor([12345, 678], dtype=torch.int64)
     m1 = keep_mask(seed, 256, 513, 0.1)

@@ -451,16 +451,21 @@ _DIRECT = {"on": os.environ.get("LORAKIT_TRITON_DIRECT", "1") != "0"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
-def _spec(a) -> tuple:
-    if isinstance(a, Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool):
-        return "b", a
-    if isinstance(a, int):
-        return "i", a == 0, a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31
-    if isinstance(a, float):
-        return ("f",)
-    return "v", a
+def _specs(args: tuple) -> tuple:
+    """What Triton specializes each argument on (and then some): a tensor's dtype and 16-byte alignment,
+    an int's value if 0 or 1 else its divisibility by 16 and whether it fits 32 bits; float: nothing."""
+    out = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            out.append(a if a == 0 or a == 1 else (a & 15 == 0, -2147483648 <= a < 2147483648))
+        elif t is float:
+            out.append(None)
+        elif isinstance(a, Tensor):
+            out.append((a.dtype, a.data_ptr() & 15 == 0))
+        else:
+            out.append((t, a))
+    return tuple(out)
 
 
 def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
@@ -468,7 +473,8 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
     if not (_DIRECT["on"] and args[0].is_cuda):
         kernel[grid](*args, **consts)
         return
-    key = (kernel, args[0].device, tuple(_spec(a) for a in args), tuple(sorted(consts.items())))
+    # consts in call order: the same constants in another order only miss, then hit Triton's own cache
+    key = (kernel, args[0].device, _specs(args), tuple(consts.items()))
     hit = _COMPILED.get(key)
     if hit is not None:
         hit[0][grid + (1,) * (3 - len(grid))](*args, *hit[1])  # the compiled kernel's launcher reads 3 dims
