@@ -522,6 +522,27 @@ TRITON_SCRIPT = textwrap.dedent("""
         _triton._DIRECT["on"] = True
         got = [_triton.shrink(x, A, seed, 0.1) for _ in range(2)]
         assert _triton._COMPILED and all(torch.equal(g, want) for g in got)
+    if dev == "cuda":  # lora_small (K split over programs, tile counters) replayed in a CUDA graph equals eager
+        W = (torch.randn(2048, 1024, device=dev) / 32).bfloat16()
+        A = (torch.randn(16, 1024, device=dev) / 32).bfloat16()
+        B = torch.randn(2048, 16, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(2048, device=dev, dtype=torch.bfloat16)
+        for rows in (1, 8):
+            x = torch.randn(rows, 1024, device=dev, dtype=torch.bfloat16)
+            assert _triton._small_config(rows, 2048, 1024, x.device)["SPLIT"] > 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                _triton.lora_small(x, W, b, A, B, 2.0)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = _triton.lora_small(x, W, b, A, B, 2.0)
+            for _ in range(3):
+                x.copy_(torch.randn_like(x))
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(y, _triton.lora_small(x, W, b, A, B, 2.0)), rows
     if dev == "cuda":  # autotuned launch without gx (x needs no grad), x shared by two Functions
         x = torch.randn(4096, 320, device=dev, dtype=torch.bfloat16)
         W = torch.randn(64, 320, device=dev, dtype=torch.bfloat16) / 18
