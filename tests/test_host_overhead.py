@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit as lk
 from lorakit import functional as LF
 from lorakit import kernels
-from models import randomize
+from models import make, randomize
 
 
 @pytest.fixture(autouse=True)
@@ -270,3 +270,22 @@ def test_apply_dropout_is_the_dropout_module(train):
     torch.manual_seed(0)
     assert torch.equal(got, a.dropout(x))
     assert (got is x) == (not train)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_inference_under_torch_compile_has_no_graph_break(mode):
+    # The dict reads of the decode path trace like attribute reads.
+    import torch._dynamo
+
+    lk.set_fast_path(mode)
+    model = make("llama")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    randomize(model)
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(model, backend="aot_eager")(input_ids=ids).logits
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
