@@ -513,6 +513,19 @@ TRITON_SCRIPT = textwrap.dedent("""
                        for _ in range(2)]
                 assert torch.equal(got[0], got[1]) and rel(got[0], ref) < tol and rel(got[0], one) < tol, \
                     (rows, gemv, split)
+    # under torch.compile the fused inference kernel is one opaque op of the graph (lorakit::lora_small)
+    calls = []
+    small = _triton.lora_small
+    _triton.lora_small = lambda *a, **k: calls.append(1) or small(*a, **k)
+    x = torch.randn(2, 1, 80, device=dev)
+    W, b, A = torch.randn(72, 80, device=dev) / 9, torch.randn(72, device=dev), torch.randn(16, 80, device=dev) / 9
+    B = torch.randn(72, 16, device=dev)
+    compiled = torch.compile(lambda x: lora_linear(x, W, b, A, B, 2.0), fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x)
+    _triton.lora_small = small
+    ref = reference_lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0)
+    assert calls and rel(y, ref) < 1e-4, (len(calls), rel(y, ref))
     if dev == "cuda":  # direct launches of compiled kernels give what Triton's own launch gives
         x = torch.randn(300, 96, device=dev, dtype=torch.bfloat16)
         A = (torch.randn(8, 96, device=dev) / 8).bfloat16()

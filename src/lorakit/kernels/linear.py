@@ -492,7 +492,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, else three ops.
         x2 = x.reshape(-1, in_f)
         if x2.shape[0] <= _triton.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
-            y = _triton.lora_small(x2, weight, bias, A, B, scale)
+            # traced by torch.compile as one opaque op (`lorakit::lora_small`), so a compiled (and
+            # CUDA-graphed) decode step runs the same kernel
+            small = _small_op if torch.compiler.is_compiling() else _triton.lora_small
+            y = small(x2, weight, bias, A, B, float(scale))
             return y.view(*x.shape[:-1], y.shape[-1])
         y = _lora_out(bias, x2 @ A.t(), B, scale)
         y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
@@ -510,7 +513,19 @@ def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
     """Whether `_triton.lora_small` serves this inference call (its operands' layout included)."""
     return x2.dtype in _TRITON_DTYPES and x2.stride(-1) == 1 and A.stride(-1) == 1 and B.stride(-1) == 1 \
         and (bias is None or bias.stride(0) == 1) and _triton.available_for(x2) \
-        and not torch.compiler.is_compiling()
+        and (_small_op is not None or not torch.compiler.is_compiling())
+
+
+def _small_impl(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    return _triton.lora_small(x2, weight, bias, A, B, scale)
+
+
+_small_op = None
+if _triton.triton is not None and hasattr(torch.library, "custom_op"):
+    _small_op = torch.library.custom_op(
+        "lorakit::lora_small", _small_impl, mutates_args=(),
+        schema="(Tensor x2, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scale) -> Tensor")
+    _small_op.register_fake(lambda x2, weight, bias, A, B, scale: x2.new_empty(x2.shape[0], weight.shape[0]))
 
 
 def _seed_and_kernels(x: Tensor, drop: bool, p: float, seed: Tensor | None, backend: str,
