@@ -12,6 +12,8 @@ that, for the base model and with an adapter, the same way:
           token, cache position + 1) captured as a CUDA graph and replayed; ms per token for the
           base model, `lk.inject` unmerged (fused kernel, and the three-op path), merged; plus
           eager `generate` for comparison.
+  compiled: `generate(cache_implementation="static")`, which transformers runs through torch.compile
+          (CUDA graphs), base and unmerged (not in the default parts: it compiles four times).
 
     PYTHONPATH=src python benchmarks/bench_decode.py [--part linear,model] [--layers 22]
 """
@@ -176,6 +178,46 @@ def decode_eager_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
     return statistics.median(ts)
 
 
+def part_compiled(layers: int | None, new: int) -> None:
+    """`generate` with a static cache, which transformers serves by compiling the forward with
+    torch.compile ("reduce-overhead": CUDA graphs); the fused kernel is one custom op in that graph."""
+    import lorakit as lk
+
+    model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
+    rows = []
+
+    def gen_ms(batch: int) -> float:
+        ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
+                            generator=torch.Generator(device="cuda").manual_seed(5))
+        ts = []
+        with torch.no_grad():
+            for i in range(5):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0, cache_implementation="static")
+                b.record()
+                b.synchronize()
+                if i >= 2:  # the first calls compile
+                    ts.append(a.elapsed_time(b) / new)
+        return statistics.median(ts)
+
+    base = {b: gen_ms(b) for b in (1, 32)}
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-2)
+    torch._dynamo.reset()
+    for b in (1, 32):
+        rows.append((f"compiled generate batch {b}, base", base[b], 1.0))
+        ms = gen_ms(b)
+        rows.append((f"compiled generate batch {b}, unmerged", ms, ms / base[b]))
+    print(f"\n{'case':<50} {'ms/token':>9} {'x base':>7}")
+    for name, ms, ratio in rows:
+        print(f"{name:<50} {ms:9.3f} {ratio:7.3f}", flush=True)
+
+
 def part_model(layers: int | None, new: int) -> None:
     import lorakit as lk
     from lorakit.kernels import _triton
@@ -233,6 +275,8 @@ def main() -> None:
         part_linear(args.shapes.split(","), not args.no_sweep)
     if "model" in parts:
         part_model(args.layers, args.new_tokens)
+    if "compiled" in parts:
+        part_compiled(args.layers, args.new_tokens)
 
 
 if __name__ == "__main__":
