@@ -556,6 +556,17 @@ TRITON_SCRIPT = textwrap.dedent("""
                 graph.replay()
                 torch.cuda.synchronize()
                 assert torch.equal(y, _triton.lora_small(x, W, b, A, B, 2.0)), rows
+    if dev == "cuda":  # and under torch.compile's CUDA graphs ("reduce-overhead"), call after call
+        W = (torch.randn(2048, 1024, device=dev) / 32).bfloat16()
+        A = (torch.randn(16, 1024, device=dev) / 32).bfloat16()
+        B = torch.randn(2048, 16, device=dev, dtype=torch.bfloat16)
+        step = torch.compile(lambda x: lora_linear(x, W, None, A, B, 2.0), mode="reduce-overhead", fullgraph=True)
+        for _ in range(4):
+            x = torch.randn(1, 1, 1024, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                got = step(x).clone()
+            want = reference_lora_linear(x.double(), W.double(), None, A.double(), B.double(), 2.0)
+            assert rel(got, want) < 1e-2, rel(got, want)
     if dev == "cuda":  # autotuned launch without gx (x needs no grad), x shared by two Functions
         x = torch.randn(4096, 320, device=dev, dtype=torch.bfloat16)
         W = torch.randn(64, 320, device=dev, dtype=torch.bfloat16) / 18
