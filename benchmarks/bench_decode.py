@@ -39,8 +39,8 @@ SWEEP_GEMV = [dict(BN=bn, SPLIT=sp, BK=bk, num_warps=4, num_stages=3, GEMV=True)
               for bn in (16, 32, 64) for sp in (1, 2, 4, 8, 16) for bk in (128, 256)]
 
 
-def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
-    """Median µs per call of fn, replayed as one CUDA graph of `calls` calls."""
+def capture(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """`calls` calls of fn as one CUDA graph, after three warm-up calls on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -51,6 +51,12 @@ def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
+    return g
+
+
+def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
+    """Median µs per call of fn, replayed as one CUDA graph of `calls` calls."""
+    g = capture(fn, calls)
     g.replay()
     ts = []
     for _ in range(reps):
@@ -137,15 +143,7 @@ def decode_graph_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
             for _ in range(new):
                 step()
             return (time.perf_counter() - t0) * 1e3 / new
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
+        g = capture(step)
         ts = []
         for _ in range(reps):
             torch.cuda.synchronize()
