@@ -641,7 +641,9 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) 
 # Few rows (decode): the fused one-launch kernel serves up to this many; above, the base GEMM is
 # compute-bound enough that cuBLAS for it wins.
 SMALL_MAX_ROWS = 64
+_SMALL_CFGS: dict = {}
 _COUNTERS: dict = {}
+_OUTGROWN: list = []
 
 
 def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
@@ -661,17 +663,17 @@ def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
     return c
 
 
-_SMALL_CFGS: dict = {}
-
-
 def _counters(device: torch.device, n: int) -> Tensor:
     """Zeroed int32 tile counters for `lora_small`'s split reduction, one buffer per device and stream
-    (every launch leaves them at zero again; two streams must not share them)."""
+    (every launch leaves them at zero again; two streams must not share them). A buffer outgrown is
+    kept alive: a captured CUDA graph may still point into it."""
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(n, 16384), dtype=torch.int32, device=device)
     return buf
 
 
