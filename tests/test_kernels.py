@@ -509,10 +509,10 @@ TRITON_SCRIPT = textwrap.dedent("""
             ref = reference_lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0)
             one = _triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=1, BK=32, BN=16, GEMV=gemv))
             for split in (2, 4):
-                got = [_triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=split, BK=32, BN=16, GEMV=gemv))
-                       for _ in range(2)]
-                assert torch.equal(got[0], got[1]) and rel(got[0], ref) < tol and rel(got[0], one) < tol, \
-                    (rows, gemv, split)
+                got = [_triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=split, BK=32, BN=16, GEMV=gemv), fresh)
+                       for fresh in (False, False, True)]
+                assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2]), (rows, gemv, split)
+                assert rel(got[0], ref) < tol and rel(got[0], one) < tol, (rows, gemv, split)
     # under torch.compile the fused inference kernel is one opaque op of the graph (lorakit::lora_small)
     calls = []
     small = _triton.lora_small

@@ -678,12 +678,14 @@ def _counters(device: torch.device, n: int) -> Tensor:
 
 
 def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
-               cfg: dict | None = None) -> Tensor:
+               cfg: dict | None = None, fresh_counters: bool = False) -> Tensor:
     """y = x2 @ weight.T + bias + scale * (x2 @ A.T) @ B.T as a new (M, N) tensor, in one launch (M small).
 
     x2 (M, K), A (R, K), B (N, R), bias (N,) or None: unit stride in the last dimension; weight (N, K)
     any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). `cfg`
-    overrides the tile sizes (benchmarks).
+    overrides the tile sizes (benchmarks). `fresh_counters`: zeroed tile counters of the call's own
+    (one small fill more) instead of the buffer kept across calls, which torch.compile's CUDA graphs
+    refuse when it was allocated in their memory pool.
     """
     M, K = x2.shape
     N = weight.shape[0]
@@ -699,7 +701,12 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     grid = (triton.cdiv(N, c["BN"]), split, triton.cdiv(M, BM))
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
-    cnt = _counters(x2.device, grid[0] * grid[2]) if split > 1 else out
+    if split == 1:
+        cnt = out
+    elif fresh_counters:
+        cnt = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x2.device)
+    else:
+        cnt = _counters(x2.device, grid[0] * grid[2])
     args = (x2, weight, x2 if bias is None else bias, A, B, out, ws, cnt, M, N, K, R, float(scale), KC,
             x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0), out.stride(0))
     if M == 1 and c.get("GEMV", True):

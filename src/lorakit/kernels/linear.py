@@ -517,9 +517,9 @@ def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
 
 
 def _small_impl(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    # K is not split here: a split's tile counters live in a buffer kept across calls, and torch.compile's
-    # CUDA graphs ("reduce-overhead") refuse a buffer allocated in their memory pool that outlives the graph.
-    return _triton.lora_small(x2, weight, bias, A, B, scale, {"SPLIT": 1})
+    # Counters of the call's own: torch.compile's CUDA graphs ("reduce-overhead") refuse a buffer
+    # allocated in their memory pool that outlives the graph, as the kept one would.
+    return _triton.lora_small(x2, weight, bias, A, B, scale, fresh_counters=True)
 
 
 _small_op = None
