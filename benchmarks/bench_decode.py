@@ -176,7 +176,7 @@ def decode_eager_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
     return statistics.median(ts)
 
 
-def part_compiled(layers: int | None, new: int) -> None:
+def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
     """`generate` with a static cache, which transformers serves by compiling the forward with
     torch.compile ("reduce-overhead": CUDA graphs); the fused kernel is one custom op in that graph."""
     import lorakit as lk
@@ -211,6 +211,14 @@ def part_compiled(layers: int | None, new: int) -> None:
         rows.append((f"compiled generate batch {b}, base", base[b], 1.0))
         ms = gen_ms(b)
         rows.append((f"compiled generate batch {b}, unmerged", ms, ms / base[b]))
+        if profile and b == 1:  # where the GPU time of 16 compiled decode steps goes
+            from torch.profiler import ProfilerActivity, profile as prof
+
+            ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
+            with prof(activities=[ProfilerActivity.CUDA]) as p, torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                               min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
     print(f"\n{'case':<50} {'ms/token':>9} {'x base':>7}")
     for name, ms, ratio in rows:
         print(f"{name:<50} {ms:9.3f} {ratio:7.3f}", flush=True)
@@ -261,6 +269,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="compiled: a kernel table of the adapted batch-1 decode")
     ap.add_argument("--no-sweep", action="store_true", help="linear: the default tile sizes only")
     args = ap.parse_args()
     import transformers
@@ -274,7 +283,7 @@ def main() -> None:
     if "model" in parts:
         part_model(args.layers, args.new_tokens)
     if "compiled" in parts:
-        part_compiled(args.layers, args.new_tokens)
+        part_compiled(args.layers, args.new_tokens, args.profile)
 
 
 if __name__ == "__main__":
