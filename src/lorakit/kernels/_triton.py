@@ -690,6 +690,8 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     M, K = x2.shape
     N = weight.shape[0]
     R = A.shape[0]
+    if M == 0:
+        return torch.empty(0, N, dtype=x2.dtype, device=x2.device)
     BM = min(_pow2(M), 64)
     c = _small_config(M, N, K, x2.device)
     if cfg:
