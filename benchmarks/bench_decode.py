@@ -200,7 +200,24 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
                     ts.append(a.elapsed_time(b) / new)
         return statistics.median(ts)
 
+    def host_profile(label: str) -> None:  # where the CPU time of 16 compiled decode steps goes
+        import cProfile
+        import pstats
+
+        ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
+        pr = cProfile.Profile()
+        with torch.no_grad():
+            pr.enable()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                           min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+            torch.cuda.synchronize()
+            pr.disable()
+        print(f"\n# host profile, {label}, 16 tokens at batch 1")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+
     base = {b: gen_ms(b) for b in (1, 32)}
+    if profile:
+        host_profile("base")
     lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -211,6 +228,8 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
         rows.append((f"compiled generate batch {b}, base", base[b], 1.0))
         ms = gen_ms(b)
         rows.append((f"compiled generate batch {b}, unmerged", ms, ms / base[b]))
+        if profile and b == 1:
+            host_profile("unmerged")
         if profile and b == 1:  # where the GPU time of 16 compiled decode steps goes
             from torch.profiler import ProfilerActivity, profile as prof
 
