@@ -146,6 +146,48 @@ def test_inference_path_equals_training_path():
     assert torch.allclose(y0, reference_lora_linear(x, W, b, A.detach(), B, 2.0), atol=1e-5)
 
 
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops a call runs, with their output shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_on_many_rows_goes_through_a_scratch_merged_weight(device):
+    # Prefill-sized inference forms W + s * B @ A once per call (the adapter stays unmerged: W is
+    # untouched) instead of the (rows, r) shrink and a (rows, out) LoRA output read back by the GEMM.
+    from lorakit.kernels.linear import _merge_pays
+
+    gen = torch.Generator().manual_seed(31)
+    assert _merge_pays(256, 48, 32) and not _merge_pays(6, 48, 32)
+    for dtype in dtypes_for(device):
+        for bias, transposed in [(True, False), (False, True)]:
+            x, W, b, A, B = make((4, 64, 32), 48, 8, dtype, device, bias, gen)
+            if transposed:  # GPT-2's Conv1D keeps (in, out) and hands over a transposed view
+                W = W.t().contiguous().t()
+            W0 = W.clone()
+            with torch.no_grad(), _OpLog() as log:
+                y = lora_linear(x, W, b, A, B, 0.75)
+            assert torch.equal(W, W0), "the base weight must stay as it was"
+            assert (256, 8) not in [shape for _, shape in log.ops], log.ops  # no shrink x @ A.T
+            assert rel_err(y, reference_lora_linear(*(t.double() if t is not None else None
+                                                      for t in (x, W, b, A, B)), 0.75)) < TOL[dtype]
+            # the same function as a merged layer, whose weight is rounded once (as `lk.merge` does)
+            merged = (W.double() + 0.75 * B.double() @ A.double()).to(dtype)
+            y_merged = torch.nn.functional.linear(x, merged, b)
+            assert rel_err(y, y_merged) < {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 4e-3)
+            with torch.no_grad(), _OpLog() as log:  # few rows keep the LoRA terms beside the base GEMM
+                lora_linear(x[:1, :4], W, b, A, B, 0.75)
+            assert (4, 8) in [shape for _, shape in log.ops], log.ops
+
+
 def test_bad_shapes_and_dropout_are_refused():
     x, W, b, A, B = make((4, 8), 6, 2, torch.float32, "cpu", False, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="shapes do not fit"):

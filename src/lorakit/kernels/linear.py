@@ -489,7 +489,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
                             seeds=None if seed is None else [seed], backend=backend, recompute=recompute)[0]
     drop = training and dropout > 0
     if not _needs_graph(x, weight, bias, A, B) and not drop:
-        # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, else three ops.
+        # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, one GEMM on a
+        # scratch merged weight for many, else three ops.
         x2 = x.reshape(-1, in_f)
         if x2.shape[0] <= _triton.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
             # traced by torch.compile as one opaque op (`lorakit::lora_small`), so a compiled (and
@@ -497,6 +498,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
             small = _small_op if torch.compiler.is_compiling() else _triton.lora_small
             y = small(x2, weight, bias, A, B, float(scale))
             return y.view(*x.shape[:-1], y.shape[-1])
+        if backend == "auto" and _merge_pays(x2.shape[0], weight.shape[0], in_f):
+            # Many rows (prefill, batch scoring): W + s * B @ A formed once per call in a scratch
+            # weight, rounded once as `lk.merge` would round it, then one GEMM. The adapter stays
+            # unmerged; the call moves 2 * out * in elements instead of rows * (in + 2 * out).
+            return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
         y = _lora_out(bias, x2 @ A.t(), B, scale)
         y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -507,6 +513,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
             return LoraLinearSingle.forward(_NoCtx(), x, weight, bias, A, B, seed, float(scale), float(dropout),
                                             triton, None)
     return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
+
+
+def _merge_pays(rows: int, out_f: int, in_f: int) -> bool:
+    """Whether an inference call reads and writes less memory through a scratch merged weight
+    (2 * out * in elements) than through the LoRA terms beside the base GEMM (the shrink reads x,
+    the base GEMM's epilogue reads back the LoRA output that was written first: rows * (in + 2 * out))."""
+    return 2 * out_f * in_f < rows * (in_f + 2 * out_f)
 
 
 def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
