@@ -535,10 +535,11 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device
     return out.bool()
 
 
-def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) -> Tensor:
+def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0, cfg: dict | None = None) -> Tensor:
     """xa = dropout(x2) @ A.T as a new (M, R) tensor of x2's dtype; no dropout when seed is None.
 
-    x2 (M, K) and A (R, K) have unit stride in their last dimension.
+    x2 (M, K) and A (R, K) have unit stride in their last dimension. `cfg` (benchmarks): fixed
+    BM, BK, num_warps, num_stages instead of the tuned or default ones.
     """
     M, K = x2.shape
     R = A.shape[0]
@@ -548,15 +549,14 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
     BR = _pow2(R)
     args = (x2, A, out, seed if dropout else x2, M, K, R, x2.stride(0), A.stride(0), out.stride(0),
             half, thresh, inv_keep)
-    BM = 32 if BR <= 32 else 16
-    BK = 128 if K >= 128 else 64
+    c = {"BM": 32 if BR <= 32 else 16, "BK": 128 if K >= 128 else 64, "num_warps": 4, "num_stages": 3, **(cfg or {})}
 
     def fixed():
-        _launch(_shrink_kernel, (triton.cdiv(M, BM),), args,
-                dict(DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BK=BK, BR=BR,
-                     num_warps=4, num_stages=3))
+        _launch(_shrink_kernel, (triton.cdiv(M, c["BM"]),), args,
+                dict(DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=c["BM"], BK=c["BK"], BR=BR,
+                     num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
-    if _tune(M, x2):
+    if _tune(M, x2) and not cfg:
         _tuned(_shrink_tuned, _shrink_kernel, (K, R, dropout, x2.dtype, x2.device),
                lambda meta: (triton.cdiv(M, meta["BM"]),), args,
                dict(DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
@@ -566,13 +566,14 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0) ->
 
 
 def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | None, seed: Tensor | None, p: float,
-                     gx_init: bool = False, src: tuple | None = None) -> Tensor:
+                     gx_init: bool = False, src: tuple | None = None, cfg: dict | None = None) -> Tensor:
     """dA (R, K) float32 = gxa.T @ dropout(x2); if gx is given, gx += (gxa @ A) * mask / (1 - p) in place
     (gx_init: gx = ..., gx's old contents are neither read nor kept). seed None: no dropout.
 
     x2 (M, K), gxa (M, R), A (R, K), gx (M, K): unit stride in the last dimension. Instead of x2
     (None), `src` (see `rebuild_source`) names what x2 was made of; the kernel rebuilds its tiles
-    in registers, bit for bit, and x2 is never written to memory.
+    in registers, bit for bit, and x2 is never written to memory. `cfg` (benchmarks): fixed BM, BK,
+    num_warps, num_stages and PER_SM (programs per SM that set the number of row slices).
     """
     xsrc, u, v = 0, None, None
     if src is not None:
@@ -586,7 +587,9 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     BR = _pow2(R)
     # Enough row slices to fill the GPU (~4 programs per SM at 64 columns a program); each slice
     # writes its own partial dA, summed at the end (deterministic, no atomics).
-    splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(4 * _sm_count(x2.device), triton.cdiv(K, 64))))
+    cfg = cfg or {}
+    splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(cfg.get("PER_SM", 4) * _sm_count(x2.device),
+                                                          triton.cdiv(K, 64))))
     part = torch.empty(splits, R, K, dtype=torch.float32, device=x2.device)
     has_gx = gx is not None
     # Without gx, `part` stands in for its pointer (never read then): not x2, which the autotuner's
@@ -594,14 +597,15 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     args = (x2, gxa, A, gx if has_gx else part, part, seed, x2 if u is None else u, x2 if v is None else v,
             M, K, R, splits, x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0,
             u.stride(0) if xsrc == 2 else 0, half, thresh, inv_keep)
-    BK = 64 if BR <= 32 else 32
+    c = dict(BM=64, BK=64 if BR <= 32 else 32, num_warps=4, num_stages=2)
+    c.update((k, cfg[k]) for k in c if k in cfg)
 
     def fixed():
-        _launch(_dropout_bwd_kernel, (triton.cdiv(K, BK), splits), args,
-                dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=interpreting(), BM=64,
-                     BK=BK, BR=BR, num_warps=4, num_stages=2))
+        _launch(_dropout_bwd_kernel, (triton.cdiv(K, c["BK"]), splits), args,
+                dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=interpreting(),
+                     BM=c["BM"], BK=c["BK"], BR=BR, num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
-    if _tune(M, x2):
+    if _tune(M, x2) and not cfg:
         _tuned(_dropout_bwd_tuned, _dropout_bwd_kernel, (K, R, has_gx, gx_init, xsrc, A.dtype, x2.device),
                lambda meta: (triton.cdiv(K, meta["BK"]), splits), args,
                dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=False, BR=BR), fixed)
@@ -610,25 +614,29 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     return part.sum(0) if splits > 1 else part[0]
 
 
-def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor) -> Tensor:
+def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, cfg: dict | None = None) -> Tensor:
     """The LoRA backward's two products of g, reading g once: writes gxa_out = scale * g @ B and
     returns dB = scale * g.T @ xa (a new (N, R) tensor of B's dtype).
 
     g (M, N), B (N, R), xa (M, R), gxa_out (M, R): unit stride in the last dimension (row strides
-    free, so xa and gxa_out may be column slices of a group's wider tensors).
+    free, so xa and gxa_out may be column slices of a group's wider tensors). `cfg` (benchmarks): fixed
+    BM, BN, num_warps, num_stages and PER_SM (programs per SM that set the number of row slices).
     """
     M, N = g.shape
     R = B.shape[1]
     BR = _pow2(R)
-    BM, BN = 64, min(_pow2(N), 256 if BR <= 16 else (128 if BR <= 32 else 64))  # dB's (BN, BR) sum in registers
+    c = {"BM": 64, "BN": min(_pow2(N), 256 if BR <= 16 else (128 if BR <= 32 else 64)),  # dB's (BN, BR) in registers
+         "num_warps": 4, "num_stages": 3, "PER_SM": 2, **(cfg or {})}
+    BM, BN = c["BM"], c["BN"]
     blocks = triton.cdiv(N, BN)
     # Enough programs to fill the GPU (~2 per SM); each row slice keeps its own partial dB.
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _sm_count(g.device), blocks)))
+    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(c["PER_SM"] * _sm_count(g.device), blocks)))
     gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
     dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
     _launch(_lora_grad_kernel, (blocks, splits),
             (g, B, xa, gp, dbp, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0)),
-            dict(PREC=_prec(g.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BR=BR, num_warps=4, num_stages=3))
+            dict(PREC=_prec(g.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BR=BR, num_warps=c["num_warps"],
+                 num_stages=c["num_stages"]))
     dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
     crows = max(1, 512 // BR)  # rows per reduction program: 512 partial values a load
     ng = triton.cdiv(M, crows)
