@@ -183,9 +183,10 @@ def test_inference_on_many_rows_goes_through_a_scratch_merged_weight(device):
             merged = (W.double() + 0.75 * B.double() @ A.double()).to(dtype)
             y_merged = torch.nn.functional.linear(x, merged, b)
             assert rel_err(y, y_merged) < {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 4e-3)
-            with torch.no_grad(), _OpLog() as log:  # few rows keep the LoRA terms beside the base GEMM
-                lora_linear(x[:1, :4], W, b, A, B, 0.75)
-            assert (4, 8) in [shape for _, shape in log.ops], log.ops
+            if device == "cpu":  # few rows keep the LoRA terms beside the base GEMM (CUDA: one fused kernel)
+                with torch.no_grad(), _OpLog() as log:
+                    lora_linear(x[:1, :4], W, b, A, B, 0.75)
+                assert (4, 8) in [shape for _, shape in log.ops], log.ops
 
 
 def test_bad_shapes_and_dropout_are_refused():
