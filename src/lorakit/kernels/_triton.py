@@ -625,11 +625,14 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, 
     M, N = g.shape
     R = B.shape[1]
     BR = _pow2(R)
-    c = {"BM": 64, "BN": min(_pow2(N), 256 if BR <= 16 else (128 if BR <= 32 else 64)),  # dB's (BN, BR) in registers
-         "num_warps": 4, "num_stages": 3, "PER_SM": 2, **(cfg or {})}
+    # dB's (BN, BR) sum stays in registers. One program per SM, narrow blocks for narrow g (k/v): the
+    # fastest in the H100 sweep of benchmarks/bench_kernels.py (1.1B shapes, 8192 rows, rank 16).
+    c = {"BM": 128 if N <= 512 else 64, "BN": min(_pow2(N), 64 if N <= 512 else 256 if BR <= 16 else
+                                                  (128 if BR <= 32 else 64)),
+         "num_warps": 4, "num_stages": 3, "PER_SM": 1, **(cfg or {})}
     BM, BN = c["BM"], c["BN"]
     blocks = triton.cdiv(N, BN)
-    # Enough programs to fill the GPU (~2 per SM); each row slice keeps its own partial dB.
+    # About one program per SM; each row slice keeps its own partial dB.
     splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(c["PER_SM"] * _sm_count(g.device), blocks)))
     gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
     dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
