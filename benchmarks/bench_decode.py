@@ -215,9 +215,20 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
         print(f"\n# host profile, {label}, 16 tokens at batch 1")
         pstats.Stats(pr).sort_stats("tottime").print_stats(12)
 
+    def gpu_profile(label: str) -> None:  # where the GPU time of 16 compiled decode steps goes
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
+        with prof(activities=[ProfilerActivity.CUDA]) as p, torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                           min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+        print(f"\n# GPU profile, {label}, 16 tokens at batch 1 (prefill included)")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70))
+
     base = {b: gen_ms(b) for b in (1, 32)}
     if profile:
         host_profile("base")
+        gpu_profile("base")
     lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -230,14 +241,7 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
         rows.append((f"compiled generate batch {b}, unmerged", ms, ms / base[b]))
         if profile and b == 1:
             host_profile("unmerged")
-            # where the GPU time of 16 compiled decode steps goes
-            from torch.profiler import ProfilerActivity, profile as prof
-
-            ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
-            with prof(activities=[ProfilerActivity.CUDA]) as p, torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                               min_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+            gpu_profile("unmerged")
     print(f"\n{'case':<50} {'ms/token':>9} {'x base':>7}")
     for name, ms, ratio in rows:
         print(f"{name:<50} {ms:9.3f} {ratio:7.3f}", flush=True)
@@ -288,7 +292,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--profile", action="store_true", help="compiled: a kernel table of the adapted batch-1 decode")
+    ap.add_argument("--profile", action="store_true", help="compiled: host and kernel tables of the base and adapted batch-1 decode")
     ap.add_argument("--no-sweep", action="store_true", help="linear: the default tile sizes only")
     args = ap.parse_args()
     import transformers
