@@ -189,6 +189,38 @@ def test_inference_on_many_rows_goes_through_a_scratch_merged_weight(device):
                 assert (4, 8) in [shape for _, shape in log.ops], log.ops
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_without_dropout_on_many_rows_matches_the_reference(device):
+    # rows > 1.5 * in: the forward runs on a scratch merged weight, alone and as a group; gradients as ever
+    from lorakit.kernels.linear import _merge_pays_training
+
+    assert _merge_pays_training(128, 32) and not _merge_pays_training(40, 32)
+    gen = torch.Generator().manual_seed(32)
+    for dtype in dtypes_for(device):
+        x, W, b, A, B = make((2, 64, 32), 24, 4, dtype, device, True, gen)
+        _, W2, _, A2, B2 = make((2, 64, 32), 40, 8, dtype, device, False, gen)
+        gys = [torch.randn(2, 64, n, generator=gen).to(device, dtype) for n in (24, 40)]
+        W0 = W.clone()
+        for group in (False, True):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, A2, B2)]
+            xl, Al, Bl, A2l, B2l = leaves
+            with _OpLog() as log:
+                ys = lora_linear_group(xl, [W, W2], [b, None], [Al, A2l], [Bl, B2l], [0.5, 2.0], 0.0, True) \
+                    if group else (lora_linear(xl, W, b, Al, Bl, 0.5, 0.0, True),)
+            assert ("addmm", (24, 32)) in log.ops, log.ops  # the scratch merged weight
+            torch.autograd.backward(ys, gys[:len(ys)])
+            refs = [t.detach().double().requires_grad_(True) for t in leaves]
+            xr, Ar, Br, A2r, B2r = refs
+            rys = [reference_lora_linear(xr, W.double(), b.double(), Ar, Br, 0.5),
+                   reference_lora_linear(xr, W2.double(), None, A2r, B2r, 2.0)][:len(ys)]
+            torch.autograd.backward(rys, [g.double() for g in gys[:len(ys)]])
+            for y, r in zip(ys, rys):
+                assert rel_err(y, r) < TOL[dtype]
+            for t, r in zip(leaves[:1 + 2 * len(ys)], refs):
+                assert rel_err(t.grad, r.grad) < TOL[dtype]
+        assert torch.equal(W, W0)
+
+
 def test_bad_shapes_and_dropout_are_refused():
     x, W, b, A, B = make((4, 8), 6, 2, torch.float32, "cpu", False, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="shapes do not fit"):

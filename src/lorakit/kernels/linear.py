@@ -16,6 +16,9 @@ What autograd would do with the plain formula, and what this does instead:
   * no weight gradient for frozen W. The small LoRA terms are computed first (output y and
     input-gradient gx alike) and the large base GEMM adds onto them in place (`addmm_`), which
     reads them in its epilogue: one memory-bound pass over y or gx fewer than adding them last.
+    Without dropout and with many rows (rows > 1.5 * in), the forward instead runs one GEMM on
+    W + s * B @ A formed in a scratch weight (no LoRA output to write and read back); backward is
+    the same either way.
   * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
     rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway. For an
     RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
@@ -397,8 +400,11 @@ class LoraLinearSingle(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe):
         x2 = x.reshape(-1, x.shape[-1])
         x2, A, xa = _shrink(x2, A, seed, p, triton)
-        y = _lora_out(bias, xa, B, scale)
-        y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
+        if seed is None and _merge_pays_training(x2.shape[0], x2.shape[1]):
+            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
+        else:
+            y = _lora_out(bias, xa, B, scale)
+            y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         ctx.scale, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = scale, p, triton, recompute_fn, x.shape
         ctx.bias_grad = bias is not None and bias.requires_grad
         ctx.save_for_backward(None if recompute_fn is not None else x2, weight, A, B, xa, seed, *recipe)
@@ -520,6 +526,14 @@ def _merge_pays(rows: int, out_f: int, in_f: int) -> bool:
     (2 * out * in elements) than through the LoRA terms beside the base GEMM (the shrink reads x,
     the base GEMM's epilogue reads back the LoRA output that was written first: rows * (in + 2 * out))."""
     return 2 * out_f * in_f < rows * (in_f + 2 * out_f)
+
+
+def _merge_pays_training(rows: int, in_f: int) -> bool:
+    """Whether a training forward without dropout is cheaper through a scratch merged weight. The shrink
+    runs either way (backward needs x @ A.T); the merge moves 2 * out * in elements and saves the LoRA
+    output's write (rows * out) and its read in the base GEMM's epilogue (about a third of a read on
+    the H100: rows * out / 3). So: rows * 4/3 > 2 * in."""
+    return 2 * rows > 3 * in_f
 
 
 def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
@@ -648,10 +662,14 @@ class LoraLinearShared(torch.autograd.Function):
         A = torch.cat(As) if J > 1 else As[0]
         x2, A, xa = _shrink(x2, A, seed, p, triton)
         outs, off, lead = [], 0, x.shape[:-1]
+        merge = seed is None and _merge_pays_training(x2.shape[0], x2.shape[1])
         for j in range(J):
             r = ranks[j]
-            y = _lora_out(bs[j], xa[:, off:off + r], Bs[j], scales[j])
-            y.addmm_(x2, Ws[j].t())  # the base GEMM adds onto the small LoRA output in its epilogue
+            if merge:
+                y = F.linear(x2, torch.addmm(Ws[j], Bs[j], A[off:off + r], alpha=scales[j]), bs[j])
+            else:
+                y = _lora_out(bs[j], xa[:, off:off + r], Bs[j], scales[j])
+                y.addmm_(x2, Ws[j].t())  # the base GEMM adds onto the small LoRA output in its epilogue
             outs.append(y.view(*lead, y.shape[-1]))
             off += r
         ctx.J, ctx.ranks, ctx.scales, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = J, ranks, scales, p, triton, \
