@@ -232,12 +232,27 @@ def test_fused_model_on_cuda_matches_reference(dtype):
     ref_loss, ref_grads = loss_and_grads(model, ids, "off")
     for _ in range(3):
         loss, grads = loss_and_grads(model, ids, "auto")
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(loss, ref_loss, **tol)
-    for n in ref_grads:
-        scale = ref_grads[n].abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(grads[n] / scale, ref_grads[n] / scale, **tol)
     assert all(g.hits > 0 for g in groups(model))
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, **tol)
+        for n in ref_grads:
+            scale = ref_grads[n].abs().max().clamp_min(1e-6)
+            torch.testing.assert_close(grads[n] / scale, ref_grads[n] / scale, **tol)
+        return
+    # bfloat16: two bf16 computations of this small deep model differ by several percent of a gradient's
+    # largest entry, whichever way each rounds; so both are measured against the float64 truth instead,
+    # and the fast path may not be worse than the reference path (tests/test_kernels.py checks each
+    # Function against float64 on its own).
+    true_loss, true_grads = loss_and_grads(model.double(), ids, "off")
+
+    def errors(g):
+        return torch.tensor([((g[n].double() - true_grads[n]).abs().max() / true_grads[n].abs().max()).item()
+                             for n in true_grads])
+
+    fast, ref = errors(grads), errors(ref_grads)
+    assert abs(loss.double() - true_loss) <= 1.5 * abs(ref_loss.double() - true_loss) + 1e-2
+    assert fast.max() <= 1.5 * ref.max() and fast.median() <= 1.5 * ref.median(), (fast, ref)
 
 
 def test_torch_compile_of_an_adapted_model_matches_eager():
