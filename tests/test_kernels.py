@@ -584,9 +584,10 @@ TRITON_SCRIPT = textwrap.dedent("""
             ref = reference_lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0)
             one = _triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=1, BK=32, BN=16, GEMV=gemv))
             for split in (2, 4):
-                got = [_triton.lora_small(x, W, b, A, B, 2.0, dict(SPLIT=split, BK=32, BN=16, GEMV=gemv), fresh)
-                       for fresh in (False, False, True)]
-                assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2]), (rows, gemv, split)
+                cfg = dict(SPLIT=split, BK=32, BN=16, GEMV=gemv)
+                got = [_triton.lora_small(x, W, b, A, B, 2.0, cfg, fresh) for fresh in (False, False, True)]
+                got.append(_triton.lora_small(x, W, b, A, B, 2.0, cfg, compiled=True))
+                assert all(torch.equal(got[0], g) for g in got[1:]), (rows, gemv, split)
                 assert rel(got[0], ref) < tol and rel(got[0], one) < tol, (rows, gemv, split)
     # under torch.compile the fused inference kernel is one opaque op of the graph (lorakit::lora_small)
     calls = []
@@ -642,6 +643,9 @@ TRITON_SCRIPT = textwrap.dedent("""
                 got = step(x).clone()
             want = reference_lora_linear(x.double(), W.double(), None, A.double(), B.double(), 2.0)
             assert rel(got, want) < 1e-2, rel(got, want)
+            with torch.no_grad():  # the kept counters (made by the eager calls above) give eager's bits
+                assert torch.equal(got, lora_linear(x, W, None, A, B, 2.0))
+        assert _triton.compiled_counters(x.device, 1) is not None
     if dev == "cuda":  # autotuned launch without gx (x needs no grad), x shared by two Functions
         x = torch.randn(4096, 320, device=dev, dtype=torch.bfloat16)
         W = torch.randn(64, 320, device=dev, dtype=torch.bfloat16) / 18

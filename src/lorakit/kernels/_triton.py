@@ -685,18 +685,30 @@ def _counters(device: torch.device, n: int) -> Tensor:
         if buf is not None:
             _OUTGROWN.append(buf)
         buf = _COUNTERS[key] = torch.zeros(max(n, 16384), dtype=torch.int32, device=device)
+    if (device, "compiled") not in _COUNTERS and device.type == "cuda" \
+            and not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[(device, "compiled")] = torch.zeros(16384, dtype=torch.int32, device=device)
     return buf
 
 
+def compiled_counters(device: torch.device, n: int) -> Tensor | None:
+    """A zeroed counter buffer for the graphs torch.compile captures, or None. It was made by an eager
+    call outside any CUDA graph (a graph may keep pointing into it, but may not allocate it in its own
+    pool). Compiled calls replay one after another on one stream, and each leaves it at zero again."""
+    buf = _COUNTERS.get((device, "compiled"))
+    return buf if buf is not None and buf.numel() >= n else None
+
+
 def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
-               cfg: dict | None = None, fresh_counters: bool = False) -> Tensor:
+               cfg: dict | None = None, fresh_counters: bool = False, compiled: bool = False) -> Tensor:
     """y = x2 @ weight.T + bias + scale * (x2 @ A.T) @ B.T as a new (M, N) tensor, in one launch (M small).
 
     x2 (M, K), A (R, K), B (N, R), bias (N,) or None: unit stride in the last dimension; weight (N, K)
     any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). `cfg`
     overrides the tile sizes (benchmarks). `fresh_counters`: zeroed tile counters of the call's own
     (one small fill more) instead of the buffer kept across calls, which torch.compile's CUDA graphs
-    refuse when it was allocated in their memory pool.
+    refuse when it was allocated in their memory pool. `compiled`: the counters of `compiled_counters`
+    where they exist, else fresh ones.
     """
     M, K = x2.shape
     N = weight.shape[0]
@@ -714,9 +726,12 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     grid = (triton.cdiv(N, c["BN"]), split, triton.cdiv(M, BM))
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
+    kept = compiled_counters(x2.device, grid[0] * grid[2]) if compiled and split > 1 else None
     if split == 1:
         cnt = out
-    elif fresh_counters:
+    elif kept is not None:
+        cnt = kept
+    elif fresh_counters or compiled:
         cnt = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x2.device)
     else:
         cnt = _counters(x2.device, grid[0] * grid[2])

@@ -544,9 +544,10 @@ def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
 
 
 def _small_impl(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    # Counters of the call's own: torch.compile's CUDA graphs ("reduce-overhead") refuse a buffer
-    # allocated in their memory pool that outlives the graph, as the kept one would.
-    return _triton.lora_small(x2, weight, bias, A, B, scale, fresh_counters=True)
+    # torch.compile's CUDA graphs ("reduce-overhead") refuse a buffer allocated in their memory pool that
+    # outlives the graph: the tile counters are the ones an eager call made outside any graph (a
+    # prefill, say), else zeroed ones of the call's own (one fill kernel more per call).
+    return _triton.lora_small(x2, weight, bias, A, B, scale, compiled=True)
 
 
 _small_op = None
