@@ -587,9 +587,8 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     BR = _pow2(R)
     # Enough row slices to fill the GPU (~4 programs per SM at 64 columns a program); each slice
     # writes its own partial dA, summed at the end (deterministic, no atomics).
-    cfg = cfg or {}
-    splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(cfg.get("PER_SM", 4) * _sm_count(x2.device),
-                                                          triton.cdiv(K, 64))))
+    c = {"BM": 64, "BK": 64 if BR <= 32 else 32, "num_warps": 4, "num_stages": 2, "PER_SM": 4, **(cfg or {})}
+    splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(c["PER_SM"] * _sm_count(x2.device), triton.cdiv(K, 64))))
     part = torch.empty(splits, R, K, dtype=torch.float32, device=x2.device)
     has_gx = gx is not None
     # Without gx, `part` stands in for its pointer (never read then): not x2, which the autotuner's
@@ -597,8 +596,6 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     args = (x2, gxa, A, gx if has_gx else part, part, seed, x2 if u is None else u, x2 if v is None else v,
             M, K, R, splits, x2.stride(0), gxa.stride(0), A.stride(0), gx.stride(0) if has_gx else 0,
             u.stride(0) if xsrc == 2 else 0, half, thresh, inv_keep)
-    c = dict(BM=64, BK=64 if BR <= 32 else 32, num_warps=4, num_stages=2)
-    c.update((k, cfg[k]) for k in c if k in cfg)
 
     def fixed():
         _launch(_dropout_bwd_kernel, (triton.cdiv(K, c["BK"]), splits), args,
