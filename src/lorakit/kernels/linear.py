@@ -401,7 +401,7 @@ class LoraLinearSingle(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         x2, A, xa = _shrink(x2, A, seed, p, triton)
         if seed is None and _merge_pays_training(x2.shape[0], x2.shape[1]):
-            y = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
+            y = _on_merged_weight(x2, weight, bias, A, B, scale)
         else:
             y = _lora_out(bias, xa, B, scale)
             y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
@@ -508,7 +508,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
             # Many rows (prefill, batch scoring): W + s * B @ A formed once per call in a scratch
             # weight, rounded once as `lk.merge` would round it, then one GEMM. The adapter stays
             # unmerged; the call moves 2 * out * in elements instead of rows * (in + 2 * out).
-            return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
+            return _on_merged_weight(x, weight, bias, A, B, scale)
         y = _lora_out(bias, x2 @ A.t(), B, scale)
         y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -519,6 +519,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
             return LoraLinearSingle.forward(_NoCtx(), x, weight, bias, A, B, seed, float(scale), float(dropout),
                                             triton, None)
     return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
+
+
+def _on_merged_weight(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """F.linear(x, W + scale * B @ A, bias), the merged weight formed in a scratch tensor and rounded once
+    (as `lk.merge` rounds it); `weight` itself is not written."""
+    return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
 
 
 def _merge_pays(rows: int, out_f: int, in_f: int) -> bool:
@@ -667,7 +673,7 @@ class LoraLinearShared(torch.autograd.Function):
         for j in range(J):
             r = ranks[j]
             if merge:
-                y = F.linear(x2, torch.addmm(Ws[j], Bs[j], A[off:off + r], alpha=scales[j]), bs[j])
+                y = _on_merged_weight(x2, Ws[j], bs[j], A[off:off + r], Bs[j], scales[j])
             else:
                 y = _lora_out(bs[j], xa[:, off:off + r], Bs[j], scales[j])
                 y.addmm_(x2, Ws[j].t())  # the base GEMM adds onto the small LoRA output in its epilogue
