@@ -534,6 +534,67 @@ TRITON_SCRIPT = textwrap.dedent("""
             got = torch.autograd.grad(ys, [x, *As, *Bs], gys)
             assert all(rel(y, r) < tol for y, r in zip(ys, refs)), backend
             assert all(rel(g, w) < tol for g, w in zip(got, want)), (backend, [rel(g, w) for g, w in zip(got, want)])
+        # the forward GEMM with the LoRA product in its K loop: 1-3 linears of one x, ranks 8 and 16 (B narrower
+        # than the tile: its missing columns come in as zeros), outputs and rows not multiples of the tiles
+        if dtype == torch.float32:
+            x = torch.randn(64, 32, device=dev)
+            assert not _triton.expand_gemm_ok(x, [x], [None], x[:, :16], [x[:, :16]])  # half precisions only
+        else:
+            cfg = None if dev == "cuda" else dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2)
+            for M, outs, r, bias in [(100, [64, 32, 32], 16, (False,) * 3), (300, [48], 8, (True,)),
+                                     (77, [40, 24], 16, (True, False))]:
+                x = torch.randn(M, 96, device=dev, dtype=dtype)
+                Ws = [(torch.randn(o, 96, device=dev) / 10).to(dtype) for o in outs]
+                bs = [torch.randn(o, device=dev, dtype=dtype) if b else None for o, b in zip(outs, bias)]
+                Bs = [torch.randn(o, r, device=dev, dtype=dtype) for o in outs]
+                xa = torch.randn(M, r * len(outs), device=dev, dtype=dtype)
+                scales = [2.0, 0.7, 1.5][:len(outs)]  # 0.7: the scaled xa is rounded once more than 2.0's
+                assert _triton.expand_gemm_ok(x, Ws, bs, xa, Bs)
+                ys = _triton.expand_gemm(x, Ws, bs, xa, Bs, scales, cfg)
+                for j, y in enumerate(ys):
+                    ref = x.double() @ Ws[j].double().t() + scales[j] * xa[:, j * r:(j + 1) * r].double() \
+                        @ Bs[j].double().t() + (0 if bs[j] is None else bs[j].double())
+                    # the path it replaces: the LoRA output written, the base GEMM adding onto it
+                    two = torch.addmm(bs[j] if bs[j] is not None else torch.zeros((), device=dev, dtype=dtype),
+                                      xa[:, j * r:(j + 1) * r], Bs[j].t(), alpha=scales[j]).addmm_(x, Ws[j].t())
+                    assert y.shape == ref.shape and y.dtype == dtype
+                    # no worse than it (the interpreter rounds to bfloat16 by truncation: only the bound there)
+                    close = dev == "cpu" and dtype == torch.bfloat16 or rel(y, ref) <= 1.5 * rel(two, ref)
+                    assert rel(y, ref) < tol and close, (dtype, M, outs, j, rel(y, ref), rel(two, ref))
+            # ranks that differ, a rank the copy engine cannot read (rows of 4 bfloat16 = 8 bytes), a strided W
+            x = torch.randn(64, 96, device=dev, dtype=dtype)
+            W = torch.randn(32, 96, device=dev, dtype=dtype)
+            B8, B16 = torch.randn(32, 8, device=dev, dtype=dtype), torch.randn(32, 16, device=dev, dtype=dtype)
+            assert not _triton.expand_gemm_ok(x, [W, W], [None, None], x[:, :24], [B8, B16])
+            assert not _triton.expand_gemm_ok(x, [W], [None], x[:, :4].contiguous(), [B8[:, :4].contiguous()])
+            assert not _triton.expand_gemm_ok(x, [W.t().contiguous().t()[:, :96]], [None], x[:, :8].contiguous(), [B8])
+            # the training Functions take it from 1024 rows on, with and without dropout, alone and in groups
+            calls = []
+            expand = _triton.expand_gemm
+            _triton.expand_gemm = lambda *a, **k: calls.append(1) or expand(*a, **k)
+            x = torch.randn(1030, 64, device=dev, dtype=dtype, requires_grad=True)
+            Ws = [(torch.randn(o, 64, device=dev) / 8).to(dtype) for o in (64, 16)]
+            As = [(torch.randn(16, 64, device=dev) / 8).to(dtype).requires_grad_(True) for _ in range(2)]
+            Bs = [torch.randn(o, 16, device=dev, dtype=dtype, requires_grad=True) for o in (64, 16)]
+            for p in (0.1, 0.0):
+                seed = new_seed(dev)
+                keep = keep_mask(seed, 1030, 64, p, dev)
+                L = [t.detach().double().requires_grad_(True) for t in (x, *As, *Bs)]
+                refs = [reference_lora_linear(L[0], W.double(), None, a, b, s, p, True, keep)
+                        for W, a, b, s in zip(Ws, L[1:3], L[3:], (2.0, 0.5))]
+                gys = [torch.randn_like(r, dtype=dtype) for r in refs]
+                want = torch.autograd.grad(refs, L, [g.double() for g in gys])
+                n = len(calls)
+                ys = lora_linear_group(x, Ws, [None, None], As, Bs, [2.0, 0.5], p, True, seed=seed)
+                got = torch.autograd.grad(ys, [x, *As, *Bs], gys)
+                assert len(calls) == n + 1, p
+                assert all(rel(y, r) < tol for y, r in zip(ys, refs)), (p, [rel(y, r) for y, r in zip(ys, refs)])
+                assert all(rel(g, w) < tol for g, w in zip(got, want)), (p, [rel(g, w) for g, w in zip(got, want)])
+                y = lora_linear(x, Ws[0], None, As[0], Bs[0], 2.0, p, True, seed=seed)
+                assert len(calls) == n + 2 and rel(y, refs[0]) < tol, (p, rel(y, refs[0]))
+                lora_linear(x[:1000], Ws[0], None, As[0], Bs[0], 2.0, p, True, seed=seed)
+                assert len(calls) == n + 2  # fewer rows: the LoRA output beside the base GEMM
+            _triton.expand_gemm = expand
         # routed, mixed ranks, -1 rows, 2-D and 3-D x
         for shape in [(6, 80), (6, 20, 80)] + ([(6, 700, 80)] if dev == "cuda" else []):
             x = torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True)

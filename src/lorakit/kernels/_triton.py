@@ -418,6 +418,49 @@ if triton is not None:
         y = w.to(tl.float32) * xn.to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
 
+    @triton.jit
+    def _expand_gemm_kernel(x_desc, xa_desc, w_descs, b_descs, y_descs, biases, scales, M, Ns, K, NUM_SMS,
+                            J: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+        # y_j = x @ W_j.T + s_j * xa[:, j*BR:(j+1)*BR] @ B_j.T (+ b_j) for J linears reading one x, as one
+        # persistent GEMM: the LoRA product is one more step of each tile's K loop, so the (M, N_j) LoRA
+        # output is never written to memory. Tiles of all J outputs are dealt round-robin to the programs.
+        # B_j is (N_j, r) with r <= BR: the copy engine fills B's missing columns with zeros.
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        k_tiles = tl.cdiv(K, BK)
+        base = 0
+        for j in tl.static_range(J):
+            num_n = tl.cdiv(Ns[j], BN)
+            tiles = num_m * num_n
+            width = GROUP_M * num_n
+            first = (pid - base % NUM_SMS + NUM_SMS) % NUM_SMS  # this program's first tile of output j
+            for tile in tl.range(first, tiles, NUM_SMS):
+                first_m = (tile // width) * GROUP_M
+                gsize = min(num_m - first_m, GROUP_M)
+                om = (first_m + (tile % width) % gsize) * BM
+                on = ((tile % width) // gsize) * BN
+                xa = xa_desc.load([om, j * BR])  # issued first, used last: its latency hides behind the K loop
+                bt = b_descs[j].load([on, 0])
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+                for kk in range(k_tiles):
+                    a = x_desc.load([om, kk * BK])
+                    w = w_descs[j].load([on, kk * BK])
+                    if UPCAST:
+                        acc = tl.dot(a.to(tl.float32), w.to(tl.float32).T, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, w.T, acc)
+                xs = (xa.to(tl.float32) * scales[j]).to(xa.dtype)
+                if UPCAST:
+                    acc = tl.dot(xs.to(tl.float32), bt.to(tl.float32).T, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs, bt.T, acc)
+                if HAS_BIAS:
+                    rn = on + tl.arange(0, BN)
+                    acc += tl.load(biases[j] + rn, mask=rn < Ns[j], other=0.0).to(tl.float32)[None, :]
+                y_descs[j].store([om, on], acc.to(y_descs[j].dtype))
+            base += tiles
+
 
     # Autotuned launchers for large inputs (many tokens): the best tile shape depends on K, R and
     # the GPU; small inputs (tests, decode) use the fixed configurations in the wrappers below.
@@ -742,6 +785,62 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
                 dict(SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM,
                      BN=c["BN"], BK=BK, BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return out
+
+
+# -- the forward GEMM with the LoRA product in its K loop ---------------------------------------
+def expand_gemm_ok(x2: Tensor, Ws, bs, xa: Tensor, Bs) -> bool:
+    """Whether `expand_gemm` serves these operands: a Hopper (or newer) GPU, whose copy engine the
+    kernel reads its tiles with; float16/bfloat16; every operand with unit last stride and 16-byte
+    aligned rows; ranks of 8 to 64, all equal."""
+    if triton is None or not hasattr(tl, "make_tensor_descriptor") or len(Ws) > 3:
+        return False
+    if x2.is_cuda:
+        if interpreting() or torch.cuda.get_device_capability(x2.device) < (9, 0):
+            return False
+    elif not interpreting():
+        return False
+    dt = x2.dtype
+    if dt not in (torch.float16, torch.bfloat16):
+        return False
+    r = Bs[0].shape[1]
+    if not 8 <= r <= 64 or r % 8 or xa.shape[1] != r * len(Bs):
+        return False
+    ts = [x2, xa, *Ws, *Bs, *[b for b in bs if b is not None]]
+    return all(t.dtype == dt and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 for t in ts) \
+        and all(t.stride(0) % 8 == 0 for t in (x2, xa, *Ws, *Bs)) and all(B.shape[1] == r for B in Bs) \
+        and all(W.shape[0] % 8 == 0 for W in Ws)
+
+
+def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = None) -> list[Tensor]:
+    """[x2 @ W_j.T + b_j + scales[j] * xa[:, j*r:(j+1)*r] @ B_j.T for each j] as new (M, N_j) tensors, up to
+    three linears reading x2 in one persistent GEMM whose K loop ends with the LoRA product: the LoRA
+    output is never written to memory and read back. Check `expand_gemm_ok` first. `cfg` (benchmarks):
+    BM, BN, BK, GROUP_M, num_warps, num_stages instead of the defaults."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = x2.shape
+    J, r = len(Ws), Bs[0].shape[1]
+    BR = _pow2(r)
+    narrow = max(W.shape[0] for W in Ws) <= 512
+    c = {"BM": 128, "BN": 128 if narrow else 256, "BK": 64, "GROUP_M": 8, "num_warps": 4 if narrow else 8,
+         "num_stages": 4 if narrow else 3, **(cfg or {})}
+    BM, BN, BK = c["BM"], c["BN"], c["BK"]
+    ys = [torch.empty(M, W.shape[0], dtype=x2.dtype, device=x2.device) for W in Ws]
+    has_bias = bs[0] is not None
+    if any((b is not None) != has_bias for b in bs):  # some with, some without: zeros for the missing ones
+        bs = [b if b is not None else W.new_zeros(W.shape[0]) for W, b in zip(Ws, bs)]
+    sms = _sm_count(x2.device)
+    tiles = sum(triton.cdiv(M, BM) * triton.cdiv(W.shape[0], BN) for W in Ws)
+    grid = (max(1, min(sms, tiles)),)
+    _expand_gemm_kernel[grid](
+        TensorDescriptor.from_tensor(x2, [BM, BK]), TensorDescriptor.from_tensor(xa, [BM, BR]),
+        tuple(TensorDescriptor.from_tensor(W, [BN, BK]) for W in Ws),
+        tuple(TensorDescriptor.from_tensor(B, [BN, BR]) for B in Bs),
+        tuple(TensorDescriptor.from_tensor(y, [BM, BN]) for y in ys),
+        tuple(b if has_bias else x2 for b in bs), tuple(float(s) for s in scales), M,
+        tuple(W.shape[0] for W in Ws), K, grid[0], J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR,
+        GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return ys
 
 
 def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:

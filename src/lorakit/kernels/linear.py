@@ -400,7 +400,10 @@ class LoraLinearSingle(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe):
         x2 = x.reshape(-1, x.shape[-1])
         x2, A, xa = _shrink(x2, A, seed, p, triton)
-        if seed is None and _merge_pays_training(x2.shape[0], x2.shape[1]):
+        fused = _expanded(x2, (weight,), (bias,), xa, (B,), (scale,), triton)
+        if fused is not None:
+            y = fused[0]
+        elif seed is None and _merge_pays_training(x2.shape[0], x2.shape[1]):
             y = _on_merged_weight(x2, weight, bias, A, B, scale)
         else:
             y = _lora_out(bias, xa, B, scale)
@@ -532,6 +535,19 @@ def _merge_pays(rows: int, out_f: int, in_f: int) -> bool:
     (2 * out * in elements) than through the LoRA terms beside the base GEMM (the shrink reads x,
     the base GEMM's epilogue reads back the LoRA output that was written first: rows * (in + 2 * out))."""
     return 2 * out_f * in_f < rows * (in_f + 2 * out_f)
+
+
+# Rows from which a training forward runs `_triton.expand_gemm` (measured: benchmarks/bench_fused_gemm.py).
+_EXPAND_MIN_ROWS = 1024
+
+
+def _expanded(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, triton: bool) -> list[Tensor] | None:
+    """The outputs of the linears reading x2, each with its LoRA term, as one GEMM whose K loop ends with
+    the LoRA product (`_triton.expand_gemm`: the LoRA output is never written and read back); None where
+    that kernel does not serve (then the caller writes the LoRA output and the base GEMM adds onto it)."""
+    if not triton or x2.shape[0] < _EXPAND_MIN_ROWS or not _triton.expand_gemm_ok(x2, Ws, bs, xa, Bs):
+        return None
+    return _triton.expand_gemm(x2, Ws, bs, xa, Bs, scales)
 
 
 def _merge_pays_training(rows: int, in_f: int) -> bool:
@@ -669,10 +685,13 @@ class LoraLinearShared(torch.autograd.Function):
         A = torch.cat(As) if J > 1 else As[0]
         x2, A, xa = _shrink(x2, A, seed, p, triton)
         outs, off, lead = [], 0, x.shape[:-1]
-        merge = seed is None and _merge_pays_training(x2.shape[0], x2.shape[1])
+        fused = _expanded(x2, Ws, bs, xa, Bs, scales, triton)
+        merge = fused is None and seed is None and _merge_pays_training(x2.shape[0], x2.shape[1])
         for j in range(J):
             r = ranks[j]
-            if merge:
+            if fused is not None:
+                y = fused[j]
+            elif merge:
                 y = _on_merged_weight(x2, Ws[j], bs[j], A[off:off + r], Bs[j], scales[j])
             else:
                 y = _lora_out(bs[j], xa[:, off:off + r], Bs[j], scales[j])
