@@ -419,48 +419,58 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=ok)
 
     @triton.jit
-    def _expand_gemm_kernel(x_desc, xa_desc, w_descs, b_descs, y_descs, biases, scales, M, Ns, K, NUM_SMS,
-                            J: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
-        # y_j = x @ W_j.T + s_j * xa[:, j*BR:(j+1)*BR] @ B_j.T (+ b_j) for J linears reading one x, as one
-        # persistent GEMM: the LoRA product is one more step of each tile's K loop, so the (M, N_j) LoRA
-        # output is never written to memory. Tiles of all J outputs are dealt round-robin to the programs.
-        # B_j is (N_j, r) with r <= BR: the copy engine fills B's missing columns with zeros.
-        pid = tl.program_id(0)
+    def _expand_tiles(x_desc, xa_desc, w_desc, b_desc, y_desc, bias_ptr, scale, M, N, K, col, base, pid, NUM_SMS,
+                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+        # This program's tiles of one output (global tile numbers base.. of all outputs, dealt round-robin).
         num_m = tl.cdiv(M, BM)
-        k_tiles = tl.cdiv(K, BK)
-        base = 0
-        for j in tl.static_range(J):
-            num_n = tl.cdiv(Ns[j], BN)
-            tiles = num_m * num_n
-            width = GROUP_M * num_n
-            first = (pid - base % NUM_SMS + NUM_SMS) % NUM_SMS  # this program's first tile of output j
-            for tile in tl.range(first, tiles, NUM_SMS):
-                first_m = (tile // width) * GROUP_M
-                gsize = min(num_m - first_m, GROUP_M)
-                om = (first_m + (tile % width) % gsize) * BM
-                on = ((tile % width) // gsize) * BN
-                xa = xa_desc.load([om, j * BR])  # issued first, used last: its latency hides behind the K loop
-                bt = b_descs[j].load([on, 0])
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-                for kk in range(k_tiles):
-                    a = x_desc.load([om, kk * BK])
-                    w = w_descs[j].load([on, kk * BK])
-                    if UPCAST:
-                        acc = tl.dot(a.to(tl.float32), w.to(tl.float32).T, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, w.T, acc)
-                xs = (xa.to(tl.float32) * scales[j]).to(xa.dtype)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n
+        first = (pid - base % NUM_SMS + NUM_SMS) % NUM_SMS
+        for tile in tl.range(first, num_m * num_n, NUM_SMS):
+            first_m = (tile // width) * GROUP_M
+            gsize = min(num_m - first_m, GROUP_M)
+            om = (first_m + (tile % width) % gsize) * BM
+            on = ((tile % width) // gsize) * BN
+            xa = xa_desc.load([om, col])  # issued first, used last: its latency hides behind the K loop
+            bt = b_desc.load([on, 0])
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kk in range(tl.cdiv(K, BK)):
+                a = x_desc.load([om, kk * BK])
+                w = w_desc.load([on, kk * BK])
                 if UPCAST:
-                    acc = tl.dot(xs.to(tl.float32), bt.to(tl.float32).T, acc, input_precision="ieee")
+                    acc = tl.dot(a.to(tl.float32), w.to(tl.float32).T, acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(xs, bt.T, acc)
-                if HAS_BIAS:
-                    rn = on + tl.arange(0, BN)
-                    acc += tl.load(biases[j] + rn, mask=rn < Ns[j], other=0.0).to(tl.float32)[None, :]
-                y_descs[j].store([om, on], acc.to(y_descs[j].dtype))
-            base += tiles
+                    acc = tl.dot(a, w.T, acc)
+            xs = (xa.to(tl.float32) * scale).to(xa.dtype)
+            if UPCAST:
+                acc = tl.dot(xs.to(tl.float32), bt.to(tl.float32).T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, bt.T, acc)
+            if HAS_BIAS:
+                rn = on + tl.arange(0, BN)
+                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            y_desc.store([om, on], acc.to(y_desc.dtype))
+        return base + num_m * num_n
 
+    @triton.jit
+    def _expand_gemm_kernel(x_desc, xa_desc, w0, w1, w2, b0, b1, b2, y0, y1, y2, bias0, bias1, bias2, s0, s1, s2,
+                            M, N0, N1, N2, K, NUM_SMS, J: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+                            UPCAST: tl.constexpr):
+        # y_j = x @ W_j.T + s_j * xa[:, j*BR:(j+1)*BR] @ B_j.T (+ b_j) for J <= 3 linears reading one x, as one
+        # persistent GEMM: the LoRA product is one more step of each tile's K loop, so the (M, N_j) LoRA
+        # output is never written to memory. B_j is (N_j, r) with r <= BR: the copy engine reads B's
+        # missing columns as zeros. (Descriptors one by one: Triton 3.6 launches none inside tuples.)
+        pid = tl.program_id(0)
+        base = _expand_tiles(x_desc, xa_desc, w0, b0, y0, bias0, s0, M, N0, K, 0, 0, pid, NUM_SMS,
+                             HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
+        if J > 1:
+            base = _expand_tiles(x_desc, xa_desc, w1, b1, y1, bias1, s1, M, N1, K, BR, base, pid, NUM_SMS,
+                                 HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
+        if J > 2:
+            _expand_tiles(x_desc, xa_desc, w2, b2, y2, bias2, s2, M, N2, K, 2 * BR, base, pid, NUM_SMS,
+                          HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
 
     # Autotuned launchers for large inputs (many tokens): the best tile shape depends on K, R and
     # the GPU; small inputs (tests, decode) use the fixed configurations in the wrappers below.
@@ -832,13 +842,16 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     sms = _sm_count(x2.device)
     tiles = sum(triton.cdiv(M, BM) * triton.cdiv(W.shape[0], BN) for W in Ws)
     grid = (max(1, min(sms, tiles)),)
+    def three(items):  # the kernel takes three of each; unused ones repeat the first
+        return list(items) + [items[0]] * (3 - len(items))
+
     _expand_gemm_kernel[grid](
         TensorDescriptor.from_tensor(x2, [BM, BK]), TensorDescriptor.from_tensor(xa, [BM, BR]),
-        tuple(TensorDescriptor.from_tensor(W, [BN, BK]) for W in Ws),
-        tuple(TensorDescriptor.from_tensor(B, [BN, BR]) for B in Bs),
-        tuple(TensorDescriptor.from_tensor(y, [BM, BN]) for y in ys),
-        tuple(b if has_bias else x2 for b in bs), tuple(float(s) for s in scales), M,
-        tuple(W.shape[0] for W in Ws), K, grid[0], J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR,
+        *three([TensorDescriptor.from_tensor(W, [BN, BK]) for W in Ws]),
+        *three([TensorDescriptor.from_tensor(B, [BN, BR]) for B in Bs]),
+        *three([TensorDescriptor.from_tensor(y, [BM, BN]) for y in ys]),
+        *three([b if has_bias else x2 for b in bs]), *three([float(s) for s in scales]), M,
+        *three([W.shape[0] for W in Ws]), K, grid[0], J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR,
         GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"], num_stages=c["num_stages"])
     return ys
 
