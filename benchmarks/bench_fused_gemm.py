@@ -13,6 +13,8 @@ In a training forward with dropout, each adapted linear writes its (rows, out) L
   expand   `_triton.expand_gemm`: one persistent Triton GEMM for the group, the LoRA product as the
            last step of each tile's K loop (what the fast path runs on Hopper); "best": a tile sweep
 
+and then the same for the backward's input-gradient (`_triton.expand_backward`, see `backward`).
+
     PYTHONPATH=src python benchmarks/bench_fused_gemm.py [--tokens 8192] [--shape 1b|8b] [--quick]
 """
 
@@ -123,6 +125,55 @@ def main() -> None:
         for k, v in row.items():
             totals[k] = totals.get(k, 0.0) + v
     print("per step, ms (forward of the adapted linears): " +
+          ", ".join(f"{k} {v * args.layers / 1e3:.2f}" for k, v in totals.items()))
+    backward(args, dev, dt, M, S)
+
+
+def backward(args, dev, dt, M: int, S: int) -> None:
+    """The input-gradient of each group, dropout 0.05: floor (g_j @ W_j each, summed as autograd sums
+    them), current (the dropout-backward kernel writes the LoRA term, each base GEMM adds onto it) and
+    `expand_backward` (one GEMM, the masked LoRA term in it). The dA the dropout-backward kernel also
+    computes is left out of all three: it is the same work either way."""
+    from lorakit.kernels import new_seed
+
+    totals: dict[str, float] = {}
+    print("| group (input-gradient) | floor | current | expand_backward | err current / expand |")
+    print("|---|---|---|---|---|")
+    for name, (in_f, outs) in groups(args.shape).items():
+        J = len(outs)
+        gs = [[torch.randn(M, o, device=dev, dtype=dt) for o in outs] for _ in range(S)]
+        Ws = [torch.randn(o, in_f, device=dev, dtype=dt) / o ** 0.5 for o in outs]
+        A = torch.randn(R * J, in_f, device=dev, dtype=dt) / in_f ** 0.5
+        gxas = [torch.randn(M, R * J, device=dev, dtype=dt) for _ in range(S)]
+        x = torch.randn(M, in_f, device=dev, dtype=dt)
+        seed = new_seed(dev)
+
+        def floor(i):
+            gx = torch.mm(gs[i][0], Ws[0])
+            for g, W in zip(gs[i][1:], Ws[1:]):
+                gx = gx + torch.mm(g, W)
+            return gx
+
+        def current(i):
+            gx = torch.empty(M, in_f, device=dev, dtype=dt)
+            _triton.dropout_backward(x, gxas[i], A, gx, seed, 0.05, gx_init=True)
+            for g, W in zip(gs[i], Ws):
+                gx.addmm_(g, W)
+            return gx
+
+        def only_da(i):
+            return _triton.dropout_backward(x, gxas[i], A, None, seed, 0.05)
+
+        row = {"floor": bench(floor, S), "current": bench(current, S) - bench(only_da, S),
+               "expand_backward": bench(lambda i: _triton.expand_backward(gxas[i], A, seed, 0.05, gs[i], Ws), S)}
+        keep = _triton.keep_mask(seed, M, in_f, 0.05, dev).double()
+        ref = (gxas[0].double() @ A.double()) * keep / 0.95 + sum(g.double() @ W.double() for g, W in zip(gs[0], Ws))
+        err = [((t.double() - ref).norm() / ref.norm()).item()
+               for t in (current(0), _triton.expand_backward(gxas[0], A, seed, 0.05, gs[0], Ws))]
+        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row.values()) + f" | {err[0]:.2e} / {err[1]:.2e} |")
+        for k, v in row.items():
+            totals[k] = totals.get(k, 0.0) + v
+    print("per step, ms (input-gradients of the adapted linears): " +
           ", ".join(f"{k} {v * args.layers / 1e3:.2f}" for k, v in totals.items()))
 
 
