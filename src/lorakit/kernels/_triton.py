@@ -858,6 +858,15 @@ def _descriptors_ok(t: Tensor) -> bool:
     return interpreting()
 
 
+def _stages_that_fit(stages: int, per_stage: int, once: int) -> int:
+    """Pipeline depth for a copy-engine GEMM: at most `stages`, with its shared memory (two-byte elements:
+    `per_stage` per stage of the K loop, `once` for the LoRA tiles and the output tile) within the
+    H100's 227 KiB a block."""
+    while stages > 2 and 2 * (stages * per_stage + once) > 225 * 1024:  # barriers take a little more
+        stages -= 1
+    return stages
+
+
 def expand_gemm_ok(x2: Tensor, Ws, bs, xa: Tensor, Bs) -> bool:
     """Whether `expand_gemm` serves these operands: a Hopper (or newer) GPU, whose copy engine the
     kernel reads its tiles with; float16/bfloat16; every operand with unit last stride and 16-byte
@@ -888,6 +897,7 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     c = {"BM": 128, "BN": 128 if narrow else 256, "BK": 64, "GROUP_M": 8, "num_warps": 4 if narrow else 8,
          "num_stages": 4 if narrow else 3, **(cfg or {})}
     BM, BN, BK = c["BM"], c["BN"], c["BK"]
+    stages = _stages_that_fit(c["num_stages"], BM * BK + BN * BK, BM * BR + BN * BR + BM * BN)
     ys = [torch.empty(M, W.shape[0], dtype=x2.dtype, device=x2.device) for W in Ws]
     has_bias = bs[0] is not None
     if any((b is not None) != has_bias for b in bs):  # some with, some without: zeros for the missing ones
@@ -905,7 +915,7 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
         *three([TensorDescriptor.from_tensor(y, [BM, BN]) for y in ys]),
         *three([b if has_bias else x2 for b in bs]), *three([float(s) for s in scales]), M,
         *three([W.shape[0] for W in Ws]), K, grid[0], J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR,
-        GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"], num_stages=c["num_stages"])
+        GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"], num_stages=stages)
     return ys
 
 
@@ -929,9 +939,10 @@ def expand_backward(gxa: Tensor, A: Tensor, seed: Tensor | None, p: float, gs, W
 
     M, R = gxa.shape
     K = A.shape[1]
-    c = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3, **(cfg or {})}
-    BM, BN, BK = c["BM"], c["BN"], c["BK"]
     BR = _pow2(R)
+    c = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, **(cfg or {})}
+    BM, BN, BK = c["BM"], c["BN"], c["BK"]
+    stages = _stages_that_fit(c["num_stages"], BM * BK + BK * BN, BM * BR + BR * BN + BM * BN)
     gx = torch.empty(M, K, dtype=gxa.dtype, device=gxa.device)
     dropout = seed is not None and p > 0
     half, thresh, inv_keep = _dropout_args(K, p) if dropout else (1, 0, 1.0)
@@ -948,7 +959,7 @@ def expand_backward(gxa: Tensor, A: Tensor, seed: Tensor | None, p: float, gs, W
         TensorDescriptor.from_tensor(gx, [BM, BN]), seed if dropout else gxa, M, K,
         *three([W.shape[0] for W in Ws]), half, thresh, inv_keep, grid[0], J=len(Ws), DROPOUT=dropout,
         BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"],
-        num_stages=c["num_stages"])
+        num_stages=stages)
     return gx
 
 
