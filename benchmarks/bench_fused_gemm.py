@@ -53,6 +53,10 @@ def groups(shape: str) -> dict:
     return {"q,k,v": (h, [h, kv, kv]), "o": (h, [h]), "gate,up": (h, [mlp, mlp]), "down": (mlp, [h])}
 
 
+BWD_TILES = [(128, 256, 64, 8, 2), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+             (64, 256, 64, 4, 4)]
+
+
 def sweep_cfgs(quick: bool) -> list[dict]:
     tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 4),
              (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
@@ -137,8 +141,8 @@ def backward(args, dev, dt, M: int, S: int) -> None:
     from lorakit.kernels import new_seed
 
     totals: dict[str, float] = {}
-    print("| group (input-gradient) | floor | current | expand_backward | err current / expand |")
-    print("|---|---|---|---|---|")
+    print("| group (input-gradient) | floor | current | expand_backward | best tiles | err current / expand |")
+    print("|---|---|---|---|---|---|")
     for name, (in_f, outs) in groups(args.shape).items():
         J = len(outs)
         gs = [[torch.randn(M, o, device=dev, dtype=dt) for o in outs] for _ in range(S)]
@@ -166,11 +170,23 @@ def backward(args, dev, dt, M: int, S: int) -> None:
 
         row = {"floor": bench(floor, S), "current": bench(current, S) - bench(only_da, S),
                "expand_backward": bench(lambda i: _triton.expand_backward(gxas[i], A, seed, 0.05, gs[i], Ws), S)}
+        best = (row["expand_backward"], "default")
+        for bm, bn, bk, w, st in ([] if args.no_sweep else BWD_TILES):
+            cfg = dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+            try:
+                us = bench(lambda i: _triton.expand_backward(gxas[i], A, seed, 0.05, gs[i], Ws, cfg), S)
+            except Exception:  # noqa: BLE001 - a tile too large for shared memory or registers
+                torch.cuda.synchronize()
+                continue
+            if us < best[0]:
+                best = (us, ",".join(f"{k}={v}" for k, v in cfg.items()))
+        row["best"] = best[0]
         keep = _triton.keep_mask(seed, M, in_f, 0.05, dev).double()
         ref = (gxas[0].double() @ A.double()) * keep / 0.95 + sum(g.double() @ W.double() for g, W in zip(gs[0], Ws))
         err = [((t.double() - ref).norm() / ref.norm()).item()
                for t in (current(0), _triton.expand_backward(gxas[0], A, seed, 0.05, gs[0], Ws))]
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row.values()) + f" | {err[0]:.2e} / {err[1]:.2e} |")
+        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row.values())
+              + f" ({best[1]}) | {err[0]:.2e} / {err[1]:.2e} |")
         for k, v in row.items():
             totals[k] = totals.get(k, 0.0) + v
     print("per step, ms (input-gradients of the adapted linears): " +
