@@ -13,8 +13,6 @@ In a training forward with dropout, each adapted linear writes its (rows, out) L
   expand   `_triton.expand_gemm`: one persistent Triton GEMM for the group, the LoRA product as the
            last step of each tile's K loop (what the fast path runs on Hopper); "best": a tile sweep
 
-and then the same for the backward's input-gradient (`_triton.expand_backward`, see `backward`).
-
     PYTHONPATH=src python benchmarks/bench_fused_gemm.py [--tokens 8192] [--shape 1b|8b] [--quick]
 """
 
@@ -51,10 +49,6 @@ SHAPES = {"1b": (2048, 2048, 5632), "8b": (4096, 1024, 14336)}  # hidden, k/v wi
 def groups(shape: str) -> dict:
     h, kv, mlp = SHAPES[shape]
     return {"q,k,v": (h, [h, kv, kv]), "o": (h, [h]), "gate,up": (h, [mlp, mlp]), "down": (mlp, [h])}
-
-
-BWD_TILES = [(128, 256, 64, 8, 2), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-             (64, 256, 64, 4, 4)]
 
 
 def sweep_cfgs(quick: bool) -> list[dict]:
@@ -129,67 +123,6 @@ def main() -> None:
         for k, v in row.items():
             totals[k] = totals.get(k, 0.0) + v
     print("per step, ms (forward of the adapted linears): " +
-          ", ".join(f"{k} {v * args.layers / 1e3:.2f}" for k, v in totals.items()))
-    backward(args, dev, dt, M, S)
-
-
-def backward(args, dev, dt, M: int, S: int) -> None:
-    """The input-gradient of each group, dropout 0.05: floor (g_j @ W_j each, summed as autograd sums
-    them), current (the dropout-backward kernel writes the LoRA term, each base GEMM adds onto it) and
-    `expand_backward` (one GEMM, the masked LoRA term in it). The dA the dropout-backward kernel also
-    computes is left out of all three: it is the same work either way."""
-    from lorakit.kernels import new_seed
-
-    totals: dict[str, float] = {}
-    print("| group (input-gradient) | floor | current | expand_backward | best tiles | err current / expand |")
-    print("|---|---|---|---|---|---|")
-    for name, (in_f, outs) in groups(args.shape).items():
-        J = len(outs)
-        gs = [[torch.randn(M, o, device=dev, dtype=dt) for o in outs] for _ in range(S)]
-        Ws = [torch.randn(o, in_f, device=dev, dtype=dt) / o ** 0.5 for o in outs]
-        A = torch.randn(R * J, in_f, device=dev, dtype=dt) / in_f ** 0.5
-        gxas = [torch.randn(M, R * J, device=dev, dtype=dt) for _ in range(S)]
-        x = torch.randn(M, in_f, device=dev, dtype=dt)
-        seed = new_seed(dev)
-
-        def floor(i):
-            gx = torch.mm(gs[i][0], Ws[0])
-            for g, W in zip(gs[i][1:], Ws[1:]):
-                gx = gx + torch.mm(g, W)
-            return gx
-
-        def current(i):
-            gx = torch.empty(M, in_f, device=dev, dtype=dt)
-            _triton.dropout_backward(x, gxas[i], A, gx, seed, 0.05, gx_init=True)
-            for g, W in zip(gs[i], Ws):
-                gx.addmm_(g, W)
-            return gx
-
-        def only_da(i):
-            return _triton.dropout_backward(x, gxas[i], A, None, seed, 0.05)
-
-        row = {"floor": bench(floor, S), "current": bench(current, S) - bench(only_da, S),
-               "expand_backward": bench(lambda i: _triton.expand_backward(gxas[i], A, seed, 0.05, gs[i], Ws), S)}
-        best = (row["expand_backward"], "default")
-        for bm, bn, bk, w, st in ([] if args.no_sweep else BWD_TILES):
-            cfg = dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
-            try:
-                us = bench(lambda i: _triton.expand_backward(gxas[i], A, seed, 0.05, gs[i], Ws, cfg), S)
-            except Exception:  # noqa: BLE001 - a tile too large for shared memory or registers
-                torch.cuda.synchronize()
-                continue
-            if us < best[0]:
-                best = (us, ",".join(f"{k}={v}" for k, v in cfg.items()))
-        row["best"] = best[0]
-        keep = _triton.keep_mask(seed, M, in_f, 0.05, dev).double()
-        ref = (gxas[0].double() @ A.double()) * keep / 0.95 + sum(g.double() @ W.double() for g, W in zip(gs[0], Ws))
-        err = [((t.double() - ref).norm() / ref.norm()).item()
-               for t in (current(0), _triton.expand_backward(gxas[0], A, seed, 0.05, gs[0], Ws))]
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row.values())
-              + f" ({best[1]}) | {err[0]:.2e} / {err[1]:.2e} |")
-        for k, v in row.items():
-            totals[k] = totals.get(k, 0.0) + v
-    print("per step, ms (input-gradients of the adapted linears): " +
           ", ".join(f"{k} {v * args.layers / 1e3:.2f}" for k, v in totals.items()))
 
 

@@ -471,55 +471,6 @@ if triton is not None:
         if J > 2:
             _expand_tiles(x_desc, xa_desc, w2, b2, y2, bias2, s2, M, N2, K, 2 * BR, base, pid, NUM_SMS,
                           HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
-    @triton.jit
-    def _expand_bwd_k(g_desc, w_desc, acc, om, on, N, BK: tl.constexpr, UPCAST: tl.constexpr):
-        for kk in range(tl.cdiv(N, BK)):
-            g = g_desc.load([om, kk * BK])
-            w = w_desc.load([kk * BK, on])
-            if UPCAST:
-                acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(g, w, acc)
-        return acc
-
-    @triton.jit
-    def _expand_bwd_kernel(ga_desc, a_desc, g0, g1, g2, w0, w1, w2, gx_desc, seed_ptr, M, K, N0, N1, N2, half,
-                           thresh, inv_keep, NUM_SMS, J: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr,
-                           BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-                           UPCAST: tl.constexpr):
-        # gx (M, K) = where(keep, gxa @ A, 0) / (1 - p) + sum_j g_j @ W_j for J <= 3 linears reading one x:
-        # the LoRA input-gradient starts each tile's accumulator (the dropout mask regenerated in
-        # registers, as `_dropout_bwd_kernel` makes it), the base products follow in one K loop per
-        # linear, and gx is written once. gxa (M, r) and A (r, K) with r <= BR (read as zeros beyond).
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(K, BN)
-        width = GROUP_M * num_n
-        if DROPOUT:
-            k0 = tl.load(seed_ptr).to(tl.uint32)
-            mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
-            half_u = k0 * 0 + half
-            thresh_u = k0 * 0 + thresh
-        for tile in tl.range(pid, num_m * num_n, NUM_SMS):
-            first_m = (tile // width) * GROUP_M
-            gsize = min(num_m - first_m, GROUP_M)
-            om = (first_m + (tile % width) % gsize) * BM
-            on = ((tile % width) // gsize) * BN
-            ga = ga_desc.load([om, 0])
-            at = a_desc.load([0, on])
-            if UPCAST:
-                acc = tl.dot(ga.to(tl.float32), at.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(ga, at)
-            if DROPOUT:
-                keep = _keep_tile(om + tl.arange(0, BM), on, half_u, k0, mul, thresh_u, BN)
-                acc = tl.where(keep, acc * inv_keep, 0.0)
-            acc = _expand_bwd_k(g0, w0, acc, om, on, N0, BK, UPCAST)
-            if J > 1:
-                acc = _expand_bwd_k(g1, w1, acc, om, on, N1, BK, UPCAST)
-            if J > 2:
-                acc = _expand_bwd_k(g2, w2, acc, om, on, N2, BK, UPCAST)
-            gx_desc.store([om, on], acc.to(gx_desc.dtype))
 
 
     # Autotuned launchers for large inputs (many tokens): the best tile shape depends on K, R and
@@ -917,50 +868,6 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
         *three([W.shape[0] for W in Ws]), K, grid[0], J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR,
         GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"], num_stages=stages)
     return ys
-
-
-def expand_backward_ok(gxa: Tensor, A: Tensor, gs, Ws) -> bool:
-    """Whether `expand_backward` serves these operands (as `expand_gemm_ok`: Hopper, half precisions,
-    unit last strides, 16-byte aligned rows, a LoRA rank of 8 to 64 in all)."""
-    if not _descriptors_ok(gxa) or len(Ws) > 3 or not 8 <= A.shape[0] <= 64:
-        return False
-    ts = [gxa, A, *gs, *Ws]
-    return all(t.dtype == gxa.dtype and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0
-               for t in ts) and A.shape[1] % 8 == 0
-
-
-def expand_backward(gxa: Tensor, A: Tensor, seed: Tensor | None, p: float, gs, Ws,
-                    cfg: dict | None = None) -> Tensor:
-    """gx = dropout'(gxa @ A) + sum_j gs[j] @ Ws[j] as a new (M, K) tensor, in one persistent GEMM (up to three
-    linears): the LoRA input-gradient is never written on its own and read back. dropout' applies the
-    mask of `seed` (as `dropout_backward` does) and 1 / (1 - p); seed None: no dropout. Check
-    `expand_backward_ok` first. `cfg` (benchmarks): BM, BN, BK, GROUP_M, num_warps, num_stages."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    M, R = gxa.shape
-    K = A.shape[1]
-    BR = _pow2(R)
-    c = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, **(cfg or {})}
-    BM, BN, BK = c["BM"], c["BN"], c["BK"]
-    stages = _stages_that_fit(c["num_stages"], BM * BK + BK * BN, BM * BR + BR * BN + BM * BN)
-    gx = torch.empty(M, K, dtype=gxa.dtype, device=gxa.device)
-    dropout = seed is not None and p > 0
-    half, thresh, inv_keep = _dropout_args(K, p) if dropout else (1, 0, 1.0)
-    sms = _sm_count(gxa.device)
-    grid = (max(1, min(sms, triton.cdiv(M, BM) * triton.cdiv(K, BN))),)
-
-    def three(items):
-        return list(items) + [items[0]] * (3 - len(items))
-
-    _expand_bwd_kernel[grid](
-        TensorDescriptor.from_tensor(gxa, [BM, BR]), TensorDescriptor.from_tensor(A, [BR, BN]),
-        *three([TensorDescriptor.from_tensor(g, [BM, BK]) for g in gs]),
-        *three([TensorDescriptor.from_tensor(W, [BK, BN]) for W in Ws]),
-        TensorDescriptor.from_tensor(gx, [BM, BN]), seed if dropout else gxa, M, K,
-        *three([W.shape[0] for W in Ws]), half, thresh, inv_keep, grid[0], J=len(Ws), DROPOUT=dropout,
-        BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"],
-        num_stages=stages)
-    return gx
 
 
 def rebuild_source(kind: str, tensors: tuple, x_shape: torch.Size, dtype: torch.dtype) -> tuple | None:

@@ -429,26 +429,22 @@ class LoraLinearSingle(torch.autograd.Function):
             z = _zero(g2)
             gB = torch.addmm(z, g2.t(), xa, beta=0, alpha=s) if need_b else None
             gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
-        # gx: one GEMM with the LoRA term in it, or the small LoRA term first and then the base GEMM
-        # adding onto it in its epilogue.
-        fused = need_x and _expand_input_grad(ctx.triton, gxa, A, (g2,), (weight,))
+        # gx: the small LoRA term first, then the base GEMM adds onto it in its epilogue.
         gA = gx = None
         if seed is None and src is None:
             if need_a:
                 gA = torch.mm(gxa.t(), x2)
-            if need_x and not fused:
+            if need_x:
                 gx = torch.mm(gxa, A)
         elif ctx.triton:
-            gx = A.new_empty(g2.shape[0], A.shape[1]) if need_x and not fused else None
+            gx = A.new_empty(g2.shape[0], A.shape[1]) if need_x else None
             gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src).to(A.dtype)
         else:
             keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
             gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
             if need_x:
                 gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
-        if fused:
-            gx = _triton.expand_backward(gxa, A, seed, p, (g2,), (weight,)).view(ctx.x_shape)
-        elif need_x:
+        if need_x:
             gx = gx.addmm_(g2, weight).view(ctx.x_shape)
         return (gx, gW, gb, gA if need_a else None, gB, None, None, None, None, None, *([None] * len(recipe)))
 
@@ -552,12 +548,6 @@ def _expanded(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, triton: bool) -> list[
     if not triton or x2.shape[0] < _EXPAND_MIN_ROWS or not _triton.expand_gemm_ok(x2, Ws, bs, xa, Bs):
         return None
     return _triton.expand_gemm(x2, Ws, bs, xa, Bs, scales)
-
-
-def _expand_input_grad(triton: bool, gxa: Tensor, A: Tensor, gs, Ws) -> bool:
-    """Whether backward computes the input-gradient as one GEMM with the LoRA term in it
-    (`_triton.expand_backward`: the LoRA input-gradient is never written on its own and read back)."""
-    return triton and gxa.shape[0] >= _EXPAND_MIN_ROWS and _triton.expand_backward_ok(gxa, A, gs, Ws)
 
 
 def _merge_pays_training(rows: int, in_f: int) -> bool:
@@ -746,25 +736,21 @@ class LoraLinearShared(torch.autograd.Function):
                 gxas.append(torch.addmm(z, g2[j], Bs[j], beta=0, alpha=s))
                 off += r
             gxa = torch.cat(gxas, 1) if J > 1 else gxas[0]
-        # gx: one GEMM with the LoRA term in it (`_expand_input_grad`), or the small LoRA term first and
-        # then the base GEMMs adding onto it in their epilogues.
-        fused = need_x and _expand_input_grad(ctx.triton, gxa, A, g2, Ws)
+        # gx: the small LoRA term first, then the base GEMMs add onto it in their epilogues.
         gx = None
         if seed is None and src is None:
             dA = torch.mm(gxa.t(), x2)
-            if need_x and not fused:
+            if need_x:
                 gx = torch.mm(gxa, A)
         elif ctx.triton:
-            gx = A.new_empty(M, A.shape[1]) if need_x and not fused else None
+            gx = A.new_empty(M, A.shape[1]) if need_x else None
             dA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
         else:
             keep = keep_mask(seed, M, x2.shape[1], p, x2.device).to(x2.dtype)
             dA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
             if need_x:
                 gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
-        if fused:
-            gx = _triton.expand_backward(gxa, A, seed, p, g2, Ws).view(ctx.x_shape)
-        elif need_x:
+        if need_x:
             for j in range(J):
                 gx.addmm_(g2[j], Ws[j])
             gx = gx.view(ctx.x_shape)
