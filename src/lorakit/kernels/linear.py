@@ -16,9 +16,10 @@ What autograd would do with the plain formula, and what this does instead:
   * no weight gradient for frozen W. The small LoRA terms are computed first (output y and
     input-gradient gx alike) and the large base GEMM adds onto them in place (`addmm_`), which
     reads them in its epilogue: one memory-bound pass over y or gx fewer than adding them last.
-    Without dropout and with many rows (rows > 1.5 * in), the forward instead runs one GEMM on
-    W + s * B @ A formed in a scratch weight (no LoRA output to write and read back); backward is
-    the same either way.
+    On Hopper GPUs, from 1,024 rows, the forward is instead one Triton GEMM per group of linears whose
+    K loop ends with the LoRA product (`_triton.expand_gemm`): no LoRA output is written or read
+    back. Elsewhere, without dropout and with many rows (rows > 1.5 * in), the forward runs one GEMM
+    on W + s * B @ A formed in a scratch weight. Backward is the same either way.
   * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
     rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway. For an
     RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
