@@ -676,6 +676,17 @@ TRITON_SCRIPT = textwrap.dedent("""
         _triton._DIRECT["on"] = True
         got = [_triton.shrink(x, A, seed, 0.1) for _ in range(2)]
         assert _triton._COMPILED and all(torch.equal(g, want) for g in got)
+        # and for a kernel that reads its tiles through copy-engine descriptors (Hopper)
+        Ws = [(torch.randn(o, 96, device=dev) / 10).bfloat16() for o in (64, 32)]
+        Bs = [torch.randn(o, 16, device=dev, dtype=torch.bfloat16) for o in (64, 32)]
+        xa = torch.randn(300, 32, device=dev, dtype=torch.bfloat16)
+        if _triton.expand_gemm_ok(x, Ws, [None, None], xa, Bs):
+            _triton._DIRECT["on"] = False
+            want = _triton.expand_gemm(x, Ws, [None, None], xa, Bs, [2.0, 0.5])
+            _triton._DIRECT["on"] = True
+            got = [_triton.expand_gemm(x, Ws, [None, None], xa, Bs, [2.0, 0.5]) for _ in range(2)]
+            assert all(torch.equal(g[j], want[j]) for g in got for j in range(2))
+            assert any(k[0] is _triton._expand_gemm_kernel for k in _triton._COMPILED)
     if dev == "cuda":  # lora_small (K split over programs, tile counters) replayed in a CUDA graph equals eager
         W = (torch.randn(2048, 1024, device=dev) / 32).bfloat16()
         A = (torch.randn(16, 1024, device=dev) / 32).bfloat16()

@@ -501,6 +501,10 @@ _TUNING = {"on": True}
 # Its cache key is finer than Triton's own (every property Triton specializes an argument on, and
 # then some), so it can only miss where Triton would hit, never reuse a kernel Triton would not.
 _COMPILED: dict = {}
+try:  # host-side tile descriptors for the copy engine (Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _DESCRIPTOR
+except ImportError:  # pragma: no cover - depends on the Triton version
+    _DESCRIPTOR = None
 _DIRECT = {"on": os.environ.get("LORAKIT_TRITON_DIRECT", "1") != "0"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -517,6 +521,8 @@ def _specs(args: tuple) -> tuple:
             out.append(None)
         elif isinstance(a, Tensor):
             out.append((a.dtype, a.data_ptr() & 15 == 0))
+        elif _DESCRIPTOR is not None and t is _DESCRIPTOR:  # compiled for its dtype and tile, not its sizes
+            out.append(("desc", a.base.dtype, tuple(a.block_shape), a.padding, a.base.data_ptr() & 15 == 0))
         else:
             out.append((t, a))
     return tuple(out)
@@ -524,11 +530,12 @@ def _specs(args: tuple) -> tuple:
 
 def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
     """kernel[grid](*args, **consts), by the compiled kernel's own launcher once Triton has compiled it."""
-    if not (_DIRECT["on"] and args[0].is_cuda):
+    first = args[0].base if _DESCRIPTOR is not None and type(args[0]) is _DESCRIPTOR else args[0]
+    if not (_DIRECT["on"] and first.is_cuda):
         kernel[grid](*args, **consts)
         return
     # consts in call order: the same constants in another order only miss, then hit Triton's own cache
-    key = (kernel, args[0].device, _specs(args), tuple(consts.items()))
+    key = (kernel, first.device, _specs(args), tuple(consts.items()))
     hit = _COMPILED.get(key)
     if hit is not None:
         hit[0][grid + (1,) * (3 - len(grid))](*args, *hit[1])  # the compiled kernel's launcher reads 3 dims
@@ -802,7 +809,7 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 def _descriptors_ok(t: Tensor) -> bool:
     """Whether the copy-engine (TMA) GEMMs run on tensors like t: a Hopper or newer GPU (or the
     interpreter on CPU) and float16 / bfloat16."""
-    if triton is None or not hasattr(tl, "make_tensor_descriptor") or t.dtype not in (torch.float16, torch.bfloat16):
+    if _DESCRIPTOR is None or t.dtype not in (torch.float16, torch.bfloat16):
         return False
     if t.is_cuda:
         return not interpreting() and torch.cuda.get_device_capability(t.device) >= (9, 0)
@@ -839,8 +846,6 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     three linears reading x2 in one persistent GEMM whose K loop ends with the LoRA product: the LoRA
     output is never written to memory and read back. Check `expand_gemm_ok` first. `cfg` (benchmarks):
     BM, BN, BK, GROUP_M, num_warps, num_stages instead of the defaults."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     M, K = x2.shape
     J, r = len(Ws), Bs[0].shape[1]
     BR = _pow2(r)
@@ -859,14 +864,14 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     def three(items):  # the kernel takes three of each; unused ones repeat the first
         return list(items) + [items[0]] * (3 - len(items))
 
-    _expand_gemm_kernel[grid](
-        TensorDescriptor.from_tensor(x2, [BM, BK]), TensorDescriptor.from_tensor(xa, [BM, BR]),
-        *three([TensorDescriptor.from_tensor(W, [BN, BK]) for W in Ws]),
-        *three([TensorDescriptor.from_tensor(B, [BN, BR]) for B in Bs]),
-        *three([TensorDescriptor.from_tensor(y, [BM, BN]) for y in ys]),
-        *three([b if has_bias else x2 for b in bs]), *three([float(s) for s in scales]), M,
-        *three([W.shape[0] for W in Ws]), K, grid[0], J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR,
-        GROUP_M=c["GROUP_M"], UPCAST=interpreting(), num_warps=c["num_warps"], num_stages=stages)
+    desc = _DESCRIPTOR.from_tensor
+    _launch(_expand_gemm_kernel, grid,
+            (desc(x2, [BM, BK]), desc(xa, [BM, BR]), *three([desc(W, [BN, BK]) for W in Ws]),
+             *three([desc(B, [BN, BR]) for B in Bs]), *three([desc(y, [BM, BN]) for y in ys]),
+             *three([b if has_bias else x2 for b in bs]), *three([float(s) for s in scales]), M,
+             *three([W.shape[0] for W in Ws]), K, grid[0]),
+            dict(J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=c["GROUP_M"], UPCAST=interpreting(),
+                 num_warps=c["num_warps"], num_stages=stages))
     return ys
 
 
