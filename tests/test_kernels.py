@@ -65,6 +65,12 @@ def test_direct_launch_key_separates_what_triton_specializes_on():
         assert key(a) == key(b)
     for a, b in [(t, t.half()), (t, t[1:]), (1, 2), (0, 16), (16, 17), (2 ** 31, 32), (True, 1)]:
         assert key((a,)) != key((b,)), (a, b)
+    desc = _triton._DESCRIPTOR
+    if desc is not None:  # copy-engine descriptors: compiled for their dtype and tile, not for their sizes
+        m = torch.zeros(64, 32)
+        assert key((desc.from_tensor(m, [16, 16]),)) == key((desc.from_tensor(torch.zeros(128, 48), [16, 16]),))
+        for other in (desc.from_tensor(m, [16, 32]), desc.from_tensor(m.half(), [16, 16])):
+            assert key((desc.from_tensor(m, [16, 16]),)) != key((other,))
 
 
 def test_mask_is_a_function_of_the_seed_with_the_right_rate():
