@@ -5,7 +5,9 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
   route:  a 4-layer Llama-1.1B-shaped model with 32 adapters, batch 32 x 256, kernels-only routed
           vs lk.route: GPU ms, host ms per forward, and the top GPU kernels of each
 
-    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route]
+  step:   cProfile of eager lorakit training steps (4 layers of the 1.1B shape), by function
+
+    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step]
 """
 
 from __future__ import annotations
@@ -126,6 +128,49 @@ def route() -> None:
             measure("lk.route, 4 adapters", model)
 
 
+def step_profile() -> None:
+    """cProfile of eager lorakit training steps (1.1B layer shapes, 4 layers, batch 8 x 1024): where the
+    host time of a step goes, by function (tottime), against the frozen floor's host time."""
+    import cProfile
+    import pstats
+
+    import lorakit as lk
+    from bench_train import SHAPES, build
+
+    shape = SHAPES["1b"]
+    ids = torch.randint(0, shape["vocab_size"], (8, 1024), device="cuda")
+    for lora in (False, True):
+        model = build(shape, 4, "cuda")
+        if lora:
+            lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
+        else:
+            model.requires_grad_(False)
+            model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        model.train()
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        hs = []
+        for _ in range(5):
+            h = time.perf_counter()
+            step()
+            hs.append((time.perf_counter() - h) * 1e3)
+            torch.cuda.synchronize()
+        print(f"  step {'lorakit' if lora else 'floor':<8} host {statistics.median(hs):7.2f} ms (4 layers)", flush=True)
+        if lora:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(5):
+                step()
+                torch.cuda.synchronize()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        del model
+
+
 if __name__ == "__main__":
     import sys
 
@@ -142,3 +187,5 @@ if __name__ == "__main__":
             launch()
     if "route" in parts:
         route()
+    if "step" in parts:
+        step_profile()
