@@ -547,8 +547,10 @@ TRITON_SCRIPT = textwrap.dedent("""
             assert not _triton.expand_gemm_ok(x, [x], [None], x[:, :16], [x[:, :16]])  # half precisions only
         else:
             cfg = None if dev == "cuda" else dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2)
+            # (ranks below the tile width: term j's xa starts at column j * r, not at j * tile)
             for M, outs, r, bias in [(100, [64, 32, 32], 16, (False,) * 3), (300, [48], 8, (True,)),
-                                     (77, [40, 24], 16, (True, False))]:
+                                     (77, [40, 24], 16, (True, False)), (90, [32, 16], 8, (False,) * 2),
+                                     (70, [16, 32, 24], 24, (True,) * 3)]:
                 x = torch.randn(M, 96, device=dev, dtype=dtype)
                 Ws = [(torch.randn(o, 96, device=dev) / 10).to(dtype) for o in outs]
                 bs = [torch.randn(o, device=dev, dtype=dtype) if b else None for o, b in zip(outs, bias)]

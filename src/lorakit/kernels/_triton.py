@@ -455,21 +455,22 @@ if triton is not None:
 
     @triton.jit
     def _expand_gemm_kernel(x_desc, xa_desc, w0, w1, w2, b0, b1, b2, y0, y1, y2, bias0, bias1, bias2, s0, s1, s2,
-                            M, N0, N1, N2, K, NUM_SMS, J: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                            M, N0, N1, N2, K, R, NUM_SMS, J: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
                             UPCAST: tl.constexpr):
-        # y_j = x @ W_j.T + s_j * xa[:, j*BR:(j+1)*BR] @ B_j.T (+ b_j) for J <= 3 linears reading one x, as one
+        # y_j = x @ W_j.T + s_j * xa[:, j*R:(j+1)*R] @ B_j.T (+ b_j) for J <= 3 linears reading one x, as one
         # persistent GEMM: the LoRA product is one more step of each tile's K loop, so the (M, N_j) LoRA
-        # output is never written to memory. B_j is (N_j, r) with r <= BR: the copy engine reads B's
-        # missing columns as zeros. (Descriptors one by one: Triton 3.6 launches none inside tuples.)
+        # output is never written to memory. B_j is (N_j, R) with R <= BR: the copy engine reads B's
+        # missing columns as zeros, so the BR - R columns of xa read beyond term j's add nothing.
+        # (Descriptors one by one: Triton 3.6 launches none inside tuples.)
         pid = tl.program_id(0)
         base = _expand_tiles(x_desc, xa_desc, w0, b0, y0, bias0, s0, M, N0, K, 0, 0, pid, NUM_SMS,
                              HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
         if J > 1:
-            base = _expand_tiles(x_desc, xa_desc, w1, b1, y1, bias1, s1, M, N1, K, BR, base, pid, NUM_SMS,
+            base = _expand_tiles(x_desc, xa_desc, w1, b1, y1, bias1, s1, M, N1, K, R, base, pid, NUM_SMS,
                                  HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
         if J > 2:
-            _expand_tiles(x_desc, xa_desc, w2, b2, y2, bias2, s2, M, N2, K, 2 * BR, base, pid, NUM_SMS,
+            _expand_tiles(x_desc, xa_desc, w2, b2, y2, bias2, s2, M, N2, K, 2 * R, base, pid, NUM_SMS,
                           HAS_BIAS, BM, BN, BK, GROUP_M, UPCAST)
 
 
@@ -861,6 +862,7 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     sms = _sm_count(x2.device)
     tiles = sum(triton.cdiv(M, BM) * triton.cdiv(W.shape[0], BN) for W in Ws)
     grid = (max(1, min(sms, tiles)),)
+
     def three(items):  # the kernel takes three of each; unused ones repeat the first
         return list(items) + [items[0]] * (3 - len(items))
 
@@ -869,7 +871,7 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
             (desc(x2, [BM, BK]), desc(xa, [BM, BR]), *three([desc(W, [BN, BK]) for W in Ws]),
              *three([desc(B, [BN, BR]) for B in Bs]), *three([desc(y, [BM, BN]) for y in ys]),
              *three([b if has_bias else x2 for b in bs]), *three([float(s) for s in scales]), M,
-             *three([W.shape[0] for W in Ws]), K, grid[0]),
+             *three([W.shape[0] for W in Ws]), K, r, grid[0]),
             dict(J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=c["GROUP_M"], UPCAST=interpreting(),
                  num_warps=c["num_warps"], num_stages=stages))
     return ys
