@@ -16,6 +16,7 @@ its docstring says so. Callers check that Triton applies (`available_for`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -31,21 +32,30 @@ except ImportError:  # pragma: no cover - depends on the environment
 from .dropout import threshold  # the hash constants (dropout.MUL1, MUL2) are written out in _keep_tile
 
 
+# Read once, at import, as Triton reads TRITON_INTERPRET when it decorates the kernels below.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_OFF = triton is None or os.environ.get("LORAKIT_NO_TRITON", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def available_for(t: Tensor) -> bool:
     """Whether the Triton kernels can run on tensors like `t` (CUDA, or CPU under the interpreter)."""
-    if triton is None or os.environ.get("LORAKIT_NO_TRITON", "0") == "1":
+    if _OFF:
         return False
     if t.is_cuda:
-        return not interpreting()
-    return t.device.type == "cpu" and interpreting()
+        return not _INTERPRET
+    return _INTERPRET and t.device.type == "cpu"
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function in recent Triton, microseconds a call on the host
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -506,6 +516,26 @@ try:  # host-side tile descriptors for the copy engine (Triton 3.4 and later)
     from triton.tools.tensor_descriptor import TensorDescriptor as _DESCRIPTOR
 except ImportError:  # pragma: no cover - depends on the Triton version
     _DESCRIPTOR = None
+# Triton's TensorDescriptor checks its fields on construction (microseconds); `expand_gemm_ok` has made
+# the same checks, so `_descriptor` sets the fields directly where the class is the plain dataclass of
+# these fields (Triton 3.4 to 3.9), else it calls `from_tensor`.
+_DESC_FIELDS = None
+if _DESCRIPTOR is not None and dataclasses.is_dataclass(_DESCRIPTOR) and not hasattr(_DESCRIPTOR, "__slots__"):
+    _fields = {f.name: f.default for f in dataclasses.fields(_DESCRIPTOR)}
+    if {"base", "shape", "strides", "block_shape"} <= set(_fields) and all(
+            v is not dataclasses.MISSING for k, v in _fields.items() if k not in ("base", "shape", "strides",
+                                                                                  "block_shape")):
+        _DESC_FIELDS = {k: v for k, v in _fields.items() if k not in ("base", "shape", "strides", "block_shape")}
+
+
+def _descriptor(t: Tensor, block: list[int]):
+    """TensorDescriptor.from_tensor(t, block), without repeating the checks of `expand_gemm_ok`."""
+    if _DESC_FIELDS is None:
+        return _DESCRIPTOR.from_tensor(t, block)
+    d = _DESCRIPTOR.__new__(_DESCRIPTOR)
+    d.__dict__.update(_DESC_FIELDS)
+    d.base, d.shape, d.strides, d.block_shape = t, t.shape, t.stride(), block
+    return d
 _DIRECT = {"on": os.environ.get("LORAKIT_TRITON_DIRECT", "1") != "0"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -514,18 +544,20 @@ def _specs(args: tuple) -> tuple:
     """What Triton specializes each argument on (and then some): a tensor's dtype and 16-byte alignment,
     an int's value if 0 or 1 else its divisibility by 16 and whether it fits 32 bits; float: nothing."""
     out = []
+    add = out.append
     for a in args:
         t = type(a)
         if t is int:
-            out.append(a if a == 0 or a == 1 else (a & 15 == 0, -2147483648 <= a < 2147483648))
+            add(a if a == 0 or a == 1 else (a & 15 == 0, -2147483648 <= a < 2147483648))
         elif t is float:
-            out.append(None)
+            add(None)
+        elif t is _DESCRIPTOR:  # compiled for its dtype and tile, not its sizes
+            b = a.base
+            add((b.dtype, b.data_ptr() & 15 == 0, *a.block_shape, a.padding))
         elif isinstance(a, Tensor):
-            out.append((a.dtype, a.data_ptr() & 15 == 0))
-        elif _DESCRIPTOR is not None and t is _DESCRIPTOR:  # compiled for its dtype and tile, not its sizes
-            out.append(("desc", a.base.dtype, tuple(a.block_shape), a.padding, a.base.data_ptr() & 15 == 0))
+            add((a.dtype, a.data_ptr() & 15 == 0))
         else:
-            out.append((t, a))
+            add((t, a))
     return tuple(out)
 
 
@@ -593,7 +625,7 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device
     out = torch.empty(rows, cols, dtype=torch.int8, device=device)
     half, thresh, _ = _dropout_args(cols, p)
     BM, BK = 16, 64
-    _mask_kernel[(triton.cdiv(rows, BM), triton.cdiv(cols, BK))](out, seed, rows, cols, half, thresh, BM=BM, BK=BK)
+    _mask_kernel[(_cdiv(rows, BM), _cdiv(cols, BK))](out, seed, rows, cols, half, thresh, BM=BM, BK=BK)
     return out.bool()
 
 
@@ -614,13 +646,13 @@ def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0, cf
     c = {"BM": 32 if BR <= 32 else 16, "BK": 128 if K >= 128 else 64, "num_warps": 4, "num_stages": 3, **(cfg or {})}
 
     def fixed():
-        _launch(_shrink_kernel, (triton.cdiv(M, c["BM"]),), args,
+        _launch(_shrink_kernel, (_cdiv(M, c["BM"]),), args,
                 dict(DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=c["BM"], BK=c["BK"], BR=BR,
                      num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
     if _tune(M, x2) and not cfg:
         _tuned(_shrink_tuned, _shrink_kernel, (K, R, dropout, x2.dtype, x2.device),
-               lambda meta: (triton.cdiv(M, meta["BM"]),), args,
+               lambda meta: (_cdiv(M, meta["BM"]),), args,
                dict(DROPOUT=dropout, PREC=_prec(x2.dtype), UPCAST=False, BR=BR), fixed)
     else:
         fixed()
@@ -650,7 +682,7 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     # Enough row slices to fill the GPU (~4 programs per SM at 64 columns a program); each slice
     # writes its own partial dA, summed at the end (deterministic, no atomics).
     c = {"BM": 64, "BK": 64 if BR <= 32 else 32, "num_warps": 4, "num_stages": 2, "PER_SM": 4, **(cfg or {})}
-    splits = max(1, min(triton.cdiv(M, 64), triton.cdiv(c["PER_SM"] * _sm_count(x2.device), triton.cdiv(K, 64))))
+    splits = max(1, min(_cdiv(M, 64), _cdiv(c["PER_SM"] * _sm_count(x2.device), _cdiv(K, 64))))
     part = torch.empty(splits, R, K, dtype=torch.float32, device=x2.device)
     has_gx = gx is not None
     # Without gx, `part` stands in for its pointer (never read then): not x2, which the autotuner's
@@ -660,13 +692,13 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
             u.stride(0) if xsrc == 2 else 0, half, thresh, inv_keep)
 
     def fixed():
-        _launch(_dropout_bwd_kernel, (triton.cdiv(K, c["BK"]), splits), args,
+        _launch(_dropout_bwd_kernel, (_cdiv(K, c["BK"]), splits), args,
                 dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=interpreting(),
                      BM=c["BM"], BK=c["BK"], BR=BR, num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
     if _tune(M, x2) and not cfg:
         _tuned(_dropout_bwd_tuned, _dropout_bwd_kernel, (K, R, has_gx, gx_init, xsrc, A.dtype, x2.device),
-               lambda meta: (triton.cdiv(K, meta["BK"]), splits), args,
+               lambda meta: (_cdiv(K, meta["BK"]), splits), args,
                dict(HAS_GX=has_gx, GX_INIT=gx_init, XSRC=xsrc, PREC=_prec(A.dtype), UPCAST=False, BR=BR), fixed)
     else:
         fixed()
@@ -690,9 +722,9 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, 
                                                   (128 if BR <= 32 else 64)),
          "num_warps": 4, "num_stages": 3, "PER_SM": 1, **(cfg or {})}
     BM, BN = c["BM"], c["BN"]
-    blocks = triton.cdiv(N, BN)
+    blocks = _cdiv(N, BN)
     # About one program per SM; each row slice keeps its own partial dB.
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(c["PER_SM"] * _sm_count(g.device), blocks)))
+    splits = max(1, min(_cdiv(M, BM), _cdiv(c["PER_SM"] * _sm_count(g.device), blocks)))
     gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
     dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
     _launch(_lora_grad_kernel, (blocks, splits),
@@ -701,8 +733,8 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, 
                  num_stages=c["num_stages"]))
     dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
     crows = max(1, 512 // BR)  # rows per reduction program: 512 partial values a load
-    ng = triton.cdiv(M, crows)
-    _launch(_sum_parts_kernel, (ng + triton.cdiv(N, crows),),
+    ng = _cdiv(M, crows)
+    _launch(_sum_parts_kernel, (ng + _cdiv(N, crows),),
             (gp, gxa_out, M, gxa_out.stride(0), dbp, dB, N, splits, blocks, R, float(scale), ng),
             dict(BR=BR, CROWS=crows, BP=16, num_warps=4))
     return dB
@@ -725,7 +757,7 @@ def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
     if c is None:
         BN = 16 if N <= 512 else 64
         BK = 128
-        blocks = triton.cdiv(N, BN)
+        blocks = _cdiv(N, BN)
         sms = _sm_count(device)
         want = (3 * sms + blocks // 2) // blocks if M == 1 else sms // blocks
         split = max(1, min(want, K // (2 * BK)))
@@ -779,10 +811,10 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if cfg:
         c = dict(c, **cfg)
     BK = min(c["BK"], _pow2(K))
-    split = max(1, min(c["SPLIT"], triton.cdiv(K, BK)))
-    KC = triton.cdiv(triton.cdiv(K, split), BK) * BK
-    split = triton.cdiv(K, KC)  # no empty splits
-    grid = (triton.cdiv(N, c["BN"]), split, triton.cdiv(M, BM))
+    split = max(1, min(c["SPLIT"], _cdiv(K, BK)))
+    KC = _cdiv(_cdiv(K, split), BK) * BK
+    split = _cdiv(K, KC)  # no empty splits
+    grid = (_cdiv(N, c["BN"]), split, _cdiv(M, BM))
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
     kept = compiled_counters(x2.device, grid[0] * grid[2]) if compiled and split > 1 else None
@@ -813,8 +845,14 @@ def _descriptors_ok(t: Tensor) -> bool:
     if _DESCRIPTOR is None or t.dtype not in (torch.float16, torch.bfloat16):
         return False
     if t.is_cuda:
-        return not interpreting() and torch.cuda.get_device_capability(t.device) >= (9, 0)
-    return interpreting()
+        ok = _HOPPER.get(t.device)
+        if ok is None:
+            ok = _HOPPER[t.device] = not _INTERPRET and torch.cuda.get_device_capability(t.device) >= (9, 0)
+        return ok
+    return _INTERPRET
+
+
+_HOPPER: dict = {}
 
 
 def _stages_that_fit(stages: int, per_stage: int, once: int) -> int:
@@ -860,13 +898,13 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     if any((b is not None) != has_bias for b in bs):  # some with, some without: zeros for the missing ones
         bs = [b if b is not None else W.new_zeros(W.shape[0]) for W, b in zip(Ws, bs)]
     sms = _sm_count(x2.device)
-    tiles = sum(triton.cdiv(M, BM) * triton.cdiv(W.shape[0], BN) for W in Ws)
+    tiles = sum(_cdiv(M, BM) * _cdiv(W.shape[0], BN) for W in Ws)
     grid = (max(1, min(sms, tiles)),)
 
     def three(items):  # the kernel takes three of each; unused ones repeat the first
         return list(items) + [items[0]] * (3 - len(items))
 
-    desc = _DESCRIPTOR.from_tensor
+    desc = _descriptor
     _launch(_expand_gemm_kernel, grid,
             (desc(x2, [BM, BK]), desc(xa, [BM, BR]), *three([desc(W, [BN, BK]) for W in Ws]),
              *three([desc(B, [BN, BR]) for B in Bs]), *three([desc(y, [BM, BN]) for y in ys]),
@@ -937,13 +975,13 @@ def routed_mm(inp: Tensor, mats: Tensor, mat_strides: tuple[int, int, int], nout
     BM = 16 if T < 64 else (32 if nout <= 64 else 64)
 
     def fixed():
-        _launch(_routed_mm_kernel, (batch, triton.cdiv(T, BM), triton.cdiv(nout, BN)), args,
+        _launch(_routed_mm_kernel, (batch, _cdiv(T, BM), _cdiv(nout, BN)), args,
                 dict(ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=interpreting(),
                      BM=BM, BN=BN, BK=BK, num_warps=4, num_stages=2))
 
     if _tune(N, inp) and T >= 64 and nout >= 64:
         _tuned(_routed_mm_tuned, _routed_mm_kernel, (K, nout, accumulate, scales is not None, inp.dtype, inp.device),
-               lambda meta: (batch, triton.cdiv(T, meta["BM"]), triton.cdiv(nout, meta["BN"])), args,
+               lambda meta: (batch, _cdiv(T, meta["BM"]), _cdiv(nout, meta["BN"])), args,
                dict(ACCUM=accumulate, SCALED=scales is not None, PREC=_prec(inp.dtype), UPCAST=False), fixed)
     else:
         fixed()
@@ -960,7 +998,7 @@ def routed_outer(u: Tensor, v: Tensor, rows: Tensor) -> Tensor:
     BV = min(64, _pow2(V))
     BT = 64 if T >= 64 else 16
     out = torch.empty(batch, U, V, dtype=torch.float32, device=u.device)
-    grid = (batch, triton.cdiv(U, BU), triton.cdiv(V, BV))
+    grid = (batch, _cdiv(U, BU), _cdiv(V, BV))
     _launch(_routed_outer_kernel, grid, (u, v, out, rows, T, U, V, u.stride(0), v.stride(0)),
             dict(PREC=_prec(u.dtype), UPCAST=interpreting(), BU=BU, BV=BV, BT=BT, num_warps=4, num_stages=2))
     return out
