@@ -6,8 +6,12 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
           vs lk.route: GPU ms, host ms per forward, and the top GPU kernels of each
 
   step:   cProfile of eager lorakit training steps (4 layers of the 1.1B shape), by function
+  split:  where the host time of one Triton launch goes (lorakit's key, Triton's launcher, its parts)
+          for the kernels of a training step and of decode; the host cost of a few tensor ops
+  generate: compiled `generate` (static cache) of the 1.1B shape, base and unmerged, stopped after
+          16, 64 and 160 tokens of one compiled cache size: per-token slope and fixed cost of each
 
-    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step]
+    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [split] [generate]
 """
 
 from __future__ import annotations
@@ -150,6 +154,7 @@ def step_profile() -> None:
 
         def step():
             model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -171,6 +176,125 @@ def step_profile() -> None:
         del model
 
 
+def split() -> None:
+    """Host microseconds of the parts of one launch, for the kernels a training step and decode launch."""
+    import triton
+
+    from lorakit.kernels import _triton as T
+
+    dev, bf = "cuda", torch.bfloat16
+    M, K, r = 1024, 2048, 16
+    x = torch.randn(M, K, device=dev, dtype=bf)
+    Ws = [torch.randn(n, K, device=dev, dtype=bf) for n in (2048, 256, 256)]
+    Bs = [torch.randn(n, r, device=dev, dtype=bf) for n in (2048, 256, 256)]
+    A = torch.randn(r, K, device=dev, dtype=bf)
+    xa = torch.randn(M, 3 * r, device=dev, dtype=bf)
+    g = torch.randn(M, 2048, device=dev, dtype=bf)
+    gxa = torch.empty(M, r, device=dev, dtype=bf)
+    seed = torch.zeros(2, dtype=torch.int64, device=dev)
+    x1 = torch.randn(1, K, device=dev, dtype=bf)
+    cases = {
+        "expand_gemm (q, k, v)": lambda: T.expand_gemm(x, Ws, [None] * 3, xa, Bs, [2.0] * 3),
+        "lora_grads (q)": lambda: T.lora_grads(g, Bs[0], xa[:, :r], 2.0, gxa),
+        "shrink (dropout)": lambda: T.shrink(x, A, seed, 0.05),
+        "dropout_backward": lambda: T.dropout_backward(x, gxa, A, None, seed, 0.05),
+        "lora_small (1 row)": lambda: T.lora_small(x1, Ws[0], None, A, Bs[0], 2.0),
+    }
+    real = T._launch
+    for name, fn in cases.items():
+        calls = []
+        T._launch = lambda kernel, grid, args, consts: (calls.append((kernel, grid, args, consts)),
+                                                         real(kernel, grid, args, consts))
+        fn()
+        T._launch = real
+        print(f"  split  {name:<26} wrapper {host_us(fn):7.1f} us for {len(calls)} launch(es)", flush=True)
+        kernel, grid, args, consts = calls[0]
+        key = (kernel, args[0].base.device if type(args[0]) is T._DESCRIPTOR else args[0].device, T._specs(args),
+               tuple(consts.items()))
+        hit = T._COMPILED.get(key)
+        g3 = grid + (1,) * (3 - len(grid))
+        parts = {"_specs (key)": lambda: T._specs(args), "_launch": lambda: real(kernel, grid, args, consts)}
+        if hit is not None:
+            c = hit[0]
+            parts["compiled[grid](*args)"] = lambda: c[g3](*args, *hit[1])
+            stream = torch.cuda.current_stream().cuda_stream
+            parts["compiled.run(...) direct"] = lambda: c.run(g3[0], g3[1], g3[2], stream, c.function,
+                                                               c.packed_metadata, None, None, None, *args, *hit[1])
+        else:
+            print("    (no direct-launch cache entry)")
+        for part, f in parts.items():
+            try:
+                print(f"    {part:<28} {host_us(f):7.1f} us", flush=True)
+            except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+                print(f"    {part:<28} failed: {type(e).__name__}: {str(e)[:120]}")
+    small = torch.empty(M, r, device=dev, dtype=bf)
+    ops = {
+        "triton.cdiv": lambda: triton.cdiv(M, 64),
+        "torch.empty (1024, 16)": lambda: torch.empty(M, r, device=dev, dtype=bf),
+        "t.new_empty": lambda: small.new_empty(small.shape),
+        "t[:, 0:8] (slice)": lambda: small[:, 0:8],
+        "t.view(-1)": lambda: small.view(-1),
+        "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(),
+        "is_current_stream_capturing": lambda: torch.cuda.is_current_stream_capturing(),
+        "torch.randint (seed)": lambda: torch.randint(0, 2 ** 62, (2,), device=dev),
+    }
+    for name, f in ops.items():
+        print(f"  op     {name:<28} {host_us(f):7.1f} us", flush=True)
+
+
+def generate_scaling() -> None:
+    """Compiled `generate` (static cache, max 160 new tokens: one cache size, one compile per batch size),
+    stopped after 16, 64 and 160 tokens: the per-token slope and the fixed cost, base and unmerged."""
+    import lorakit as lk
+    from bench_train import SHAPES, build
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class After(StoppingCriteria):
+        def __init__(self, n):
+            self.n, self.seen = n, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.seen += 1
+            return torch.full((input_ids.shape[0],), self.seen >= self.n, dtype=torch.bool, device=input_ids.device)
+
+    model = build(SHAPES["1b"], None, "cuda").eval()
+    ids = torch.randint(0, 32000, (1, 16), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+
+    def run(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        h = time.perf_counter()
+        a.record()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=160, do_sample=False,
+                             pad_token_id=0, cache_implementation="static",
+                             stopping_criteria=StoppingCriteriaList([After(n)]))
+        b.record()
+        host = (time.perf_counter() - h) * 1e3
+        b.synchronize()
+        return a.elapsed_time(b), host, out.shape[1] - ids.shape[1]
+
+    def measure(label):
+        with torch.no_grad():
+            for _ in range(3):
+                run(16)  # compiles (the first calls), then warm
+            rows = {}
+            for n in (16, 64, 160):
+                ts = [run(n) for _ in range(3)]
+                rows[n] = (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts), ts[0][2])
+        slope = (rows[160][0] - rows[16][0]) / 144
+        print(f"  generate {label:<10} " + "  ".join(f"{n} tok: {ms:7.1f} ms (host {h:7.1f}, got {got})"
+                                                    for n, (ms, h, got) in rows.items())
+              + f"  -> {slope:.3f} ms/token + {rows[16][0] - 16 * slope:.1f} ms fixed", flush=True)
+
+    measure("base")
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-2)
+    torch._dynamo.reset()
+    measure("unmerged")
+
+
 if __name__ == "__main__":
     import sys
 
@@ -189,3 +313,7 @@ if __name__ == "__main__":
         route()
     if "step" in parts:
         step_profile()
+    if "split" in parts:
+        split()
+    if "generate" in parts:
+        generate_scaling()
