@@ -484,6 +484,14 @@ TRITON_SCRIPT = textwrap.dedent("""
             assert rel(out[:, 2:2 + R], 0.5 * g.double() @ Bm.double()) < tol, (M, N, R)
             assert rel(dB, 0.5 * g.double().t() @ xa_wide[:, 3:].double()) < tol, (M, N, R)
             assert out[:, :2].isnan().all() and out[:, 2 + R:].isnan().all()  # nothing outside the slice
+            # the same term as columns 3.. of the group's wider xa and columns 2.. of its wider gxa
+            out2 = torch.full((M, R + 7), float("nan"), device=dev, dtype=dtype)
+            dB2 = _triton.lora_grads(g, Bm, xa_wide, 0.5, out2, col=3)
+            wide = torch.full((M, R + 5), float("nan"), device=dev, dtype=dtype)
+            dB3 = _triton.lora_grads(g, Bm, xa_wide[:, 1:], 0.5, wide, col=2)
+            assert torch.equal(dB2, dB) and torch.equal(dB3, dB), (M, N, R)
+            assert torch.equal(out2[:, 3:3 + R], out[:, 2:2 + R]) and torch.equal(wide[:, 2:2 + R], out[:, 2:2 + R])
+            assert out2[:, :3].isnan().all() and out2[:, 3 + R:].isnan().all()
         # the fused RMSNorm apply (recomputation in backward) is bit-identical to PyTorch's three ops
         for shape in [(4, 130), (2, 3, 64), (1, 2048)]:
             h32 = torch.randn(*shape, device=dev) * 3

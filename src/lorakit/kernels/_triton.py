@@ -197,13 +197,16 @@ if triton is not None:
 
     @triton.jit
     def _lora_grad_kernel(g_ptr, b_ptr, xa_ptr, gp_ptr, dbp_ptr, M, N, R, SPLITS, stride_gm, stride_bn, stride_xm,
-                          PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BR: tl.constexpr):
+                          xa_col, dbp_off, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BR: tl.constexpr):
         # The two products of the LoRA backward that read g = d loss / d y (M, N), from one read of g.
         # For one column block of N and one slice of rows:
         #   gp[block] (rows, BR) = g @ B           partial sums over this column block (float32)
         #   dbp[slice] (BN, BR)  = g.T @ xa        partial sums over this slice of rows (float32)
-        # B (N, R), xa (M, R); summed over blocks / slices by _sum_parts_kernel (deterministic, no atomics).
+        # B (N, R), xa (M, R) from column xa_col of its tensor; dbp starts dbp_off elements after dbp_ptr
+        # (gp and dbp share one buffer). Summed over blocks / slices by _sum_parts_kernel (deterministic).
+        xa_ptr += xa_col
+        dbp_ptr += dbp_off
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -247,9 +250,11 @@ if triton is not None:
 
     @triton.jit
     def _sum_parts_kernel(gp_ptr, gxa_ptr, M, stride_gxa, dbp_ptr, db_ptr, N, SPLITS, BLOCKS, R, scale, NG,
-                          BR: tl.constexpr, CROWS: tl.constexpr, BP: tl.constexpr):
+                          gxa_col, dbp_off, BR: tl.constexpr, CROWS: tl.constexpr, BP: tl.constexpr):
         # One launch for both sums of _lora_grad_kernel: programs [0, NG) sum gxa's BLOCKS column-block
-        # partials, the others dB's SPLITS row-slice partials.
+        # partials (into gxa from column gxa_col), the others dB's SPLITS row-slice partials.
+        gxa_ptr += gxa_col
+        dbp_ptr += dbp_off
         pid = tl.program_id(0)
         if pid < NG:
             _sum_chunk(gp_ptr, gxa_ptr, BLOCKS, M, R, stride_gxa, scale, pid, BR, CROWS, BP)
@@ -571,13 +576,45 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
     key = (kernel, first.device, _specs(args), tuple(consts.items()))
     hit = _COMPILED.get(key)
     if hit is not None:
-        hit[0][grid + (1,) * (3 - len(grid))](*args, *hit[1])  # the compiled kernel's launcher reads 3 dims
+        compiled, args = hit[0], args + hit[1]
+        grid = grid + (1,) * (3 - len(grid))  # the compiled kernel's launcher reads 3 dims
+        if _RUNTIME:
+            # what `compiled[grid](*args)` does, with Triton's device and stream functions looked up once
+            get_device, get_stream, rt = _RUNTIME
+            stream = get_stream(get_device())
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *args), rt.launch_enter_hook, rt.launch_exit_hook,
+                         *args)
+        else:
+            compiled[grid](*args)
         return
     compiled = kernel[grid](*args, **consts)
     names = kernel.arg_names[len(args):]
     if hasattr(compiled, "run") and all(n in consts for n in names) \
             and len(consts) == len(names) + sum(o in consts for o in _OPTIONS):
         _COMPILED[key] = (compiled, tuple(consts[n] for n in names))
+        if _RUNTIME is None:
+            _resolve_runtime(compiled)
+
+
+# (get_current_device, get_current_stream, the runtime knobs) of Triton's active driver, looked up on the
+# first direct launch; () where this Triton's compiled kernels do not have the launcher they expect.
+_RUNTIME = None
+
+
+def _resolve_runtime(compiled) -> None:
+    global _RUNTIME
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+
+        active = driver.active
+        found = (active.get_current_device, active.get_current_stream, knobs.runtime)
+        ok = all(hasattr(compiled, a) for a in ("function", "packed_metadata", "launch_metadata")) \
+            and hasattr(knobs.runtime, "launch_enter_hook") and hasattr(knobs.runtime, "launch_exit_hook")
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton version
+        found, ok = (), False
+    _RUNTIME = found if ok else ()
 
 
 def _tune(M: int, t: Tensor) -> bool:
@@ -705,13 +742,14 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
     return part.sum(0) if splits > 1 else part[0]
 
 
-def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, cfg: dict | None = None) -> Tensor:
-    """The LoRA backward's two products of g, reading g once: writes gxa_out = scale * g @ B and
-    returns dB = scale * g.T @ xa (a new (N, R) tensor of B's dtype).
+def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, cfg: dict | None = None,
+               col: int = 0) -> Tensor:
+    """The LoRA backward's two products of g, reading g once: writes gxa_out[:, col:col + R] = scale * g @ B
+    and returns dB = scale * g.T @ xa[:, col:col + R] (a new (N, R) tensor of B's dtype).
 
-    g (M, N), B (N, R), xa (M, R), gxa_out (M, R): unit stride in the last dimension (row strides
-    free, so xa and gxa_out may be column slices of a group's wider tensors). `cfg` (benchmarks): fixed
-    BM, BN, num_warps, num_stages and PER_SM (programs per SM that set the number of row slices).
+    g (M, N), B (N, R), xa and gxa_out (M, >= col + R): unit stride in the last dimension (row strides
+    free; a group's wider xa and gxa are passed whole, with the term's first column). `cfg` (benchmarks):
+    fixed BM, BN, num_warps, num_stages and PER_SM (programs per SM that set the number of row slices).
     """
     M, N = g.shape
     R = B.shape[1]
@@ -725,17 +763,17 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, 
     blocks = _cdiv(N, BN)
     # About one program per SM; each row slice keeps its own partial dB.
     splits = max(1, min(_cdiv(M, BM), _cdiv(c["PER_SM"] * _sm_count(g.device), blocks)))
-    gp = torch.empty(blocks, M, BR, dtype=torch.float32, device=g.device)
-    dbp = torch.empty(splits, N, BR, dtype=torch.float32, device=g.device)
+    gp_size = blocks * M * BR
+    parts = torch.empty(gp_size + splits * N * BR, dtype=torch.float32, device=g.device)  # gp, then dbp
     _launch(_lora_grad_kernel, (blocks, splits),
-            (g, B, xa, gp, dbp, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0)),
-            dict(PREC=_prec(g.dtype), UPCAST=interpreting(), BM=BM, BN=BN, BR=BR, num_warps=c["num_warps"],
+            (g, B, xa, parts, parts, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0), col, gp_size),
+            dict(PREC=_prec(g.dtype), UPCAST=_INTERPRET, BM=BM, BN=BN, BR=BR, num_warps=c["num_warps"],
                  num_stages=c["num_stages"]))
     dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
     crows = max(1, 512 // BR)  # rows per reduction program: 512 partial values a load
     ng = _cdiv(M, crows)
     _launch(_sum_parts_kernel, (ng + _cdiv(N, crows),),
-            (gp, gxa_out, M, gxa_out.stride(0), dbp, dB, N, splits, blocks, R, float(scale), ng),
+            (parts, gxa_out, M, gxa_out.stride(0), parts, dB, N, splits, blocks, R, float(scale), ng, col, gp_size),
             dict(BR=BR, CROWS=crows, BP=16, num_warps=4))
     return dB
 
@@ -901,16 +939,16 @@ def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = N
     tiles = sum(_cdiv(M, BM) * _cdiv(W.shape[0], BN) for W in Ws)
     grid = (max(1, min(sms, tiles)),)
 
-    def three(items):  # the kernel takes three of each; unused ones repeat the first
-        return list(items) + [items[0]] * (3 - len(items))
+    def three(items, unused):  # the kernel takes three of each; None (a constant) where it has fewer linears
+        return list(items) + [unused] * (3 - len(items))
 
     desc = _descriptor
     _launch(_expand_gemm_kernel, grid,
-            (desc(x2, [BM, BK]), desc(xa, [BM, BR]), *three([desc(W, [BN, BK]) for W in Ws]),
-             *three([desc(B, [BN, BR]) for B in Bs]), *three([desc(y, [BM, BN]) for y in ys]),
-             *three([b if has_bias else x2 for b in bs]), *three([float(s) for s in scales]), M,
-             *three([W.shape[0] for W in Ws]), K, r, grid[0]),
-            dict(J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=c["GROUP_M"], UPCAST=interpreting(),
+            (desc(x2, [BM, BK]), desc(xa, [BM, BR]), *three([desc(W, [BN, BK]) for W in Ws], None),
+             *three([desc(B, [BN, BR]) for B in Bs], None), *three([desc(y, [BM, BN]) for y in ys], None),
+             *three(bs if has_bias else (), None), *three([float(s) for s in scales], 0.0), M,
+             *three([W.shape[0] for W in Ws], 0), K, r, grid[0]),
+            dict(J=J, HAS_BIAS=has_bias, BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=c["GROUP_M"], UPCAST=_INTERPRET,
                  num_warps=c["num_warps"], num_stages=stages))
     return ys
 

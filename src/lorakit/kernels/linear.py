@@ -424,7 +424,7 @@ class LoraLinearSingle(torch.autograd.Function):
         gW = g2.t() @ x2 if need_w else None
         gb = g2.sum(0) if ctx.bias_grad else None
         if ctx.triton and need_b and B.shape[1] <= _ONE_READ_MAX_RANK:  # g read once for both of its products
-            gxa = xa.new_empty(xa.shape)
+            gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
             gB = _triton.lora_grads(_unit_last(g2), _unit_last(B), xa, s, gxa)
         else:
             z = _zero(g2)
@@ -722,12 +722,10 @@ class LoraLinearShared(torch.autograd.Function):
         dB, off = [], 0
         if ctx.triton and all(need[7 + 3 * J:7 + 4 * J]) and max(ranks) <= _ONE_READ_MAX_RANK:
             # each g read once for both of its products
-            gxa = xa.new_empty(xa.shape)
+            gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
             for j in range(J):
-                r = ranks[j]
-                dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa[:, off:off + r], scales[j],
-                                             gxa[:, off:off + r]))
-                off += r
+                dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa, scales[j], gxa, col=off))
+                off += ranks[j]
         else:
             gxas = []
             for j in range(J):
