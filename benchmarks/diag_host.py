@@ -8,10 +8,13 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
   step:   cProfile of eager lorakit training steps (4 layers of the 1.1B shape), by function
   split:  where the host time of one Triton launch goes (lorakit's key, Triton's launcher, its parts)
           for the kernels of a training step and of decode; the host cost of a few tensor ops
+  gc:     eager lorakit training steps of the 1.1B shape: host ms per step against the time Python's
+          garbage collector took in it (per generation), with the collector as is, frozen after warm-up
+          (gc.freeze) and off
   generate: compiled `generate` (static cache) of the 1.1B shape, base and unmerged, stopped after
           16, 64 and 160 tokens of one compiled cache size: per-token slope and fixed cost of each
 
-    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [split] [generate]
+    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [split] [gc] [generate]
 """
 
 from __future__ import annotations
@@ -236,10 +239,73 @@ def split() -> None:
         "t.view(-1)": lambda: small.view(-1),
         "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(),
         "is_current_stream_capturing": lambda: torch.cuda.is_current_stream_capturing(),
-        "torch.randint (seed)": lambda: torch.randint(0, 2 ** 62, (2,), device=dev),
+        "torch.randint (new_seed)": lambda: torch.randint(0, 2 ** 32, (2,), dtype=torch.int64, device=dev),
+        "torch.empty(2).random_(0, 2**32)": lambda: torch.empty(2, dtype=torch.int64, device=dev).random_(0, 2 ** 32),
     }
     for name, f in ops.items():
         print(f"  op     {name:<28} {host_us(f):7.1f} us", flush=True)
+
+
+def gc_steps() -> None:
+    """Host time of eager lorakit steps (1.1B shape, 22 layers, AdamW) and the garbage collector's share."""
+    import gc
+
+    import lorakit as lk
+    from bench_train import SHAPES, build
+
+    shape = SHAPES["1b"]
+    ids = torch.randint(0, shape["vocab_size"], (8, 1024), device="cuda")
+    model = build(shape, None, "cuda")
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
+    model.train()
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=1e-4)
+    spent = {0: 0.0, 1: 0.0, 2: 0.0}
+    count = {0: 0, 1: 0, 2: 0}
+    started = [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[info["generation"]] += time.perf_counter() - started[0]
+            count[info["generation"]] += 1
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    gc.callbacks.append(cb)
+    for mode in ("as is", "frozen", "off", "as is"):
+        if mode == "frozen":
+            gc.collect()
+            gc.freeze()
+        if mode == "off":
+            gc.disable()
+        hosts, gcs, ts = [], [], []
+        for _ in range(15):
+            for g in spent:
+                spent[g], count[g] = 0.0, 0
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            h = time.perf_counter()
+            step()
+            hosts.append((time.perf_counter() - h) * 1e3)
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+            gcs.append((sum(spent.values()) * 1e3, dict(count), spent[2] * 1e3))
+        gc.enable()
+        gc.unfreeze()
+        print(f"  gc {mode:<7} step {statistics.median(ts):7.1f} ms (min {min(ts):6.1f}, max {max(ts):6.1f})  "
+              f"host {statistics.median(hosts):7.1f} ms (max {max(hosts):6.1f})  gc per step: "
+              f"{statistics.mean(g[0] for g in gcs):6.2f} ms mean, max {max(g[0] for g in gcs):6.2f} ms; full "
+              f"collections {sum(g[1][2] for g in gcs)} in 15 steps ({sum(g[2] for g in gcs):.1f} ms); "
+              f"objects tracked {len(gc.get_objects())}", flush=True)
+    gc.callbacks.remove(cb)
 
 
 def generate_scaling() -> None:
@@ -315,5 +381,7 @@ if __name__ == "__main__":
         step_profile()
     if "split" in parts:
         split()
+    if "gc" in parts:
+        gc_steps()
     if "generate" in parts:
         generate_scaling()
