@@ -492,6 +492,20 @@ TRITON_SCRIPT = textwrap.dedent("""
             assert torch.equal(dB2, dB) and torch.equal(dB3, dB), (M, N, R)
             assert torch.equal(out2[:, 3:3 + R], out[:, 2:2 + R]) and torch.equal(wide[:, 2:2 + R], out[:, 2:2 + R])
             assert out2[:, :3].isnan().all() and out2[:, 3 + R:].isnan().all()
+        # a group's terms in one launch: linears of different widths, term j from column col + j * R
+        for M, Ns, R, col in [(70, (300, 40), 8, 0), (130, (64, 600, 24), 16, 2), (9, (512,), 24, 1)]:
+            gs = [torch.randn(M, n, device=dev, dtype=dtype) for n in Ns]
+            Bms = [torch.randn(n, R, device=dev, dtype=dtype) for n in Ns]
+            xa_g = torch.randn(M, col + R * len(Ns) + 2, device=dev, dtype=dtype)
+            out = torch.full((M, col + R * len(Ns) + 3), float("nan"), device=dev, dtype=dtype)
+            scales = [0.5, -1.5, 2.0][:len(Ns)]
+            dBs = _triton.lora_grads_group(gs, Bms, xa_g, scales, out, col=col)
+            for j, (gj, Bj, sj) in enumerate(zip(gs, Bms, scales)):
+                cols = slice(col + j * R, col + (j + 1) * R)
+                assert rel(out[:, cols], sj * gj.double() @ Bj.double()) < tol, (M, Ns, j)
+                assert dBs[j].shape == Bj.shape
+                assert rel(dBs[j], sj * gj.double().t() @ xa_g[:, cols].double()) < tol, (M, Ns, j)
+            assert out[:, :col].isnan().all() and out[:, col + R * len(Ns):].isnan().all()
         # the fused RMSNorm apply (recomputation in backward) is bit-identical to PyTorch's three ops
         for shape in [(4, 130), (2, 3, 64), (1, 2048)]:
             h32 = torch.randn(*shape, device=dev) * 3

@@ -196,20 +196,32 @@ if triton is not None:
         tl.store(ga_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], ga, mask=r_ok[:, None] & k_ok[None, :])
 
     @triton.jit
-    def _lora_grad_kernel(g_ptr, b_ptr, xa_ptr, gp_ptr, dbp_ptr, M, N, R, SPLITS, stride_gm, stride_bn, stride_xm,
-                          xa_col, dbp_off, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+    def _lora_grad_kernel(g0, g1, g2, b0, b1, b2, xa_ptr, gp_ptr, dbp_ptr, M, N0, N1, N2, NB0, NB1, R, SPLITS,
+                          sg0, sg1, sg2, sb0, sb1, sb2, stride_xm, xa_col, dbp_off, s0, s1, s2,
+                          J: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
                           BN: tl.constexpr, BR: tl.constexpr):
-        # The two products of the LoRA backward that read g = d loss / d y (M, N), from one read of g.
-        # For one column block of N and one slice of rows:
-        #   gp[block] (rows, BR) = g @ B           partial sums over this column block (float32)
-        #   dbp[slice] (BN, BR)  = g.T @ xa        partial sums over this slice of rows (float32)
-        # B (N, R), xa (M, R) from column xa_col of its tensor; dbp starts dbp_off elements after dbp_ptr
-        # (gp and dbp share one buffer). Summed over blocks / slices by _sum_parts_kernel (deterministic).
-        xa_ptr += xa_col
-        dbp_ptr += dbp_off
+        # The two products of the LoRA backward that read g_j = d loss / d y_j (M, N_j), from one read of g_j,
+        # for J <= 3 linears of one group (term j: B_j (N_j, R), xa's columns xa_col + j*R ..). Program
+        # (n, slice): column block n of all the group's column blocks (NB0 of g0, then NB1 of g1, then g2's),
+        # and one slice of rows:
+        #   gp[n] (rows, BR)            = g_j @ B_j             partial sums over this column block (float32)
+        #   dbp[slice, rows of n] (BN, BR) = s_j * g_j.T @ xa_j  partial sums over this slice of rows (float32)
+        # dbp holds the group's dB rows one linear after the other (N0 + N1 + N2 of them) and starts dbp_off
+        # elements after gp (one buffer). Summed over blocks / slices by _sum_parts_kernel (deterministic).
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
+        zero = pid_n * 0  # the selected values are run-time integers in every branch (Triton may pass 0 / 1 as constants)
+        g_ptr, b_ptr, N, stride_gm, stride_bn, scale = g0, b0, N0 + zero, sg0 + zero, sb0 + zero, s0
+        blk, noff, col = pid_n, zero, xa_col + zero
+        if J > 1:
+            if pid_n >= NB0:
+                g_ptr, b_ptr, N, stride_gm, stride_bn, scale, blk, noff = g1, b1, N1, sg1, sb1, s1, pid_n - NB0, N0
+                col = xa_col + R
+                if J > 2:
+                    if pid_n >= NB0 + NB1:
+                        g_ptr, b_ptr, N, stride_gm, stride_bn, scale = g2, b2, N2, sg2, sb2, s2
+                        blk, noff, col = pid_n - NB0 - NB1, N0 + N1, xa_col + 2 * R
+        rn = blk * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         n_ok = rn < N
         r_ok = rr < R
@@ -224,11 +236,14 @@ if triton is not None:
             m_ok = rm < m_hi
             rm64 = rm[:, None].to(tl.int64)
             gt = tl.load(g_ptr + rm64 * stride_gm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            xt = tl.load(xa_ptr + rm64 * stride_xm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            xt = tl.load(xa_ptr + col + rm64 * stride_xm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                         other=0.0)
             db = _dot(tl.trans(gt), xt, db, PREC, UPCAST)
             gp = _dot(gt, b, tl.zeros((BM, BR), dtype=tl.float32), PREC, UPCAST)
             tl.store(gp_base + rm64 * BR + rr[None, :], gp, mask=m_ok[:, None])
-        tl.store(dbp_ptr + pid_s.to(tl.int64) * N * BR + rn[:, None] * BR + rr[None, :], db, mask=n_ok[:, None])
+        ntot = N0 + N1 + N2
+        tl.store(dbp_ptr + dbp_off + pid_s.to(tl.int64) * ntot * BR + (noff + rn[:, None]) * BR + rr[None, :],
+                 db * scale, mask=n_ok[:, None])
 
     @triton.jit
     def _sum_chunk(p_ptr, out_ptr, P, ROWS, R, stride_om, scale, chunk, BR: tl.constexpr, CROWS: tl.constexpr,
@@ -249,17 +264,28 @@ if triton is not None:
         tl.store(out_ptr + row * stride_om + col, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok & (col < R))
 
     @triton.jit
-    def _sum_parts_kernel(gp_ptr, gxa_ptr, M, stride_gxa, dbp_ptr, db_ptr, N, SPLITS, BLOCKS, R, scale, NG,
-                          gxa_col, dbp_off, BR: tl.constexpr, CROWS: tl.constexpr, BP: tl.constexpr):
-        # One launch for both sums of _lora_grad_kernel: programs [0, NG) sum gxa's BLOCKS column-block
-        # partials (into gxa from column gxa_col), the others dB's SPLITS row-slice partials.
-        gxa_ptr += gxa_col
-        dbp_ptr += dbp_off
+    def _sum_parts_kernel(gp_ptr, gxa_ptr, M, stride_gxa, gxa_col, dbp_ptr, dbp_off, db_ptr, NTOT, SPLITS, R, NG,
+                          NB0, NB1, NB2, s0, s1, s2, J: tl.constexpr, BR: tl.constexpr, CROWS: tl.constexpr,
+                          BP: tl.constexpr):
+        # One launch for both sums of _lora_grad_kernel: programs [0, J * NG) sum term j's column-block
+        # partials into gxa's columns gxa_col + j*R .. (times s_j), the others the row-slice partials of
+        # the group's dB rows (already scaled).
         pid = tl.program_id(0)
-        if pid < NG:
-            _sum_chunk(gp_ptr, gxa_ptr, BLOCKS, M, R, stride_gxa, scale, pid, BR, CROWS, BP)
+        if pid < J * NG:
+            j = pid // NG
+            chunk = pid - j * NG
+            zero = pid * 0  # run-time integers in every branch (Triton may pass 0 / 1 as constants)
+            first, nb, scale = zero, NB0 + zero, s0
+            if J > 1:
+                if j == 1:
+                    first, nb, scale = NB0, NB1, s1
+                if J > 2:
+                    if j == 2:
+                        first, nb, scale = NB0 + NB1, NB2, s2
+            _sum_chunk(gp_ptr + first.to(tl.int64) * M * BR, gxa_ptr + gxa_col + j * R, nb, M, R, stride_gxa, scale,
+                       chunk, BR, CROWS, BP)
         else:
-            _sum_chunk(dbp_ptr, db_ptr, SPLITS, N, R, R, scale, pid - NG, BR, CROWS, BP)
+            _sum_chunk(dbp_ptr + dbp_off, db_ptr, SPLITS, NTOT, R, R, 1.0, pid - J * NG, BR, CROWS, BP)
 
     @triton.jit
     def _routed_mm_kernel(in_ptr, mat_ptr, out_ptr, rows_ptr, scale_ptr, T, K, NOUT,
@@ -748,34 +774,58 @@ def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, 
     and returns dB = scale * g.T @ xa[:, col:col + R] (a new (N, R) tensor of B's dtype).
 
     g (M, N), B (N, R), xa and gxa_out (M, >= col + R): unit stride in the last dimension (row strides
-    free; a group's wider xa and gxa are passed whole, with the term's first column). `cfg` (benchmarks):
-    fixed BM, BN, num_warps, num_stages and PER_SM (programs per SM that set the number of row slices).
+    free). `cfg` (benchmarks): fixed BM, BN, num_warps, num_stages and PER_SM (programs per SM that set
+    the number of row slices). `lora_grads_group` does the same for the linears of one group at once.
     """
-    M, N = g.shape
-    R = B.shape[1]
+    return lora_grads_group([g], [B], xa, [scale], gxa_out, col, cfg)[0]
+
+
+def lora_grads_group(gs, Bs, xa: Tensor, scales, gxa_out: Tensor, col: int = 0,
+                     cfg: dict | None = None) -> list[Tensor]:
+    """`lora_grads` for up to three linears of one group in two launches: for term j (rank R, the same for
+    all), gxa_out[:, col + j*R:col + (j+1)*R] = scales[j] * gs[j] @ Bs[j] and dB_j = scales[j] * gs[j].T @
+    xa[:, col + j*R:col + (j+1)*R]. Returns the dB_j, row blocks of one new (sum N_j, R) tensor."""
+    J = len(gs)
+    M = gs[0].shape[0]
+    Ns = [g.shape[1] for g in gs]
+    R = Bs[0].shape[1]
     BR = _pow2(R)
+    n_max = max(Ns)
     # dB's (BN, BR) sum stays in registers. One program per SM, narrow blocks for narrow g (k/v): the
     # fastest in the H100 sweep of benchmarks/bench_kernels.py (1.1B shapes, 8192 rows, rank 16).
-    c = {"BM": 128 if N <= 512 else 64, "BN": min(_pow2(N), 64 if N <= 512 else 256 if BR <= 16 else
-                                                  (128 if BR <= 32 else 64)),
+    c = {"BM": 128 if n_max <= 512 else 64, "BN": min(_pow2(n_max), 64 if n_max <= 512 else 256 if BR <= 16 else
+                                                      (128 if BR <= 32 else 64)),
          "num_warps": 4, "num_stages": 3, "PER_SM": 1, **(cfg or {})}
     BM, BN = c["BM"], c["BN"]
-    blocks = _cdiv(N, BN)
+    nbs = [_cdiv(n, BN) for n in Ns] + [0] * (3 - J)
+    blocks = nbs[0] + nbs[1] + nbs[2]
+    ntot = sum(Ns)
+    dev = gs[0].device
     # About one program per SM; each row slice keeps its own partial dB.
-    splits = max(1, min(_cdiv(M, BM), _cdiv(c["PER_SM"] * _sm_count(g.device), blocks)))
+    splits = max(1, min(_cdiv(M, BM), _cdiv(c["PER_SM"] * _sm_count(dev), blocks)))
     gp_size = blocks * M * BR
-    parts = torch.empty(gp_size + splits * N * BR, dtype=torch.float32, device=g.device)  # gp, then dbp
+    parts = torch.empty(gp_size + splits * ntot * BR, dtype=torch.float32, device=dev)  # gp, then dbp
+    ss = [float(s) for s in scales] + [0.0] * (3 - J)
+    pad = [None] * (3 - J)
     _launch(_lora_grad_kernel, (blocks, splits),
-            (g, B, xa, parts, parts, M, N, R, splits, g.stride(0), B.stride(0), xa.stride(0), col, gp_size),
-            dict(PREC=_prec(g.dtype), UPCAST=_INTERPRET, BM=BM, BN=BN, BR=BR, num_warps=c["num_warps"],
+            (*gs, *pad, *Bs, *pad, xa, parts, parts, M, *Ns, *[0] * (3 - J), nbs[0], nbs[1], R, splits,
+             *[g.stride(0) for g in gs], *[0] * (3 - J), *[B.stride(0) for B in Bs], *[0] * (3 - J), xa.stride(0),
+             col, gp_size, *ss),
+            dict(J=J, PREC=_prec(gs[0].dtype), UPCAST=_INTERPRET, BM=BM, BN=BN, BR=BR, num_warps=c["num_warps"],
                  num_stages=c["num_stages"]))
-    dB = torch.empty(N, R, dtype=B.dtype, device=g.device)
+    dB = torch.empty(ntot, R, dtype=Bs[0].dtype, device=dev)
     crows = max(1, 512 // BR)  # rows per reduction program: 512 partial values a load
     ng = _cdiv(M, crows)
-    _launch(_sum_parts_kernel, (ng + _cdiv(N, crows),),
-            (parts, gxa_out, M, gxa_out.stride(0), parts, dB, N, splits, blocks, R, float(scale), ng, col, gp_size),
-            dict(BR=BR, CROWS=crows, BP=16, num_warps=4))
-    return dB
+    _launch(_sum_parts_kernel, (J * ng + _cdiv(ntot, crows),),
+            (parts, gxa_out, M, gxa_out.stride(0), col, parts, gp_size, dB, ntot, splits, R, ng, *nbs, *ss),
+            dict(J=J, BR=BR, CROWS=crows, BP=16, num_warps=4))
+    if J == 1:
+        return [dB]
+    out, off = [], 0
+    for n in Ns:
+        out.append(dB[off:off + n])
+        off += n
+    return out
 
 
 # Few rows (decode): the fused one-launch kernel serves up to this many; above, the base GEMM is
@@ -906,16 +956,21 @@ def expand_gemm_ok(x2: Tensor, Ws, bs, xa: Tensor, Bs) -> bool:
     """Whether `expand_gemm` serves these operands: a Hopper (or newer) GPU, whose copy engine the
     kernel reads its tiles with; float16/bfloat16; every operand with unit last stride and 16-byte
     aligned rows; ranks of 8 to 64, all equal."""
-    if not _descriptors_ok(x2) or len(Ws) > 3:
+    if len(Ws) > 3 or not _descriptors_ok(x2):
         return False
     dt = x2.dtype
     r = Bs[0].shape[1]
     if not 8 <= r <= 64 or r % 8 or xa.shape[1] != r * len(Bs):
         return False
-    ts = [x2, xa, *Ws, *Bs, *[b for b in bs if b is not None]]
-    return all(t.dtype == dt and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 for t in ts) \
-        and all(t.stride(0) % 8 == 0 for t in (x2, xa, *Ws, *Bs)) and all(B.shape[1] == r for B in Bs) \
-        and all(W.shape[0] % 8 == 0 for W in Ws)
+    for t in (x2, xa, *Ws, *Bs):  # 2-D: unit last stride, rows of a multiple of 16 bytes
+        st = t.stride()
+        if t.dtype != dt or st[1] != 1 or st[0] % 8 or t.data_ptr() % 16:
+            return False
+    for W, B, b in zip(Ws, Bs, bs):
+        if B.shape[1] != r or W.shape[0] % 8 or b is not None and (
+                b.dtype != dt or b.stride(0) != 1 or b.data_ptr() % 16):
+            return False
+    return True
 
 
 def expand_gemm(x2: Tensor, Ws, bs, xa: Tensor, Bs, scales, cfg: dict | None = None) -> list[Tensor]:

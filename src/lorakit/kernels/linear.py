@@ -723,9 +723,13 @@ class LoraLinearShared(torch.autograd.Function):
         if ctx.triton and all(need[7 + 3 * J:7 + 4 * J]) and max(ranks) <= _ONE_READ_MAX_RANK:
             # each g read once for both of its products
             gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
-            for j in range(J):
-                dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa, scales[j], gxa, col=off))
-                off += ranks[j]
+            if min(ranks) == max(ranks):  # the group in one launch (and one summing launch)
+                dB = _triton.lora_grads_group([_unit_last(g) for g in g2], [_unit_last(B) for B in Bs], xa,
+                                              scales, gxa)
+            else:
+                for j in range(J):
+                    dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa, scales[j], gxa, col=off))
+                    off += ranks[j]
         else:
             gxas = []
             for j in range(J):
