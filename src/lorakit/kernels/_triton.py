@@ -857,8 +857,7 @@ def _counters(device: torch.device, n: int) -> Tensor:
     """Zeroed int32 tile counters for `lora_small`'s split reduction, one buffer per device and stream
     (every launch leaves them at zero again; two streams must not share them). A buffer outgrown is
     kept alive: a captured CUDA graph may still point into it."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
+    key = (device, _stream_handle(device) if device.type == "cuda" else 0)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         if buf is not None:
@@ -868,6 +867,15 @@ def _counters(device: torch.device, n: int) -> Tensor:
             and not torch.cuda.is_current_stream_capturing():
         _COUNTERS[(device, "compiled")] = torch.zeros(16384, dtype=torch.int32, device=device)
     return buf
+
+
+def _stream_handle(device: torch.device) -> int:
+    """The current CUDA stream of `device` as its raw handle (what Triton reads for every launch: a
+    fraction of the cost of a `torch.cuda.Stream` object). Two live streams never share a handle."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:  # pragma: no cover - every CUDA build of PyTorch has it
+        return torch.cuda.current_stream(device).cuda_stream
+    return raw(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def compiled_counters(device: torch.device, n: int) -> Tensor | None:
