@@ -176,11 +176,20 @@ def decode_eager_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
     return statistics.median(ts)
 
 
+def adapt(model) -> None:
+    """r=16 alpha=32 on all linears, with small random B (a trained adapter's shape, not PEFT's zero start)."""
+    import lorakit as lk
+
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-2)
+
+
 def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
     """`generate` with a static cache, which transformers serves by compiling the forward with
     torch.compile ("reduce-overhead": CUDA graphs); the fused kernel is one custom op in that graph."""
-    import lorakit as lk
-
     model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
     rows = []
 
@@ -229,11 +238,7 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
     if profile:
         host_profile("base")
         gpu_profile("base")
-    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 1e-2)
+    adapt(model)
     torch._dynamo.reset()
     for b in (1, 32):
         rows.append((f"compiled generate batch {b}, base", base[b], 1.0))
@@ -264,11 +269,7 @@ def part_model(layers: int | None, new: int) -> None:
     eager = {b: decode_eager_ms(model, b, 16, new) for b in (1, 32)}
     for b in (1, 32):
         report(f"eager generate batch {b}, base", eager[b], eager[b])
-    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 1e-2)
+    adapt(model)
     for b in (1, 32):
         report(f"graphed decode batch {b}, unmerged (fused kernel)", decode_graph_ms(model, b, 16, new), base[b])
     limit = _triton.SMALL_MAX_ROWS

@@ -26,6 +26,18 @@ import torch
 import torch.nn.functional as F
 
 
+def timed(fn) -> tuple[float, float]:
+    """(GPU ms, host ms) of one call of fn: CUDA events around it, the host clock until it returns."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    h = time.perf_counter()
+    fn()
+    host = (time.perf_counter() - h) * 1e3
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b), host
+
+
 def host_us(fn, n: int = 200) -> float:
     for _ in range(5):
         fn()
@@ -97,14 +109,9 @@ def route() -> None:
         torch.cuda.synchronize()
         ts, hs = [], []
         for _ in range(10):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            h = time.perf_counter()
-            fwd()
-            hs.append((time.perf_counter() - h) * 1e3)
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
+            t, h = timed(fwd)
+            ts.append(t)
+            hs.append(h)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fwd()
             torch.cuda.synchronize()
@@ -289,14 +296,9 @@ def gc_steps() -> None:
         for _ in range(15):
             for g in spent:
                 spent[g], count[g] = 0.0, 0
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            h = time.perf_counter()
-            step()
-            hosts.append((time.perf_counter() - h) * 1e3)
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
+            t, h = timed(step)
+            ts.append(t)
+            hosts.append(h)
             gcs.append((sum(spent.values()) * 1e3, dict(count), spent[2] * 1e3))
         gc.enable()
         gc.unfreeze()
@@ -311,7 +313,7 @@ def gc_steps() -> None:
 def generate_scaling() -> None:
     """Compiled `generate` (static cache, max 160 new tokens: one cache size, one compile per batch size),
     stopped after 16, 64 and 160 tokens: the per-token slope and the fixed cost, base and unmerged."""
-    import lorakit as lk
+    from bench_decode import adapt
     from bench_train import SHAPES, build
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -352,11 +354,7 @@ def generate_scaling() -> None:
               + f"  -> {slope:.3f} ms/token + {rows[16][0] - 16 * slope:.1f} ms fixed", flush=True)
 
     measure("base")
-    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 1e-2)
+    adapt(model)
     torch._dynamo.reset()
     measure("unmerged")
 
