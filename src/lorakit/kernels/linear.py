@@ -25,7 +25,8 @@ What autograd would do with the plain formula, and what this does instead:
     RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
     x tile by tile in registers, bit for bit, so x is never written to memory at all.
 
-On the Triton path the backward reads each g_j once for both gxa_t and dB_t (`_triton.lora_grads`).
+On the Triton path the backward reads each g_j once for both gxa_t and dB_t, for all the linears of a
+group in one launch (`_triton.lora_grads_group`).
 
 Backward, with g_j = dL/dy_j:
     gxa_t = s_t * g_j @ B_t                    (..., r)
