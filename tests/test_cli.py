@@ -89,6 +89,29 @@ def _run_cli(args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def test_gradient_accumulation_logs_the_mean_of_its_micro_batches(tiny_model, sft_file, tmp_path, monkeypatch):
+    import lorakit.models
+    import lorakit.train
+
+    seen = []  # the loss of every training micro-batch, read off the model's own output
+    real_load = lorakit.models.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model, tok = real_load(*args, **kwargs)
+        model.register_forward_hook(lambda m, i, out: seen.append(float(out.loss)) if m.training else None)
+        return model, tok
+
+    monkeypatch.setattr(lorakit.models, "load_model", load_and_watch)
+    out = tmp_path / "accum"
+    assert main(train_args(tiny_model, sft_file, out, "--max-steps", "3", "--batch-size", "2", "--grad-accum", "2",
+                           "--eval-generate", "false")) == 0
+    logged = losses(out)
+    assert len(logged) == 3 and len(seen) == 6
+    for step, loss in enumerate(logged):
+        assert loss == pytest.approx((seen[2 * step] + seen[2 * step + 1]) / 2, rel=1e-6)
+    assert len({round(v, 6) for v in seen}) == 6  # six different micro-batches, not one loss repeated
+
+
 def test_kill_and_resume_equals_uninterrupted(tiny_model, sft_file, tmp_path):
     common = ["--max-steps", "16", "--save-every", "1", "--dropout", "0.1", "--eval-generate", "false"]
     full = tmp_path / "full"

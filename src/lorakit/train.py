@@ -511,16 +511,20 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                     micro.append(b)
                 if len(micro) < cfg.grad_accum:  # end of epoch: drop the incomplete accumulation
                     break
-                loss_sum, step_tokens = 0.0, 0
+                # The micro-batches' losses add up on the device and are read once per optimizer step, and
+                # tokens are counted before the batch moves: the host waits for the GPU once per step.
+                loss_acc, step_tokens = None, 0
                 for j, idx in enumerate(micro):
-                    batch = {k: v.to(device) for k, v in collate([train.examples[i] for i in idx]).items()}
+                    host_batch = collate([train.examples[i] for i in idx])
+                    step_tokens += int(host_batch["attention_mask"].sum())
+                    batch = {k: v.to(device) for k, v in host_batch.items()}
                     with ctx.accumulating(train_model, sync=j == len(micro) - 1):
                         with autocast(device, cfg.precision):
                             loss = train_model(**batch).loss / cfg.grad_accum
                         loss.backward()
-                    loss_sum += float(loss.detach())
-                    step_tokens += int(batch["attention_mask"].sum())
-                loss_sum, step_tokens = ctx.step_stats(loss_sum, step_tokens)
+                    part = loss.detach().float()
+                    loss_acc = part if loss_acc is None else loss_acc + part
+                loss_sum, step_tokens = ctx.step_stats(float(loss_acc), step_tokens)
                 tokens_seen += step_tokens
                 if not math.isfinite(loss_sum):
                     raise NonFiniteLoss(step + 1, loss_sum, out)
