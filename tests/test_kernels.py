@@ -55,6 +55,19 @@ def rows_of(x: torch.Tensor) -> int:
 
 # -- the dropout mask -----------------------------------------------------------------------------
 
+@pytest.mark.skipif(_triton._DESCRIPTOR is None, reason="this Triton has no host-side tensor descriptors")
+def test_descriptors_built_without_checks_equal_from_tensor():
+    # `expand_gemm` builds its copy-engine descriptors field by field (its own checks ran before):
+    # every field must be what Triton's `from_tensor` would have set
+    base = torch.zeros(40, 64, dtype=torch.bfloat16)
+    for t, block in [(base, [16, 32]), (base[:, 16:48], [8, 16]), (base[8:], [32, 64])]:
+        mine, theirs = _triton._descriptor(t, block), _triton._DESCRIPTOR.from_tensor(t, block)
+        assert type(mine) is type(theirs) and vars(mine).keys() == vars(theirs).keys()
+        for k, v in vars(theirs).items():
+            assert getattr(mine, k) is v if k == "base" else getattr(mine, k) == v, k
+        assert _triton._specs((mine,)) == _triton._specs((theirs,))
+
+
 @pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
 def test_direct_launch_key_separates_what_triton_specializes_on():
     # `_launch` reuses a compiled kernel only for arguments with the same key: it must tell apart

@@ -567,6 +567,21 @@ def _descriptor(t: Tensor, block: list[int]):
     d.__dict__.update(_DESC_FIELDS)
     d.base, d.shape, d.strides, d.block_shape = t, t.shape, t.stride(), block
     return d
+
+
+def _same_as_from_tensor() -> bool:
+    """Whether `_descriptor` gives what `from_tensor` gives (the same attributes, equal values), on a probe."""
+    try:
+        t = torch.zeros(16, 16, dtype=torch.float16)
+        mine, theirs = vars(_descriptor(t, [16, 16])), vars(_DESCRIPTOR.from_tensor(t, [16, 16]))
+        return mine.keys() == theirs.keys() and all(
+            mine[k] is theirs[k] or (k != "base" and mine[k] == theirs[k]) for k in mine)
+    except Exception:  # noqa: BLE001 - any surprise: use from_tensor
+        return False
+
+
+if _DESC_FIELDS is not None and not _same_as_from_tensor():  # pragma: no cover - depends on the Triton version
+    _DESC_FIELDS = None
 _DIRECT = {"on": os.environ.get("LORAKIT_TRITON_DIRECT", "1") != "0"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
