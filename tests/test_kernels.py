@@ -506,7 +506,9 @@ TRITON_SCRIPT = textwrap.dedent("""
             assert torch.equal(out2[:, 3:3 + R], out[:, 2:2 + R]) and torch.equal(wide[:, 2:2 + R], out[:, 2:2 + R])
             assert out2[:, :3].isnan().all() and out2[:, 3 + R:].isnan().all()
         # a group's terms in one launch: linears of different widths, term j from column col + j * R
-        for M, Ns, R, col in [(70, (300, 40), 8, 0), (130, (64, 600, 24), 16, 2), (9, (512,), 24, 1)]:
+        # (rank 1 and a one-column linear: sizes Triton may pass as constants)
+        for M, Ns, R, col in [(70, (300, 40), 8, 0), (130, (64, 600, 24), 16, 2), (9, (512,), 24, 1),
+                              (33, (1, 48, 16), 1, 0)]:
             gs = [torch.randn(M, n, device=dev, dtype=dtype) for n in Ns]
             Bms = [torch.randn(n, R, device=dev, dtype=dtype) for n in Ns]
             xa_g = torch.randn(M, col + R * len(Ns) + 2, device=dev, dtype=dtype)

@@ -215,12 +215,12 @@ if triton is not None:
         blk, noff, col = pid_n, zero, xa_col + zero
         if J > 1:
             if pid_n >= NB0:
-                g_ptr, b_ptr, N, stride_gm, stride_bn, scale, blk, noff = g1, b1, N1, sg1, sb1, s1, pid_n - NB0, N0
-                col = xa_col + R
+                g_ptr, b_ptr, N, stride_gm, stride_bn, scale = g1, b1, N1 + zero, sg1 + zero, sb1 + zero, s1
+                blk, noff, col = pid_n - NB0, N0 + zero, xa_col + R + zero
                 if J > 2:
                     if pid_n >= NB0 + NB1:
-                        g_ptr, b_ptr, N, stride_gm, stride_bn, scale = g2, b2, N2, sg2, sb2, s2
-                        blk, noff, col = pid_n - NB0 - NB1, N0 + N1, xa_col + 2 * R
+                        g_ptr, b_ptr, N, stride_gm, stride_bn, scale = g2, b2, N2 + zero, sg2 + zero, sb2 + zero, s2
+                        blk, noff, col = pid_n - NB0 - NB1, N0 + N1 + zero, xa_col + 2 * R + zero
         rn = blk * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         n_ok = rn < N
@@ -278,10 +278,10 @@ if triton is not None:
             first, nb, scale = zero, NB0 + zero, s0
             if J > 1:
                 if j == 1:
-                    first, nb, scale = NB0, NB1, s1
+                    first, nb, scale = NB0 + zero, NB1 + zero, s1
                 if J > 2:
                     if j == 2:
-                        first, nb, scale = NB0 + NB1, NB2, s2
+                        first, nb, scale = NB0 + NB1 + zero, NB2 + zero, s2
             _sum_chunk(gp_ptr + first.to(tl.int64) * M * BR, gxa_ptr + gxa_col + j * R, nb, M, R, stride_gxa, scale,
                        chunk, BR, CROWS, BP)
         else:
@@ -834,13 +834,7 @@ def lora_grads_group(gs, Bs, xa: Tensor, scales, gxa_out: Tensor, col: int = 0,
     _launch(_sum_parts_kernel, (J * ng + _cdiv(ntot, crows),),
             (parts, gxa_out, M, gxa_out.stride(0), col, parts, gp_size, dB, ntot, splits, R, ng, *nbs, *ss),
             dict(J=J, BR=BR, CROWS=crows, BP=16, num_warps=4))
-    if J == 1:
-        return [dB]
-    out, off = [], 0
-    for n in Ns:
-        out.append(dB[off:off + n])
-        off += n
-    return out
+    return [dB] if J == 1 else list(dB.split(Ns))
 
 
 # Few rows (decode): the fused one-launch kernel serves up to this many; above, the base GEMM is
