@@ -98,7 +98,7 @@ def test_gradient_accumulation_logs_the_mean_of_its_micro_batches(tiny_model, sf
 
     def load_and_watch(*args, **kwargs):
         model, tok = real_load(*args, **kwargs)
-        model.register_forward_hook(lambda m, i, out: seen.append(float(out.loss)) if m.training else None)
+        model.register_forward_hook(lambda m, i, out: seen.append(float(out.loss.detach())) if m.training else None)
         return model, tok
 
     monkeypatch.setattr(lorakit.models, "load_model", load_and_watch)
@@ -266,3 +266,92 @@ def test_eval_generation_metrics_groups_references(tiny_model, tmp_path, capsys,
     assert seen["refs"] == [["A serves Thai food.", "Thai food at A."], ["This is B."]]
     assert {"BLEU", "NIST", "ROUGE_L", "CIDEr"} <= set(result) or {"bleu", "nist", "rouge_l", "cider"} <= set(result)
     assert len(preds.read_text().splitlines()) == 2
+
+
+def _varied_sft_file(path: Path) -> Path:
+    """Prompt/completion records of 5 to about 65 GPT-2 tokens: two --cuda-graphs lengths (64, 72)."""
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    rows = [{"prompt": f"Say {w}:", "completion": " " + " ".join([w] * (1 + 2 * i))} for i, w in
+            enumerate(words * 4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _watch_training_shapes(monkeypatch) -> list[tuple[int, int]]:
+    import lorakit.models
+
+    shapes = []
+    real_load = lorakit.models.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model, tok = real_load(*args, **kwargs)
+        model.register_forward_hook(
+            lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)) if m.training else None,
+            with_kwargs=True)
+        return model, tok
+
+    monkeypatch.setattr(lorakit.models, "load_model", load_and_watch)
+    return shapes
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model, tmp_path, monkeypatch, resume):
+    from lorakit.train import graph_lengths
+
+    data = _varied_sft_file(tmp_path / "varied.jsonl")
+    shapes = _watch_training_shapes(monkeypatch)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # fp32 and dropout 0: padding is the only difference between the runs
+    common = ["--epochs", "1", "--batch-size", "5", "--dropout", "0", "--eval-generate", "false",
+              "--precision", "fp32", "--max-grad-norm", "0.5", "--schedule", "constant"]  # constant: the resumed runs stop at other --max-steps
+    assert main(train_args(tiny_model, data, tmp_path / "plain", *common)) == 0
+    plain_shapes = list(shapes)
+    shapes.clear()
+    graphed = tmp_path / "graphed"
+    if resume:  # half the run with --cuda-graphs, then resumed by a run without it, then with it again
+        assert main(train_args(tiny_model, data, graphed, *common, "--cuda-graphs", "--max-steps", "3",
+                               "--save-every", "1")) == 0
+        assert main(train_args(tiny_model, data, graphed, *common, "--max-steps", "5", "--save-every", "1",
+                               "--resume")) == 0
+        assert main(train_args(tiny_model, data, graphed, *common, "--cuda-graphs", "--resume")) == 0
+    else:
+        assert main(train_args(tiny_model, data, graphed, *common, "--cuda-graphs")) == 0
+    want, got = losses(tmp_path / "plain"), losses(graphed)
+    assert len(want) == len(got) == 7  # 32 records: 6 batches of 5, then a short one of 2
+    assert got == pytest.approx(want, rel=1e-4 if device == "cpu" else 2e-3)
+    assert got[-1] < got[0]
+    lengths = graph_lengths(max(t for _, t in plain_shapes))
+    assert lengths == [64, 72]
+    if resume:
+        return
+    assert sorted(b for b, _ in shapes) == [2] + [5] * 6
+    padded = [t for b, t in shapes if b == 5]
+    assert all(t in lengths for t in padded) and min(padded) == 64  # the shorter batches took the shorter graph
+    short = [t for b, t in shapes if b == 2]
+    assert short == [t for b, t in plain_shapes if b == 2]  # the short batch ran eagerly, unpadded
+
+
+def test_cuda_graphs_refuses_what_it_cannot_replay(tiny_model, sft_file, tmp_path, capsys):
+    for extra, words in ((["--grad-accum", "2"], "raise --batch-size"),
+                         (["--gradient-checkpointing"], "cannot be combined")):
+        assert main(train_args(tiny_model, sft_file, tmp_path / "x", "--cuda-graphs", *extra)) != 0
+        assert words in capsys.readouterr().err
+
+
+def test_graph_lengths_bound_the_padding():
+    from lorakit.data import PadCollator
+    from lorakit.train import graph_lengths
+
+    assert graph_lengths(6) == [8]
+    assert graph_lengths(1000) == [64, 128, 256, 512, 1000]
+    assert graph_lengths(1025) == [64, 128, 256, 512, 1024, 1032]
+    for longest in (1, 63, 64, 65, 200, 4097):
+        lengths = graph_lengths(longest)
+        assert lengths[-1] >= longest and lengths == sorted(set(lengths))
+        for n in range(1, longest + 1):
+            fit = next(w for w in lengths if w >= n)
+            assert fit <= max(2 * n, 64, -(-n // 8) * 8)
+    batch = PadCollator(0)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], pad_to=8)
+    assert batch["input_ids"].shape == (1, 8) and batch["labels"][0, 3:].eq(-100).all()
+    with pytest.raises(lk.ConfigError, match="shorter than the longest"):
+        PadCollator(0)([{"input_ids": [1, 2, 3]}], pad_to=2)

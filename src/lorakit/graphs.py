@@ -63,7 +63,7 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, example: Batch,
                  loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None, max_grad_norm: float | None = None,
-                 warmup: int = 3) -> None:
+                 warmup: int = 3, pool=None) -> None:
         if loss_fn is None and not isinstance(example, Mapping):
             raise GraphError("graphed_step: a batch that is not a dict needs "
                              "loss_fn=lambda model, batch: <loss tensor>.")
@@ -81,7 +81,7 @@ class GraphedStep:
             _check_capturable(optimizer)
             _lr_as_tensor(optimizer, device)
         self._static = {k: t.detach().clone() for k, t in items}
-        self._capture(device, warmup)
+        self._capture(device, warmup, pool)
 
     # -- the step --------------------------------------------------------------------------------
     def _step(self, batch: Batch) -> Tensor:
@@ -98,7 +98,7 @@ class GraphedStep:
             return [self._static[k] for k, _, _ in self._spec]
         return dict(self._static)
 
-    def _capture(self, device: torch.device, warmup: int) -> None:
+    def _capture(self, device: torch.device, warmup: int, pool) -> None:
         saved = _snapshot(self._params, self.optimizer)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -111,7 +111,7 @@ class GraphedStep:
         _restore(saved, self.optimizer)
         self._zero_grad()  # gradients are then allocated inside the graph, written (not added to) by each replay
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self._loss = self._step(self._static_batch())
 
     def _zero_grad(self) -> None:
@@ -143,7 +143,7 @@ class GraphedStep:
 
 def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, example_batch: Batch,
                  loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None, *, max_grad_norm: float | None = None,
-                 warmup: int = 3) -> GraphedStep:
+                 warmup: int = 3, pool=None) -> GraphedStep:
     """A training step for `model` captured as one CUDA graph (eager off CUDA); see the module docstring.
 
     Args:
@@ -154,6 +154,11 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, exam
         loss_fn: `loss_fn(model, batch) -> scalar loss`; default `model(**batch).loss`.
         max_grad_norm: clip the gradients' total norm to this before each optimizer step.
         warmup: eager steps before the capture (their effect on parameters and optimizer state is undone).
+        pool: a memory pool shared with other captured steps (`torch.cuda.graph_pool_handle()`), so
+            that steps for several batch shapes of one model hold the memory of the largest only
+            (capture the largest first). Safe because a step's only output, the loss, is copied
+            right after its replay; the gradients a replay leaves in `p.grad` may be overwritten
+            by another step's replay.
 
     Returns:
         `step(batch) -> loss` (a detached scalar tensor; reading it with `.item()` waits for the step).
@@ -161,7 +166,7 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, exam
     Raises:
         GraphError: an optimizer that cannot be captured, or (at a call) a batch of another shape.
     """
-    return GraphedStep(model, optimizer, example_batch, loss_fn, max_grad_norm, warmup)
+    return GraphedStep(model, optimizer, example_batch, loss_fn, max_grad_norm, warmup, pool)
 
 
 def _fmt(spec) -> str:

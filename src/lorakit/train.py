@@ -94,6 +94,8 @@ class TrainConfig:
     """Continue from output_dir/checkpoint (optimizer, scheduler, RNG and data position restored)."""
     strategy: str = "auto"
     """Several processes (torchrun, --nproc): ddp (a model that fits one GPU), fsdp (FSDP2 shards base and adapters), auto (ddp)."""
+    cuda_graphs: bool = False
+    """Capture the training step as a CUDA graph and replay it: no per-op host work per step (one GPU, grad_accum 1). Batches are padded to a few fixed lengths, one graph each."""
 
     def validate(self) -> "TrainConfig":
         if self.schedule not in SCHEDULES:
@@ -109,6 +111,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.cuda_graphs and self.grad_accum > 1:
+            raise ConfigError(f"--cuda-graphs replays one optimizer step per batch, so it cannot accumulate "
+                              f"{self.grad_accum} micro-batches: raise --batch-size instead, or drop --cuda-graphs.")
+        if self.cuda_graphs and self.gradient_checkpointing:
+            raise ConfigError("--cuda-graphs and --gradient-checkpointing cannot be combined yet; drop one of them.")
         return self
 
 
@@ -252,6 +259,73 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
+# -- captured steps (--cuda-graphs) -----------------------------------------------------------------
+def graph_lengths(longest: int, smallest: int = 64, multiple: int = 8) -> list[int]:
+    """The padded lengths `--cuda-graphs` captures a step for: powers of two from `smallest` below
+    `longest`, then `longest` rounded up to `multiple`. A batch pads to the first that holds it, so
+    no batch is padded to more than twice its length (or `smallest`), with few graphs to capture."""
+    top = -(-max(1, longest) // multiple) * multiple
+    lengths, n = [], smallest
+    while n < top:
+        lengths.append(n)
+        n *= 2
+    return lengths + [top]
+
+
+class GraphSteps:
+    """The training steps of `lorakit train --cuda-graphs`: one `lk.graphed_step` per padded length.
+
+    Each is captured the first time a batch of its length comes (the sampler sends the longest batch
+    first, so the largest step is captured first) and all share one memory pool: the run holds the
+    memory of its largest step only. Off CUDA the steps run eagerly (`graphed_step` does that).
+    """
+
+    def __init__(self, model: nn.Module, optimizer, cfg: TrainConfig, device: torch.device, longest: int,
+                 log) -> None:
+        self.model, self.optimizer, self.cfg, self.device, self.log = model, optimizer, cfg, device, log
+        self.lengths = graph_lengths(longest)
+        self.steps: dict[int, Any] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    def collate(self, examples: list[dict[str, Any]], collate) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        return collate(examples, pad_to=next(n for n in self.lengths if n >= longest))
+
+    def _loss(self, model: nn.Module, batch) -> torch.Tensor:
+        # no autocast weight cache: a cached cast would be made inside one capture and reused by another
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False,
+                            enabled=uses_bf16(self.device, self.cfg.precision)):
+            return model(**batch).loss
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward, backward, clipping and the optimizer step for `batch`; returns the loss (on the device)."""
+        from .graphs import graphed_step
+
+        n = batch["input_ids"].shape[1]
+        step = self.steps.get(n)
+        if step is None:
+            t0 = time.time()
+            step = graphed_step(self.model, self.optimizer, batch, self._loss, pool=self.pool,
+                                max_grad_norm=self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else None)
+            self.steps[n] = step
+            if step.graph is not None:
+                self.log(f"Captured the training step for batches of {self.cfg.batch_size} x {n} tokens as a "
+                         f"CUDA graph ({time.time() - t0:.1f} s).")
+        return step(batch)
+
+
+def _keep_optimizer_mode(optimizer, capturable: bool) -> None:
+    """After `load_state_dict`: this run's capturable / fused flags (a checkpoint brings those of the
+    run that wrote it), and each step count where they want it (the GPU when capturable)."""
+    for g in optimizer.param_groups:
+        g["capturable"], g["fused"] = capturable, (True if capturable else None)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
+    for p, st in optimizer.state.items():
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------
 def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
                     ctx: Context | None = None) -> None:
@@ -280,7 +354,10 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: di
     if torch.cuda.is_available():
         # one rank owns one GPU: its generator stands where a single process keeps device 0's
         rng["cuda"] = [torch.cuda.get_rng_state()] if ctx.distributed else torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng},
+    # a learning rate held as a tensor (by a captured step) is saved as a number: any run can resume it
+    optim_state = {**optim_state, "param_groups": [{**g, "lr": float(g["lr"])} for g in optim_state["param_groups"]]}
+    sched_state = {k: [float(x) for x in v] if k == "_last_lr" else v for k, v in scheduler.state_dict().items()}
+    torch.save({"optimizer": optim_state, "scheduler": sched_state, "rng": rng},
                str(tmp / "state.pt"))
     (tmp / "progress.json").write_text(json.dumps(state, indent=2))
     for f in tmp.iterdir():
@@ -394,6 +471,8 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
     out = Path(cfg.output_dir)
     check_writable(out)
+    if cfg.cuda_graphs and ctx.distributed:
+        raise ConfigError("--cuda-graphs runs in one process; drop --cuda-graphs or --nproc / torchrun.")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: the LoRA init must agree
@@ -468,7 +547,13 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
         log(f"Before training: {_fmt(before)} ({time.time() - t_eval:.0f} s)")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    graphed = cfg.cuda_graphs and device.type == "cuda"
+    if cfg.cuda_graphs and not graphed:
+        log(f"--cuda-graphs: no CUDA device (training on {device.type}), so the steps run eagerly; "
+                "batches are still padded to the graph lengths.")
+    # a captured step needs an optimizer whose step count lives on the GPU (capturable); fused is the fastest such AdamW
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"capturable": True, "fused": True} if graphed else {}))
     lengths = [len(e["input_ids"]) for e in train.examples]
     sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, seed=cfg.seed, num_replicas=ctx.world_size,
                                         rank=ctx.rank)
@@ -485,6 +570,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": None}
     if cfg.resume:
         progress = load_checkpoint(out, model, optimizer, scheduler, ctx)
+        _keep_optimizer_mode(optimizer, capturable=graphed)
         progress["batch"] = _resume_batch(progress, sampler, log)
         log(f"Resumed from step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch']}).")
     metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
@@ -494,6 +580,9 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
             metrics_file.write(json.dumps(event) + "\n")
             metrics_file.flush()
 
+    graphs = None
+    if cfg.cuda_graphs:
+        graphs = GraphSteps(train_model, optimizer, cfg, device, max(lengths), log)
     model.train()
     step, epoch, batch_pos = progress["step"], progress["epoch"], progress["batch"]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
@@ -514,7 +603,14 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                 # The micro-batches' losses add up on the device and are read once per optimizer step, and
                 # tokens are counted before the batch moves: the host waits for the GPU once per step.
                 loss_acc, step_tokens = None, 0
-                for j, idx in enumerate(micro):
+                stepped = graphs is not None and len(micro[0]) == cfg.batch_size  # a short last batch runs eagerly
+                if stepped:
+                    host_batch = graphs.collate([train.examples[i] for i in micro[0]], collate)
+                    step_tokens = int(host_batch["attention_mask"].sum())
+                    loss_acc = graphs.step({k: v.to(device, non_blocking=True) for k, v in host_batch.items()})
+                elif graphs is not None:
+                    optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
+                for j, idx in enumerate([] if stepped else micro):
                     host_batch = collate([train.examples[i] for i in idx])
                     step_tokens += int(host_batch["attention_mask"].sum())
                     batch = {k: v.to(device) for k, v in host_batch.items()}
@@ -528,20 +624,22 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                 tokens_seen += step_tokens
                 if not math.isfinite(loss_sum):
                     raise NonFiniteLoss(step + 1, loss_sum, out)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                if not stepped:  # (a captured step clips and steps inside its graph)
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch_pos += len(micro)
                 window_loss, window_n = window_loss + loss_sum, window_n + 1
                 rate = tokens_seen / max(time.time() - t_start, 1e-9)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
+                lr = float(scheduler.get_last_lr()[0])  # a tensor once a graph is captured
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total_steps:
                     record({"event": "train", "step": step, "loss": window_loss / window_n,
-                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
+                            "lr": lr, "tokens_per_s": rate})
                     window_loss, window_n = 0.0, 0
                 if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     result = evaluate(model, tokenizer, evals, run_cfg, device, score_fn)

@@ -54,12 +54,18 @@ class PadCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Mapping[str, Any]], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Collate `examples`; `pad_to` pads to exactly that length instead (fixed shapes, e.g. for a
+        captured step), which must hold the longest example."""
         if not examples:
             raise ConfigError("Cannot collate an empty batch.")
         longest = max(len(ex["input_ids"]) for ex in examples)
         m = self.pad_to_multiple_of
         width = -(-longest // m) * m if m else longest
+        if pad_to is not None:
+            if pad_to < longest:
+                raise ConfigError(f"pad_to={pad_to} is shorter than the longest example ({longest} tokens).")
+            width = pad_to
 
         batch = {
             "input_ids": self._pad([ex["input_ids"] for ex in examples], width, self.pad_token_id),
