@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout, or where LORAKIT_SHARED_DATA points
+SHARED = Path(os.environ.get("LORAKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 class MLP(nn.Module):

@@ -639,7 +639,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total_steps:
                     record({"event": "train", "step": step, "loss": window_loss / window_n,
-                            "lr": lr, "tokens_per_s": rate})
+                            "lr": lr, "tokens_per_s": rate, "seconds": round(time.time() - t_start, 4)})
                     window_loss, window_n = 0.0, 0
                 if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     result = evaluate(model, tokenizer, evals, run_cfg, device, score_fn)
