@@ -277,3 +277,28 @@ def test_torch_compile_of_an_adapted_model_matches_eager():
     assert grads.keys() == ref_grads.keys()
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_over_float32_weights_matches_reference():
+    """bfloat16 autocast over a float32 model (what `lorakit train` runs on a GPU): the fused calls cast x
+    after the RMSNorm that made it, and backward rebuilds x and casts it the same way."""
+    model = adapted_llama().float()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(mode):  # backward outside autocast, as training loops run it
+        lk.set_fast_path(mode)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run("off")
+    for _ in range(2):  # the second call runs the learned groups
+        loss, grads = run("on")
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+        assert grads.keys() == ref_grads.keys()
+        for n in grads:
+            assert grads[n].dtype == torch.float32
+            err = (grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)
+            assert err < 3e-2, (n, err.item())

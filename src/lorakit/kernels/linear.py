@@ -59,6 +59,7 @@ class _Plan:
     group_p: tuple[float, ...]            # dropout probability per group (0 = none)
     backend: str                          # "triton" or "torch"
     recompute: Callable | None = None     # x == recompute(*saved recipe tensors), bit for bit
+    recompute_cast: torch.dtype | None = None  # the dtype x was cast to (autocast) after recompute's op
 
 
 def _use_triton(x: Tensor, backend: str) -> bool:
@@ -152,6 +153,8 @@ class LoraLinearFunction(torch.autograd.Function):
         seeds = saved[1 + J + 2 * G + T:1 + J + 3 * G + T]
         if plan.recompute is not None:
             x2 = _recompute(plan.recompute, saved[1 + J + 3 * G + T:], ctx.x_shape)
+            if plan.recompute_cast is not None:
+                x2 = x2.to(plan.recompute_cast)
         triton = plan.backend == "triton"
         need = ctx.needs_input_grad  # (x, plan, W.., b.., A.., B.., seed.., recipe..)
         need_x = need[0]
@@ -358,6 +361,7 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
             group_p.append(p)
 
     dtype = _compute_dtype(x)
+    x_dtype = x.dtype
     x, = _cast(dtype, x)
     weights = _cast(dtype, *weights)
     biases = _cast(dtype, *biases)
@@ -374,9 +378,9 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
         seeds = [s.to(device=x.device, dtype=torch.int64) if s is not None and p > 0 else None
                  for s, p in zip(seeds, group_p)]
 
-    fn, recipe = (None, ()) if recompute is None or x.dtype != dtype else (recompute[0], tuple(recompute[1]))
+    fn, recipe = (None, ()) if recompute is None else (recompute[0], tuple(recompute[1]))
     plan = _Plan(J, term_out, tuple(float(s) for s in scales), tuple(tuple(m) for m in groups),
-                 tuple(group_p), "triton" if tri else "torch", fn)
+                 tuple(group_p), "triton" if tri else "torch", fn, dtype if fn is not None and x_dtype != dtype else None)
     if _no_grad_needed([x, *weights, *biases, *As, *Bs]):
         with torch.no_grad():
             return LoraLinearFunction.forward(_NoCtx(), x, plan, *weights, *biases, *As, *Bs, *seeds, *recipe)
