@@ -79,7 +79,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     precision: str = "auto"
-    """auto (bf16 autocast on a GPU that has it, else fp32), fp32 or bf16."""
+    """auto (bf16 on a GPU that has it, else fp32), fp32 or bf16. bf16 is autocast; LoRA on one GPU also loads the frozen base in bfloat16 (the adapters train in float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     max_eval_examples: int = 200
@@ -509,7 +509,11 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     log(f"Loading {cfg.model} ...")
     t0 = time.time()
     # every rank loads at once: the converted-model cache serializes its builders with a file lock
-    model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels)
+    # LoRA in bf16 on one GPU: the frozen base is loaded in bfloat16 (half the memory, no casts of the
+    # weights in each step) and the adapters train in float32 under autocast
+    base_bf16 = not cfg.full and not ctx.distributed and device.type == "cuda" and uses_bf16(device, cfg.precision)
+    model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=num_labels,
+                                  dtype=torch.bfloat16 if base_bf16 else None)
     if ctx.strategy != "fsdp":  # FSDP moves each shard to the GPU itself: the whole model need not fit
         model.to(device)
     log(f"  loaded in {time.time() - t0:.1f} s")
@@ -530,6 +534,10 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
         if heads and not lora.modules_to_save:
             lora = dataclasses.replace(lora, modules_to_save=heads)
         inject(model, lora)
+        if base_bf16:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads") and not cfg.full:

@@ -299,6 +299,17 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _autocast_adapters_only(x: Tensor, weights, biases) -> bool:
+    """Under autocast, whether x and the frozen weights are already in its dtype, so that only the adapters
+    (kept in float32 to train) need a cast: the call then casts them (a cast autograd sees, so their
+    gradients come back in float32) and runs the same-dtype path without autocast."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return False
+    dt = torch.get_autocast_dtype(dev)
+    return x.dtype == dt and all(W.dtype == dt for W in weights) and all(b is None or b.dtype == dt for b in biases)
+
+
 def _no_grad_needed(tensors) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
@@ -498,6 +509,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if weight.dim() != 2 or weight.shape[1] != in_f or A.dim() != 2 or A.shape[1] != in_f \
             or B.shape != (weight.shape[0], A.shape[0]):
         _check(x, weight, A, B, "lora_linear")
+    if _autocast_adapters_only(x, (weight,), (bias,)):
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, A.to(dt), B.to(dt), scale, dropout, training, seed, backend,
+                               recompute)
     if not (weight.dtype == A.dtype == B.dtype == dt and (bias is None or bias.dtype == dt)) \
             or torch.is_autocast_enabled(x.device.type) or backend == "triton":
         return lora_linears(x, [weight], [bias], [A], [B], [scale], None, dropout, training,
@@ -648,6 +663,10 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
     J = len(weights)
     dt = x.dtype
     in_f = x.shape[-1]
+    if _autocast_adapters_only(x, weights, biases):
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear_group(x, weights, biases, [A.to(dt) for A in As], [B.to(dt) for B in Bs], scales,
+                                     dropout, training, seed, backend, recompute)
     lean = backend != "triton" and J > 0 and len(biases) == J and len(As) == J and len(Bs) == J \
         and len(scales) == J and not torch.is_autocast_enabled(x.device.type)
     if lean:
