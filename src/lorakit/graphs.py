@@ -15,7 +15,9 @@ buffers and replays the whole step with one launch.
 What it needs: every batch has the same keys, shapes and dtypes (pad to one length); an
 optimizer built with `capturable=True` (with AdamW also `fused=True`: on the 1.1B Llama of
 BENCHMARKS.md the capturable foreach form made the graphed step 4.6 ms slower); no host synchronization inside the
-step (no `.item()`, no data-dependent Python control flow). Dropout stays random: the
+step (no `.item()`, no data-dependent Python control flow); and no loss of an earlier eager
+step still referenced when a step is built (its autograd nodes, made on another stream, would
+break the capture: `del loss`). Dropout stays random: the
 fast path draws its seeds on the GPU, which a replay advances. One optimizer step per batch
 (no gradient accumulation across calls).
 
@@ -111,8 +113,17 @@ class GraphedStep:
         _restore(saved, self.optimizer)
         self._zero_grad()  # gradients are then allocated inside the graph, written (not added to) by each replay
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self._loss = self._step(self._static_batch())
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self._loss = self._step(self._static_batch())
+        except RuntimeError as e:
+            if "captur" not in str(e):
+                raise
+            raise GraphError(
+                f"graphed_step: the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}). Usual "
+                "causes: a host synchronization inside the step (.item(), printing a tensor, data-dependent "
+                "control flow), or the loss of an earlier eager step still referenced (its autograd nodes "
+                "live on another stream: `del loss` before building the step).") from e
 
     def _zero_grad(self) -> None:
         if self.optimizer is not None:

@@ -628,6 +628,9 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                         loss.backward()
                     part = loss.detach().float()
                     loss_acc = part if loss_acc is None else loss_acc + part
+                    # the loss's grad_fn would keep this step's autograd nodes alive, and a CUDA graph captured
+                    # next (--cuda-graphs) cannot use accumulate-grad nodes made on another stream
+                    del loss
                 loss_sum, step_tokens = ctx.step_stats(float(loss_acc), step_tokens)
                 tokens_seen += step_tokens
                 if not math.isfinite(loss_sum):
