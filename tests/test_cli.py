@@ -324,7 +324,8 @@ def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model
     assert lengths == [64, 72]
     if resume:
         return
-    assert sorted(b for b, _ in shapes) == [2] + [5] * 6
+    # (on a GPU the forward hook sees each graph's warm-up and capture, not its replays)
+    assert {b for b, _ in shapes} == {2, 5} and sum(b == 2 for b, _ in shapes) == 1
     padded = [t for b, t in shapes if b == 5]
     assert all(t in lengths for t in padded) and min(padded) == 64  # the shorter batches took the shorter graph
     short = [t for b, t in shapes if b == 2]
