@@ -558,7 +558,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     graphed = cfg.cuda_graphs and device.type == "cuda"
     if cfg.cuda_graphs and not graphed:
         log(f"--cuda-graphs: no CUDA device (training on {device.type}), so the steps run eagerly; "
-                "batches are still padded to the graph lengths.")
+            "batches are still padded to the graph lengths.")
     # a captured step needs an optimizer whose step count lives on the GPU (capturable); fused is the fastest such AdamW
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **({"capturable": True, "fused": True} if graphed else {}))
