@@ -318,9 +318,7 @@ def _keep_optimizer_mode(optimizer, capturable: bool) -> None:
     """After `load_state_dict`: this run's capturable / fused flags (a checkpoint brings those of the
     run that wrote it), and each step count where they want it (the GPU when capturable)."""
     for g in optimizer.param_groups:
-        g["capturable"], g["fused"] = capturable, (True if capturable else None)
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"] = float(g["lr"])
+        g["capturable"], g["fused"] = capturable, (True if capturable else None)  # (save_checkpoint stores lr as a number)
     for p, st in optimizer.state.items():
         if isinstance(st.get("step"), torch.Tensor):
             st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)
