@@ -11,10 +11,15 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
   gc:     eager lorakit training steps of the 1.1B shape: host ms per step against the time Python's
           garbage collector took in it (per generation), with the collector as is, frozen after warm-up
           (gc.freeze) and off
+  cli:    the CLI's eager step (`lorakit train`: bf16 base, float32 adapters, bf16 autocast, clipping,
+          AdamW) on the SmolLM2-135M shape, batch 16 x 128: host ms of each part of the step for the frozen
+          floor, lorakit as the CLI runs it and lorakit all in bf16 without autocast; then a cProfile
+  calls:  host µs of one forward and one backward of each fused call against the plain F.linear calls it
+          replaces (SmolLM2 and 1.1B widths, 2048 rows, bf16), and of the launches inside
   generate: compiled `generate` (static cache) of the 1.1B shape, base and unmerged, stopped after
           16, 64 and 160 tokens of one compiled cache size: per-token slope and fixed cost of each
 
-    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [split] [gc] [generate]
+    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [split] [gc] [cli] [calls] [generate]
 """
 
 from __future__ import annotations
@@ -184,6 +189,166 @@ def step_profile() -> None:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         del model
+
+
+def cli_step() -> None:
+    """Host ms of the parts of the CLI's eager step (forward, backward, the loss read, clipping, AdamW) for
+    the floor and lorakit, and where lorakit's host time goes by function (cProfile)."""
+    import cProfile
+    import pstats
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit as lk
+    from bench_cli import SHAPES
+
+    hidden, layers, heads, kv, mlp = SHAPES["smollm2"]
+    cfg = LlamaConfig(vocab_size=50257, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True)
+    ids = torch.randint(0, 50257, (16, 128), device="cuda")
+    for case in ("floor", "lorakit (CLI: autocast, fp32 adapters)", "lorakit bf16, no autocast"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+        cast = case.startswith("lorakit (CLI")
+        if case == "floor":
+            model.requires_grad_(False)
+            model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        else:
+            lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
+            if cast:
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.float()
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if case != "floor" else None
+        parts = {"forward": [], "backward": [], "loss read": [], "clip": [], "optimizer": [], "step": []}
+
+        def step():
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cast or case == "floor"):
+                loss = model(input_ids=ids, labels=ids).loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            float(loss.detach())
+            t3 = time.perf_counter()
+            if opt is not None:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            t4 = time.perf_counter()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t5 = time.perf_counter()
+            del loss
+            return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0]
+        for _ in range(5):
+            step()
+        for _ in range(20):
+            for k, v in zip(parts, step()):
+                parts[k].append(v * 1e3)
+        print(f"  {case:<40} " + "  ".join(f"{k} {statistics.median(v):6.2f}" for k, v in parts.items()), flush=True)
+        if cast:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                step()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(45)
+            pstats.Stats(prof).sort_stats("cumtime").print_stats("lorakit", 30)
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def calls() -> None:
+    """Host µs of a forward and of a backward of q/k/v (one group), o (one linear) and gate/up: plain F.linear,
+    lorakit with bf16 adapters, with float32 adapters under autocast (cast inside the Function), and the
+    casts autograd would make for them; then the launches inside one group call."""
+    from lorakit.kernels import _triton, lora_linear, lora_linear_group, new_seed
+
+    dev, bf = "cuda", torch.bfloat16
+    M = 2048
+
+    def fwd_bwd(make):
+        """(host µs of the forward, of the backward) of make() -> outputs, median over 50 calls."""
+        f, b = [], []
+        for i in range(60):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ys = make()
+            t1 = time.perf_counter()
+            torch.autograd.backward(ys, grads(ys))
+            t2 = time.perf_counter()
+            if i >= 10:
+                f.append((t1 - t0) * 1e6)
+                b.append((t2 - t1) * 1e6)
+        return statistics.median(f), statistics.median(b)
+
+    gcache = {}
+
+    def grads(ys):
+        key = tuple(y.shape for y in ys)
+        if key not in gcache:
+            gcache[key] = [torch.randn_like(y) for y in ys]
+        return gcache[key]
+
+    for name, hidden, outs in (("SmolLM2 q/k/v", 576, (576, 192, 192)), ("SmolLM2 gate/up", 576, (1536, 1536)),
+                               ("1.1B q/k/v", 2048, (2048, 256, 256)), ("1.1B o", 2048, (2048,))):
+        x = torch.randn(M, hidden, device=dev, dtype=bf, requires_grad=True)
+        Ws = [torch.randn(o, hidden, device=dev, dtype=bf) / hidden ** 0.5 for o in outs]
+        A32 = [(torch.randn(16, hidden, device=dev) / hidden ** 0.5).requires_grad_(True) for _ in outs]
+        B32 = [(torch.randn(o, 16, device=dev) * 0.01).requires_grad_(True) for o in outs]
+        Abf = [a.detach().to(bf).requires_grad_(True) for a in A32]
+        Bbf = [b.detach().to(bf).requires_grad_(True) for b in B32]
+        J = len(outs)
+        sc = [2.0] * J
+
+        def call(As, Bs):
+            if J == 1:
+                return (lora_linear(x, Ws[0], None, As[0], Bs[0], 2.0, 0.05, True),)
+            return lora_linear_group(x, Ws, [None] * J, As, Bs, sc, 0.05, True)
+
+        def casts_outside():  # what the calls did before: autograd casts, then the same-dtype Function
+            with torch.autocast("cuda", enabled=False):
+                return call([a.to(bf) for a in A32], [b.to(bf) for b in B32])
+
+        def autocast_inside():
+            with torch.autocast("cuda", dtype=bf):
+                return call(A32, B32)
+
+        rows = [("F.linear (floor)", lambda: tuple(F.linear(x, W) for W in Ws)),
+                ("lorakit, bf16 adapters", lambda: call(Abf, Bbf)),
+                ("lorakit, fp32 adapters, autocast", autocast_inside),
+                ("  the same with autograd casts", casts_outside)]
+        for label, make in rows:
+            f, b = fwd_bwd(make)
+            print(f"  {name:<16} {label:<36} forward {f:7.1f} us  backward {b:7.1f} us", flush=True)
+
+    # the launches inside one SmolLM2 q/k/v group call, and the tensor ops around them
+    hidden, outs = 576, (576, 192, 192)
+    x = torch.randn(M, hidden, device=dev, dtype=bf)
+    Ws = [torch.randn(o, hidden, device=dev, dtype=bf) for o in outs]
+    Bs = [torch.randn(o, 16, device=dev, dtype=bf) for o in outs]
+    A = torch.randn(48, hidden, device=dev, dtype=bf)
+    xa = torch.randn(M, 48, device=dev, dtype=bf)
+    gs = [torch.randn(M, o, device=dev, dtype=bf) for o in outs]
+    gxa = torch.empty(M, 48, device=dev, dtype=bf)
+    gx = torch.empty(M, hidden, device=dev, dtype=bf)
+    seed = new_seed(dev)
+    parts = {
+        "shrink (dropout)": lambda: _triton.shrink(x, A, seed, 0.05),
+        "expand_gemm_ok": lambda: _triton.expand_gemm_ok(x, Ws, [None] * 3, xa, Bs),
+        "expand_gemm": lambda: _triton.expand_gemm(x, Ws, [None] * 3, xa, Bs, [2.0] * 3),
+        "lora_grads_group": lambda: _triton.lora_grads_group(gs, Bs, xa, [2.0] * 3, gxa),
+        "dropout_backward": lambda: _triton.dropout_backward(x, gxa, A, gx, seed, 0.05, gx_init=True),
+        "new_seed": lambda: new_seed(dev),
+        "torch.cat of 3 A": lambda: torch.cat([A[:16], A[16:32], A[32:]]),
+        "addmm_ (gx += g @ W)": lambda: gx.addmm_(gs[1], Ws[1]),
+        "torch.empty": lambda: torch.empty(M, 48, device=dev, dtype=bf),
+        "F.linear": lambda: F.linear(x, Ws[1]),
+    }
+    for label, fn in parts.items():
+        print(f"  part {label:<24} {host_us(fn):7.1f} us", flush=True)
 
 
 def split() -> None:
@@ -377,6 +542,10 @@ if __name__ == "__main__":
         route()
     if "step" in parts:
         step_profile()
+    if "cli" in parts:
+        cli_step()
+    if "calls" in parts:
+        calls()
     if "split" in parts:
         split()
     if "gc" in parts:

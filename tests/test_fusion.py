@@ -315,8 +315,8 @@ def test_autocast_over_float32_weights_matches_reference():
 
 def test_bf16_base_with_float32_adapters_under_autocast_runs_the_same_dtype_path(monkeypatch):
     """The mixed precision `lorakit train` uses on a GPU: frozen weights in bfloat16, adapters in float32
-    (they train), autocast. The calls cast the adapters and take the same-dtype Functions; the
-    adapters' gradients come back in float32."""
+    (they train), autocast. The calls take the same-dtype Functions, which cast the adapters inside (no
+    autograd node for the casts); the adapters' gradients come back in float32."""
     from lorakit.kernels import linear
 
     model = adapted_llama().to(torch.bfloat16)
@@ -329,3 +329,19 @@ def test_bf16_base_with_float32_adapters_under_autocast_runs_the_same_dtype_path
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     _check_against_float64(model, ids)
     assert not general  # every call took the same-dtype Functions
+    # the adapters are cast inside those Functions: no cast node of autograd's between them and their gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    adapters = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    parents, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            if id(getattr(nxt, "variable", None)) in adapters:
+                parents.add(type(node).__name__)
+            elif nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert parents == {"LoraLinearSharedBackward", "LoraLinearSingleBackward"}, parents

@@ -475,6 +475,14 @@ TRITON_SCRIPT = textwrap.dedent("""
                 assert rel(y, ref) < tol, (backend, dtype, shape, r, p, rel(y, ref))
                 for g, w in zip(torch.autograd.grad(y, [x, A, B], gy), want):
                     assert rel(g, w) < tol, (backend, dtype, shape, r, p, rel(g, w))
+            # float32 adapters on a lower-precision x (they train in float32): cast inside the Function,
+            # gradients in float32
+            if dtype != torch.float32:
+                A32, B32 = A.detach().float().requires_grad_(True), B.detach().float().requires_grad_(True)
+                y = lora_linear(x, W, None, A32, B32, 1.5, p, True, seed=seed)
+                assert y.dtype == dtype and rel(y, ref) < tol, (dtype, shape, r, p, rel(y, ref))
+                for g, w in zip(torch.autograd.grad(y, [x, A32, B32], gy), want):
+                    assert rel(g, w) < tol, (dtype, shape, r, p, rel(g, w))
         # dropout backward that writes gx (gx_init) equals the accumulating one minus gx's old contents
         x = torch.randn(300, 96, device=dev, dtype=dtype)
         g = torch.randn(300, 8, device=dev, dtype=dtype)
@@ -521,6 +529,11 @@ TRITON_SCRIPT = textwrap.dedent("""
                 assert dBs[j].shape == Bj.shape
                 assert rel(dBs[j], sj * gj.double().t() @ xa_g[:, cols].double()) < tol, (M, Ns, j)
             assert out[:, :col].isnan().all() and out[:, col + R * len(Ns):].isnan().all()
+            # float32 gradients for float32 adapters: the float32 sums, not rounded to x's dtype first
+            dB32 = _triton.lora_grads_group(gs, Bms, xa_g, scales, out, col=col, db_dtype=torch.float32)
+            for j, (gj, Bj, sj) in enumerate(zip(gs, Bms, scales)):
+                want = sj * gj.double().t() @ xa_g[:, col + j * R:col + (j + 1) * R].double()
+                assert dB32[j].dtype == torch.float32 and rel(dB32[j], want) <= rel(dBs[j], want) + 1e-6, (M, Ns, j)
         # the fused RMSNorm apply (recomputation in backward) is bit-identical to PyTorch's three ops
         for shape in [(4, 130), (2, 3, 64), (1, 2048)]:
             h32 = torch.randn(*shape, device=dev) * 3
@@ -577,6 +590,13 @@ TRITON_SCRIPT = textwrap.dedent("""
             got = torch.autograd.grad(ys, [x, *As, *Bs], gys)
             assert all(rel(y, r) < tol for y, r in zip(ys, refs)), backend
             assert all(rel(g, w) < tol for g, w in zip(got, want)), (backend, [rel(g, w) for g, w in zip(got, want)])
+        if dtype != torch.float32:  # float32 adapters: cast inside the group Function, float32 gradients
+            A32 = [a.detach().float().requires_grad_(True) for a in As]
+            B32 = [b.detach().float().requires_grad_(True) for b in Bs]
+            ys = lora_linear_group(x, Ws, [None] * 3, A32, B32, [2.0, 1.0, 0.5], 0.2, True, seed=seed)
+            got = torch.autograd.grad(ys, [x, *A32, *B32], gys)
+            assert all(y.dtype == dtype and rel(y, r) < tol for y, r in zip(ys, refs))
+            assert all(rel(g, w) < tol for g, w in zip(got, want)), [rel(g, w) for g, w in zip(got, want)]
         # the forward GEMM with the LoRA product in its K loop: 1-3 linears of one x, ranks 8 and 16 (B narrower
         # than the tile: its missing columns come in as zeros), outputs and rows not multiples of the tiles
         if dtype == torch.float32:

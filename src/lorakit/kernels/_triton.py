@@ -784,22 +784,23 @@ def dropout_backward(x2: Tensor | None, gxa: Tensor, A: Tensor, gx: Tensor | Non
 
 
 def lora_grads(g: Tensor, B: Tensor, xa: Tensor, scale: float, gxa_out: Tensor, cfg: dict | None = None,
-               col: int = 0) -> Tensor:
+               col: int = 0, db_dtype: torch.dtype | None = None) -> Tensor:
     """The LoRA backward's two products of g, reading g once: writes gxa_out[:, col:col + R] = scale * g @ B
-    and returns dB = scale * g.T @ xa[:, col:col + R] (a new (N, R) tensor of B's dtype).
+    and returns dB = scale * g.T @ xa[:, col:col + R] (a new (N, R) tensor of `db_dtype`, default B's dtype).
 
     g (M, N), B (N, R), xa and gxa_out (M, >= col + R): unit stride in the last dimension (row strides
     free). `cfg` (benchmarks): fixed BM, BN, num_warps, num_stages and PER_SM (programs per SM that set
     the number of row slices). `lora_grads_group` does the same for the linears of one group at once.
     """
-    return lora_grads_group([g], [B], xa, [scale], gxa_out, col, cfg)[0]
+    return lora_grads_group([g], [B], xa, [scale], gxa_out, col, cfg, db_dtype)[0]
 
 
 def lora_grads_group(gs, Bs, xa: Tensor, scales, gxa_out: Tensor, col: int = 0,
-                     cfg: dict | None = None) -> list[Tensor]:
+                     cfg: dict | None = None, db_dtype: torch.dtype | None = None) -> list[Tensor]:
     """`lora_grads` for up to three linears of one group in two launches: for term j (rank R, the same for
     all), gxa_out[:, col + j*R:col + (j+1)*R] = scales[j] * gs[j] @ Bs[j] and dB_j = scales[j] * gs[j].T @
-    xa[:, col + j*R:col + (j+1)*R]. Returns the dB_j, row blocks of one new (sum N_j, R) tensor."""
+    xa[:, col + j*R:col + (j+1)*R]. Returns the dB_j, row blocks of one new (sum N_j, R) tensor of `db_dtype`
+    (default the dtype of Bs)."""
     J = len(gs)
     M = gs[0].shape[0]
     Ns = [g.shape[1] for g in gs]
@@ -828,7 +829,7 @@ def lora_grads_group(gs, Bs, xa: Tensor, scales, gxa_out: Tensor, col: int = 0,
              col, gp_size, *ss),
             dict(J=J, PREC=_prec(gs[0].dtype), UPCAST=_INTERPRET, BM=BM, BN=BN, BR=BR, num_warps=c["num_warps"],
                  num_stages=c["num_stages"]))
-    dB = torch.empty(ntot, R, dtype=Bs[0].dtype, device=dev)
+    dB = torch.empty(ntot, R, dtype=db_dtype or Bs[0].dtype, device=dev)
     crows = max(1, 512 // BR)  # rows per reduction program: 512 partial values a load
     ng = _cdiv(M, crows)
     _launch(_sum_parts_kernel, (J * ng + _cdiv(ntot, crows),),

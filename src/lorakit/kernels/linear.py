@@ -299,15 +299,14 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _autocast_adapters_only(x: Tensor, weights, biases) -> bool:
-    """Under autocast, whether x and the frozen weights are already in its dtype, so that only the adapters
-    (kept in float32 to train) need a cast: the call then casts them (a cast autograd sees, so their
-    gradients come back in float32) and runs the same-dtype path without autocast."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+def _lean_dtypes(x: Tensor, weights, biases) -> bool:
+    """Whether the frozen weights are in x's dtype and autocast (if on) computes in it too: then the lean
+    Functions serve the call, casting adapters of another dtype (float32, to train) inside, so that no
+    autograd node is made for the casts and their gradients come back in the adapters' own dtype."""
+    dt, dev = x.dtype, x.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != dt:
         return False
-    dt = torch.get_autocast_dtype(dev)
-    return x.dtype == dt and all(W.dtype == dt for W in weights) and all(b is None or b.dtype == dt for b in biases)
+    return all(W.dtype == dt for W in weights) and all(b is None or b.dtype == dt for b in biases)
 
 
 def _no_grad_needed(tensors) -> bool:
@@ -415,6 +414,8 @@ class LoraLinearSingle(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe):
+        ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype  # the gradients' dtypes; the products run in x's
+        A, B = _to_dtype(A, x.dtype), _to_dtype(B, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         x2, A, xa = _shrink(x2, A, seed, p, triton)
         fused = _expanded(x2, (weight,), (bias,), xa, (B,), (scale,), triton)
@@ -441,10 +442,10 @@ class LoraLinearSingle(torch.autograd.Function):
         gb = g2.sum(0) if ctx.bias_grad else None
         if ctx.triton and need_b and B.shape[1] <= _ONE_READ_MAX_RANK:  # g read once for both of its products
             gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
-            gB = _triton.lora_grads(_unit_last(g2), _unit_last(B), xa, s, gxa)
+            gB = _triton.lora_grads(_unit_last(g2), _unit_last(B), xa, s, gxa, db_dtype=ctx.b_dtype)
         else:
             z = _zero(g2)
-            gB = torch.addmm(z, g2.t(), xa, beta=0, alpha=s) if need_b else None
+            gB = _to_dtype(torch.addmm(z, g2.t(), xa, beta=0, alpha=s), ctx.b_dtype) if need_b else None
             gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
         # gx: the small LoRA term first, then the base GEMM adds onto it in its epilogue.
         gA = gx = None
@@ -455,7 +456,7 @@ class LoraLinearSingle(torch.autograd.Function):
                 gx = torch.mm(gxa, A)
         elif ctx.triton:
             gx = A.new_empty(g2.shape[0], A.shape[1]) if need_x else None
-            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src).to(A.dtype)
+            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
         else:
             keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
             gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
@@ -463,7 +464,8 @@ class LoraLinearSingle(torch.autograd.Function):
                 gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
         if need_x:
             gx = gx.addmm_(g2, weight).view(ctx.x_shape)
-        return (gx, gW, gb, gA if need_a else None, gB, None, None, None, None, None, *([None] * len(recipe)))
+        gA = _to_dtype(gA, ctx.a_dtype) if need_a else None
+        return (gx, gW, gb, gA, gB, None, None, None, None, None, *([None] * len(recipe)))
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -471,6 +473,10 @@ _ZEROS: dict = {}
 # `_triton.lora_grads` writes and reads float32 partial sums of about out * tokens * rank / 64 bytes
 # (rank 16: a quarter of what its one read of g saves; rank 32: all of it). Above 16, cuBLAS does both.
 _ONE_READ_MAX_RANK = 16
+
+
+def _to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -509,18 +515,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if weight.dim() != 2 or weight.shape[1] != in_f or A.dim() != 2 or A.shape[1] != in_f \
             or B.shape != (weight.shape[0], A.shape[0]):
         _check(x, weight, A, B, "lora_linear")
-    if _autocast_adapters_only(x, (weight,), (bias,)):
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x, weight, bias, A.to(dt), B.to(dt), scale, dropout, training, seed, backend,
-                               recompute)
-    if not (weight.dtype == A.dtype == B.dtype == dt and (bias is None or bias.dtype == dt)) \
-            or torch.is_autocast_enabled(x.device.type) or backend == "triton":
+    if backend == "triton" or not _lean_dtypes(x, (weight,), (bias,)):
         return lora_linears(x, [weight], [bias], [A], [B], [scale], None, dropout, training,
                             seeds=None if seed is None else [seed], backend=backend, recompute=recompute)[0]
     drop = training and dropout > 0
     if not _needs_graph(x, weight, bias, A, B) and not drop:
         # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, one GEMM on a
         # scratch merged weight for many, else three ops.
+        if A.dtype != dt or B.dtype != dt:
+            A, B = A.to(dt), B.to(dt)
         x2 = x.reshape(-1, in_f)
         if x2.shape[0] <= _triton.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
             # traced by torch.compile as one opaque op (`lorakit::lora_small`), so a compiled (and
@@ -661,19 +664,14 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
     summed in place, and one mask is regenerated instead of one per projection.
     """
     J = len(weights)
-    dt = x.dtype
     in_f = x.shape[-1]
-    if _autocast_adapters_only(x, weights, biases):
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear_group(x, weights, biases, [A.to(dt) for A in As], [B.to(dt) for B in Bs], scales,
-                                     dropout, training, seed, backend, recompute)
     lean = backend != "triton" and J > 0 and len(biases) == J and len(As) == J and len(Bs) == J \
-        and len(scales) == J and not torch.is_autocast_enabled(x.device.type)
+        and len(scales) == J and _lean_dtypes(x, weights, biases)
     if lean:
-        for W, b, A, B in zip(weights, biases, As, Bs):
-            if not (W.dtype == A.dtype == B.dtype == dt and (b is None or b.dtype == dt) and W.dim() == 2
-                    and W.shape[1] == in_f and A.dim() == 2 and A.shape[1] == in_f
-                    and B.shape == (W.shape[0], A.shape[0])):
+        a_dt, b_dt = As[0].dtype, Bs[0].dtype
+        for W, A, B in zip(weights, As, Bs):
+            if not (A.dtype == a_dt and B.dtype == b_dt and W.dim() == 2 and W.shape[1] == in_f and A.dim() == 2
+                    and A.shape[1] == in_f and B.shape == (W.shape[0], A.shape[0])):
                 lean = False  # the general path casts, or raises the explanatory error
                 break
     if not lean:
@@ -706,8 +704,12 @@ class LoraLinearShared(torch.autograd.Function):
     def forward(ctx, x, J, ranks, scales, p, triton, recompute_fn, *tensors):
         Ws, bs, As, Bs = tensors[:J], tensors[J:2 * J], tensors[2 * J:3 * J], tensors[3 * J:4 * J]
         seed, recipe = tensors[4 * J], tensors[4 * J + 1:]
+        ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype  # the gradients' dtypes; the products run in x's
+        dt = x.dtype
+        if ctx.b_dtype != dt:
+            Bs = [B.to(dt) for B in Bs]
         x2 = x.reshape(-1, x.shape[-1])
-        A = torch.cat(As) if J > 1 else As[0]
+        A = _to_dtype(torch.cat(As) if J > 1 else As[0], dt)
         x2, A, xa = _shrink(x2, A, seed, p, triton)
         outs, off, lead = [], 0, x.shape[:-1]
         fused = _expanded(x2, Ws, bs, xa, Bs, scales, triton)
@@ -726,7 +728,6 @@ class LoraLinearShared(torch.autograd.Function):
         ctx.J, ctx.ranks, ctx.scales, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = J, ranks, scales, p, triton, \
             recompute_fn, x.shape
         ctx.bias_grad = tuple(b is not None and b.requires_grad for b in bs)
-        ctx.a_dtype = As[0].dtype
         ctx.save_for_backward(None if recompute_fn is not None else x2, A, xa, seed, *Ws, *Bs, *recipe)
         return tuple(outs)
 
@@ -749,16 +750,17 @@ class LoraLinearShared(torch.autograd.Function):
             gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
             if min(ranks) == max(ranks):  # the group in one launch (and one summing launch)
                 dB = _triton.lora_grads_group([_unit_last(g) for g in g2], [_unit_last(B) for B in Bs], xa,
-                                              scales, gxa)
+                                              scales, gxa, db_dtype=ctx.b_dtype)
             else:
                 for j in range(J):
-                    dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa, scales[j], gxa, col=off))
+                    dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa, scales[j], gxa, col=off,
+                                                 db_dtype=ctx.b_dtype))
                     off += ranks[j]
         else:
             gxas = []
             for j in range(J):
                 r, s = ranks[j], scales[j]
-                dB.append(torch.addmm(z, g2[j].t(), xa[:, off:off + r], beta=0, alpha=s)
+                dB.append(_to_dtype(torch.addmm(z, g2[j].t(), xa[:, off:off + r], beta=0, alpha=s), ctx.b_dtype)
                           if need[7 + 3 * J + j] else None)
                 gxas.append(torch.addmm(z, g2[j], Bs[j], beta=0, alpha=s))
                 off += r
@@ -781,7 +783,7 @@ class LoraLinearShared(torch.autograd.Function):
             for j in range(J):
                 gx.addmm_(g2[j], Ws[j])
             gx = gx.view(ctx.x_shape)
-        dA = dA.to(ctx.a_dtype)  # one cast for the group, then views
+        dA = _to_dtype(dA, ctx.a_dtype)  # one cast for the group, then views
         dAs, off = [], 0
         for j in range(J):
             r = ranks[j]
