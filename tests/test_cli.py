@@ -269,7 +269,7 @@ def test_eval_generation_metrics_groups_references(tiny_model, tmp_path, capsys,
 
 
 def _varied_sft_file(path: Path) -> Path:
-    """Prompt/completion records of 5 to about 65 GPT-2 tokens: two --cuda-graphs lengths (64, 72)."""
+    """Prompt/completion records of 5 to about 65 GPT-2 tokens."""
     words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
     rows = [{"prompt": f"Say {w}:", "completion": " " + " ".join([w] * (1 + 2 * i))} for i, w in
             enumerate(words * 4)]
@@ -304,7 +304,7 @@ def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model
     # fp32 and dropout 0: padding is the only difference between the runs
     common = ["--epochs", "1", "--batch-size", "5", "--dropout", "0", "--eval-generate", "false",
               "--precision", "fp32", "--max-grad-norm", "0.5", "--schedule", "constant"]  # constant: the resumed runs stop at other --max-steps
-    assert main(train_args(tiny_model, data, tmp_path / "plain", *common)) == 0
+    assert main(train_args(tiny_model, data, tmp_path / "plain", *common, "--cuda-graphs", "off")) == 0
     plain_shapes = list(shapes)
     shapes.clear()
     graphed = tmp_path / "graphed"
@@ -312,7 +312,7 @@ def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model
         assert main(train_args(tiny_model, data, graphed, *common, "--cuda-graphs", "--max-steps", "3",
                                "--save-every", "1")) == 0
         assert main(train_args(tiny_model, data, graphed, *common, "--max-steps", "5", "--save-every", "1",
-                               "--resume")) == 0
+                               "--resume", "--cuda-graphs", "off")) == 0
         assert main(train_args(tiny_model, data, graphed, *common, "--cuda-graphs", "--resume")) == 0
     else:
         assert main(train_args(tiny_model, data, graphed, *common, "--cuda-graphs")) == 0
@@ -320,16 +320,64 @@ def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model
     assert len(want) == len(got) == 7  # 32 records: 6 batches of 5, then a short one of 2
     assert got == pytest.approx(want, rel=1e-4 if device == "cpu" else 2e-3)
     assert got[-1] < got[0]
-    lengths = graph_lengths(max(t for _, t in plain_shapes))
-    assert lengths == [64, 72]
+    full = [t for b, t in plain_shapes if b == 5]
+    lengths = graph_lengths(full, max(t for _, t in plain_shapes), most=2)  # (7 steps: the fewest graphs)
+    assert len(full) == 6 and len(lengths) >= 2
     if resume:
         return
     # (on a GPU the forward hook sees each graph's warm-up and capture, not its replays)
     assert {b for b, _ in shapes} == {2, 5} and sum(b == 2 for b, _ in shapes) == 1
     padded = [t for b, t in shapes if b == 5]
-    assert all(t in lengths for t in padded) and min(padded) == 64  # the shorter batches took the shorter graph
+    assert all(t in lengths for t in padded) and padded == [next(n for n in lengths if n >= t) for t in full]
     short = [t for b, t in shapes if b == 2]
     assert short == [t for b, t in plain_shapes if b == 2]  # the short batch ran eagerly, unpadded
+
+
+def test_cuda_graphs_switch_auto_on_off():
+    from lorakit.cli import build_parser, resolve_config
+    from lorakit.train import TrainConfig
+
+    def mode(*flags):
+        return resolve_config(build_parser().parse_args(["train", *flags]), ("train",))["train"].validate().cuda_graphs
+
+    assert mode() == "auto" and mode("--cuda-graphs") == "on" and mode("--cuda-graphs", "off") == "off"
+    assert mode("--cuda-graphs", "false") == "off" and TrainConfig(cuda_graphs=True).validate().cuda_graphs == "on"
+    with pytest.raises(lk.ConfigError, match="auto, on or off"):
+        TrainConfig(cuda_graphs="sometimes").validate()
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert TrainConfig().validate().graphs_for(gpu, False)[0]
+    for cfg, dist, why in ((TrainConfig(), False, "no CUDA"), (TrainConfig(grad_accum=2), False, "--grad-accum"),
+                           (TrainConfig(gradient_checkpointing=True), False, "--gradient-checkpointing"),
+                           (TrainConfig(full=True), False, "--full"), (TrainConfig(), True, "several processes"),
+                           (TrainConfig(cuda_graphs="off"), False, "off")):
+        on, text = cfg.validate().graphs_for(cpu if why == "no CUDA" else gpu, dist)
+        assert not on and why in text, (why, text)
+    # auto never refuses a run: what it cannot capture runs eagerly
+    TrainConfig(grad_accum=2, gradient_checkpointing=True).validate()
+
+
+def test_cuda_graphs_auto_falls_back_to_eager_steps_when_a_capture_fails(tiny_model, tmp_path, monkeypatch, capsys):
+    import lorakit.train as train_mod
+
+    data = _varied_sft_file(tmp_path / "varied.jsonl")
+    common = ["--epochs", "1", "--batch-size", "5", "--dropout", "0", "--eval-generate", "false",
+              "--precision", "fp32", "--schedule", "constant"]
+    assert main(train_args(tiny_model, data, tmp_path / "plain", *common, "--cuda-graphs", "off")) == 0
+    # as on a GPU whose first capture fails: auto goes on eagerly, on (asked for) stops with the error
+    monkeypatch.setattr(train_mod.TrainConfig, "graphs_for", lambda self, device, dist: (True, "on"))
+    tries = []
+
+    def failing(self, batch):
+        tries.append(1)
+        raise lk.GraphError("graphed_step: the step could not be captured as a CUDA graph (test).")
+
+    monkeypatch.setattr(train_mod.GraphSteps, "step", failing)
+    capsys.readouterr()
+    assert main(train_args(tiny_model, data, tmp_path / "auto", *common)) == 0
+    assert "CUDA graphs off for the rest of the run" in capsys.readouterr().out and len(tries) == 1
+    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "plain"), rel=1e-4)
+    assert main(train_args(tiny_model, data, tmp_path / "on", *common, "--cuda-graphs")) != 0
+    assert "could not be captured" in capsys.readouterr().err
 
 
 def test_cuda_graphs_refuses_what_it_cannot_replay(tiny_model, sft_file, tmp_path, capsys):
@@ -339,19 +387,28 @@ def test_cuda_graphs_refuses_what_it_cannot_replay(tiny_model, sft_file, tmp_pat
         assert words in capsys.readouterr().err
 
 
-def test_graph_lengths_bound_the_padding():
+def test_graph_lengths_follow_the_batches_and_hold_every_batch():
     from lorakit.data import PadCollator
     from lorakit.train import graph_lengths
 
-    assert graph_lengths(6) == [8]
-    assert graph_lengths(1000) == [64, 128, 256, 512, 1000]
-    assert graph_lengths(1025) == [64, 128, 256, 512, 1024, 1032]
-    for longest in (1, 63, 64, 65, 200, 4097):
-        lengths = graph_lengths(longest)
-        assert lengths[-1] >= longest and lengths == sorted(set(lengths))
-        for n in range(1, longest + 1):
-            fit = next(w for w in lengths if w >= n)
-            assert fit <= max(2 * n, 64, -(-n // 8) * 8)
+    # quantiles of the batches' longest examples (rounded up to 8), then the longest example
+    assert graph_lengths([10, 20, 30, 40, 50, 60, 70, 80], 80, most=4) == [24, 40, 64, 80]
+    assert graph_lengths([5, 6, 7], 300) == [8, 304]  # the longest example sits in no full batch
+    assert graph_lengths([], 6) == [8]
+    gen = torch.Generator().manual_seed(0)
+    for shape in ("skewed", "uniform"):
+        raw = torch.randint(20, 2000, (500,), generator=gen)
+        batch_longest = (raw ** 2 // 2000 + 20 if shape == "skewed" else raw).tolist()
+        lengths = graph_lengths(batch_longest, 2100)
+        assert len(lengths) <= 9 and lengths == sorted(set(lengths)) and lengths[-1] == 2104
+        assert all(n % 8 == 0 for n in lengths)
+        fits = [next(w for w in lengths if w >= n) for n in batch_longest]
+        per_length = [fits.count(w) for w in lengths]
+        assert max(per_length) <= -(-len(batch_longest) // 8) + 8, per_length  # about an eighth of the batches each
+        # less padding than powers of two from 64 (what a data-blind choice of as many graphs gives)
+        pow2 = [64, 128, 256, 512, 1024, 2048, 2104]
+        waste = sum(f - n for f, n in zip(fits, batch_longest))
+        assert waste < sum(next(w for w in pow2 if w >= n) - n for n in batch_longest), shape
     batch = PadCollator(0)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], pad_to=8)
     assert batch["input_ids"].shape == (1, 8) and batch["labels"][0, 3:].eq(-100).all()
     with pytest.raises(lk.ConfigError, match="shorter than the longest"):

@@ -115,3 +115,27 @@ def test_dropout_stays_random_across_replays():
     step = lk.graphed_step(model, opt, b)
     losses = {step(b).item() for _ in range(4)}
     assert len(losses) == 4  # a fresh dropout mask in every replay
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_failed_capture_leaves_the_process_able_to_train():
+    """A step with a host synchronization cannot be captured: GraphError, and then eager steps (with dropout)
+    and a later capture work as in a fresh process, and the parameters are those of before."""
+    model = adapted(dropout=0.2, device="cuda")
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=1e-2, capturable=True, fused=True)
+    b = batch("cuda")
+    before = adapter_state(model)
+
+    def syncing(m, bt):
+        loss = m(**bt).loss
+        return loss * 1.0 if loss.item() > -1 else loss
+
+    with pytest.raises(lk.GraphError, match="could not be captured"):
+        lk.graphed_step(model, opt, b, syncing)
+    assert all(p.grad is None for p in lk.trainable_parameters(model))
+    after = adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    losses = plain_steps(model, opt, [b, b, b])  # random ops on the GPU (dropout seeds) work again
+    assert all(torch.isfinite(x) for x in losses) and len({x.item() for x in losses}) == 3
+    step = lk.graphed_step(model, opt, b)
+    assert step.graph is not None and len({step(b).item() for _ in range(3)}) == 3

@@ -101,6 +101,9 @@ def add_config_flags(parser: argparse.ArgumentParser, sections=("train", "data",
             if kind is bool:
                 group.add_argument(flag, dest=dest, nargs="?", const=True, default=argparse.SUPPRESS, metavar="BOOL",
                                    type=lambda t, k=kind: _parse_value(k, t), help=help_text)
+            elif "const" in f.metadata:  # a switch with more states than two: the flag alone means `const`
+                group.add_argument(flag, dest=dest, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS,
+                                   metavar=f.name.upper(), type=lambda t, k=kind: _parse_value(k, t), help=help_text)
             else:
                 group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                    type=lambda t, k=kind: _parse_value(k, t), help=help_text)

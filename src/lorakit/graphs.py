@@ -117,6 +117,9 @@ class GraphedStep:
             with torch.cuda.graph(self.graph, pool=pool):
                 self._loss = self._step(self._static_batch())
         except RuntimeError as e:
+            self.graph = None
+            _reset_generator(device)
+            self._zero_grad()  # gradients allocated in the failed capture hold nothing
             if "captur" not in str(e):
                 raise
             raise GraphError(
@@ -175,9 +178,22 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, exam
         `step(batch) -> loss` (a detached scalar tensor; reading it with `.item()` waits for the step).
 
     Raises:
-        GraphError: an optimizer that cannot be captured, or (at a call) a batch of another shape.
+        GraphError: an optimizer that cannot be captured, a step that cannot be recorded (a host
+            synchronization inside it, say), or (at a call) a batch of another shape. After a failed
+            capture the process goes on as before (parameters, optimizer state and the CUDA generator
+            as they were; `p.grad` cleared), so the caller may run the step eagerly instead.
     """
     return GraphedStep(model, optimizer, example_batch, loss_fn, max_grad_norm, warmup, pool)
+
+
+def _reset_generator(device: torch.device) -> None:
+    """After a failed capture: the CUDA generator as if the capture had ended. A capture that fails at its end
+    leaves the generator in capture mode, and every later random op on the device would raise ("Offset
+    increment outside graph capture"). A clone of its state (same seed and offset, not capturing) takes its
+    place. Steps captured before keep advancing the old state when replayed: rebuild them, or their random
+    numbers may repeat those of eager ops."""
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    gen.graphsafe_set_state(gen.clone_state())
 
 
 def _fmt(spec) -> str:

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from .config import LoraConfig
 from .distributed import STRATEGIES, Context
 from .data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_examples, load_records,
                    resolve_labels)
-from .errors import ConfigError, LoraError
+from .errors import ConfigError, GraphError, LoraError
 from .io import atomic_write
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -94,8 +94,8 @@ class TrainConfig:
     """Continue from output_dir/checkpoint (optimizer, scheduler, RNG and data position restored)."""
     strategy: str = "auto"
     """Several processes (torchrun, --nproc): ddp (a model that fits one GPU), fsdp (FSDP2 shards base and adapters), auto (ddp)."""
-    cuda_graphs: bool = False
-    """Capture the training step as a CUDA graph and replay it: no per-op host work per step (one GPU, grad_accum 1). Batches are padded to a few fixed lengths, one graph each."""
+    cuda_graphs: str = field(default="auto", metadata={"const": "on"})
+    """auto, on or off: capture the training step as a CUDA graph and replay it (no per-op host work per step; batches padded to a few lengths, one graph each). auto: on for LoRA on one GPU with grad_accum 1 and no gradient checkpointing, with eager steps if the step cannot be captured."""
 
     def validate(self) -> "TrainConfig":
         if self.schedule not in SCHEDULES:
@@ -111,12 +111,32 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.cuda_graphs and self.grad_accum > 1:
+        mode = self.cuda_graphs
+        mode = ("on" if mode else "off") if isinstance(mode, bool) else _SWITCH.get(str(mode).lower(), str(mode).lower())
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}.")
+        self.cuda_graphs = mode
+        if mode == "on" and self.grad_accum > 1:
             raise ConfigError(f"--cuda-graphs replays one optimizer step per batch, so it cannot accumulate "
-                              f"{self.grad_accum} micro-batches: raise --batch-size instead, or drop --cuda-graphs.")
-        if self.cuda_graphs and self.gradient_checkpointing:
-            raise ConfigError("--cuda-graphs and --gradient-checkpointing cannot be combined yet; drop one of them.")
+                              f"{self.grad_accum} micro-batches: raise --batch-size instead, or pass --cuda-graphs off.")
+        if mode == "on" and self.gradient_checkpointing:
+            raise ConfigError("--cuda-graphs and --gradient-checkpointing cannot be combined yet; drop one of them "
+                              "(--cuda-graphs off).")
         return self
+
+    def graphs_for(self, device: torch.device, distributed: bool) -> tuple[bool, str]:
+        """(whether the steps are captured as CUDA graphs, why) for this run on `device`."""
+        if self.cuda_graphs == "off":
+            return False, "off (--cuda-graphs off)"
+        if self.cuda_graphs == "on":
+            return device.type == "cuda", "on" if device.type == "cuda" else "asked for, but there is no CUDA device"
+        why = ("no CUDA device" if device.type != "cuda" else "several processes" if distributed
+               else "--grad-accum > 1" if self.grad_accum > 1 else "--gradient-checkpointing"
+               if self.gradient_checkpointing else "--full" if self.full else "")
+        return not why, f"off ({why})" if why else "on (one GPU; --cuda-graphs off for eager steps)"
+
+
+_SWITCH = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
 
 
 @dataclass
@@ -260,16 +280,17 @@ def autocast(device: torch.device, precision: str):
 
 
 # -- captured steps (--cuda-graphs) -----------------------------------------------------------------
-def graph_lengths(longest: int, smallest: int = 64, multiple: int = 8) -> list[int]:
-    """The padded lengths `--cuda-graphs` captures a step for: powers of two from `smallest` below
-    `longest`, then `longest` rounded up to `multiple`. A batch pads to the first that holds it, so
-    no batch is padded to more than twice its length (or `smallest`), with few graphs to capture."""
-    top = -(-max(1, longest) // multiple) * multiple
-    lengths, n = [], smallest
-    while n < top:
-        lengths.append(n)
-        n *= 2
-    return lengths + [top]
+def graph_lengths(batch_longest: Sequence[int], longest: int, most: int = 8, multiple: int = 8) -> list[int]:
+    """The padded lengths a captured run makes a step for, from the longest example of each batch of an epoch
+    (`batch_longest`): `most` quantiles of them, so that about as many batches pad to each length, plus
+    `longest` (the longest example), so that every batch of every epoch fits one; all rounded up to
+    `multiple`. A batch pads to the first that holds it: dense lengths get close graphs."""
+    def up(n: int) -> int:
+        return -(-max(1, n) // multiple) * multiple
+
+    ms = sorted(up(n) for n in batch_longest)
+    picks = {ms[-(-q * len(ms) // most) - 1] for q in range(1, most + 1)} if ms else set()
+    return sorted(picks | {up(longest)})
 
 
 class GraphSteps:
@@ -280,10 +301,10 @@ class GraphSteps:
     memory of its largest step only. Off CUDA the steps run eagerly (`graphed_step` does that).
     """
 
-    def __init__(self, model: nn.Module, optimizer, cfg: TrainConfig, device: torch.device, longest: int,
+    def __init__(self, model: nn.Module, optimizer, cfg: TrainConfig, device: torch.device, lengths: list[int],
                  log) -> None:
         self.model, self.optimizer, self.cfg, self.device, self.log = model, optimizer, cfg, device, log
-        self.lengths = graph_lengths(longest)
+        self.lengths = lengths
         self.steps: dict[int, Any] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
@@ -305,8 +326,10 @@ class GraphSteps:
         step = self.steps.get(n)
         if step is None:
             t0 = time.time()
+            # the first capture warms up what compiles and tunes once; later lengths need a step or two
             step = graphed_step(self.model, self.optimizer, batch, self._loss, pool=self.pool,
-                                max_grad_norm=self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else None)
+                                max_grad_norm=self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else None,
+                                warmup=2 if self.steps else 3)
             self.steps[n] = step
             if step.graph is not None:
                 self.log(f"Captured the training step for batches of {self.cfg.batch_size} x {n} tokens as a "
@@ -469,8 +492,8 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
     out = Path(cfg.output_dir)
     check_writable(out)
-    if cfg.cuda_graphs and ctx.distributed:
-        raise ConfigError("--cuda-graphs runs in one process; drop --cuda-graphs or --nproc / torchrun.")
+    if cfg.cuda_graphs == "on" and ctx.distributed:
+        raise ConfigError("--cuda-graphs runs in one process; pass --cuda-graphs off, or drop --nproc / torchrun.")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: the LoRA init must agree
@@ -553,10 +576,10 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
         log(f"Before training: {_fmt(before)} ({time.time() - t_eval:.0f} s)")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    graphed = cfg.cuda_graphs and device.type == "cuda"
-    if cfg.cuda_graphs and not graphed:
-        log(f"--cuda-graphs: no CUDA device (training on {device.type}), so the steps run eagerly; "
-            "batches are still padded to the graph lengths.")
+    graphed, why = cfg.graphs_for(device, ctx.distributed)
+    padded = graphed or cfg.cuda_graphs == "on"  # (on without CUDA: eager steps on the graphs' batches, for tests)
+    log(f"CUDA graphs: {why}" + ("; the steps run eagerly on batches padded as for the graphs." if padded and not graphed
+                                 else "."))
     # a captured step needs an optimizer whose step count lives on the GPU (capturable); fused is the fastest such AdamW
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **({"capturable": True, "fused": True} if graphed else {}))
@@ -587,8 +610,13 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
             metrics_file.flush()
 
     graphs = None
-    if cfg.cuda_graphs:
-        graphs = GraphSteps(train_model, optimizer, cfg, device, max(lengths), log)
+    if padded:
+        sampler.set_epoch(0)
+        batch_longest = [max(lengths[i] for i in b) for b in sampler if len(b) == cfg.batch_size]
+        # a capture costs about as much as a few eager steps: at most one graph per 50 steps of the run
+        most = max(2, min(8, total_steps // 50))
+        graphs = GraphSteps(train_model, optimizer, cfg, device, graph_lengths(batch_longest, max(lengths), most), log)
+        log(f"  batches padded to {len(graphs.lengths)} lengths: {', '.join(map(str, graphs.lengths))} tokens")
     model.train()
     step, epoch, batch_pos = progress["step"], progress["epoch"], progress["batch"]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
@@ -612,8 +640,16 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                 stepped = graphs is not None and len(micro[0]) == cfg.batch_size  # a short last batch runs eagerly
                 if stepped:
                     host_batch = graphs.collate([train.examples[i] for i in micro[0]], collate)
-                    step_tokens = int(host_batch["attention_mask"].sum())
-                    loss_acc = graphs.step({k: v.to(device, non_blocking=True) for k, v in host_batch.items()})
+                    try:
+                        loss_acc = graphs.step({k: v.to(device, non_blocking=True) for k, v in host_batch.items()})
+                        step_tokens = int(host_batch["attention_mask"].sum())
+                    except GraphError as e:
+                        if cfg.cuda_graphs != "auto":
+                            raise
+                        log(f"CUDA graphs off for the rest of the run, the steps run eagerly: {e} "
+                            "(--cuda-graphs off skips the attempt.)")
+                        graphs, stepped = None, False
+                        optimizer.zero_grad(set_to_none=True)
                 elif graphs is not None:
                     optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
                 for j, idx in enumerate([] if stepped else micro):
