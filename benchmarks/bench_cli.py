@@ -8,7 +8,7 @@ GPU; forced on here), after a short eager run that compiles the Triton kernels. 
 step over the second half of the run, the fastest step, the loop's whole time (captures included),
 tokens/s, peak GiB, and the mean logged loss of the second half of each run.
 
-    PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16]
+    PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16] [--log]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def build_model(shape: str, path: Path) -> Path:
     return path
 
 
-def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool) -> dict:
+def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool, log=None) -> dict:
     from lorakit import LoraConfig
     from lorakit.data import DataConfig
     from lorakit.train import RunConfig, TrainConfig, run
@@ -64,7 +64,7 @@ def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    summary = run(cfg, log=lambda *a, **k: None)
+    summary = run(cfg, log=log or (lambda *a, **k: None))
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_events = [e for e in events if e["event"] == "train"]
     seconds = [e["seconds"] for e in train_events]
@@ -81,13 +81,15 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--log", action="store_true", help="print the CLI's log of the CUDA-graphs run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_cli.py needs a CUDA GPU.")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(args.shape, Path(tmp) / "model")
         train(model_dir, Path(tmp) / "warmup", 4, args.batch_size, graphs=False)  # compile the kernels
-        rows = {name: train(model_dir, Path(tmp) / name, args.steps, args.batch_size, graphs=name == "cuda-graphs")
+        rows = {name: train(model_dir, Path(tmp) / name, args.steps, args.batch_size, graphs=name == "cuda-graphs",
+                            log=print if args.log and name == "cuda-graphs" else None)
                 for name in ("eager", "cuda-graphs")}
     print(f"\nlorakit train, {args.shape} shape (random init), E2E NLG, batch {args.batch_size}, {args.steps} steps, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
