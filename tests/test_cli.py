@@ -328,7 +328,8 @@ def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model
     # (on a GPU the forward hook sees each graph's warm-up and capture, not its replays)
     assert {b for b, _ in shapes} == {2, 5} and sum(b == 2 for b, _ in shapes) == 1
     padded = [t for b, t in shapes if b == 5]
-    assert all(t in lengths for t in padded) and padded == [next(n for n in lengths if n >= t) for t in full]
+    fits = [next(n for n in lengths if n >= t) for t in full]  # the shorter batches take the shorter graphs
+    assert set(padded) == set(fits) and (device == "cuda" or padded == fits)
     short = [t for b, t in shapes if b == 2]
     assert short == [t for b, t in plain_shapes if b == 2]  # the short batch ran eagerly, unpadded
 

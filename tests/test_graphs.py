@@ -112,7 +112,9 @@ def test_dropout_stays_random_across_replays():
     model = adapted(dropout=0.3, device="cuda")
     opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=0.0, capturable=True)  # lr 0: weights fixed
     b = batch("cuda")
+    rng = torch.cuda.get_rng_state()
     step = lk.graphed_step(model, opt, b)
+    assert torch.equal(torch.cuda.get_rng_state(), rng)  # the warm-up's seeds are not the caller's
     losses = {step(b).item() for _ in range(4)}
     assert len(losses) == 4  # a fresh dropout mask in every replay
 

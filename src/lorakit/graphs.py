@@ -22,9 +22,10 @@ fast path draws its seeds on the GPU, which a replay advances. One optimizer ste
 (no gradient accumulation across calls).
 
 Capturing needs a few warm-up steps on the example batch (kernels compile and tune, lorakit
-groups sibling linears). They change nothing the caller sees: the trainable parameters and
-the optimizer state are put back as they were (a copy of the trainable parameters is held
-meanwhile, small for adapters, a second model for full fine-tuning). Off CUDA, `graphed_step` returns the same
+groups sibling linears). They change nothing the caller sees: the trainable parameters, the
+optimizer state and the CUDA random state are put back as they were, so a run resumed from a
+checkpoint draws the same dropout masks as one never stopped. (A copy of the trainable parameters
+is held meanwhile: small for adapters, a second model for full fine-tuning.) Off CUDA, `graphed_step` returns the same
 step run eagerly, so code that uses it runs anywhere.
 """
 
@@ -102,6 +103,7 @@ class GraphedStep:
 
     def _capture(self, device: torch.device, warmup: int, pool) -> None:
         saved = _snapshot(self._params, self.optimizer)
+        rng = torch.cuda.get_rng_state(device)  # the warm-up's dropout seeds must not move the caller's stream
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: compile, tune, let lorakit learn its sibling groups
@@ -111,6 +113,7 @@ class GraphedStep:
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         _restore(saved, self.optimizer)
+        torch.cuda.set_rng_state(rng, device)
         self._zero_grad()  # gradients are then allocated inside the graph, written (not added to) by each replay
         self.graph = torch.cuda.CUDAGraph()
         try:
