@@ -141,3 +141,22 @@ def test_a_failed_capture_leaves_the_process_able_to_train():
     assert all(torch.isfinite(x) for x in losses) and len({x.item() for x in losses}) == 3
     step = lk.graphed_step(model, opt, b)
     assert step.graph is not None and len({step(b).item() for _ in range(3)}) == 3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_out_of_memory_in_the_capture_is_a_graph_error():
+    model = adapted(dropout=0.2, device="cuda")
+    opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=1e-2, capturable=True, fused=True)
+    b = batch("cuda")
+
+    def oom_when_capturing(m, bt):
+        loss = m(**bt).loss
+        if torch.cuda.is_current_stream_capturing():
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return loss
+
+    with pytest.raises(lk.GraphError, match="out of memory while capturing"):
+        lk.graphed_step(model, opt, b, oom_when_capturing)
+    losses = plain_steps(model, opt, [b, b])
+    assert all(torch.isfinite(x) for x in losses)
+    assert lk.graphed_step(model, opt, b).graph is not None

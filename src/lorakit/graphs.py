@@ -115,6 +115,8 @@ class GraphedStep:
         _restore(saved, self.optimizer)
         torch.cuda.set_rng_state(rng, device)
         self._zero_grad()  # gradients are then allocated inside the graph, written (not added to) by each replay
+        # the graph's pool cannot take blocks the eager allocator keeps cached: hand them back first
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph, pool=pool):
@@ -123,6 +125,10 @@ class GraphedStep:
             self.graph = None
             _reset_generator(device)
             self._zero_grad()  # gradients allocated in the failed capture hold nothing
+            if isinstance(e, torch.OutOfMemoryError):
+                raise GraphError(
+                    "graphed_step: out of memory while capturing the step. A captured step keeps its activations in "
+                    "a memory pool of its own; use smaller batches, or run the steps eagerly.") from e
             if "captur" not in str(e):
                 raise
             raise GraphError(

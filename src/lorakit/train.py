@@ -648,8 +648,9 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                             raise
                         log(f"CUDA graphs off for the rest of the run, the steps run eagerly: {e} "
                             "(--cuda-graphs off skips the attempt.)")
-                        graphs, stepped = None, False
+                        graphs, stepped = None, False  # (the graphs and their memory pool go)
                         optimizer.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
                 elif graphs is not None:
                     optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
                 for j, idx in enumerate([] if stepped else micro):
