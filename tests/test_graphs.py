@@ -160,3 +160,79 @@ def test_out_of_memory_in_the_capture_is_a_graph_error():
     losses = plain_steps(model, opt, [b, b])
     assert all(torch.isfinite(x) for x in losses)
     assert lk.graphed_step(model, opt, b).graph is not None
+
+
+def accumulation_steps(model, opt, groups, max_grad_norm):
+    """The plain loop: each group's micro-batches' scaled losses backward, then clip, step, zero."""
+    params = list(lk.trainable_parameters(model))
+    losses = []
+    for group in groups:
+        total = 0.0
+        for b in group:
+            loss = model(**b).loss / len(group)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses
+
+
+def run_accumulating(model, opt, groups, max_grad_norm):
+    def scaled(m, b):
+        return m(**b).loss / 2
+
+    steps, update, losses = {}, None, []
+    for group in groups:
+        total = 0.0
+        for b in group:
+            n = b["input_ids"].shape[1]
+            if n not in steps:  # built mid-accumulation: what earlier micro-batches added must survive
+                steps[n] = lk.graphed_step(model, None, b, scaled, accumulate=True)
+            total += steps[n](b)
+        if update is None:
+            update = lk.graphed_update(opt, max_grad_norm=max_grad_norm)
+        update()
+        losses.append(total)
+    return losses, steps, update
+
+
+def accumulation_groups(device):
+    short = {k: v[:, :10] for k, v in batch(device, seed=9).items()}  # a second shape, first met mid-group
+    return [[batch(device, seed=1), short], [batch(device, seed=2), batch(device, seed=3)], [short, batch(device, seed=4)]]
+
+
+def test_accumulating_steps_and_graphed_update_off_cuda_are_the_plain_loop():
+    m1 = adapted()
+    m2 = clone(m1)
+    o1 = torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-2)
+    o2 = torch.optim.AdamW(lk.trainable_parameters(m2), lr=1e-2)
+    groups = accumulation_groups("cpu")
+    want = accumulation_steps(m1, o1, groups, 0.5)
+    got, steps, update = run_accumulating(m2, o2, groups, 0.5)
+    assert update.graph is None and all(s.graph is None for s in steps.values())
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    s1, s2 = adapter_state(m1), adapter_state(m2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert all(p.grad is not None and not p.grad.any() for p in lk.trainable_parameters(m2))  # zeroed in place
+    with pytest.raises(lk.GraphError, match="optimizer=None"):
+        lk.graphed_step(m2, o2, groups[0][0], accumulate=True)
+    with pytest.raises(lk.GraphError, match="no gradient yet"):
+        lk.graphed_update(torch.optim.AdamW(lk.trainable_parameters(adapted()), lr=1e-2))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_captured_accumulation_matches_the_eager_loop_on_the_gpu():
+    m1 = adapted(device="cuda")
+    m2 = clone(m1)
+    o1 = torch.optim.AdamW(lk.trainable_parameters(m1), lr=1e-2, capturable=True, fused=True)
+    o2 = torch.optim.AdamW(lk.trainable_parameters(m2), lr=1e-2, capturable=True, fused=True)
+    groups = accumulation_groups("cuda")
+    want = accumulation_steps(m1, o1, groups, 0.5)
+    got, steps, update = run_accumulating(m2, o2, groups, 0.5)
+    assert update.graph is not None and all(s.graph is not None for s in steps.values()) and len(steps) == 2
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (want, got)
+    s1, s2 = adapter_state(m1), adapter_state(m2)
+    assert all(torch.allclose(s1[k], s2[k], rtol=1e-3, atol=1e-5) for k in s1)

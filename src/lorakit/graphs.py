@@ -66,16 +66,20 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, example: Batch,
                  loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None, max_grad_norm: float | None = None,
-                 warmup: int = 3, pool=None) -> None:
+                 warmup: int = 3, pool=None, accumulate: bool = False) -> None:
         if loss_fn is None and not isinstance(example, Mapping):
             raise GraphError("graphed_step: a batch that is not a dict needs "
                              "loss_fn=lambda model, batch: <loss tensor>.")
-        self.model, self.optimizer = model, optimizer
+        if accumulate and (optimizer is not None or max_grad_norm is not None):
+            raise GraphError("graphed_step: accumulate=True only adds gradients; pass optimizer=None and no "
+                             "max_grad_norm, and step the optimizer with graphed_update(optimizer, ...).")
+        self.model, self.optimizer, self.accumulate = model, optimizer, accumulate
         self.loss_fn = loss_fn or _default_loss
         self.max_grad_norm = max_grad_norm
         items = _tensors(example)
         self._spec = [(k, tuple(t.shape), t.dtype) for k, t in items]
-        self._params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        self._params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else \
+            [p for p in model.parameters() if p.requires_grad]
         device = items[0][1].device if items else next(model.parameters()).device
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type != "cuda":
@@ -102,6 +106,19 @@ class GraphedStep:
         return dict(self._static)
 
     def _capture(self, device: torch.device, warmup: int, pool) -> None:
+        grads = None
+        if self.accumulate:  # what earlier steps accumulated is put back after the warm-up and the capture
+            _zero_in_place([p for p in self._params if p.grad is None])
+            grads = [p.grad.detach().clone() for p in self._params]
+        try:
+            self._warm_up_and_capture(device, warmup, pool)
+        finally:
+            if grads is not None:
+                with torch.no_grad():
+                    for p, g in zip(self._params, grads):
+                        p.grad.copy_(g)
+
+    def _warm_up_and_capture(self, device: torch.device, warmup: int, pool) -> None:
         saved = _snapshot(self._params, self.optimizer)
         rng = torch.cuda.get_rng_state(device)  # the warm-up's dropout seeds must not move the caller's stream
         side = torch.cuda.Stream(device)
@@ -138,7 +155,9 @@ class GraphedStep:
                 "live on another stream: `del loss` before building the step).") from e
 
     def _zero_grad(self) -> None:
-        if self.optimizer is not None:
+        if self.accumulate:  # the same gradient tensors for every step and for graphed_update: zeroed in place
+            _zero_in_place(self._params)
+        elif self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.model.zero_grad(set_to_none=True)
@@ -152,7 +171,8 @@ class GraphedStep:
                 "A captured step replays fixed shapes: pad every batch to one length (and one batch size), "
                 "or build one graphed_step per shape.")
         if self.graph is None:
-            self._zero_grad()
+            if not self.accumulate:
+                self._zero_grad()
             return self._step(batch)
         for k, t in items:
             self._static[k].copy_(t, non_blocking=True)
@@ -166,7 +186,7 @@ class GraphedStep:
 
 def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, example_batch: Batch,
                  loss_fn: Callable[[nn.Module, Batch], Tensor] | None = None, *, max_grad_norm: float | None = None,
-                 warmup: int = 3, pool=None) -> GraphedStep:
+                 warmup: int = 3, pool=None, accumulate: bool = False) -> GraphedStep:
     """A training step for `model` captured as one CUDA graph (eager off CUDA); see the module docstring.
 
     Args:
@@ -182,6 +202,11 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, exam
             (capture the largest first). Safe because a step's only output, the loss, is copied
             right after its replay; the gradients a replay leaves in `p.grad` may be overwritten
             by another step's replay.
+        accumulate: gradient accumulation (with optimizer=None): each call adds its gradients to
+            `p.grad` of the trainable parameters (zeros are allocated once, and the same tensors
+            serve every later step); `graphed_update` steps the optimizer and zeroes them in place.
+            Scale the loss by 1 / micro-batches in `loss_fn`. Steps for several shapes may share
+            the gradients: they are never reallocated.
 
     Returns:
         `step(batch) -> loss` (a detached scalar tensor; reading it with `.item()` waits for the step).
@@ -192,7 +217,94 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, exam
             capture the process goes on as before (parameters, optimizer state and the CUDA generator
             as they were; `p.grad` cleared), so the caller may run the step eagerly instead.
     """
-    return GraphedStep(model, optimizer, example_batch, loss_fn, max_grad_norm, warmup, pool)
+    return GraphedStep(model, optimizer, example_batch, loss_fn, max_grad_norm, warmup, pool, accumulate)
+
+
+class GraphedUpdate:
+    """`update()`: clip the accumulated gradients, step the optimizer and zero the gradients in place,
+    captured as one CUDA graph (eager off CUDA). Built by `graphed_update`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None, pool=None) -> None:
+        self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        missing = [i for i, p in enumerate(self._params) if p.grad is None]
+        if missing:
+            raise GraphError("graphed_update: some parameters have no gradient yet; build the accumulating steps "
+                             "(graphed_step(..., accumulate=True)) first, so that the gradients it steps on exist.")
+        device = self._params[0].device if self._params else torch.device("cpu")
+        if device.type != "cuda":
+            return
+        _check_capturable(optimizer)
+        _lr_as_tensor(optimizer, device)
+        grads = [p.grad.detach().clone() for p in self._params]  # what the steps accumulated so far
+        saved = _snapshot(self._params, optimizer)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: the optimizer creates its state
+            self._update()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        _restore(saved, optimizer)
+        torch.cuda.empty_cache()
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self._update()
+        except RuntimeError as e:
+            self.graph = None
+            _reset_generator(device)
+            raise GraphError(f"graphed_update: the optimizer step could not be captured as a CUDA graph "
+                             f"({str(e).splitlines()[0]}).") from e
+        finally:
+            with torch.no_grad():
+                for p, g in zip(self._params, grads):
+                    p.grad.copy_(g)
+
+    def _update(self) -> None:
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        _zero_in_place(self._params)
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self._update()
+            return
+        self.graph.replay()
+        self.optimizer._opt_called = True  # (see GraphedStep.__call__)
+
+
+def graphed_update(optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = None,
+                   pool=None) -> GraphedUpdate:
+    """The optimizer step of gradient accumulation, captured as one CUDA graph (eager off CUDA).
+
+    With `graphed_step(model, None, batch, loss_fn, accumulate=True)` for the micro-batches:
+
+        micro = lk.graphed_step(model, None, first_batch, lambda m, b: m(**b).loss / n, accumulate=True)
+        update = lk.graphed_update(opt, max_grad_norm=1.0)
+        for batches in groups_of_n:
+            for b in batches:
+                micro(b)
+            update()              # clip, optimizer step, gradients zeroed in place
+
+    Build it after the accumulating steps (their gradient tensors must exist); it leaves them as they
+    were. The optimizer needs `capturable=True`, as for `graphed_step`.
+
+    Raises:
+        GraphError: parameters without a gradient yet, an optimizer that cannot be captured, or a
+            step that cannot be recorded.
+    """
+    return GraphedUpdate(optimizer, max_grad_norm, pool)
+
+
+def _zero_in_place(params: list[Tensor]) -> None:
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
 
 
 def _reset_generator(device: torch.device) -> None:

@@ -95,7 +95,7 @@ class TrainConfig:
     strategy: str = "auto"
     """Several processes (torchrun, --nproc): ddp (a model that fits one GPU), fsdp (FSDP2 shards base and adapters), auto (ddp)."""
     cuda_graphs: str = field(default="auto", metadata={"const": "on"})
-    """auto, on or off: capture the training step as a CUDA graph and replay it (no per-op host work per step; batches padded to a few lengths, one graph each). auto: on for LoRA on one GPU with grad_accum 1 and no gradient checkpointing, with eager steps if the step cannot be captured."""
+    """auto, on or off: capture the training step as a CUDA graph and replay it (no per-op host work per step; batches padded to a few lengths, one graph each; with grad_accum, one graph per micro-batch length and one for the optimizer step). auto: on for LoRA on one GPU without gradient checkpointing, with eager steps if the step cannot be captured."""
 
     def validate(self) -> "TrainConfig":
         if self.schedule not in SCHEDULES:
@@ -116,9 +116,6 @@ class TrainConfig:
         if mode not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}.")
         self.cuda_graphs = mode
-        if mode == "on" and self.grad_accum > 1:
-            raise ConfigError(f"--cuda-graphs replays one optimizer step per batch, so it cannot accumulate "
-                              f"{self.grad_accum} micro-batches: raise --batch-size instead, or pass --cuda-graphs off.")
         if mode == "on" and self.gradient_checkpointing:
             raise ConfigError("--cuda-graphs and --gradient-checkpointing cannot be combined yet; drop one of them "
                               "(--cuda-graphs off).")
@@ -131,8 +128,7 @@ class TrainConfig:
         if self.cuda_graphs == "on":
             return device.type == "cuda", "on" if device.type == "cuda" else "asked for, but there is no CUDA device"
         why = ("no CUDA device" if device.type != "cuda" else "several processes" if distributed
-               else "--grad-accum > 1" if self.grad_accum > 1 else "--gradient-checkpointing"
-               if self.gradient_checkpointing else "--full" if self.full else "")
+               else "--gradient-checkpointing" if self.gradient_checkpointing else "--full" if self.full else "")
         return not why, f"off ({why})" if why else "on (one GPU; --cuda-graphs off for eager steps)"
 
 
@@ -307,6 +303,9 @@ class GraphSteps:
         self.lengths = lengths
         self.steps: dict[int, Any] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        # --grad-accum N: one graph per length adds a micro-batch's gradients, one more clips and steps
+        self.accumulate = cfg.grad_accum > 1
+        self._update = None
 
     def collate(self, examples: list[dict[str, Any]], collate) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)
@@ -316,10 +315,15 @@ class GraphSteps:
         # no autocast weight cache: a cached cast would be made inside one capture and reused by another
         with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=uses_bf16(self.device, self.cfg.precision)):
-            return model(**batch).loss
+            loss = model(**batch).loss
+        return loss / self.cfg.grad_accum if self.accumulate else loss
+
+    def _clip(self) -> float | None:
+        return self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else None
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward, backward, clipping and the optimizer step for `batch`; returns the loss (on the device)."""
+        """Forward, backward, clipping and the optimizer step for `batch` (accumulating: forward and backward,
+        the gradients added to those of the step's earlier micro-batches); returns the loss (on the device)."""
         from .graphs import graphed_step
 
         n = batch["input_ids"].shape[1]
@@ -327,14 +331,35 @@ class GraphSteps:
         if step is None:
             t0 = time.time()
             # the first capture warms up what compiles and tunes once; later lengths need a step or two
-            step = graphed_step(self.model, self.optimizer, batch, self._loss, pool=self.pool,
-                                max_grad_norm=self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else None,
-                                warmup=2 if self.steps else 3)
+            step = graphed_step(self.model, None if self.accumulate else self.optimizer, batch, self._loss,
+                                pool=self.pool, max_grad_norm=None if self.accumulate else self._clip(),
+                                warmup=2 if self.steps else 3, accumulate=self.accumulate)
             self.steps[n] = step
             if step.graph is not None:
-                self.log(f"Captured the training step for batches of {self.cfg.batch_size} x {n} tokens as a "
-                         f"CUDA graph ({time.time() - t0:.1f} s).")
+                what = "forward and backward of micro-batches" if self.accumulate else "training step for batches"
+                self.log(f"Captured the {what} of {self.cfg.batch_size} x {n} tokens as a CUDA graph "
+                         f"({time.time() - t0:.1f} s).")
         return step(batch)
+
+    def update(self) -> None:
+        """Accumulating: clip the gradients, step the optimizer and zero the gradients (one graph)."""
+        from .graphs import graphed_update
+
+        if self._update is None:
+            self._update = graphed_update(self.optimizer, max_grad_norm=self._clip(), pool=self.pool)
+        self._update()
+
+
+def _graphs_off(error: GraphError, cfg: TrainConfig, optimizer, log, keep_grads: bool = False) -> None:
+    """A capture failed (the caller has dropped its graphs): with --cuda-graphs auto the run goes on with
+    eager steps; with on, the error stops it."""
+    if cfg.cuda_graphs != "auto":
+        raise error
+    log(f"CUDA graphs off for the rest of the run, the steps run eagerly: {error} (--cuda-graphs off skips "
+        "the attempt.)")
+    if not keep_grads:  # (an update that failed steps on the gradients the micro-batches accumulated)
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()  # hand back the memory of the graphs' pool
 
 
 def _keep_optimizer_mode(optimizer, capturable: bool) -> None:
@@ -613,8 +638,8 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     if padded:
         sampler.set_epoch(0)
         batch_longest = [max(lengths[i] for i in b) for b in sampler if len(b) == cfg.batch_size]
-        # a capture costs about as much as a few eager steps: at most one graph per 50 steps of the run
-        most = max(2, min(8, total_steps // 50))
+        # a capture costs about as much as a few eager steps: at most one graph per 50 (micro-)steps of the run
+        most = max(2, min(8, total_steps * cfg.grad_accum // 50))
         graphs = GraphSteps(train_model, optimizer, cfg, device, graph_lengths(batch_longest, max(lengths), most), log)
         log(f"  batches padded to {len(graphs.lengths)} lengths: {', '.join(map(str, graphs.lengths))} tokens")
     model.train()
@@ -636,31 +661,31 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                     break
                 # The micro-batches' losses add up on the device and are read once per optimizer step, and
                 # tokens are counted before the batch moves: the host waits for the GPU once per step.
-                loss_acc, step_tokens = None, 0
-                stepped = graphs is not None and len(micro[0]) == cfg.batch_size  # a short last batch runs eagerly
-                if stepped:
-                    host_batch = graphs.collate([train.examples[i] for i in micro[0]], collate)
+                loss_acc, step_tokens, graphed = None, 0, []
+                if graphs is not None:  # full micro-batches replay a graph; a short last one runs eagerly
                     try:
-                        loss_acc = graphs.step({k: v.to(device, non_blocking=True) for k, v in host_batch.items()})
-                        step_tokens = int(host_batch["attention_mask"].sum())
+                        for j, idx in enumerate(micro):
+                            if len(idx) == cfg.batch_size:
+                                host_batch = graphs.collate([train.examples[i] for i in idx], collate)
+                                part = graphs.step({k: v.to(device, non_blocking=True) for k, v in host_batch.items()})
+                                step_tokens += int(host_batch["attention_mask"].sum())
+                                loss_acc = part if loss_acc is None else loss_acc + part
+                                graphed.append(j)
                     except GraphError as e:
-                        if cfg.cuda_graphs != "auto":
-                            raise
-                        log(f"CUDA graphs off for the rest of the run, the steps run eagerly: {e} "
-                            "(--cuda-graphs off skips the attempt.)")
-                        graphs, stepped = None, False  # (the graphs and their memory pool go)
-                        optimizer.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
-                elif graphs is not None:
-                    optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
-                for j, idx in enumerate([] if stepped else micro):
+                        graphs = None  # (the graphs and their memory pool go)
+                        _graphs_off(e, cfg, optimizer, log)  # and this step again, eagerly
+                        loss_acc, step_tokens, graphed = None, 0, []
+                    if graphs is not None and not graphs.accumulate and not graphed:
+                        optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
+                eager = [idx for j, idx in enumerate(micro) if j not in graphed]
+                for j, idx in enumerate(eager):
                     host_batch = collate([train.examples[i] for i in idx])
                     step_tokens += int(host_batch["attention_mask"].sum())
                     batch = {k: v.to(device) for k, v in host_batch.items()}
-                    with ctx.accumulating(train_model, sync=j == len(micro) - 1):
+                    with ctx.accumulating(train_model, sync=j == len(eager) - 1):
                         with autocast(device, cfg.precision):
                             loss = train_model(**batch).loss / cfg.grad_accum
-                        loss.backward()
+                        loss.backward()  # (accumulating graphs: into their gradient tensors, in place)
                     part = loss.detach().float()
                     loss_acc = part if loss_acc is None else loss_acc + part
                     # the loss's grad_fn would keep this step's autograd nodes alive, and a CUDA graph captured
@@ -670,7 +695,13 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                 tokens_seen += step_tokens
                 if not math.isfinite(loss_sum):
                     raise NonFiniteLoss(step + 1, loss_sum, out)
-                if not stepped:  # (a captured step clips and steps inside its graph)
+                if graphs is not None and graphs.accumulate:
+                    try:
+                        graphs.update()  # clipping, the optimizer step and zeroed gradients, as one graph
+                    except GraphError as e:
+                        graphs = None
+                        _graphs_off(e, cfg, optimizer, log, keep_grads=True)
+                if graphs is None or not (graphs.accumulate or graphed):  # (a whole captured step steps itself)
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
