@@ -346,7 +346,10 @@ class GraphSteps:
         from .graphs import graphed_update
 
         if self._update is None:
+            t0 = time.time()
             self._update = graphed_update(self.optimizer, max_grad_norm=self._clip(), pool=self.pool)
+            if self._update.graph is not None:
+                self.log(f"Captured the optimizer step as a CUDA graph ({time.time() - t0:.1f} s).")
         self._update()
 
 
@@ -645,6 +648,8 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     model.train()
     step, epoch, batch_pos = progress["step"], progress["epoch"], progress["batch"]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
+    if graphs is not None and ctx.is_main:
+        graphs.log = bar.write  # (lines printed under the progress bar, not into it)
     tokens_seen, t_start, window_loss, window_n = 0, time.time(), 0.0, 0
     try:
         while step < total_steps:
@@ -673,7 +678,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                                 graphed.append(j)
                     except GraphError as e:
                         graphs = None  # (the graphs and their memory pool go)
-                        _graphs_off(e, cfg, optimizer, log)  # and this step again, eagerly
+                        _graphs_off(e, cfg, optimizer, bar.write)  # and this step again, eagerly
                         loss_acc, step_tokens, graphed = None, 0, []
                     if graphs is not None and not graphs.accumulate and not graphed:
                         optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
@@ -700,7 +705,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                         graphs.update()  # clipping, the optimizer step and zeroed gradients, as one graph
                     except GraphError as e:
                         graphs = None
-                        _graphs_off(e, cfg, optimizer, log, keep_grads=True)
+                        _graphs_off(e, cfg, optimizer, bar.write, keep_grads=True)
                 if graphs is None or not (graphs.accumulate or graphed):  # (a whole captured step steps itself)
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
