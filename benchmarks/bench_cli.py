@@ -8,7 +8,7 @@ GPU; forced on here), after a short eager run that compiles the Triton kernels. 
 step over the second half of the run, the fastest step, the loop's whole time (captures included),
 tokens/s, peak GiB, and the mean logged loss of the second half of each run.
 
-    PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16] [--grad-accum 1] [--log]
+    PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16] [--grad-accum 1] [--gradient-checkpointing] [--log]
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def build_model(shape: str, path: Path) -> Path:
     return path
 
 
-def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool, log=None, grad_accum: int = 1) -> dict:
+def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool, log=None, grad_accum: int = 1,
+          ckpt: bool = False) -> dict:
     from lorakit import LoraConfig
     from lorakit.data import DataConfig
     from lorakit.train import RunConfig, TrainConfig, run
@@ -58,6 +59,7 @@ def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool,
     cfg = RunConfig(
         train=TrainConfig(model=str(model_dir), train_file=str(shared_data() / "e2e" / "trainset.csv.gz"),
                           output_dir=str(out), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, log_every=1,
+                          gradient_checkpointing=ckpt,
                           eval_generate=False, cuda_graphs="on" if graphs else "off", lr=2e-4),
         data=DataConfig(max_length=256),
         lora=LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--log", action="store_true", help="print the CLI's log of the CUDA-graphs run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -90,10 +93,11 @@ def main() -> None:
         model_dir = build_model(args.shape, Path(tmp) / "model")
         train(model_dir, Path(tmp) / "warmup", 4, args.batch_size, graphs=False)  # compile the kernels
         rows = {name: train(model_dir, Path(tmp) / name, args.steps, args.batch_size, graphs=name == "cuda-graphs",
-                            log=print if args.log and name == "cuda-graphs" else None, grad_accum=args.grad_accum)
+                            log=print if args.log and name == "cuda-graphs" else None, grad_accum=args.grad_accum,
+                            ckpt=args.gradient_checkpointing)
                 for name in ("eager", "cuda-graphs")}
     print(f"\nlorakit train, {args.shape} shape (random init), E2E NLG, batch {args.batch_size} x grad_accum "
-          f"{args.grad_accum}, {args.steps} steps, "
+          f"{args.grad_accum}{', gradient checkpointing' if args.gradient_checkpointing else ''}, {args.steps} steps, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| run | ms / step (median, 2nd half) | fastest | loop s (all steps) | tokens/s | peak GiB | "
           "loss (first; mean of 2nd half) |")

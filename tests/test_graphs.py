@@ -236,3 +236,24 @@ def test_captured_accumulation_matches_the_eager_loop_on_the_gpu():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (want, got)
     s1, s2 = adapter_state(m1), adapter_state(m2)
     assert all(torch.allclose(s1[k], s2[k], rtol=1e-3, atol=1e-5) for k in s1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gradient_checkpointing_is_captured_with_its_dropout_masks():
+    """A checkpointed step, captured, is the step without checkpointing: its recomputation draws the dropout
+    seeds of the forward, replay after replay."""
+    results = []
+    for ckpt in (False, True):
+        model = adapted(dropout=0.2, device="cuda")
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        opt = torch.optim.AdamW(lk.trainable_parameters(model), lr=1e-2, capturable=True, fused=True)
+        b = batch("cuda")
+        torch.cuda.manual_seed(123)
+        step = lk.graphed_step(model, opt, b, max_grad_norm=1.0)
+        assert step.graph is not None
+        results.append(([step(b) for _ in range(4)], adapter_state(model)))
+    (l0, s0), (l1, s1) = results
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1)) and len({x.item() for x in l0}) == 4
+    assert all(torch.allclose(s0[k], s1[k], rtol=1e-5, atol=1e-6) for k in s0)

@@ -95,7 +95,7 @@ class TrainConfig:
     strategy: str = "auto"
     """Several processes (torchrun, --nproc): ddp (a model that fits one GPU), fsdp (FSDP2 shards base and adapters), auto (ddp)."""
     cuda_graphs: str = field(default="auto", metadata={"const": "on"})
-    """auto, on or off: capture the training step as a CUDA graph and replay it (no per-op host work per step; batches padded to a few lengths, one graph each; with grad_accum, one graph per micro-batch length and one for the optimizer step). auto: on for LoRA on one GPU without gradient checkpointing, with eager steps if the step cannot be captured."""
+    """auto, on or off: capture the training step as a CUDA graph and replay it (no per-op host work per step; batches padded to a few lengths, one graph each; with grad_accum, one graph per micro-batch length and one for the optimizer step). auto: on for LoRA on one GPU (gradient checkpointing included), with eager steps if the step cannot be captured."""
 
     def validate(self) -> "TrainConfig":
         if self.schedule not in SCHEDULES:
@@ -116,9 +116,6 @@ class TrainConfig:
         if mode not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}.")
         self.cuda_graphs = mode
-        if mode == "on" and self.gradient_checkpointing:
-            raise ConfigError("--cuda-graphs and --gradient-checkpointing cannot be combined yet; drop one of them "
-                              "(--cuda-graphs off).")
         return self
 
     def graphs_for(self, device: torch.device, distributed: bool) -> tuple[bool, str]:
@@ -127,8 +124,8 @@ class TrainConfig:
             return False, "off (--cuda-graphs off)"
         if self.cuda_graphs == "on":
             return device.type == "cuda", "on" if device.type == "cuda" else "asked for, but there is no CUDA device"
-        why = ("no CUDA device" if device.type != "cuda" else "several processes" if distributed
-               else "--gradient-checkpointing" if self.gradient_checkpointing else "--full" if self.full else "")
+        why = "no CUDA device" if device.type != "cuda" else "several processes" if distributed else \
+            "--full" if self.full else ""
         return not why, f"off ({why})" if why else "on (one GPU; --cuda-graphs off for eager steps)"
 
 
