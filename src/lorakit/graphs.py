@@ -18,8 +18,12 @@ BENCHMARKS.md the capturable foreach form made the graphed step 4.6 ms slower); 
 step (no `.item()`, no data-dependent Python control flow); and no loss of an earlier eager
 step still referenced when a step is built (its autograd nodes, made on another stream, would
 break the capture: `del loss`). Dropout stays random: the
-fast path draws its seeds on the GPU, which a replay advances. One optimizer step per batch
-(no gradient accumulation across calls).
+fast path draws its seeds on the GPU, which a replay advances. Gradient checkpointing
+(non-reentrant) is recorded with its recomputation and draws the same masks there.
+
+Gradient accumulation: `graphed_step(model, None, batch, loss_fn, accumulate=True)` adds each
+micro-batch's gradients into fixed gradient tensors, and `graphed_update(opt)` clips, steps and
+zeroes them (see `graphed_update`).
 
 Capturing needs a few warm-up steps on the example batch (kernels compile and tune, lorakit
 groups sibling linears). They change nothing the caller sees: the trainable parameters, the
