@@ -663,7 +663,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                     break
                 # The micro-batches' losses add up on the device and are read once per optimizer step, and
                 # tokens are counted before the batch moves: the host waits for the GPU once per step.
-                loss_acc, step_tokens, graphed = None, 0, []
+                loss_acc, step_tokens, replayed = None, 0, []
                 if graphs is not None:  # full micro-batches replay a graph; a short last one runs eagerly
                     try:
                         for j, idx in enumerate(micro):
@@ -672,14 +672,14 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                                 part = graphs.step({k: v.to(device, non_blocking=True) for k, v in host_batch.items()})
                                 step_tokens += int(host_batch["attention_mask"].sum())
                                 loss_acc = part if loss_acc is None else loss_acc + part
-                                graphed.append(j)
+                                replayed.append(j)
                     except GraphError as e:
                         graphs = None  # (the graphs and their memory pool go)
                         _graphs_off(e, cfg, optimizer, bar.write)  # and this step again, eagerly
-                        loss_acc, step_tokens, graphed = None, 0, []
-                    if graphs is not None and not graphs.accumulate and not graphed:
+                        loss_acc, step_tokens, replayed = None, 0, []
+                    if graphs is not None and not graphs.accumulate and not replayed:
                         optimizer.zero_grad(set_to_none=True)  # p.grad may still hold a captured step's gradients
-                eager = [idx for j, idx in enumerate(micro) if j not in graphed]
+                eager = [idx for j, idx in enumerate(micro) if j not in replayed]
                 for j, idx in enumerate(eager):
                     host_batch = collate([train.examples[i] for i in idx])
                     step_tokens += int(host_batch["attention_mask"].sum())
@@ -703,7 +703,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                     except GraphError as e:
                         graphs = None
                         _graphs_off(e, cfg, optimizer, bar.write, keep_grads=True)
-                if graphs is None or not (graphs.accumulate or graphed):  # (a whole captured step steps itself)
+                if graphs is None or not (graphs.accumulate or replayed):  # (a whole captured step steps itself)
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
