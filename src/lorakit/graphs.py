@@ -125,14 +125,12 @@ class GraphedStep:
     def _warm_up_and_capture(self, device: torch.device, warmup: int, pool) -> None:
         saved = _snapshot(self._params, self.optimizer)
         rng = torch.cuda.get_rng_state(device)  # the warm-up's dropout seeds must not move the caller's stream
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: compile, tune, let lorakit learn its sibling groups
-            for _ in range(max(1, warmup)):
-                self._zero_grad()
-                self._step(self._static_batch())
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
+
+        def warm_step() -> None:  # compile, tune, let lorakit learn its sibling groups
+            self._zero_grad()
+            self._step(self._static_batch())
+
+        _warm_up(device, warm_step, max(1, warmup))
         _restore(saved, self.optimizer)
         torch.cuda.set_rng_state(rng, device)
         self._zero_grad()  # gradients are then allocated inside the graph, written (not added to) by each replay
@@ -232,8 +230,7 @@ class GraphedUpdate:
         self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self.graph: torch.cuda.CUDAGraph | None = None
-        missing = [i for i, p in enumerate(self._params) if p.grad is None]
-        if missing:
+        if any(p.grad is None for p in self._params):
             raise GraphError("graphed_update: some parameters have no gradient yet; build the accumulating steps "
                              "(graphed_step(..., accumulate=True)) first, so that the gradients it steps on exist.")
         device = self._params[0].device if self._params else torch.device("cpu")
@@ -243,12 +240,7 @@ class GraphedUpdate:
         _lr_as_tensor(optimizer, device)
         grads = [p.grad.detach().clone() for p in self._params]  # what the steps accumulated so far
         saved = _snapshot(self._params, optimizer)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: the optimizer creates its state
-            self._update()
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
+        _warm_up(device, self._update, 1)  # the optimizer creates its state
         _restore(saved, optimizer)
         torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
@@ -300,6 +292,17 @@ def graphed_update(optimizer: torch.optim.Optimizer, *, max_grad_norm: float | N
             step that cannot be recorded.
     """
     return GraphedUpdate(optimizer, max_grad_norm, pool)
+
+
+def _warm_up(device: torch.device, fn: Callable[[], None], times: int) -> None:
+    """fn() `times` times on a side stream (as capturing requires), then wait for it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
 
 
 def _zero_in_place(params: list[Tensor]) -> None:
