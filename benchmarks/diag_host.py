@@ -538,17 +538,7 @@ if __name__ == "__main__":
             _triton._DIRECT["on"] = direct
             print(f"  -- direct launches {'on' if direct else 'off'}")
             launch()
-    if "route" in parts:
-        route()
-    if "step" in parts:
-        step_profile()
-    if "cli" in parts:
-        cli_step()
-    if "calls" in parts:
-        calls()
-    if "split" in parts:
-        split()
-    if "gc" in parts:
-        gc_steps()
-    if "generate" in parts:
-        generate_scaling()
+    for name, fn in (("route", route), ("step", step_profile), ("cli", cli_step), ("calls", calls),
+                     ("split", split), ("gc", gc_steps), ("generate", generate_scaling)):
+        if name in parts:
+            fn()
