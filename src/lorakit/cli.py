@@ -271,7 +271,7 @@ def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, A
     groups = group_references(split.records, data.prompt_column, data.completion_column)
     groups = groups[: cfg.max_eval_examples or None]
     hyps = generate_texts(model, tokenizer, [p + data.separator for p, _ in groups], cfg.max_new_tokens,
-                          num_beams=args.num_beams)
+                          num_beams=args.num_beams, cuda_graphs=cfg.cuda_graphs)
     scores = metrics.generation_scores(hyps, [refs for _, refs in groups])
     if args.predictions:
         Path(args.predictions).write_text("\n".join(h.strip() for h in hyps) + "\n")
@@ -310,7 +310,8 @@ def cmd_generate(args) -> int:
     if args.sample:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
         torch.manual_seed(args.seed)
-    outs = generate_texts(model, tokenizer, prompts, args.max_new_tokens, adapters=routes, **kwargs)
+    outs = generate_texts(model, tokenizer, prompts, args.max_new_tokens, adapters=routes,
+                          cuda_graphs=args.cuda_graphs, **kwargs)
     for i, (p, o) in enumerate(zip(prompts, outs)):
         tag = f" [{routes[i] or 'base'}]" if routes else ""
         print(f"### prompt{tag}: {p}\n{o.strip()}\n")
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="greedy decoding on a GPU: each token one CUDA graph replay (auto: where it can be captured)")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="merge an adapter into its base: a plain Hugging Face model directory")

@@ -182,11 +182,14 @@ def builtin_defaults() -> dict[str, dict[str, Any]]:
 # -- evaluation ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                   adapters: list[str | None] | None = None, **gen_kwargs) -> list[str]:
+                   adapters: list[str | None] | None = None, cuda_graphs: str = "auto", **gen_kwargs) -> list[str]:
     """Complete each prompt (greedy unless gen_kwargs say otherwise); returns only the new text.
 
     With `adapters`, prompt i goes through adapter adapters[i] (None = base), all in one batch.
+    Greedy decoding on a GPU runs through `lk.GreedyDecoder` (each token one CUDA graph replay;
+    the same tokens as `model.generate`) unless cuda_graphs is "off"; the rest through `model.generate`.
     """
+    from .decode import GreedyDecoder, decode_unsupported
     from .inject import route
 
     model.eval()
@@ -195,13 +198,19 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     tokenizer.padding_side = "left"  # every prompt ends at the last position
     outputs: list[str] = []
     beams = int(gen_kwargs.get("num_beams", 1))
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    kwargs.update(gen_kwargs)
+    decoder = None
+    if device.type == "cuda" and cuda_graphs != "off" and adapters is None and decode_unsupported(model, kwargs) is None:
+        decoder = GreedyDecoder(model, cuda_graphs)
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False)
-            kwargs.update(gen_kwargs)
-            if adapters is not None:
+            if decoder is not None:
+                out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                              pad_token_id=kwargs["pad_token_id"])
+            elif adapters is not None:
                 names = [n for n in adapters[start:start + batch_size] for _ in range(beams)]
                 with route(model, names):
                     out = model.generate(**enc, **kwargs)
@@ -251,7 +260,8 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
             prompts = [r[data.prompt_column] + data.separator for r in records]
             refs = [r[data.completion_column] for r in records]
             # decoding is bound by reading the weights: large batches cost little more than one prompt
-            hyps = generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64)
+            hyps = generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64,
+                                  cuda_graphs=cfg.cuda_graphs)
             if score_fn is not None:
                 result["score"] = float(score_fn(hyps, refs))
             else:

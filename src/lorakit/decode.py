@@ -1,0 +1,254 @@
+"""Greedy decoding with a static KV cache; on a GPU every token after the first is one CUDA graph replay.
+
+Token-by-token decode through `model.generate` is bound by the host: each token runs the whole
+model op by op from Python, and an unmerged adapter adds a launch per adapted linear
+(BENCHMARKS.md, inference). Here the prompt is read eagerly (the prefill), and the decode step
+(forward on one token, greedy pick, next position) is recorded once and replayed for every
+token, so the host enqueues one launch a token. The tokens are those of
+`model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=n)`; rows that
+reach an end-of-sequence token continue with padding, and decoding stops once every row has.
+
+    decoder = lk.GreedyDecoder(model)           # reuse it across batches: one graph per batch shape
+    out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens=64)
+
+What it needs: a Hugging Face causal LM that runs on transformers' `StaticCache` (Llama, GPT-2,
+Qwen2, Mistral, ...), prompts padded on the left, and nothing that changes the adapters
+(`set_adapter`, `merge`, loading) between calls of one decoder: a captured step replays the
+kernels it recorded. `decode_unsupported(model, gen_kwargs)` says why a call would not fit.
+Off CUDA (or with cuda_graphs="off") the same steps run eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, GraphError
+
+# Generation settings that do not change a greedy pick (or that the call sets itself).
+_NEUTRAL = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+            "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+            "transformers_version", "_from_model_config", "use_cache", "cache_implementation", "renormalize_logits",
+            "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+            "output_hidden_states", "num_beams", "num_return_sequences", "compile_config", "disable_compile"}
+_CALL_KEYS = {"max_new_tokens", "pad_token_id", "eos_token_id"}
+# the replays between two reads of "has every row ended?" (each read waits for the GPU)
+_CHECK_EVERY = 8
+
+
+def decode_unsupported(model: nn.Module, gen_kwargs: Mapping[str, Any] | None = None) -> str | None:
+    """Why `GreedyDecoder` would not decode like `model.generate(**gen_kwargs)`, or None when it would."""
+    gen_kwargs = dict(gen_kwargs or {})
+    if gen_kwargs.pop("do_sample", False):
+        return "sampling"
+    if int(gen_kwargs.pop("num_beams", 1)) != 1:
+        return "beam search"
+    extra = set(gen_kwargs) - _CALL_KEYS
+    if extra:
+        return f"generate() arguments {sorted(extra)}"
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generation_config") or not hasattr(model, "generate"):
+        return "not a Hugging Face generative model"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"{type(model).__name__} has no static KV cache support"
+    from transformers import GenerationConfig
+
+    default = GenerationConfig().to_dict()
+    changed = sorted(k for k, v in model.generation_config.to_dict().items()
+                     if k not in _NEUTRAL and default.get(k, v) != v)
+    if changed:
+        return f"the model's generation config sets {changed}"
+    if any(getattr(m, "routing", None) is not None for m in model.modules()):
+        return "adapters routed per example (lk.route)"
+    return None
+
+
+class _Session:
+    """The static state of one batch shape: KV cache, step inputs, outputs, and the captured step."""
+
+    def __init__(self, model: nn.Module, batch: int, cache_len: int, device: torch.device) -> None:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        self.model, self.cache_len = model, cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        kinds = {type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer}
+        if kinds:  # e.g. sliding-window layers, which keep a write position on the host
+            raise _Unsupported(f"cache layers of kind {sorted(kinds)}")
+        long = dict(dtype=torch.long, device=device)
+        self.mask = torch.ones(batch, cache_len, **long)
+        self.tok = torch.zeros(batch, 1, **long)         # the last token, fed to the next step
+        self.pos = torch.zeros(1, **long)                # its cache position
+        self.positions = torch.zeros(batch, 1, **long)   # its position id (cache position less left padding)
+        self.out = torch.zeros(batch, cache_len, **long)  # the tokens, by cache position
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = torch.zeros(0, **long)
+        self.pad = torch.zeros((), **long)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, eos: Tensor, pad: Tensor) -> None:
+        """Read the prompt into the cache and pick the first new token (eagerly)."""
+        P = input_ids.shape[1]
+        self.cache.reset()
+        self.mask[:, :P].copy_(attention_mask)
+        self.mask[:, P:].fill_(1)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                            past_key_values=self.cache, cache_position=torch.arange(P, device=input_ids.device),
+                            use_cache=True, **_last_logits(self.model)).logits
+        if self.eos.shape != eos.shape:  # other end tokens than the captured step compares with: capture again
+            self.eos, self.graph = eos.clone(), None
+        self.eos.copy_(eos)
+        self.pad.copy_(pad)
+        self.done.zero_()
+        self.pos.fill_(P - 1)
+        self.positions.copy_(positions[:, -1:])
+        self._pick(logits[:, -1])
+
+    def step(self) -> None:
+        """One token: forward the last one, pick the next (padding once a row has ended)."""
+        logits = self.model(input_ids=self.tok, attention_mask=self.mask, position_ids=self.positions,
+                            past_key_values=self.cache, cache_position=self.pos, use_cache=True).logits
+        self._pick(logits[:, -1])
+
+    def _pick(self, logits: Tensor) -> None:
+        nxt = torch.where(self.done, self.pad, logits.argmax(-1))
+        self.pos.add_(1)
+        self.positions.add_(1)
+        self.out.index_copy_(1, self.pos, nxt[:, None])
+        self.done |= (nxt[:, None] == self.eos).any(1)
+        self.tok.copy_(nxt[:, None])
+
+    def capture(self, input_ids: Tensor, attention_mask: Tensor, eos: Tensor, pad: Tensor) -> None:
+        """Record `step` after warm-up steps (kernels compile and tune); the cache is read in again after."""
+        from .graphs import _warm_up
+
+        device = self.tok.device
+        _warm_up(device, self.step, 2)
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step()
+        except RuntimeError as e:
+            raise GraphError(f"the decode step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
+                             "decode eagerly instead (cuda_graphs='off').") from e
+        self.graph = graph
+        # the warm-up and the capture moved the cache on: read the prompt in again
+        self.prefill(input_ids, attention_mask, eos, pad)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _last_logits(model: nn.Module) -> dict:
+    """`logits_to_keep=1` where the model takes it: the prefill needs the last position's logits only."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+class GreedyDecoder:
+    """`decoder(input_ids, attention_mask, max_new_tokens) -> ids`: greedy decode, as `model.generate`
+    with `do_sample=False` returns it (prompt, then the new tokens). See the module docstring.
+
+    Args:
+        model: a Hugging Face causal LM (adapters injected or not), in eval mode on its device.
+        cuda_graphs: "auto" (on CUDA: capture each batch shape's step, and decode eagerly where a
+            capture fails), "on" (a failed capture raises GraphError), "off" (eager steps).
+        cache_multiple: KV cache lengths are rounded up to this, so that batches of nearby lengths
+            share one captured step.
+    """
+
+    def __init__(self, model: nn.Module, cuda_graphs: str | bool = "auto", cache_multiple: int = 64) -> None:
+        why = decode_unsupported(model)
+        if why is not None:
+            raise ConfigError(f"GreedyDecoder cannot decode this model: {why}. Use model.generate(...) instead.")
+        mode = {True: "on", False: "off"}.get(cuda_graphs, cuda_graphs)
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use 'auto', 'on' or 'off'.")
+        self.model, self.mode, self.cache_multiple = model, mode, int(cache_multiple)
+        self._sessions: dict[tuple[int, int], _Session] = {}
+        #: why the last call decoded eagerly on CUDA (a failed capture under "auto"), else None
+        self.eager_reason: str | None = None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ConfigError(f"input_ids has shape {tuple(input_ids.shape)}; pass (batch, prompt length), "
+                              "prompts padded on the left.")
+        if max_new_tokens < 1:
+            return input_ids
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                              f"{tuple(input_ids.shape)}; they must match.")
+        elif attention_mask.shape[1] > 1 and not bool(attention_mask[:, -1].all()):
+            raise ConfigError("some prompt ends in padding: pad on the left (tokenizer.padding_side = 'left').")
+        batch, P = input_ids.shape
+        device = input_ids.device
+        eos, pad = self._special_tokens(eos_token_id, pad_token_id, device)
+        cache_len = -(-(P + max_new_tokens) // self.cache_multiple) * self.cache_multiple
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        if limit:
+            cache_len = max(min(cache_len, limit), P + max_new_tokens)
+        key = (batch, cache_len)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = _Session(self.model, batch, cache_len, device)
+        session.prefill(input_ids, attention_mask, eos, pad)
+        if session.graph is None and self._graphs(device):
+            try:
+                session.capture(input_ids, attention_mask, eos, pad)
+            except GraphError as e:
+                if self.mode == "on":
+                    raise
+                self.eager_reason, self.mode = str(e), "off"
+        new = 1
+        while new < max_new_tokens:
+            if new % _CHECK_EVERY == 1 and bool(session.done.all()):
+                break
+            if session.graph is not None:
+                session.graph.replay()
+            else:
+                session.step()
+            new += 1
+        gen = session.out[:, P:P + new]
+        return torch.cat([input_ids, _trim(gen, session.done, eos)], 1)
+
+    def _graphs(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self.mode != "off"
+
+    def _special_tokens(self, eos_token_id, pad_token_id, device: torch.device) -> tuple[Tensor, Tensor]:
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = gc.pad_token_id if pad_token_id is None else pad_token_id
+        if pad is None:
+            pad = eos[0] if eos else 0  # as generate does without a pad token
+        return torch.tensor(eos, dtype=torch.long, device=device), torch.tensor(pad, dtype=torch.long, device=device)
+
+
+def _trim(gen: Tensor, done: Tensor, eos: Tensor) -> Tensor:
+    """The new tokens up to the step where the last row ended (generate stops there), all of them where a row
+    has not ended. Steps run past it (ends are read every few steps) only added padding."""
+    if gen.shape[1] == 0 or eos.numel() == 0 or not bool(done.all()):
+        return gen
+    ended = (gen[:, :, None] == eos).any(-1)
+    first = ended.float().argmax(1)  # each row's first end
+    return gen[:, :int(first.max()) + 1]
+
+
+def greedy_decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                  cuda_graphs: str | bool = "auto") -> Tensor:
+    """One batch through `GreedyDecoder(model, cuda_graphs)`: greedy decode with a static KV cache, the decode
+    step replayed as a CUDA graph on a GPU. Returns what `model.generate(..., do_sample=False)` returns."""
+    return GreedyDecoder(model, cuda_graphs)(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)

@@ -1,0 +1,112 @@
+"""lk.GreedyDecoder: greedy decode with a static KV cache (a CUDA graph per step on a GPU) gives the
+tokens of model.generate(do_sample=False)."""
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.decode import decode_unsupported
+from models import make, randomize
+
+CUDA = torch.cuda.is_available()
+
+
+def adapted(kind: str, device: str = "cpu", dtype=torch.float32):
+    model = make(kind)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    randomize(model, std=0.1)  # B != 0: the adapters change the tokens
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def prompts(batch: int = 3, length: int = 7, seed: int = 0, device: str = "cpu"):
+    """Left-padded prompts of different lengths (row i has i padding positions, row 0 none)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(batch):
+        mask[i, :i] = 0
+    ids[mask == 0] = 0
+    return ids.to(device), mask.to(device)
+
+
+def reference(model, ids, mask, new, eos, pad=0):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                          pad_token_id=pad, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_tokens_are_those_of_generate(kind):
+    model = adapted(kind)
+    ids, mask = prompts()
+    want = reference(model, ids, mask, 12, eos=95)
+    got = lk.greedy_decode(model, ids, mask, 12, eos_token_id=95, pad_token_id=0)
+    assert got.shape == want.shape == (3, 19)
+    assert torch.equal(got, want)
+    with lk.disabled(model):  # the adapters matter to these tokens
+        assert not torch.equal(lk.greedy_decode(model, ids, mask, 12, eos_token_id=95, pad_token_id=0), want)
+
+
+def test_rows_that_end_continue_with_padding_and_decoding_stops_when_all_have():
+    model = adapted("llama")
+    ids, mask = prompts()
+    free = reference(model, ids, mask, 20, eos=None)[:, 7:]
+    # each row ends at a token it generates: row i at its (2 + 3i)th new token (or earlier, where repeated)
+    eos = [int(free[i, 2 + 3 * i]) for i in range(3)]
+    want = reference(model, ids, mask, 20, eos=eos, pad=1)
+    assert want.shape[1] < 7 + 20 and (want[:, 7:] == 1).any()  # generate stopped early and padded
+    decoder = lk.GreedyDecoder(model)
+    got = decoder(ids, mask, 20, eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(got, want)
+
+
+def test_one_decoder_serves_batches_of_other_lengths_and_sizes():
+    model = adapted("llama")
+    decoder = lk.GreedyDecoder(model, cache_multiple=32)
+    for batch, length, new, seed in [(3, 7, 10, 0), (3, 12, 6, 1), (2, 5, 9, 2), (3, 7, 10, 3)]:
+        ids, mask = prompts(batch, length, seed)
+        assert torch.equal(decoder(ids, mask, new, eos_token_id=95, pad_token_id=0),
+                           reference(model, ids, mask, new, eos=95))
+    assert sorted(decoder._sessions) == [(2, 32), (3, 32)]  # one static cache (and graph) per batch shape
+
+
+def test_bad_calls_name_the_fix():
+    model = adapted("llama")
+    ids, mask = prompts()
+    with pytest.raises(lk.ConfigError, match="pad on the left"):
+        lk.greedy_decode(model, ids, mask.flip(1))
+    with pytest.raises(lk.ConfigError, match="must match"):
+        lk.greedy_decode(model, ids, mask[:, 1:])
+    with pytest.raises(lk.ConfigError, match="cuda_graphs"):
+        lk.GreedyDecoder(model, cuda_graphs="sometimes")
+    with pytest.raises(lk.ConfigError, match="model.generate"):
+        lk.GreedyDecoder(make("bert"))
+    assert lk.greedy_decode(model, ids, mask, 0) is ids
+
+
+def test_what_it_does_not_decode_is_named():
+    model = adapted("llama")
+    assert decode_unsupported(model, {"do_sample": False, "num_beams": 1, "max_new_tokens": 4}) is None
+    assert decode_unsupported(model, {"do_sample": True}) == "sampling"
+    assert decode_unsupported(model, {"num_beams": 4}) == "beam search"
+    assert "repetition_penalty" in decode_unsupported(model, {"repetition_penalty": 1.2})
+    before = model.generation_config.no_repeat_ngram_size
+    model.generation_config.no_repeat_ngram_size = 2
+    assert "no_repeat_ngram_size" in decode_unsupported(model)
+    model.generation_config.no_repeat_ngram_size = before
+    with lk.route(model, ["default", None, "default"]):
+        assert "route" in decode_unsupported(model)
+    assert "not a Hugging Face" in decode_unsupported(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_captured_steps_give_the_eager_tokens_on_gpu(kind):
+    model = adapted(kind, "cuda", torch.bfloat16)
+    decoder = lk.GreedyDecoder(model, cuda_graphs="on", cache_multiple=32)
+    eager = lk.GreedyDecoder(model, cuda_graphs="off", cache_multiple=32)
+    for seed in (0, 1):  # the second batch replays the step captured for the first
+        ids, mask = prompts(seed=seed, device="cuda")
+        got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0)
+        assert decoder._sessions[(3, 32)].graph is not None
+        assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0))
+        assert torch.equal(got, reference(model, ids, mask, 16, eos=95))
