@@ -12,6 +12,10 @@ that, for the base model and with an adapter, the same way:
           token, cache position + 1) captured as a CUDA graph and replayed; ms per token for the
           base model, `lk.inject` unmerged (fused kernel, and the three-op path), merged; plus
           eager `generate` for comparison.
+  library: `lk.GreedyDecoder` (what `lorakit generate` and eval use on a GPU: prefill, then each token one
+          CUDA graph replay) against eager `model.generate`, base and `lk.inject` unmerged, batch 1 and 32;
+          ms per new token (slope between a short and a long call), the fixed cost of a call (prefill), the
+          first call (which captures), and the share of tokens on which the two agree.
   compiled: `generate(cache_implementation="static")`, which transformers runs through torch.compile
           (CUDA graphs), base and unmerged (not in the default parts: it compiles four times).
 
@@ -187,6 +191,56 @@ def adapt(model) -> None:
                 p.normal_(0, 1e-2)
 
 
+def part_library(layers: int | None, new: int, reps: int = 3) -> None:
+    import time
+
+    import lorakit as lk
+
+    model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None  # every call makes all its tokens
+    short = max(1, new // 4)
+    rows, base = [], {}
+    for label in ("base", "unmerged"):
+        if label == "unmerged":
+            adapt(model)
+        for batch in (1, 32):
+            ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
+                                generator=torch.Generator(device="cuda").manual_seed(5))
+            mask = torch.ones_like(ids)
+            decoder = lk.GreedyDecoder(model)
+            calls = {"decoder": lambda n: decoder(ids, mask, n, pad_token_id=0),
+                     "generate": lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                                          do_sample=False, pad_token_id=0)}
+            per, fixed, outs, first = {}, {}, {}, {}
+            for name, call in calls.items():
+                t = {}
+                for n in (new, short):
+                    ts = []
+                    for i in range(reps + (n == new)):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        out = call(n)
+                        torch.cuda.synchronize()
+                        ts.append((time.perf_counter() - t0) * 1e3)
+                    if n == new:
+                        outs[name], first[name], ts = out, ts[0], ts[1:]
+                    t[n] = statistics.median(ts)
+                per[name] = (t[new] - t[short]) / (new - short)  # ms per token, the prefill and setup apart
+                fixed[name] = t[new] - new * per[name]
+            base.setdefault(batch, per["decoder"])
+            agree = float((outs["decoder"] == outs["generate"])[:, 16:].float().mean())
+            rows.append((f"{label}, batch {batch}", per["decoder"], per["generate"], per["generate"] / per["decoder"],
+                         per["decoder"] / base[batch], fixed["decoder"], fixed["generate"], first["decoder"], agree))
+            print("  " + " ".join(str(round(v, 3)) if isinstance(v, float) else v for v in rows[-1]), flush=True)
+    print(f"\n# lk.GreedyDecoder vs model.generate after a 16-token prompt: ms per new token (the slope between calls "
+          f"of {short} and {new} tokens, median of {reps} calls each), fixed ms per call (prefill, setup), the "
+          f"first call (which captures), the share of the {new} tokens on which the two agree")
+    print(f"{'case':<20} {'decoder':>8} {'generate':>9} {'speedup':>8} {'x base':>7} {'fixed':>6} {'gen fixed':>9} "
+          f"{'1st call':>8} {'agree':>6}")
+    for name, d, g, sp, xb, f, gf, first_ms, agree in rows:
+        print(f"{name:<20} {d:8.3f} {g:9.3f} {sp:7.2f}x {xb:7.3f} {f:6.1f} {gf:9.1f} {first_ms:8.0f} {agree:6.3f}")
+
+
 def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
     """`generate` with a static cache, which transformers serves by compiling the forward with
     torch.compile ("reduce-overhead": CUDA graphs); the fused kernel is one custom op in that graph."""
@@ -306,6 +360,8 @@ def main() -> None:
         part_linear(args.shapes.split(","), not args.no_sweep)
     if "model" in parts:
         part_model(args.layers, args.new_tokens)
+    if "library" in parts:
+        part_library(args.layers, args.new_tokens)
     if "compiled" in parts:
         part_compiled(args.layers, args.new_tokens, args.profile)
 
