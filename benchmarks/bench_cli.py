@@ -8,7 +8,14 @@ GPU; forced on here), after a short eager run that compiles the Triton kernels. 
 step over the second half of the run, the fastest step, the loop's whole time (captures included),
 tokens/s, peak GiB, and the mean logged loss of the second half of each run.
 
+`--generate N` times the other half of the CLI instead: `generate_texts` (what `lorakit eval` and the
+in-training evaluation run) on the first N distinct E2E meaning representations, 64 new tokens, batches of
+64, through `model.generate` (`cuda_graphs="off"`) and through `lk.GreedyDecoder` (the default on a GPU),
+with an unmerged adapter (small random B) on the model; each twice (the first call compiles and
+captures), and the share of texts on which the two agree.
+
     PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16] [--grad-accum 1] [--gradient-checkpointing] [--log]
+    PYTHONPATH=src python benchmarks/bench_cli.py --generate 512 [--shape smollm2|1b]
 """
 
 from __future__ import annotations
@@ -78,6 +85,45 @@ def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool,
             "loss": statistics.mean(losses[half:]), "first_loss": losses[0]}
 
 
+def generate(model_dir: Path, n: int, shape: str) -> None:
+    import csv
+    import gzip
+    import time
+
+    import lorakit as lk
+    from lorakit.models import load_model
+    from lorakit.train import generate_texts
+
+    with gzip.open(shared_data() / "e2e" / "trainset.csv.gz", "rt", encoding="utf-8") as f:
+        mrs = list(dict.fromkeys(r["mr"] for r in csv.DictReader(f)))[:n]
+    prompts = [mr + "\n" for mr in mrs]
+    model, tok = load_model(model_dir)
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-2)
+    model.to("cuda")
+    texts, rows = {}, []
+    for mode in ("off", "auto"):
+        for call in ("first", "second"):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            texts[mode] = generate_texts(model, tok, prompts, 64, batch_size=64, cuda_graphs=mode)
+            torch.cuda.synchronize()
+            rows.append((mode, call, time.perf_counter() - t0))
+    agree = sum(a == b for a, b in zip(texts["off"], texts["auto"])) / len(prompts)
+    print(f"\ngenerate_texts, {shape} shape (random init, {next(model.parameters()).dtype}), unmerged adapter r=16 "
+          f"on all linears, {len(prompts)} E2E prompts, 64 new tokens, batches of 64, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
+    print("| decoding | call | seconds | prompts/s |")
+    print("|---|---|---|---|")
+    for mode, call, sec in rows:
+        name = "model.generate (cuda_graphs off)" if mode == "off" else "lk.GreedyDecoder (default)"
+        print(f"| {name} | {call} | {sec:.2f} | {len(prompts) / sec:.1f} |")
+    print(f"second calls, generate / decoder: {rows[1][2] / rows[3][2]:.2f}x; texts that agree: {agree:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
@@ -86,11 +132,15 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--log", action="store_true", help="print the CLI's log of the CUDA-graphs run")
+    ap.add_argument("--generate", type=int, metavar="N", help="time generate_texts on N E2E prompts instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_cli.py needs a CUDA GPU.")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(args.shape, Path(tmp) / "model")
+        if args.generate:
+            generate(model_dir, args.generate, args.shape)
+            return
         train(model_dir, Path(tmp) / "warmup", 4, args.batch_size, graphs=False)  # compile the kernels
         rows = {name: train(model_dir, Path(tmp) / name, args.steps, args.batch_size, graphs=name == "cuda-graphs",
                             log=print if args.log and name == "cuda-graphs" else None, grad_accum=args.grad_accum,
