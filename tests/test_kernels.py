@@ -700,7 +700,8 @@ TRITON_SCRIPT = textwrap.dedent("""
                 y = lora_linear(x, W, b, A, B, 2.0)
             ref = reference_lora_linear(x.double(), W.double(), None if b is None else b.double(), A.double(),
                                         B.double(), 2.0)
-            assert len(calls) - n == (1 if x.shape[:-1].numel() <= 64 else 0), shape
+            rows = x.shape[:-1].numel()
+            assert len(calls) - n == (1 if rows <= 64 and (dtype != torch.float32 or rows == 1) else 0), shape
             assert y.shape == ref.shape and y.dtype == dtype and (y.numel() == 0 or rel(y, ref) < tol), (dtype, shape)
         _triton.lora_small = small
         # split over K: each program's share lands in a float32 workspace, the last one adds them in a fixed order
@@ -723,7 +724,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     calls = []
     small = _triton.lora_small
     _triton.lora_small = lambda *a, **k: calls.append(1) or small(*a, **k)
-    x = torch.randn(2, 1, 80, device=dev)
+    x = torch.randn(1, 1, 80, device=dev)  # float32 takes the fused kernel at one row only
     W, b, A = torch.randn(72, 80, device=dev) / 9, torch.randn(72, device=dev), torch.randn(16, 80, device=dev) / 9
     B = torch.randn(72, 16, device=dev)
     compiled = torch.compile(lambda x: lora_linear(x, W, b, A, B, 2.0), fullgraph=True)
