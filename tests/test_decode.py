@@ -66,7 +66,14 @@ def test_one_decoder_serves_batches_of_other_lengths_and_sizes():
         ids, mask = prompts(batch, length, seed)
         assert torch.equal(decoder(ids, mask, new, eos_token_id=95, pad_token_id=0),
                            reference(model, ids, mask, new, eos=95))
-    assert sorted(decoder._sessions) == [(2, 32), (3, 32)]  # one static cache (and graph) per batch shape
+    # one static cache (and graph) per batch size, while the prompts and new tokens fit
+    assert sorted(decoder._sessions) == [(2, 32), (3, 32)]
+    ids, mask = prompts(3, 30, 4)
+    assert torch.equal(decoder(ids, mask, 12, eos_token_id=95, pad_token_id=0), reference(model, ids, mask, 12, eos=95))
+    assert sorted(decoder._sessions) == [(2, 32), (3, 32), (3, 64)]
+    ids, mask = prompts(3, 20, 5)  # 30 positions: the cache of 32 serves
+    assert torch.equal(decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0), reference(model, ids, mask, 10, eos=95))
+    assert len(decoder._sessions) == 3
 
 
 def test_bad_calls_name_the_fix():
@@ -104,9 +111,10 @@ def test_captured_steps_give_the_eager_tokens_on_gpu(kind):
     model = adapted(kind, "cuda", torch.bfloat16)
     decoder = lk.GreedyDecoder(model, cuda_graphs="on", cache_multiple=32)
     eager = lk.GreedyDecoder(model, cuda_graphs="off", cache_multiple=32)
-    for seed in (0, 1):  # the second batch replays the step captured for the first
-        ids, mask = prompts(seed=seed, device="cuda")
+    for seed, length in ((0, 7), (1, 7), (2, 12)):  # later batches replay the step captured for the first
+        ids, mask = prompts(length=length, seed=seed, device="cuda")
         got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0)
         assert decoder._sessions[(3, 32)].graph is not None
         assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0))
         assert torch.equal(got, reference(model, ids, mask, 16, eos=95))
+    assert list(decoder._sessions) == [(3, 32)]  # one capture served all three

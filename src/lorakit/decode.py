@@ -199,10 +199,7 @@ class GreedyDecoder:
         limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
         if limit:
             cache_len = max(min(cache_len, limit), P + max_new_tokens)
-        key = (batch, cache_len)
-        session = self._sessions.get(key)
-        if session is None:
-            session = self._sessions[key] = _Session(self.model, batch, cache_len, device)
+        session = self._session(batch, cache_len, P + max_new_tokens, device)
         session.prefill(input_ids, attention_mask, eos, pad)
         if session.graph is None and self._graphs(device):
             try:
@@ -222,6 +219,15 @@ class GreedyDecoder:
             new += 1
         gen = session.out[:, P:P + new]
         return torch.cat([input_ids, _trim(gen, session.done, eos)], 1)
+
+    def _session(self, batch: int, cache_len: int, need: int, device: torch.device) -> _Session:
+        """A session of this batch size whose cache holds `need` positions and is at most twice as long (a
+        longer cache costs a little attention, a new one a capture), else a new one of `cache_len`."""
+        fits = [(n, s) for (b, n), s in self._sessions.items() if b == batch and need <= n <= 2 * need]
+        if fits:
+            return min(fits, key=lambda f: f[0])[1]
+        session = self._sessions[(batch, cache_len)] = _Session(self.model, batch, cache_len, device)
+        return session
 
     def _graphs(self, device: torch.device) -> bool:
         return device.type == "cuda" and self.mode != "off"
