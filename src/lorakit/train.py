@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -220,6 +221,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
+    if decoder is not None and decoder.eager_reason:
+        warnings.warn(f"decoding ran eagerly: {decoder.eager_reason}", stacklevel=2)
     return outputs
 
 
