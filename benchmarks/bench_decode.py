@@ -191,7 +191,7 @@ def adapt(model) -> None:
                 p.normal_(0, 1e-2)
 
 
-def part_library(layers: int | None, new: int, reps: int = 3) -> None:
+def part_library(layers: int | None, new: int, reps: int = 5) -> None:
     import time
 
     import lorakit as lk
