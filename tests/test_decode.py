@@ -76,6 +76,29 @@ def test_one_decoder_serves_batches_of_other_lengths_and_sizes():
     assert len(decoder._sessions) == 3
 
 
+def two_adapters(kind: str, device: str = "cpu", dtype=torch.float32):
+    model = adapted(kind)
+    lk.inject(model, lk.LoraConfig(r=2, alpha=8, targets="all-linear"), name="other")
+    randomize(model, std=0.2, seed=7)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def routed_reference(model, ids, mask, new, names):
+    with lk.route(model, names):
+        return reference(model, ids, mask, new, eos=95)
+
+
+def test_adapters_per_prompt_give_the_tokens_of_generate_under_route():
+    model = two_adapters("llama")
+    decoder = lk.GreedyDecoder(model)
+    for names, seed in ((["other", None, "default"], 0), (["default", "default", "other"], 1)):
+        ids, mask = prompts(seed=seed)
+        got = decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, adapters=names)
+        assert torch.equal(got, routed_reference(model, ids, mask, 10, names))
+        assert not torch.equal(got, reference(model, ids, mask, 10, eos=95))  # the routing mattered
+    assert all(s.graph is None for s in decoder._sessions.values())  # routed steps leave with their batch
+
+
 def test_bad_calls_name_the_fix():
     model = adapted("llama")
     ids, mask = prompts()
@@ -88,6 +111,11 @@ def test_bad_calls_name_the_fix():
     with pytest.raises(lk.ConfigError, match="model.generate"):
         lk.GreedyDecoder(make("bert"))
     assert lk.greedy_decode(model, ids, mask, 0) is ids
+    decoder = lk.GreedyDecoder(model)
+    with pytest.raises(lk.ConfigError, match="one name"):
+        decoder(ids, mask, 4, adapters=["default"])
+    with lk.route(model, ["default"] * 3), pytest.raises(lk.ConfigError, match="adapters="):
+        decoder(ids, mask, 4)
 
 
 def test_what_it_does_not_decode_is_named():
@@ -118,3 +146,17 @@ def test_captured_steps_give_the_eager_tokens_on_gpu(kind):
         assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0))
         assert torch.equal(got, reference(model, ids, mask, 16, eos=95))
     assert list(decoder._sessions) == [(3, 32)]  # one capture served all three
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_captured_routed_steps_follow_each_batchs_adapters_on_gpu():
+    model = two_adapters("llama", "cuda", torch.bfloat16)
+    decoder = lk.GreedyDecoder(model, cuda_graphs="on", cache_multiple=32)
+    eager = lk.GreedyDecoder(model, cuda_graphs="off", cache_multiple=32)
+    for names, seed in ((["other", None, "default"], 0), (["default", "other", "other"], 1), (None, 2)):
+        ids, mask = prompts(seed=seed, device="cuda")
+        got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names)
+        assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names))
+        want = routed_reference(model, ids, mask, 16, names) if names else reference(model, ids, mask, 16, eos=95)
+        assert torch.equal(got, want)
+    assert decoder.eager_reason is None

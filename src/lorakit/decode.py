@@ -14,7 +14,8 @@ reach an end-of-sequence token continue with padding, and decoding stops once ev
 What it needs: a Hugging Face causal LM that runs on transformers' `StaticCache` (Llama, GPT-2,
 Qwen2, Mistral, ...), prompts padded on the left, and nothing that changes the adapters
 (`set_adapter`, `merge`, loading) between calls of one decoder: a captured step replays the
-kernels it recorded. `decode_unsupported(model, gen_kwargs)` says why a call would not fit.
+kernels it recorded. Per-prompt adapters (as `lk.route` mixes them) are the call's `adapters=`;
+such a step is captured for its batch and dropped after it. `decode_unsupported(model, gen_kwargs)` says why a call would not fit.
 Off CUDA (or with cuda_graphs="off") the same steps run eagerly.
 """
 
@@ -179,7 +180,30 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 adapters: list[str | None] | None = None) -> Tensor:
+        """Prompts (batch, length), padded on the left -> (batch, length + new tokens).
+
+        `adapters`: one adapter name (None: the base model) per prompt, as `lk.route` takes them; the step is
+        then captured for this batch's routing and dropped after it.
+        """
+        from .layers import LoraLayer
+
+        if any(m.routing is not None for m in self.model.modules() if isinstance(m, LoraLayer)):
+            raise ConfigError("GreedyDecoder was called inside lk.route(...): pass the names as adapters=[...] "
+                              "instead (a captured step must not outlive the routing it recorded).")
+        if adapters is not None:
+            from .inject import route
+
+            if len(adapters) != input_ids.shape[0]:
+                raise ConfigError(f"adapters= names {len(adapters)} adapters for {input_ids.shape[0]} prompts; "
+                                  "give one name (or None for the base model) per prompt.")
+            with route(self.model, list(adapters)):
+                return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, True)
+        return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, False)
+
+    def _decode(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, eos_token_id,
+                pad_token_id, routed: bool) -> Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ConfigError(f"input_ids has shape {tuple(input_ids.shape)}; pass (batch, prompt length), "
                               "prompts padded on the left.")
@@ -201,13 +225,23 @@ class GreedyDecoder:
             cache_len = max(min(cache_len, limit), P + max_new_tokens)
         session = self._session(batch, cache_len, P + max_new_tokens, device)
         session.prefill(input_ids, attention_mask, eos, pad)
-        if session.graph is None and self._graphs(device):
-            try:
-                session.capture(input_ids, attention_mask, eos, pad)
-            except GraphError as e:
-                if self.mode == "on":
-                    raise
-                self.eager_reason, self.mode = str(e), "off"
+        if routed or session.graph is None:
+            session.graph = None  # (a step recorded under another routing, or none)
+            if self._graphs(device):
+                try:
+                    session.capture(input_ids, attention_mask, eos, pad)
+                except GraphError as e:
+                    if self.mode == "on":
+                        raise
+                    self.eager_reason, self.mode = str(e), "off"
+        try:
+            return self._steps(session, input_ids, max_new_tokens, eos)
+        finally:
+            if routed:  # the step read this routing's tensors, which leave with it
+                session.graph = None
+
+    def _steps(self, session: _Session, input_ids: Tensor, max_new_tokens: int, eos: Tensor) -> Tensor:
+        P = input_ids.shape[1]
         new = 1
         while new < max_new_tokens:
             if new % _CHECK_EVERY == 1 and bool(session.done.all()):

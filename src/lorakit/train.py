@@ -188,7 +188,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
 
     With `adapters`, prompt i goes through adapter adapters[i] (None = base), all in one batch.
     Greedy decoding on a GPU runs through `lk.GreedyDecoder` (each token one CUDA graph replay;
-    the same tokens as `model.generate`) unless cuda_graphs is "off"; the rest through `model.generate`.
+    the same tokens as `model.generate`; `adapters` included) unless cuda_graphs is "off"; the rest
+    (sampling, beams, CPU) through `model.generate`.
     """
     from .decode import GreedyDecoder, decode_unsupported
     from .inject import route
@@ -202,15 +203,15 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False)
     kwargs.update(gen_kwargs)
     decoder = None
-    if device.type == "cuda" and cuda_graphs != "off" and adapters is None and decode_unsupported(model, kwargs) is None:
+    if device.type == "cuda" and cuda_graphs != "off" and decode_unsupported(model, kwargs) is None:
         decoder = GreedyDecoder(model, cuda_graphs)
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             if decoder is not None:
-                out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                              pad_token_id=kwargs["pad_token_id"])
+                out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens, pad_token_id=kwargs["pad_token_id"],
+                              adapters=None if adapters is None else adapters[start:start + batch_size])
             elif adapters is not None:
                 names = [n for n in adapters[start:start + batch_size] for _ in range(beams)]
                 with route(model, names):
