@@ -13,7 +13,8 @@ that, for the base model and with an adapter, the same way:
           base model, `lk.inject` unmerged (fused kernel, and the three-op path), merged; plus
           eager `generate` for comparison.
   library: `lk.GreedyDecoder` (what `lorakit generate` and eval use on a GPU: prefill, then each token one
-          CUDA graph replay) against eager `model.generate`, base and `lk.inject` unmerged, batch 1 and 32;
+          CUDA graph replay) against eager `model.generate`, base and `lk.inject` unmerged, batch 1 and 32,
+          and 32 adapters, one per prompt (`adapters=`, against `generate` under `lk.route`), batch 32;
           ms per new token (slope between a short and a long call), the fixed cost of a call (prefill), the
           first call (which captures), and the share of tokens on which the two agree.
   compiled: `generate(cache_implementation="static")`, which transformers runs through torch.compile
@@ -25,6 +26,7 @@ that, for the base model and with an adapter, the same way:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 
@@ -200,17 +202,31 @@ def part_library(layers: int | None, new: int, reps: int = 5) -> None:
     model.generation_config.eos_token_id = None  # every call makes all its tokens
     short = max(1, new // 4)
     rows, base = [], {}
-    for label in ("base", "unmerged"):
+    for label in ("base", "unmerged", "32 adapters routed"):
         if label == "unmerged":
             adapt(model)
-        for batch in (1, 32):
+        names = None
+        if label == "32 adapters routed":  # one adapter per prompt, captured again for every call
+            with torch.no_grad():
+                for i in range(1, 32):
+                    lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"), name=f"a{i}")
+                    for n, p in model.named_parameters():
+                        if f"adapters.a{i}.lora_B" in n:
+                            p.normal_(0, 1e-2)
+            names = ["default"] + [f"a{i}" for i in range(1, 32)]
+        for batch in ((1, 32) if names is None else (32,)):
             ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(5))
             mask = torch.ones_like(ids)
             decoder = lk.GreedyDecoder(model)
-            calls = {"decoder": lambda n: decoder(ids, mask, n, pad_token_id=0),
-                     "generate": lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                                          do_sample=False, pad_token_id=0)}
+            def generate(n):
+                with contextlib.ExitStack() as stack:
+                    if names:
+                        stack.enter_context(lk.route(model, names))
+                    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                          pad_token_id=0)
+
+            calls = {"decoder": lambda n: decoder(ids, mask, n, pad_token_id=0, adapters=names), "generate": generate}
             per, fixed, outs, first = {}, {}, {}, {}
             for name, call in calls.items():
                 t = {}
