@@ -33,7 +33,7 @@ _NEUTRAL = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token
             "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
             "transformers_version", "_from_model_config", "use_cache", "cache_implementation", "renormalize_logits",
             "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
-            "output_hidden_states", "num_beams", "num_return_sequences", "compile_config", "disable_compile"}
+            "output_hidden_states", "num_beams", "compile_config", "disable_compile"}
 _CALL_KEYS = {"max_new_tokens", "pad_token_id", "eos_token_id"}
 # the replays between two reads of "has every row ended?" (each read waits for the GPU)
 _CHECK_EVERY = 8
