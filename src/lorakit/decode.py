@@ -65,6 +65,14 @@ def decode_unsupported(model: nn.Module, gen_kwargs: Mapping[str, Any] | None = 
         return f"the model's generation config sets {changed}"
     if any(getattr(m, "routing", None) is not None for m in model.modules()):
         return "adapters routed per example (lk.route)"
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    # (layers allocate their tensors on first use: this builds none)
+    kinds = {type(layer).__name__ for layer in StaticCache(config=config, max_cache_len=1).layers
+             if type(layer) is not StaticLayer}
+    if kinds:  # e.g. sliding-window layers, which keep a write position on the host
+        return f"cache layers of kind {sorted(kinds)}"
     return None
 
 
@@ -73,13 +81,9 @@ class _Session:
 
     def __init__(self, model: nn.Module, batch: int, cache_len: int, device: torch.device) -> None:
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
 
         self.model, self.cache_len = model, cache_len
-        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
-        kinds = {type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer}
-        if kinds:  # e.g. sliding-window layers, which keep a write position on the host
-            raise _Unsupported(f"cache layers of kind {sorted(kinds)}")
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)  # layers: `decode_unsupported`
         long = dict(dtype=torch.long, device=device)
         self.mask = torch.ones(batch, cache_len, **long)
         self.tok = torch.zeros(batch, 1, **long)         # the last token, fed to the next step
@@ -141,10 +145,6 @@ class _Session:
         self.graph = graph
         # the warm-up and the capture moved the cache on: read the prompt in again
         self.prefill(input_ids, attention_mask, eos, pad)
-
-
-class _Unsupported(Exception):
-    pass
 
 
 def _last_logits(model: nn.Module) -> dict:
