@@ -14,9 +14,12 @@ that, for the base model and with an adapter, the same way:
           eager `generate` for comparison.
   library: `lk.GreedyDecoder` (what `lorakit generate` and eval use on a GPU: prefill, then each token one
           CUDA graph replay) against eager `model.generate`, base and `lk.inject` unmerged, batch 1 and 32,
-          and 32 adapters, one per prompt (`adapters=`, against `generate` under `lk.route`), batch 32;
+          and 32 (or 4) adapters mixed, one per prompt (`adapters=`, against `generate` under `lk.route`),
+          batch 32;
           ms per new token (slope between a short and a long call), the fixed cost of a call (prefill), the
           first call (which captures), and the share of tokens on which the two agree.
+  routed: one linear whose batch rows use different adapters (of 32 or 4), 1 to 32 tokens: the three-launch
+          routed path against `_triton.routed_small` (what routed decode runs), with a sweep of its tile sizes.
   compiled: `generate(cache_implementation="static")`, which transformers runs through torch.compile
           (CUDA graphs), base and unmerged (not in the default parts: it compiles four times).
 
@@ -182,6 +185,53 @@ def decode_eager_ms(model, batch: int, prompt: int, new: int, reps: int = 3) -> 
     return statistics.median(ts)
 
 
+ROUTED_SWEEP = [dict(BN=bn, SPLIT=sp, num_warps=w, XSPLIT=xs, XBK=xbk, xwarps=xw)
+                for bn in (16, 32) for sp in (1, 2, 4, 8) for w in (4, 8)
+                for xs, xbk, xw in ((4, 256, 4), (4, 512, 8), (8, 128, 4), (16, 128, 4))]
+
+
+def part_routed(shapes: list[str], sweep: bool) -> None:
+    """One linear whose batch rows each use their own adapter (of 32 or 4, r=16; one row base only), few
+    tokens: the base F.linear, the three-launch routed path (shrink, base GEMM, expand) and
+    `_triton.routed_small`, each as CUDA graphs of 20 calls, checked against a float64 reference first."""
+    from lorakit.kernels import _triton, routed
+
+    dev, dt = "cuda", torch.bfloat16
+    print("\n# routed decode, one linear, CUDA graphs, µs per call (bf16, r=16; M tokens, one per batch row)")
+    print(f"{'shape':<14} {'adapters':>8} {'M':>3} {'base':>7} {'3 launches':>10} {'routed_small':>12} {'best':>7}  "
+          "best config; ratios to base")
+    for shape, n_ad, M in itertools.product(shapes, (32, 4), (32, 8, 1)):
+        if n_ad == 4 and M != 32:
+            continue
+        for name, (N, K) in LINEARS[shape].items():
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(M, K, device=dev, dtype=dt, generator=g)
+            W = (torch.randn(N, K, device=dev, generator=g) / K ** 0.5).to(dt)
+            A = (torch.randn(n_ad, 16, K, device=dev, generator=g) / K ** 0.5).to(dt)
+            B = (torch.randn(n_ad, N, 16, device=dev, generator=g) * 0.01).to(dt)
+            scales = torch.full((n_ad,), 2.0, device=dev)
+            rows = torch.arange(M, device=dev) % n_ad
+            rows[min(3, M - 1)] = -1
+            ref = x.double() @ W.double().t()
+            for m in range(M):
+                a = int(rows[m])
+                if a >= 0:
+                    ref[m] += 2.0 * (x[m].double() @ A[a].double().t()) @ B[a].double().t()
+            base = graph_us(lambda: F.linear(x, W))
+            three = graph_us(lambda: routed._routed_forward_triton(x, rows, W, None, A, B, scales))
+            results = []
+            for cfg in [{}] + (ROUTED_SWEEP if sweep else []):
+                y = _triton.routed_small(x, W, None, A, B, scales, rows, cfg)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                if err > 1e-2:
+                    raise SystemExit(f"routed_small {shape} {name} M={M} {cfg}: relative error {err:.2e}")
+                results.append((graph_us(lambda: _triton.routed_small(x, W, None, A, B, scales, rows, cfg)), cfg))
+            default = results[0][0]
+            bt, bc = min(results, key=lambda r: r[0])
+            print(f"{shape + ' ' + name:<14} {n_ad:>8} {M:>3} {base:7.2f} {three:10.2f} {default:12.2f} {bt:7.2f}  "
+                  f"{bc or 'default'}; {three / base:.2f}x, {default / base:.2f}x, {bt / base:.2f}x", flush=True)
+
+
 def adapt(model) -> None:
     """r=16 alpha=32 on all linears, with small random B (a trained adapter's shape, not PEFT's zero start)."""
     import lorakit as lk
@@ -202,11 +252,11 @@ def part_library(layers: int | None, new: int, reps: int = 5) -> None:
     model.generation_config.eos_token_id = None  # every call makes all its tokens
     short = max(1, new // 4)
     rows, base = [], {}
-    for label in ("base", "unmerged", "32 adapters routed"):
+    for label in ("base", "unmerged", "32 adapters routed", "4 adapters routed"):
         if label == "unmerged":
             adapt(model)
         names = None
-        if label == "32 adapters routed":  # one adapter per prompt, captured again for every call
+        if label == "32 adapters routed":  # one adapter per prompt (the step is captured on the first call)
             with torch.no_grad():
                 for i in range(1, 32):
                     lk.inject(model, lk.LoraConfig(r=16, alpha=32, targets="all-linear"), name=f"a{i}")
@@ -214,6 +264,8 @@ def part_library(layers: int | None, new: int, reps: int = 5) -> None:
                         if f"adapters.a{i}.lora_B" in n:
                             p.normal_(0, 1e-2)
             names = ["default"] + [f"a{i}" for i in range(1, 32)]
+        if label == "4 adapters routed":  # the same 32 adapters injected, 4 of them used, 8 prompts each
+            names = ["default", "a1", "a2", "a3"] * 8
         for batch in ((1, 32) if names is None else (32,)):
             ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(5))
@@ -376,6 +428,8 @@ def main() -> None:
         part_linear(args.shapes.split(","), not args.no_sweep)
     if "model" in parts:
         part_model(args.layers, args.new_tokens)
+    if "routed" in parts:
+        part_routed(args.shapes.split(","), not args.no_sweep)
     if "library" in parts:
         part_library(args.layers, args.new_tokens)
     if "compiled" in parts:

@@ -67,10 +67,10 @@ def test_one_decoder_serves_batches_of_other_lengths_and_sizes():
         assert torch.equal(decoder(ids, mask, new, eos_token_id=95, pad_token_id=0),
                            reference(model, ids, mask, new, eos=95))
     # one static cache (and graph) per batch size, while the prompts and new tokens fit
-    assert sorted(decoder._sessions) == [(2, 32), (3, 32)]
+    assert sorted(decoder._sessions) == [(2, 32, False), (3, 32, False)]
     ids, mask = prompts(3, 30, 4)
     assert torch.equal(decoder(ids, mask, 12, eos_token_id=95, pad_token_id=0), reference(model, ids, mask, 12, eos=95))
-    assert sorted(decoder._sessions) == [(2, 32), (3, 32), (3, 64)]
+    assert sorted(decoder._sessions) == [(2, 32, False), (3, 32, False), (3, 64, False)]
     ids, mask = prompts(3, 20, 5)  # 30 positions: the cache of 32 serves
     assert torch.equal(decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0), reference(model, ids, mask, 10, eos=95))
     assert len(decoder._sessions) == 3
@@ -88,15 +88,32 @@ def routed_reference(model, ids, mask, new, names):
         return reference(model, ids, mask, new, eos=95)
 
 
-def test_adapters_per_prompt_give_the_tokens_of_generate_under_route():
+@pytest.mark.parametrize("fast", ["auto", "on"])
+def test_adapters_per_prompt_give_the_tokens_of_generate_under_route(fast):
     model = two_adapters("llama")
     decoder = lk.GreedyDecoder(model)
-    for names, seed in ((["other", None, "default"], 0), (["default", "default", "other"], 1)):
-        ids, mask = prompts(seed=seed)
+    lk.set_fast_path(fast)  # "on": the decoder's own stacks and rows tensors, rewritten for each batch
+    try:
+        for names, seed in ((["other", None, "default"], 0), (["default", "default", "other"], 1)):
+            ids, mask = prompts(seed=seed)
+            got = decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, adapters=names)
+            assert torch.equal(got, routed_reference(model, ids, mask, 10, names))
+            assert not torch.equal(got, reference(model, ids, mask, 10, eos=95))  # the routing mattered
+        assert not any("_pinned" in m.__dict__ for m in model.modules())  # nothing left behind
+        generation = decoder._pins.generation
+        names = ["default", "other", None]
         got = decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, adapters=names)
+        assert decoder._pins.generation == generation  # the same stacks and rows tensors served a new mix
         assert torch.equal(got, routed_reference(model, ids, mask, 10, names))
-        assert not torch.equal(got, reference(model, ids, mask, 10, eos=95))  # the routing mattered
-    assert all(s.graph is None for s in decoder._sessions.values())  # routed steps leave with their batch
+        with torch.no_grad():  # an adapter changed in place: stacked again
+            for n, p in model.named_parameters():
+                if "adapters.other.lora_B" in n:
+                    p.mul_(-3)
+        got = decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, adapters=names)
+        assert decoder._pins.generation > generation
+        assert torch.equal(got, routed_reference(model, ids, mask, 10, names))
+    finally:
+        lk.set_fast_path("auto")
 
 
 def test_bad_calls_name_the_fix():
@@ -146,10 +163,10 @@ def test_captured_steps_give_the_eager_tokens_on_gpu(kind):
     for seed, length in ((0, 7), (1, 7), (2, 12)):  # later batches replay the step captured for the first
         ids, mask = prompts(length=length, seed=seed, device="cuda")
         got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0)
-        assert decoder._sessions[(3, 32)].graph is not None
+        assert decoder._sessions[(3, 32, False)].graph is not None
         assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0))
         assert torch.equal(got, reference(model, ids, mask, 16, eos=95))
-    assert list(decoder._sessions) == [(3, 32)]  # one capture served all three
+    assert list(decoder._sessions) == [(3, 32, False)]  # one capture served all three
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -157,10 +174,23 @@ def test_captured_routed_steps_follow_each_batchs_adapters_on_gpu():
     model = two_adapters("llama", "cuda", torch.bfloat16)
     decoder = lk.GreedyDecoder(model, cuda_graphs="on", cache_multiple=32)
     eager = lk.GreedyDecoder(model, cuda_graphs="off", cache_multiple=32)
-    for names, seed in ((["other", None, "default"], 0), (["default", "other", "other"], 1), (None, 2)):
+    graphs = []
+    for names, seed in ((["other", None, "default"], 0), (["default", "other", "other"], 1), (None, 2),
+                        (["other", "other", None], 3)):
         ids, mask = prompts(seed=seed, device="cuda")
         got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names)
         assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names))
         want = routed_reference(model, ids, mask, 16, names) if names else reference(model, ids, mask, 16, eos=95)
         assert torch.equal(got, want)
+        graph = decoder._sessions[(3, 32, names is not None)].graph
+        graphs += [] if any(graph is g for g in graphs) else [graph]
     assert decoder.eager_reason is None
+    assert len(graphs) == 2  # one step captured for the three routings, one without routing
+    with torch.no_grad():  # an adapter changed in place: the routed step is captured again and follows it
+        for n, p in model.named_parameters():
+            if "adapters.other.lora_B" in n:
+                p.mul_(-3)
+    names = ["other", "default", "other"]
+    got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names)
+    assert not any(decoder._sessions[(3, 32, True)].graph is g for g in graphs)
+    assert torch.equal(got, routed_reference(model, ids, mask, 16, names))

@@ -682,6 +682,28 @@ TRITON_SCRIPT = textwrap.dedent("""
             errs = [rel(g, w) for g, w in zip(got, want) if w is not None]
             assert all(e < tol for e in errs), (dtype, shape, errs)
             assert got[2].abs().sum() == 0  # adapter 1 is unused
+        # routed inference with few tokens (decode): `_triton.routed_small` (half precision), else three launches
+        calls = []
+        routed_small = _triton.routed_small
+        _triton.routed_small = lambda *a, **k: calls.append(1) or routed_small(*a, **k)
+        for shape, transposed in [((6, 80), False), ((6, 3, 80), True), ((6, 20, 80), False)]:
+            x = torch.randn(*shape, device=dev, dtype=dtype)
+            W = (torch.randn(56, 80, device=dev) / 9).to(dtype)
+            if transposed:
+                W = W.t().contiguous().t()
+            b = torch.randn(56, device=dev, dtype=dtype)
+            As = [(torch.randn(r, 80, device=dev) / 9).to(dtype) for r in (8, 1, 16)]
+            Bs = [torch.randn(56, r, device=dev, dtype=dtype) for r in (8, 1, 16)]
+            rows = torch.tensor([2, -1, 0, 1, 0, 2], device=dev)
+            n = len(calls)
+            with torch.no_grad():
+                y = lora_linear_routed(x, W, b, As, Bs, [2.0, 0.5, 1.0], rows, backend="triton")
+            ref = reference_lora_linear_routed(x.double(), W.double(), b.double(), [a.double() for a in As],
+                                               [b_.double() for b_ in Bs], [2.0, 0.5, 1.0], rows)
+            assert rel(y, ref) < tol, (dtype, shape, rel(y, ref))
+            small = dtype != torch.float32 and x.numel() // 80 <= _triton.SMALL_MAX_ROWS
+            assert len(calls) - n == small, (dtype, shape)
+        _triton.routed_small = routed_small
         # inference with few rows (decode): one fused kernel (`_triton.lora_small`); more rows: three ops
         calls = []
         small = _triton.lora_small

@@ -14,8 +14,11 @@ reach an end-of-sequence token continue with padding, and decoding stops once ev
 What it needs: a Hugging Face causal LM that runs on transformers' `StaticCache` (Llama, GPT-2,
 Qwen2, Mistral, ...), prompts padded on the left, and nothing that changes the adapters
 (`set_adapter`, `merge`, loading) between calls of one decoder: a captured step replays the
-kernels it recorded. Per-prompt adapters (as `lk.route` mixes them) are the call's `adapters=`;
-such a step is captured for its batch and dropped after it. `decode_unsupported(model, gen_kwargs)` says why a call would not fit.
+kernels it recorded. Per-prompt adapters (as `lk.route` mixes them) are the call's `adapters=`:
+the decoder then keeps every adapter of each adapted linear stacked (a copy, held as long as the
+decoder), and one step captured per batch size serves every mix of names; a changed adapter
+tensor (its version moves) is stacked and captured again. `decode_unsupported(model, gen_kwargs)`
+says why a call would not fit.
 Off CUDA (or with cuda_graphs="off") the same steps run eagerly.
 """
 
@@ -76,6 +79,49 @@ def decode_unsupported(model: nn.Module, gen_kwargs: Mapping[str, Any] | None = 
     return None
 
 
+class _Pins:
+    """What routed steps (`adapters=`) read, kept across calls: every adapter of each adapted linear stacked once,
+    and per batch size and list of adapter names one rows tensor (each prompt's index into the stack, -1 for
+    the base model), rewritten in place by every call. `generation` moves whenever a stack or a rows tensor is
+    made anew: the steps captured before it read tensors that are no longer used."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from .layers import LoraLinear
+
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        self.stacks: dict[int, tuple[list, list[Tensor], list[int], tuple[Tensor, Tensor, Tensor]]] = {}
+        self.rows: dict[tuple[tuple[str, ...], int], Tensor] = {}
+        self.generation = 0
+
+    def pin(self, names: list[str | None], device: torch.device) -> None:
+        """Point every adapted linear at its stack and at the rows of this batch's `names` (written here)."""
+        batch, wanted = len(names), {}
+        for layer in self.layers:
+            adapters = list(layer.adapters.values())
+            if not adapters:
+                continue
+            tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+            entry = self.stacks.get(id(layer))
+            if entry is None or entry[0] != adapters or any(a is not b for a, b in zip(entry[1], tensors)) \
+                    or [t._version for t in tensors] != entry[2]:
+                entry = self.stacks[id(layer)] = (adapters, tensors, [t._version for t in tensors],
+                                                  layer.stacked(adapters))
+                self.generation += 1
+            key = (tuple(layer.adapters), batch)
+            rows = self.rows.get(key)
+            if rows is None:
+                rows = self.rows[key] = torch.empty(batch, dtype=torch.long, device=device)
+                self.generation += 1
+            wanted[key] = rows
+            layer._pinned = (rows, entry[3])
+        for (order, _), rows in wanted.items():
+            rows.copy_(torch.tensor([order.index(n) if n in order else -1 for n in names], dtype=torch.long))
+
+    def unpin(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("_pinned", None)
+
+
 class _Session:
     """The static state of one batch shape: KV cache, step inputs, outputs, and the captured step."""
 
@@ -94,6 +140,7 @@ class _Session:
         self.eos = torch.zeros(0, **long)
         self.pad = torch.zeros((), **long)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.generation = 0  # of the decoder's `_Pins` when a routed step was captured
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, eos: Tensor, pad: Tensor) -> None:
         """Read the prompt into the cache and pick the first new token (eagerly)."""
@@ -174,7 +221,8 @@ class GreedyDecoder:
         if mode not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use 'auto', 'on' or 'off'.")
         self.model, self.mode, self.cache_multiple = model, mode, int(cache_multiple)
-        self._sessions: dict[tuple[int, int], _Session] = {}
+        self._sessions: dict[tuple[int, int, bool], _Session] = {}
+        self._pins: _Pins | None = None
         #: why the last call decoded eagerly on CUDA (a failed capture under "auto"), else None
         self.eager_reason: str | None = None
 
@@ -184,8 +232,8 @@ class GreedyDecoder:
                  adapters: list[str | None] | None = None) -> Tensor:
         """Prompts (batch, length), padded on the left -> (batch, length + new tokens).
 
-        `adapters`: one adapter name (None: the base model) per prompt, as `lk.route` takes them; the step is
-        then captured for this batch's routing and dropped after it.
+        `adapters`: one adapter name (None: the base model) per prompt, as `lk.route` takes them. One step is
+        captured per batch size for every routing (see the module docstring).
         """
         from .layers import LoraLayer
 
@@ -198,8 +246,14 @@ class GreedyDecoder:
             if len(adapters) != input_ids.shape[0]:
                 raise ConfigError(f"adapters= names {len(adapters)} adapters for {input_ids.shape[0]} prompts; "
                                   "give one name (or None for the base model) per prompt.")
+            if self._pins is None:
+                self._pins = _Pins(self.model)
             with route(self.model, list(adapters)):
-                return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, True)
+                try:
+                    self._pins.pin(list(adapters), input_ids.device)
+                    return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, True)
+                finally:
+                    self._pins.unpin()
         return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, False)
 
     def _decode(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, eos_token_id,
@@ -223,22 +277,20 @@ class GreedyDecoder:
         limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
         if limit:
             cache_len = max(min(cache_len, limit), P + max_new_tokens)
-        session = self._session(batch, cache_len, P + max_new_tokens, device)
+        session = self._session(batch, cache_len, P + max_new_tokens, device, routed)
         session.prefill(input_ids, attention_mask, eos, pad)
-        if routed or session.graph is None:
-            session.graph = None  # (a step recorded under another routing, or none)
-            if self._graphs(device):
-                try:
-                    session.capture(input_ids, attention_mask, eos, pad)
-                except GraphError as e:
-                    if self.mode == "on":
-                        raise
-                    self.eager_reason, self.mode = str(e), "off"
-        try:
-            return self._steps(session, input_ids, max_new_tokens, eos)
-        finally:
-            if routed:  # the step read this routing's tensors, which leave with it
-                session.graph = None
+        generation = self._pins.generation if routed else 0
+        if session.generation != generation:
+            session.graph = None  # recorded with adapter stacks made anew since
+        if session.graph is None and self._graphs(device):
+            try:
+                session.capture(input_ids, attention_mask, eos, pad)
+                session.generation = generation
+            except GraphError as e:
+                if self.mode == "on":
+                    raise
+                self.eager_reason, self.mode = str(e), "off"
+        return self._steps(session, input_ids, max_new_tokens, eos)
 
     def _steps(self, session: _Session, input_ids: Tensor, max_new_tokens: int, eos: Tensor) -> Tensor:
         P = input_ids.shape[1]
@@ -254,13 +306,14 @@ class GreedyDecoder:
         gen = session.out[:, P:P + new]
         return torch.cat([input_ids, _trim(gen, session.done, eos)], 1)
 
-    def _session(self, batch: int, cache_len: int, need: int, device: torch.device) -> _Session:
-        """A session of this batch size whose cache holds `need` positions and is at most twice as long (a
-        longer cache costs a little attention, a new one a capture), else a new one of `cache_len`."""
-        fits = [(n, s) for (b, n), s in self._sessions.items() if b == batch and need <= n <= 2 * need]
+    def _session(self, batch: int, cache_len: int, need: int, device: torch.device, routed: bool) -> _Session:
+        """A session of this batch size (and routed or not) whose cache holds `need` positions and is at most
+        twice as long (a longer cache costs a little attention, a new one a capture), else a new one of
+        `cache_len`."""
+        fits = [(n, s) for (b, n, r), s in self._sessions.items() if b == batch and r == routed and need <= n <= 2 * need]
         if fits:
             return min(fits, key=lambda f: f[0])[1]
-        session = self._sessions[(batch, cache_len)] = _Session(self.model, batch, cache_len, device)
+        session = self._sessions[(batch, cache_len, routed)] = _Session(self.model, batch, cache_len, device)
         return session
 
     def _graphs(self, device: torch.device) -> bool:

@@ -290,6 +290,11 @@ class LoraLinear(LoraLayer):
         if self.routing is not None:
             if x.shape[0] != len(self.routing):
                 return super().forward(x)  # the reference path raises the explanatory error
+            pinned = self.__dict__.get("_pinned")
+            if pinned is not None and not torch.is_grad_enabled() and pinned[0].shape[0] == x.shape[0]:
+                # a decoder's routed step (`lorakit.decode`): its own stacks of every adapter of this layer and
+                # a rows tensor it rewrites in place for each batch, so that one captured step serves them all
+                return kernels.routed.routed_prepared(x, weight, bias, *pinned[1], pinned[0])
             rows, _, routed = self._route_rows(x.device)
             if not routed or (self.training and any(a.dropout_p > 0 for a in routed)):
                 return super().forward(x)  # the routed kernels have no dropout
@@ -329,16 +334,20 @@ class LoraLinear(LoraLayer):
         cache = self.__dict__.get("_stack_cache")
         if cache is not None and cache[0] is routed and [t._version for t in cache[1]] == cache[2]:
             return cache[3]
-        from . import kernels
-
         tensors = [t for a in routed for t in (a.lora_A, a.lora_B)]
-        dtype, device = self.weight.dtype, self.weight.device
-        with torch.no_grad():
-            A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
-            stacks = (A.to(dtype).contiguous(), B.to(dtype).contiguous(),
-                      torch.tensor([a.scale for a in routed], dtype=torch.float32, device=device))
+        stacks = self.stacked(routed)
         self._stack_cache = (routed, tensors, [t._version for t in tensors], stacks)
         return stacks
+
+    def stacked(self, adapters: list[LoraAdapter]) -> tuple[Tensor, Tensor, Tensor]:
+        """(A_stack, B_stack, scales) of these adapters for the routed kernels, in the weight's dtype (a copy,
+        no autograd)."""
+        from . import kernels
+
+        with torch.no_grad():
+            A, B = kernels.stack_adapters([a.lora_A for a in adapters], [a.full_B() for a in adapters])
+            return (A.to(self.weight.dtype).contiguous(), B.to(self.weight.dtype).contiguous(),
+                    torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=self.weight.device))
 
     def _base_forward(self, x: Tensor) -> Tensor:
         weight, bias = _param(self, "weight"), _param(self, "bias")

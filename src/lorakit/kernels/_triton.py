@@ -446,6 +446,75 @@ if triton is not None:
                       pid_n, pid_s, 0, SPLIT, HAS_BIAS, 1, BN)
 
     @triton.jit
+    def _routed_shrink_small_kernel(x_ptr, a_ptr, rows_ptr, xa_ptr, M, K, R, T, KC, stride_xm, stride_aa, stride_ar,
+                                    BR: tl.constexpr, BK: tl.constexpr):
+        # xa[s, m, :R] = x[m, s*KC : s*KC+KC] @ A_a[:, the same columns].T in float32, a = rows[m // T]; zero
+        # for base-only rows (a < 0). Program (m, s): one token, one split of K; the K splits are what
+        # give a decode batch enough programs (one per token would stream a whole A each, serially).
+        m = tl.program_id(0)
+        s = tl.program_id(1)
+        a = tl.load(rows_ptr + m // T)
+        rr = tl.arange(0, BR)
+        r_ok = rr < R
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        if a >= 0:
+            k_hi = tl.minimum(s * KC + KC, K)
+            for k_start in range(s * KC, k_hi, BK):
+                rk = k_start + tl.arange(0, BK)
+                k_ok = rk < k_hi
+                xk = tl.load(x_ptr + m * stride_xm + rk, mask=k_ok, other=0.0).to(tl.float32)
+                at = tl.load(a_ptr + a.to(tl.int64) * stride_aa + rr[:, None] * stride_ar + rk[None, :],
+                             mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += at.to(tl.float32) * xk[None, :]
+        tl.store(xa_ptr + (s * M + m) * BR + rr, tl.sum(acc, axis=1))
+
+    @triton.jit
+    def _routed_small_kernel(x_ptr, w_ptr, bias_ptr, b_ptr, scale_ptr, rows_ptr, xa_ptr, out_ptr, ws_ptr, cnt_ptr,
+                             M, N, K, R, T, KC, XSPLIT, stride_xm, stride_wn, stride_wk, stride_ba, stride_bn,
+                             stride_om, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                             UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             BR: tl.constexpr, BRS: tl.constexpr, XSP: tl.constexpr):
+        # y (M, N) = x @ W.T + bias + scales[a] * xa @ B_a.T per token (a = rows[m // T], none if a < 0), xa
+        # the XSPLIT (<= XSP) float32 partial sums of `_routed_shrink_small_kernel`. The base product streams W
+        # as in `_lora_small_kernel`. The LoRA terms are linear in xa's columns, so the programs of a tile
+        # share them out: K split s adds those of rank columns s*BRS .. s*BRS+BRS, each row's slice of B
+        # gathered by its adapter as one (BM, BN, BRS) tile (multiply-adds, no tensor cores), before the
+        # splits are summed. No loop: the partial sums and B come in one load each.
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        n_ok = rn < N
+        m_ok = rm < M
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_hi = tl.minimum(pid_s * KC + KC, K)
+        for k_start in range(pid_s * KC, k_hi, BK):
+            rk = k_start + tl.arange(0, BK)
+            k_ok = rk < k_hi
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
+                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = _dot(xt, wt, acc, PREC, UPCAST)
+        if pid_s * BRS < R:
+            a = tl.load(rows_ptr + rm // T, mask=m_ok, other=-1)
+            use = m_ok & (a >= 0)
+            a = tl.where(use, a, 0).to(tl.int64)
+            rr = pid_s * BRS + tl.arange(0, BRS)
+            r_ok = rr < R
+            q = tl.arange(0, XSP)
+            xa = tl.load(xa_ptr + (q[None, :, None] * M + rm[:, None, None]) * BR + rr[None, None, :],
+                         mask=use[:, None, None] & (q < XSPLIT)[None, :, None] & r_ok[None, None, :], other=0.0)
+            xa = tl.sum(xa, axis=1) * tl.load(scale_ptr + a, mask=use, other=0.0)[:, None]
+            bt = tl.load(b_ptr + a[:, None, None] * stride_ba + rn[None, :, None].to(tl.int64) * stride_bn
+                         + rr[None, None, :], mask=use[:, None, None] & n_ok[None, :, None] & r_ok[None, None, :],
+                         other=0.0)
+            acc += tl.sum(bt.to(tl.float32) * xa[:, None, :], axis=2)
+        _small_finish(acc, rm, rn, m_ok, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
+                      pid_n, pid_s, pid_m, SPLIT, HAS_BIAS, BM, BN)
+
+    @triton.jit
     def _norm_apply_kernel(h_ptr, r_ptr, w_ptr, out_ptr, N, stride_h, stride_o, BN: tl.constexpr):
         # out[row] = w * (h[row] * rstd[row]).to(out dtype): an RMSNorm's last three ops in one pass, rounded
         # where PyTorch rounds (h * rstd in float32 -> out dtype, then the product in float32 -> out dtype).
@@ -942,6 +1011,75 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
                 dict(SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM,
                      BN=c["BN"], BK=BK, BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return out
+
+
+def routed_small_ok(x2: Tensor, A_stack: Tensor, B_stack: Tensor, bias: Tensor | None) -> bool:
+    """Whether `routed_small` serves this inference call: at most SMALL_MAX_ROWS tokens of float16 / bfloat16
+    (tensor-core dots), contiguous stacks, a rank (padded to a power of two) times the row block of at most
+    1,024 (the B tile each program gathers), and not under torch.compile."""
+    M = x2.shape[0]
+    return 0 < M <= SMALL_MAX_ROWS and x2.dtype in (torch.float16, torch.bfloat16) and x2.stride(-1) == 1 \
+        and A_stack.is_contiguous() and B_stack.is_contiguous() and (bias is None or bias.stride(0) == 1) \
+        and _pow2(M) * _pow2(A_stack.shape[1]) <= 1024 and available_for(x2) and not torch.compiler.is_compiling()
+
+
+def routed_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A_stack: Tensor, B_stack: Tensor, scales: Tensor,
+                 rows: Tensor, cfg: dict | None = None) -> Tensor:
+    """Per-token adapters for few tokens (decode of a batch that mixes adapters), as a new (M, N) tensor:
+
+        y[m] = x2[m] @ weight.T + bias + scales[a] * (x2[m] @ A_stack[a].T) @ B_stack[a].T,  a = rows[m // T]
+
+    (no LoRA term where a < 0), T = M // len(rows) tokens per batch row. Two launches: the shrink, split
+    over K so that a few tokens still fill the GPU, then the base product with each row's expand added
+    in its epilogue. See `routed_small_ok` for what it serves; `cfg` overrides tile sizes (benchmarks).
+    """
+    M, K = x2.shape
+    N = weight.shape[0]
+    R = A_stack.shape[1]
+    T = M // rows.shape[0]
+    BR = _pow2(R)
+    c = dict(_routed_small_config(M, N, K, x2.device), **(cfg or {}))
+    KCX = _cdiv(_cdiv(K, c["XSPLIT"]), c["XBK"]) * c["XBK"]
+    xsplit = _cdiv(K, KCX)
+    xa = torch.empty(xsplit, M, BR, dtype=torch.float32, device=x2.device)
+    _launch(_routed_shrink_small_kernel, (M, xsplit),
+            (x2, A_stack, rows, xa, M, K, R, T, KCX, x2.stride(0), A_stack.stride(0), A_stack.stride(1)),
+            dict(BR=BR, BK=c["XBK"], num_warps=c["xwarps"], num_stages=2))
+    BM = _pow2(M)
+    BK = min(c["BK"], _pow2(K))
+    split = max(1, min(c["SPLIT"], _cdiv(K, BK)))
+    KC = _cdiv(_cdiv(K, split), BK) * BK
+    split = _cdiv(K, KC)
+    grid = (_cdiv(N, c["BN"]), split, 1)
+    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
+    cnt = _counters(x2.device, grid[0]) if split > 1 else out
+    _launch(_routed_small_kernel, grid,
+            (x2, weight, x2 if bias is None else bias, B_stack, scales, rows, xa, out, ws, cnt, M, N, K, R, T, KC,
+             xsplit, x2.stride(0), weight.stride(0), weight.stride(1), B_stack.stride(0), B_stack.stride(1),
+             out.stride(0)),
+            dict(SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM,
+                 BN=c["BN"], BK=BK, BR=BR, BRS=_pow2(_cdiv(BR, split), 1), XSP=_pow2(xsplit, 1),
+                 num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return out
+
+
+_ROUTED_SMALL_CFGS: dict = {}
+
+
+def _routed_small_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tile sizes for `routed_small`, as the H100 sweep of benchmarks/bench_decode.py (`--part routed`) found
+    fastest for the Llama linears: the shrink in up to 16 K splits of 128 columns (8 for a token or a few),
+    the main kernel in 32-column blocks (each program gathers a (rows, 32, rank) tile of B) and about two
+    programs per SM."""
+    key = (M > 4, N, K, device)
+    c = _ROUTED_SMALL_CFGS.get(key)
+    if c is None:
+        BN, BK = 32, 128
+        split = max(1, min(2 * _sm_count(device) // _cdiv(N, BN), K // (2 * BK)))
+        c = _ROUTED_SMALL_CFGS[key] = {"BN": BN, "BK": BK, "SPLIT": split, "num_warps": 4, "num_stages": 3,
+                                       "XBK": 128, "XSPLIT": 16 if M > 4 else 8, "xwarps": 4}
+    return c
 
 
 # -- the forward GEMM with the LoRA product in its K loop ---------------------------------------

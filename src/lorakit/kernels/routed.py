@@ -12,7 +12,9 @@ Two paths compute the same function:
   * CUDA + Triton: SGMV/BGMV-style kernels (`_triton.routed_mm`, `routed_outer`): each
     program takes a block of one batch row's tokens, reads the row's adapter index on the
     device and multiplies by that adapter's matrices. No host sync, no gather of x.
-    Hand-written backward: saves x, rows and the small xa (tokens, R).
+    Hand-written backward: saves x, rows and the small xa (tokens, R). Inference on few
+    tokens (decode) takes `_triton.routed_small` instead: a shrink split over K, then the
+    base product with each row's expand in its epilogue (two launches, not three).
   * elsewhere: per-row gather of the stacks and batched matmuls, differentiated by autograd.
 """
 
@@ -165,7 +167,10 @@ def routed_prepared(x: Tensor, weight: Tensor, bias: Tensor | None, A_stack: Ten
         x2 = x2.contiguous()
     if not torch.is_grad_enabled() or not (x2.requires_grad or weight.requires_grad or A_stack.requires_grad
                                            or B_stack.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales)[0]
+        if _triton.routed_small_ok(x2, A_stack, B_stack, bias):  # decode: two launches, not three
+            y = _triton.routed_small(x2, weight, bias, A_stack, B_stack, scales, rows)
+        else:
+            y = _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales)[0]
     else:
         y = RoutedLoraFunction.apply(x2, rows, weight, bias, A_stack, B_stack, scales)
     return y.view(*x.shape[:-1], out_f)
