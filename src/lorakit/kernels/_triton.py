@@ -347,6 +347,14 @@ if triton is not None:
 
 
     @triton.jit
+    def _x_and_w_tiles(x_ptr, w_ptr, rm, rn, rk, m_ok, n_ok, k_ok, stride_xm, stride_wn, stride_wk):
+        # The (BM, BK) tile of x (unit stride in K) and the (BK, BN) tile of W.T (W (N, K) of any strides).
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
+                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        return xt, wt
+
+    @triton.jit
     def _lora_small_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
                            stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -373,10 +381,7 @@ if triton is not None:
         for k_start in range(pid_s * KC, k_hi, BK):
             rk = k_start + tl.arange(0, BK)
             k_ok = rk < k_hi
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-            wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
-                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            xt, wt = _x_and_w_tiles(x_ptr, w_ptr, rm, rn, rk, m_ok, n_ok, k_ok, stride_xm, stride_wn, stride_wk)
             at = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None], mask=r_ok[None, :] & k_ok[:, None],
                          other=0.0)
             acc = _dot(xt, wt, acc, PREC, UPCAST)
@@ -492,10 +497,7 @@ if triton is not None:
         for k_start in range(pid_s * KC, k_hi, BK):
             rk = k_start + tl.arange(0, BK)
             k_ok = rk < k_hi
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-            wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk,
-                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            xt, wt = _x_and_w_tiles(x_ptr, w_ptr, rm, rn, rk, m_ok, n_ok, k_ok, stride_xm, stride_wn, stride_wk)
             acc = _dot(xt, wt, acc, PREC, UPCAST)
         if pid_s * BRS < R:
             a = tl.load(rows_ptr + rm // T, mask=m_ok, other=-1)
