@@ -113,3 +113,45 @@ def test_routed_serving_stacks_once_and_sees_weight_changes(monkeypatch):
         ref = run(model, "llama", x)
     torch.testing.assert_close(changed, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, changed)
+
+
+def test_routed_training_with_dropout_takes_the_fused_path_with_the_seeds_mask(monkeypatch):
+    from lorakit.kernels import keep_mask, new_seed, reference_lora_linear_routed
+    from lorakit.layers import LoraLayer
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear", dropout=0.25), name="a")
+    lk.inject(model, lk.LoraConfig(r=2, alpha=2, targets="all-linear", dropout=0.25), name="b")
+    randomize(model, std=0.2)
+    layer = model[0]
+    model.train()
+    x = torch.randn(4, 3, 24)
+    names = ["b", None, "a", "a"]
+    lk.set_fast_path("on")
+    reference_calls = []
+    monkeypatch.setattr(LoraLayer, "_routed_forward", lambda self, x: reference_calls.append(1))
+    torch.manual_seed(3)
+    with lk.route(model, names):
+        y = model(x)
+    assert not reference_calls
+    torch.manual_seed(3)
+    keep = keep_mask(new_seed("cpu"), 12, 24, 0.25).view(x.shape)
+    a, b = layer.adapters["a"], layer.adapters["b"]
+    ref = reference_lora_linear_routed(x, layer.weight, layer.bias, [a.lora_A, b.lora_A], [a.lora_B, b.lora_B],
+                                       [a.scale, b.scale], torch.tensor([1, -1, 0, 0]), 0.25, keep)
+    torch.testing.assert_close(y, ref)
+    y.square().sum().backward()
+    got = [t.grad.clone() for t in (a.lora_A, a.lora_B, b.lora_A, b.lora_B)]
+    for t in (a.lora_A, a.lora_B, b.lora_A, b.lora_B):
+        t.grad = None
+    ref.square().sum().backward()
+    for g, t in zip(got, (a.lora_A, a.lora_B, b.lora_A, b.lora_B)):
+        torch.testing.assert_close(g, t.grad)
+    monkeypatch.undo()
+    b.dropout.p = 0.1  # adapters with different dropout share no mask: the per-adapter reference path
+    calls = []
+    real = LoraLayer._routed_forward
+    monkeypatch.setattr(LoraLayer, "_routed_forward", lambda self, x: calls.append(1) or real(self, x))
+    with lk.route(model, names):
+        model(x).sum().backward()
+    assert calls == [1]

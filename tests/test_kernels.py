@@ -346,6 +346,31 @@ def test_routed_gradcheck_and_unused_adapter():
     assert As[1].grad.abs().sum() == 0 and Bs[1].grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("shape_x", [(6, 40), (6, 5, 40)])
+def test_routed_dropout_is_the_seeds_mask_in_forward_and_backward(shape_x):
+    gen = torch.Generator().manual_seed(9)
+    x, W, b, As, Bs, rows = routed_case(shape_x, torch.float64, "cpu", gen)
+    leaves = [t.requires_grad_(True) for t in [x, *As, *Bs]]
+    seed = new_seed("cpu")
+    y = lora_linear_routed(x, W, b, As, Bs, [2.0, 0.5, 1.0], rows, dropout=0.3, training=True, seed=seed)
+    keep = keep_mask(seed, x.numel() // 40, 40, 0.3).view(x.shape)
+    assert 0 < int(keep.sum()) < keep.numel()
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref = reference_lora_linear_routed(ref_leaves[0], W, b, ref_leaves[1:4], ref_leaves[4:], [2.0, 0.5, 1.0], rows,
+                                       0.3, keep)
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    for g, w in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy)):
+        torch.testing.assert_close(g, w)
+    without = reference_lora_linear_routed(x.detach(), W, b, [a.detach() for a in As], [b_.detach() for b_ in Bs],
+                                           [2.0, 0.5, 1.0], rows)
+    assert not torch.allclose(y, without)  # the mask mattered
+    evaluated = lora_linear_routed(x, W, b, As, Bs, [2.0, 0.5, 1.0], rows, dropout=0.3, training=False)
+    torch.testing.assert_close(evaluated, without)  # no dropout outside training
+    with pytest.raises(ValueError, match="dropout"):
+        lora_linear_routed(x, W, b, As, Bs, [2.0, 0.5, 1.0], rows, dropout=1.0, training=True)
+
+
 def test_routed_refuses_bad_rows():
     x, W, b, As, Bs, _ = routed_case((3, 40), torch.float32, "cpu", torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="one adapter index"):
@@ -682,6 +707,18 @@ TRITON_SCRIPT = textwrap.dedent("""
             errs = [rel(g, w) for g, w in zip(got, want) if w is not None]
             assert all(e < tol for e in errs), (dtype, shape, errs)
             assert got[2].abs().sum() == 0  # adapter 1 is unused
+            seed = new_seed(dev)  # with dropout: the seed's mask, in forward and backward
+            y = lora_linear_routed(x, W, b, As, Bs, [2.0, 0.5, 1.0], rows, backend="triton", dropout=0.2,
+                                   training=True, seed=seed)
+            keep = keep_mask(seed, x.numel() // 80, 80, 0.2, dev).view(x.shape)
+            L = [t.detach().double().requires_grad_(True) for t in (x, *As, *Bs)]
+            ref = reference_lora_linear_routed(L[0], W.double(), b.double(), L[1:4], L[4:], [2.0, 0.5, 1.0], rows,
+                                               0.2, keep)
+            assert rel(y, ref) < tol, (dtype, shape, rel(y, ref))
+            got = torch.autograd.grad(y, [x, *As, *Bs], gy)
+            want = torch.autograd.grad(ref, L, gy.double(), allow_unused=True)
+            errs = [rel(g, w) for g, w in zip(got, want) if w is not None]
+            assert all(e < tol for e in errs), (dtype, shape, "dropout", errs)
         # routed inference with few tokens (decode): `_triton.routed_small` (half precision), else three launches
         calls = []
         routed_small = _triton.routed_small

@@ -253,8 +253,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     """Inside the block, batch row b of every forward pass goes through adapter names[b] (None = base).
 
-    Works in forward and backward, so one batch can train several adapters at once. Every
-    input of an adapted module must have the batch as its first dimension, with len(names) rows.
+    Works in forward and backward, so one batch can train several adapters at once (on the fast
+    path, adapters of one dropout probability draw one mask for the whole batch: each example
+    still gets a mask of its own). Every input of an adapted module must have the batch as its
+    first dimension, with len(names) rows.
 
     Raises:
         AdapterNotFoundError: an unknown name.

@@ -296,14 +296,15 @@ class LoraLinear(LoraLayer):
                 # a rows tensor it rewrites in place for each batch, so that one captured step serves them all
                 return kernels.routed.routed_prepared(x, weight, bias, *pinned[1], pinned[0])
             rows, _, routed = self._route_rows(x.device)
-            if not routed or (self.training and any(a.dropout_p > 0 for a in routed)):
-                return super().forward(x)  # the routed kernels have no dropout
+            p = routed[0].dropout_p if routed and self.training else 0.0
+            if not routed or (self.training and any(a.dropout_p != p for a in routed)):
+                return super().forward(x)  # one dropout mask serves the routed adapters only if they share p
             stacks = self._served_stacks(routed)
-            if stacks is not None:  # serving: stacks checked once, no per-call validation
+            if stacks is not None and p == 0:  # serving: stacks checked once, no per-call validation
                 return kernels.routed.routed_prepared(x, weight, bias, *stacks, rows)
             A, B, scales = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]) + (
                 torch.tensor([a.scale for a in routed], dtype=torch.float32, device=x.device),)
-            return kernels.lora_linear_routed(x, weight, bias, A, B, scales, rows)
+            return kernels.lora_linear_routed(x, weight, bias, A, B, scales, rows, dropout=p, training=p > 0)
         grad = torch.is_grad_enabled()  # without autograd a sibling group computes nothing (SiblingGroup.forward)
         if grad and self.siblings is not None and not torch.compiler.is_compiling():
             y = self.siblings.forward(self, x)

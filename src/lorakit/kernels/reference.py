@@ -39,14 +39,18 @@ def reference_lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, 
 
 
 def reference_lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequence[Tensor],
-                                 Bs: Sequence[Tensor], scales: Sequence[float], rows: Tensor) -> Tensor:
-    """Batch row b of x (x is (batch, ..., in)) gets adapter rows[b]; rows[b] = -1 means the base only."""
+                                 Bs: Sequence[Tensor], scales: Sequence[float], rows: Tensor, dropout: float = 0.0,
+                                 keep: Tensor | None = None) -> Tensor:
+    """Batch row b of x (x is (batch, ..., in)) gets adapter rows[b]; rows[b] = -1 means the base only.
+
+    `keep` (bool, x's shape) with `dropout`: the dropout mask on x before A."""
     ys = []
+    xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout)
     for b in range(x.shape[0]):
         a = int(rows[b])
         xb = x[b]
         yb = F.linear(xb, weight, bias)
         if a >= 0:
-            yb = yb + scales[a] * ((xb @ As[a].t()) @ Bs[a].t())
+            yb = yb + scales[a] * ((xd[b] @ As[a].t()) @ Bs[a].t())
         ys.append(yb)
     return torch.stack(ys, 0)
