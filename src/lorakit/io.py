@@ -382,7 +382,7 @@ def _slice_alpha_factor(plan_entry: tuple[int, list[bool]], rslora: bool) -> flo
 
 def _unslice_B(B_full: Tensor, mask: list[bool], r: int) -> Tensor:
     """(out, k*r) block matrix -> (k*out/n, r): the enabled slices' blocks stacked."""
-    n, out_slice = len(mask), B_full.shape[0] // len(mask)
+    out_slice = B_full.shape[0] // len(mask)
     blocks = []
     for j, i in enumerate(i for i, on in enumerate(mask) if on):
         blocks.append(B_full[i * out_slice:(i + 1) * out_slice, j * r:(j + 1) * r])
