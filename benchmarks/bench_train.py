@@ -16,7 +16,8 @@ All cases run in one process on the same model weights, batch and seed:
   lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear")), the
                 layers' fast path with lorakit.fusion (q/k/v and gate/up in one call, LoRA inputs
                 rebuilt from the RMSNorm / MLP tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
-                lorakit-unfused: the fast path per linear, without lorakit.fusion
+                lorakit-unfused: the fast path per linear, without lorakit.fusion; lorakit-routed4(-p0):
+                4 adapters trained at once, the batch rows dealt round-robin (`lk.route`)
 
     PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
         [--compile] [--graphs] [--attn sdpa|causal] [--profile CASES] [--cprofile CASES]
@@ -29,6 +30,7 @@ op, for every case alike (--attn causal keeps the attention kernels those of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -44,7 +46,8 @@ SHAPES = {
 }
 CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "kernels", "kernels-p0", "kernels-group",
          "kernels-group-p0", "kernels-group-rc", "kernels-group-rc-p0", "lorakit", "lorakit-p0", "lorakit-qv",
-         "lorakit-unfused"]
+         "lorakit-unfused", "lorakit-routed4", "lorakit-routed4-p0"]
+ROUTED = 4  # lorakit-routed4: this many adapters trained at once, batch rows dealt round-robin (`lk.route`)
 
 
 def register_causal_attention() -> str:
@@ -127,7 +130,8 @@ def prepare(case: str, model, r: int, alpha: float):
 
         targets = ["q_proj", "v_proj"] if case == "lorakit-qv" else "all-linear"
         p = 0.0 if case.endswith("-p0") else 0.05
-        lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=p, targets=targets))
+        for name in [f"r{i}" for i in range(ROUTED)] if "routed" in case else ["default"]:
+            lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=p, targets=targets), name=name)
         if case == "lorakit-unfused":
             ungroup(model)
             remove_producers(model)
@@ -199,6 +203,11 @@ def run_case(case: str, args, shape: dict) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, capturable=args.graphs, fused=args.graphs or None) if params else None
     g = torch.Generator(device="cpu").manual_seed(2)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(dev)
+    routing = contextlib.ExitStack()
+    if "routed" in case:  # every step (and its capture) runs with the batch rows dealt to the adapters
+        import lorakit as lk
+
+        routing.enter_context(lk.route(model, [f"r{i % ROUTED}" for i in range(shape["batch"])]))
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -254,6 +263,7 @@ def run_case(case: str, args, shape: dict) -> dict:
     if case in args.cprofile.split(","):
         cprofile_steps(step, case)
     n_train = sum(p.numel() for p in params)
+    routing.close()
     del model, params, opt, ids
     gc.collect()
     if cuda:
