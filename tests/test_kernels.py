@@ -470,6 +470,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     import torch
     from lorakit.kernels import (_triton, keep_mask, lora_linear, lora_linear_group, lora_linear_routed,
                                  new_seed, reference_lora_linear, reference_lora_linear_routed, rms_norm_apply)
+    from lorakit.kernels.dropout import apply_dropout
     dev = DEVICE
     torch.manual_seed(0)
 
@@ -482,6 +483,10 @@ TRITON_SCRIPT = textwrap.dedent("""
         for rows, cols in [(5, 7), (37, 130), (3, 1)]:
             assert torch.equal(_triton.keep_mask(seed, rows, cols, 0.3, torch.device(dev)),
                                keep_mask(seed, rows, cols, 0.3, dev)), (rows, cols)
+            xx = torch.randn(rows, cols, device=dev, dtype=dtype)
+            got, want = _triton.dropout_apply(xx, seed, 0.3), apply_dropout(xx, seed, 0.3)
+            assert torch.equal(got != 0, want != 0), (rows, cols)  # the same mask
+            assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0), (rows, cols)  # one rounding
         big = [((4100, 192), 16, 0.1)] if dev == "cuda" else []  # large enough for the autotuned launchers
         for shape, r, p in [((70, 150), 1, 0.2), ((2, 33, 64), 40, 0.1), ((3, 40), 16, 0.0)] + big:
             x = torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True)

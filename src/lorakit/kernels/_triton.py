@@ -99,6 +99,21 @@ if triton is not None:
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
     @triton.jit
+    def _dropout_apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_x, stride_o, half, thresh, inv_keep,
+                              BM: tl.constexpr, BK: tl.constexpr):
+        # out = dropout(x) with the mask of `dropout.keep_mask`: x * (1 / (1 - p)) where kept, rounded once.
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        k_start = tl.program_id(1) * BK
+        rk = k_start + tl.arange(0, BK)
+        k0 = tl.load(seed_ptr).to(tl.uint32)
+        mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
+        keep = _keep_tile(rm, k_start, k0 * 0 + half, k0, mul, k0 * 0 + thresh, BK)
+        ok = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :], mask=ok, other=0.0).to(tl.float32)
+        y = tl.where(keep, x * inv_keep, 0.0)
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_o + rk[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, stride_xm, stride_am, stride_om,
                        half, thresh, inv_keep,
                        DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -776,6 +791,20 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device
     BM, BK = 16, 64
     _mask_kernel[(_cdiv(rows, BM), _cdiv(cols, BK))](out, seed, rows, cols, half, thresh, BM=BM, BK=BK)
     return out.bool()
+
+
+def dropout_apply(x2: Tensor, seed: Tensor, p: float) -> Tensor:
+    """`dropout.apply_dropout(x2, seed, p)` in one pass (the same mask; a kept value x / (1 - p) is rounded once from
+    float32): a new tensor, x2 (M, K) with unit stride in K. The routed Function uses it where the dropped input has
+    to exist as a tensor."""
+    M, K = x2.shape
+    out = torch.empty(M, K, dtype=x2.dtype, device=x2.device)
+    half, thresh, inv_keep = _dropout_args(K, p)
+    BM, BK = 32, 128
+    _launch(_dropout_apply_kernel, (_cdiv(M, BM), _cdiv(K, BK)),
+            (x2, out, seed, M, K, x2.stride(0), out.stride(0), half, thresh, inv_keep),
+            dict(BM=BM, BK=BK, num_warps=4, num_stages=1))
+    return out
 
 
 def shrink(x2: Tensor, A: Tensor, seed: Tensor | None = None, p: float = 0.0, cfg: dict | None = None) -> Tensor:

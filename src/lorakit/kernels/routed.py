@@ -50,8 +50,8 @@ def _routed_forward_triton(x2, rows, weight, bias, A_stack, B_stack, scales, see
     out_f = B_stack.shape[1]
     # Rows routed to no adapter (-1) are left unwritten in xa, and every reader skips them too.
     xa = torch.empty(x2.shape[0], R, dtype=x2.dtype, device=x2.device)
-    _triton.routed_mm(x2 if seed is None else apply_dropout(x2, seed, p), A_stack, (R * in_f, 1, in_f), R, rows,
-                      None, xa, accumulate=False)
+    _triton.routed_mm(x2 if seed is None else _triton.dropout_apply(x2, seed, p), A_stack, (R * in_f, 1, in_f), R,
+                      rows, None, xa, accumulate=False)
     y = F.linear(x2, weight, bias)
     _triton.routed_mm(xa, B_stack, (out_f * R, 1, R), out_f, rows, scales, y, accumulate=True)
     return y, xa
@@ -87,7 +87,7 @@ class RoutedLoraFunction(torch.autograd.Function):
             else:  # the LoRA term goes through the same mask as x did
                 gl = torch.zeros_like(gx)
                 _triton.routed_mm(gxa, A_stack, (R * in_f, in_f, 1), in_f, rows, None, gl, accumulate=True)
-                gx += apply_dropout(gl, seed, ctx.p)
+                gx += _triton.dropout_apply(gl, seed, ctx.p)
         if need[2]:
             gW = gy.t() @ x2
         if ctx.bias_grad:
@@ -95,7 +95,7 @@ class RoutedLoraFunction(torch.autograd.Function):
         # Per-row partial sums, then summed into their adapters (-1 rows go to a dropped extra slot).
         slot = torch.where(rows >= 0, rows, n)
         if need[4]:
-            xd = x2 if seed is None else apply_dropout(x2, seed, ctx.p)  # what A saw
+            xd = x2 if seed is None else _triton.dropout_apply(x2, seed, ctx.p)  # what A saw
             parts = _triton.routed_outer(gxa, xd, rows)  # (batch, R, in)
             gA = torch.zeros(n + 1, R, in_f, dtype=torch.float32, device=x2.device).index_add_(0, slot, parts)[:n]
             gA = gA.to(A_stack.dtype)
