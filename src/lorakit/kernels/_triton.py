@@ -87,18 +87,6 @@ if triton is not None:
         return u >= thresh
 
     @triton.jit
-    def _mask_kernel(out_ptr, seed_ptr, M, K, half, thresh, BM: tl.constexpr, BK: tl.constexpr):
-        # Materializes the mask; used by tests to check the kernels against `dropout.keep_mask`.
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        k_start = tl.program_id(1) * BK
-        rk = k_start + tl.arange(0, BK)
-        k0 = tl.load(seed_ptr).to(tl.uint32)
-        mul = tl.load(seed_ptr + 1).to(tl.uint32) | 1
-        keep = _keep_tile(rm, k_start, k0 * 0 + half, k0, mul, k0 * 0 + thresh, BK)
-        tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8),
-                 mask=(rm[:, None] < M) & (rk[None, :] < K))
-
-    @triton.jit
     def _dropout_apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_x, stride_o, half, thresh, inv_keep,
                               BM: tl.constexpr, BK: tl.constexpr):
         # out = dropout(x) with the mask of `dropout.keep_mask`: x * (1 / (1 - p)) where kept, rounded once.
@@ -785,12 +773,8 @@ def _dropout_args(cols: int, p: float) -> tuple[int, int, float]:
 
 
 def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
-    """The kernels' keep-mask as a (rows, cols) bool tensor (for tests)."""
-    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
-    half, thresh, _ = _dropout_args(cols, p)
-    BM, BK = 16, 64
-    _mask_kernel[(_cdiv(rows, BM), _cdiv(cols, BK))](out, seed, rows, cols, half, thresh, BM=BM, BK=BK)
-    return out.bool()
+    """The kernels' keep-mask as a (rows, cols) bool tensor (for tests): where `dropout_apply` keeps a one."""
+    return dropout_apply(torch.ones(rows, cols, device=device), seed, p) != 0
 
 
 def dropout_apply(x2: Tensor, seed: Tensor, p: float) -> Tensor:
