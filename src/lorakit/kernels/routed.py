@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import _triton
 from .dropout import apply_dropout, new_seed
+from .linear import _check_p
 
 
 def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -158,8 +159,7 @@ def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Seque
     use_triton = backend != "torch" and _triton.available_for(x) and x.dtype in _TRITON_DTYPES
     if backend == "triton" and not use_triton:
         raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU).")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_linear_routed: dropout must be in [0, 1), got {dropout}.")
+    _check_p(dropout, "lora_linear_routed")
     if training and dropout > 0:
         seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
     else:
