@@ -115,6 +115,27 @@ def test_routed_serving_stacks_once_and_sees_weight_changes(monkeypatch):
     assert not torch.allclose(first, changed)
 
 
+def test_routed_training_sees_a_changed_scale():
+    """The fused routed path keeps the scales on the device between calls; a changed scale is used at once."""
+    from lorakit.kernels import reference_lora_linear_routed
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
+    lk.inject(model, lk.LoraConfig(r=2, alpha=2, targets="all-linear"), name="b")
+    randomize(model, std=0.2)
+    layer = model[0]
+    a, b = layer.adapters["a"], layer.adapters["b"]
+    x = torch.randn(3, 5, 24)
+    rows = torch.tensor([1, 0, -1])
+    lk.set_fast_path("on")
+    with lk.route(model, ["b", "a", None]):
+        for scale in (a.scale, 7.0, 7.0, 0.5):
+            a.scale = scale
+            ref = reference_lora_linear_routed(x, layer.weight, layer.bias, [a.lora_A, b.lora_A],
+                                               [a.lora_B, b.lora_B], [a.scale, b.scale], rows)
+            torch.testing.assert_close(model(x), ref)
+
+
 def test_routed_training_with_dropout_takes_the_fused_path_with_the_seeds_mask(monkeypatch):
     from lorakit.kernels import keep_mask, new_seed, reference_lora_linear_routed
     from lorakit.layers import LoraLayer

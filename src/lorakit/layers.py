@@ -302,9 +302,9 @@ class LoraLinear(LoraLayer):
             stacks = self._served_stacks(routed)
             if stacks is not None and p == 0:  # serving: stacks checked once, no per-call validation
                 return kernels.routed.routed_prepared(x, weight, bias, *stacks, rows)
-            A, B, scales = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed]) + (
-                torch.tensor([a.scale for a in routed], dtype=torch.float32, device=x.device),)
-            return kernels.lora_linear_routed(x, weight, bias, A, B, scales, rows, dropout=p, training=p > 0)
+            A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
+            return kernels.lora_linear_routed(x, weight, bias, A, B, self._scales(routed, x.device), rows,
+                                              dropout=p, training=p > 0)
         grad = torch.is_grad_enabled()  # without autograd a sibling group computes nothing (SiblingGroup.forward)
         if grad and self.siblings is not None and not torch.compiler.is_compiling():
             y = self.siblings.forward(self, x)
@@ -324,6 +324,15 @@ class LoraLinear(LoraLayer):
     def _weight_out_in(self) -> Tensor:
         weight = _param(self, "weight")
         return weight.t() if self.fan_in_fan_out else weight  # Conv1D stores (in, out)
+
+    def _scales(self, adapters: list[LoraAdapter], device: torch.device) -> Tensor:
+        """The adapters' scales as a float32 tensor on `device`, made again only when one changes: a copy
+        from the host on every call would stop a training step from being captured as a CUDA graph."""
+        key = (device, *(a.scale for a in adapters))
+        cache = self.__dict__.get("_scales_cache")
+        if cache is None or cache[0] != key:
+            cache = self._scales_cache = (key, torch.tensor(key[1:], dtype=torch.float32, device=device))
+        return cache[1]
 
     def _served_stacks(self, routed: list[LoraAdapter]) -> tuple[Tensor, Tensor, Tensor] | None:
         """(A_stack, B_stack, scales) for serving (no autograd): stacked once per route block and
