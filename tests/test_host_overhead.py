@@ -48,7 +48,13 @@ KINDS = {
 }
 
 
-def build(kind: str):
+CUDA = torch.cuda.is_available()
+# On a GPU, one row per call: the fast path's eager decode, which repeats a launch worked out once
+# (`SmallPlan`); the cases check that it serves nothing stale either.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+
+
+def build(kind: str, device: str = "cpu"):
     torch.manual_seed(0)
     make_base, kwargs = KINDS[kind]
     model = One(make_base()).eval()
@@ -56,7 +62,7 @@ def build(kind: str):
     lk.inject(model, lk.LoraConfig(r=3, alpha=3, targets=["proj"], **kwargs), name="b")
     lk.set_adapter(model, "default")
     randomize(model, std=0.5)
-    return model, model.proj
+    return model.to(device), model.proj
 
 
 def expected(layer, x):
@@ -86,7 +92,8 @@ def expected(layer, x):
 
 def check(model, layer, grad: bool, changed_from: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's next output equals `expected` bit for bit (same dropout seed for both)."""
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(7)).to(layer.weight.dtype)
+    rows = 1 if layer.weight.is_cuda else 3
+    x = torch.randn(rows, 8, generator=torch.Generator().manual_seed(7)).to(layer.weight.device, layer.weight.dtype)
     with torch.set_grad_enabled(grad):
         torch.manual_seed(11)
         y = model(x)
@@ -174,7 +181,7 @@ CHANGES = {
     "lora_A edited in place": edit_in_place(default_adapter, "lora_A"),
     "lora_B edited in place": edit_in_place(default_adapter, "lora_B"),
     "weight edited in place": edit_in_place(lambda layer: layer, "weight"),
-    "bias set": lambda model, layer: setattr(layer, "bias", nn.Parameter(torch.full((6,), 0.3))),
+    "bias set": lambda model, layer: setattr(layer, "bias", nn.Parameter(torch.full((6,), 0.3, device=layer.weight.device))),
     "state loaded": load_other_state,
     "to(float64)": to_double(None),
     "to(float64), new parameters": to_double("overwrite"),
@@ -184,13 +191,14 @@ CHANGES = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("change", list(CHANGES))
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_next_call_sees_the_change(change, kind, mode, grad):
+def test_next_call_sees_the_change(change, kind, mode, grad, device):
     lk.set_fast_path(mode)
-    model, layer = build(kind)
+    model, layer = build(kind, device)
     for _ in range(3):
         before = check(model, layer, grad)
     CHANGES[change](model, layer)
@@ -198,12 +206,13 @@ def test_next_call_sees_the_change(change, kind, mode, grad):
     check(model, layer, grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_state_round_trips_show_on_every_call(kind, mode, grad):
+def test_state_round_trips_show_on_every_call(kind, mode, grad, device):
     lk.set_fast_path(mode)
-    model, layer = build(kind)
+    model, layer = build(kind, device)
     adapted = check(model, layer, grad)
     with lk.disabled(model):
         base = check(model, layer, grad, changed_from=adapted)
@@ -289,3 +298,48 @@ def test_inference_under_torch_compile_has_no_graph_break(mode):
         compiled = torch.compile(model, backend="aot_eager")(input_ids=ids).logits
     assert not torch._dynamo.utils.counters["graph_break"]
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_decode_repeats_its_launch_and_takes_the_general_path_when_it_does_not_fit(monkeypatch, dtype):
+    """After the first token, an adapted linear's decode call is the plan's one launch (no `lora_linear`), with
+    the same bits; another input shape, autocast or a copied model take the general path, also exact."""
+    torch.manual_seed(0)
+    model = One(nn.Linear(256, 320)).eval()
+    lk.inject(model, lk.LoraConfig(r=8, alpha=16, targets=["proj"]))
+    randomize(model, std=0.1)
+    model.to("cuda", dtype)
+    layer = model.proj
+    a = layer.adapters["default"]
+
+    def want(x):
+        return kernels.lora_linear(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale)
+
+    x1 = torch.randn(1, 1, 256, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(model(x1), want(x1))
+        plan = layer.__dict__.get("_small_plan")
+        assert plan is not None
+        general = []
+        real = kernels.lora_linear
+        monkeypatch.setattr(kernels, "lora_linear", lambda *args, **kw: general.append(1) or real(*args, **kw))
+        for _ in range(3):
+            x = torch.randn(1, 1, 256, device="cuda", dtype=dtype)
+            assert torch.equal(model(x), real(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale))
+        assert general == [] and layer._small_plan is plan
+        a.lora_B.mul_(-3)  # in place: the same plan, the new values
+        assert torch.equal(model(x1), real(x1, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale))
+        assert general == []
+        if dtype == torch.bfloat16:  # more rows (float32 takes cuBLAS there); then one row again
+            x4 = torch.randn(2, 2, 256, device="cuda", dtype=dtype)
+            assert torch.equal(model(x4), real(x4, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale))
+            assert general == [1] and layer._small_plan is not plan
+        xt = torch.randn(256, 1, device="cuda", dtype=dtype).t().unsqueeze(0)  # (1, 1, 256), other strides
+        assert torch.equal(model(xt), real(xt, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale))
+        with torch.autocast("cuda", dtype=torch.float16):
+            got = model(x1)
+            assert torch.equal(got, real(x1, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale))
+        copied = copy.deepcopy(model)
+        assert copied.proj.__dict__.get("_small_plan") is None
+        assert torch.equal(copied(x1), model(x1))

@@ -284,8 +284,17 @@ class LoraLinear(LoraLayer):
             a = self._modules["adapters"]._modules.get(self.active[0])
             if a is not None:
                 A, B, scale, p = a.operands()
-                return kernels.lora_linear(x, self._weight_out_in(), _param(self, "bias"), A, B, scale, p,
-                                           self.training)
+                weight, bias = _param(self, "weight"), _param(self, "bias")
+                if self.fan_in_fan_out or (p > 0 and self.training) or not x.is_cuda or torch.compiler.is_compiling():
+                    return kernels.lora_linear(x, self._weight_out_in(), bias, A, B, scale, p, self.training)
+                # Eager decode: the launch worked out on the first token is repeated for the next ones
+                # (`SmallPlan`), skipping most of the per-call Python; None where it does not serve.
+                plan = self.__dict__.get("_small_plan")
+                y = plan(x, weight, bias, A, B, scale) if plan is not None else None
+                if y is None:
+                    y = kernels.lora_linear(x, weight, bias, A, B, scale)
+                    self._small_plan = kernels.decode_plan(x, weight, bias, A, B, scale)
+                return y
         weight, bias = self._weight_out_in(), _param(self, "bias")
         if self.routing is not None:
             if x.shape[0] != len(self.routing):

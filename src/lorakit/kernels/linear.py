@@ -548,6 +548,19 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
 
 
+def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
+    """A `_triton.SmallPlan` that repeats what `lora_linear(x, weight, bias, A, B, scale)` just did for this
+    inference call (one `lora_small` launch), or None where that is not the path it took."""
+    dt = x.dtype
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not (A.dtype == dt and B.dtype == dt) \
+            or not _lean_dtypes(x, (weight,), (bias,)) or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1]:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _small_ok(x2, A, B, bias):
+        return None
+    return _triton.small_plan(x, weight, bias, A, B, float(scale))
+
+
 def _on_merged_weight(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """F.linear(x, W + scale * B @ A, bias), the merged weight formed in a scratch tensor and rounded once
     (as `lk.merge` rounds it); `weight` itself is not written."""
