@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import weakref
 
 import torch
 from torch import Tensor
@@ -1059,21 +1058,20 @@ class SmallPlan:
     for the base model's `nn.Linear`: checks and tile arithmetic in `lora_linear` and `lora_small`, two
     allocations and the launch's cache key, every token. A plan keeps what those compute (tile sizes,
     grid, the compiled kernel, a workspace and counters of its own stream) and `__call__` launches the
-    kernel directly. It serves only an input of the shape, strides, dtype and 16-byte alignment it was
-    made for, with the very same weight, bias, A, B (same tensors, same storage) and scale, on the same
-    stream, outside CUDA graph capture; for anything else it returns None and the caller takes the
-    general path. In-place changes of the tensors need no new plan (the kernel reads them at launch).
+    kernel directly, with the tensors it is given. It serves only operands of the layout it was made for
+    (device, shape, strides, dtype and 16-byte alignment of the input, weight, bias, A and B) and the same
+    scale, on the same stream, outside CUDA graph capture; for anything else it returns None and the
+    caller takes the general path. It holds no reference to the operands.
     """
 
-    __slots__ = ("shape", "stride", "dtype", "aligned", "tensors", "layout", "scale", "stream", "device",
+    __slots__ = ("shape", "stride", "dtype", "aligned", "index", "layout", "scale", "stream", "device",
                  "out_shape", "grid", "split", "fixed_args", "compiled", "tail", "ws", "cnt")
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                  scale: float) -> Tensor | None:
-        t = self.tensors
-        if not (x.shape == self.shape and x.dtype == self.dtype and weight is t[0]() and bias is t[1]()
-                and A is t[2]() and B is t[3]() and scale == self.scale and x.stride() == self.stride
-                and (x.data_ptr() & 15 == 0) == self.aligned and self.layout == _layout(weight, bias, A, B)):
+        if not (x.shape == self.shape and x.dtype == self.dtype and scale == self.scale and x.stride() == self.stride
+                and (x.data_ptr() & 15 == 0) == self.aligned and x.get_device() == self.index
+                and self.layout == _layout(weight, bias, A, B)):
             return None
         device = self.device
         if _stream_handle(device) != self.stream or torch.cuda.is_current_stream_capturing() \
@@ -1091,7 +1089,7 @@ class SmallPlan:
               rt.launch_enter_hook, rt.launch_exit_hook, *args)
         return out
 
-    def __reduce__(self):  # a copied or pickled module gets no plan (it holds a compiled kernel, weak refs)
+    def __reduce__(self):  # a copied or pickled module gets no plan (it holds a compiled kernel)
         return _none, ()
 
     def __deepcopy__(self, memo):
@@ -1099,11 +1097,10 @@ class SmallPlan:
 
 
 def _layout(weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> tuple:
-    """Where and how the operands lie (storage, shape, strides, dtype): a plan made for one layout serves no
-    other, even for the same tensor objects (`param.data = ...`)."""
-    return (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, A.data_ptr(), A.shape, A.stride(),
-            A.dtype, B.data_ptr(), B.shape, B.stride(), B.dtype, None if bias is None else
-            (bias.data_ptr(), bias.shape, bias.stride(), bias.dtype))
+    """What a launch is made for besides the input: each operand's device, shape, strides, dtype and 16-byte
+    alignment. The launch reads the tensors it is given, so any tensors of this layout are served right."""
+    return tuple(None if t is None else (t.get_device(), t.shape, t.stride(), t.dtype, t.data_ptr() & 15 == 0)
+                 for t in (weight, bias, A, B))
 
 
 def _none() -> None:
@@ -1130,10 +1127,9 @@ def small_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
         return None
     plan = SmallPlan()
     plan.shape, plan.stride, plan.dtype, plan.aligned = x.shape, x.stride(), x.dtype, x.data_ptr() & 15 == 0
-    plan.tensors = tuple(weakref.ref(t) if t is not None else _none for t in (weight, bias, A, B))
     plan.layout = _layout(weight, bias, A, B)
     plan.scale = scale
-    plan.device, plan.stream = device, _stream_handle(device)
+    plan.device, plan.index, plan.stream = device, x.get_device(), _stream_handle(device)
     plan.out_shape = (*x.shape[:-1], N)
     plan.grid = grid + (1,) * (3 - len(grid))
     plan.split, plan.ws, plan.cnt = split, ws, cnt
