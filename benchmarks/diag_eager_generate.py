@@ -30,6 +30,7 @@ import torch
 import lorakit as lk
 import lorakit.kernels as K
 from bench_train import SHAPES, build
+from diag_host import host_us
 
 
 def main() -> None:
@@ -101,17 +102,6 @@ def main() -> None:
     a = q.adapters["default"]
     x = torch.randn(1, 1, shape["hidden_size"], device="cuda", dtype=torch.bfloat16)
 
-    def host_us(fn, n: int = 2000) -> float:
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = (time.perf_counter() - t) / n * 1e6
-        torch.cuda.synchronize()
-        return dt
-
     calls = {
         "nn.Linear (base)": lambda: qb(x),
         "LoraLinear (plan)": lambda: q(x),
@@ -120,7 +110,7 @@ def main() -> None:
     }
     with torch.no_grad():
         for label, fn in calls.items():
-            print(f"  {label:<20} {min(host_us(fn) for _ in range(3)):7.2f} us of host time a call", flush=True)
+            print(f"  {label:<20} {min(host_us(fn, 2000) for _ in range(3)):7.2f} us of host time a call", flush=True)
 
 
 if __name__ == "__main__":
