@@ -784,6 +784,44 @@ TRITON_SCRIPT = textwrap.dedent("""
                 got.append(_triton.lora_small(x, W, b, A, B, 2.0, cfg, compiled=True))
                 assert all(torch.equal(got[0], g) for g in got[1:]), (rows, gemv, split)
                 assert rel(got[0], ref) < tol and rel(got[0], one) < tol, (rows, gemv, split)
+        # q/k/v or gate/up in one launch (`lora_small_group`): with the tiles given, each y_j has the bits of its
+        # own `lora_small`; with the tiles it picks, y_j matches float64
+        for Ns, R, rows, bias, transposed, cfg in [
+                ((72, 24, 24), 16, 1, True, False, None), ((40, 56), 8, 3, False, False, dict(SPLIT=3, BK=32, BN=16)),
+                ((48, 48, 48), 1, 1, False, True, dict(SPLIT=2, BK=32, BN=16)), ((72, 24), 16, 2, True, True, None),
+                ((1, 33, 16), 16, 5, True, False, dict(SPLIT=1, BK=32, BN=16)),
+                ((72, 24), 16, 1, True, False, dict(SPLIT=4, BK=32, BN=16, GEMV=False))]:
+            if dtype == torch.float32 and rows > 1:
+                continue
+            Ws = [(torch.randn(n, 200, device=dev) / 14).to(dtype) for n in Ns]
+            if transposed:
+                Ws = [W.t().contiguous().t() for W in Ws]
+            bs = [torch.randn(n, device=dev, dtype=dtype) if bias else None for n in Ns]
+            As = [(torch.randn(R, 200, device=dev) / 14).to(dtype) for _ in Ns]
+            Bs = [torch.randn(n, R, device=dev, dtype=dtype) for n in Ns]
+            scales = [2.0, 0.5, 1.0][:len(Ns)]
+            x = torch.randn(rows, 200, device=dev, dtype=dtype)
+            ok = _triton.small_group_ok(x, Ws, bs, As, Bs)
+            assert ok == (not transposed or len(set(Ns)) == 1), (Ns, transposed)
+            if not ok:
+                continue
+            ys = _triton.lora_small_group(x, Ws, bs, As, Bs, scales, cfg)
+            again = _triton.lora_small_group(x, Ws, bs, As, Bs, scales, cfg)
+            for j, (W, b_, A, B, s_) in enumerate(zip(Ws, bs, As, Bs, scales)):
+                ref = reference_lora_linear(x.double(), W.double(), None if b_ is None else b_.double(), A.double(),
+                                            B.double(), s_)
+                assert ys[j].shape == ref.shape and ys[j].dtype == dtype and ys[j].is_contiguous(), (Ns, j)
+                assert rel(ys[j], ref) < tol and torch.equal(ys[j], again[j]), (dtype, Ns, rows, j, rel(ys[j], ref))
+                if cfg is not None:
+                    assert torch.equal(ys[j], _triton.lora_small(x, W, b_, A, B, s_, cfg)), (dtype, Ns, rows, j)
+        x = torch.randn(1, 200, device=dev, dtype=dtype)
+        Ws = [torch.randn(n, 200, device=dev, dtype=dtype) for n in (64, 32)]
+        As = [torch.randn(r, 200, device=dev, dtype=dtype) for r in (16, 8)]
+        Bs = [torch.randn(n, r, device=dev, dtype=dtype) for n, r in ((64, 16), (32, 8))]
+        assert not _triton.small_group_ok(x, Ws, [None, None], As, Bs)  # two ranks
+        assert not _triton.small_group_ok(x, Ws, [None, torch.zeros(32, device=dev, dtype=dtype)], As[:1] * 2,
+                                          [Bs[0], Bs[0][:32]])  # a bias on one only
+        assert not _triton.small_group_ok(x, Ws[:1], [None], As[:1], Bs[:1])  # one linear: `lora_small`
     # under torch.compile the fused inference kernel is one opaque op of the graph (lorakit::lora_small)
     calls = []
     small = _triton.lora_small

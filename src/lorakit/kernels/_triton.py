@@ -358,21 +358,19 @@ if triton is not None:
         return xt, wt
 
     @triton.jit
-    def _lora_small_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
-                           stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
-                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        # y (M, N) = x @ W.T + bias + scale * (x @ A.T) @ B.T for few rows M (decode), in one launch.
-        # Program (n, s, m) streams the (BN, KC) block of W at columns s*KC.. and the same columns of
-        # the small A (from L2); both products are linear in x, so its share of y is
+    def _small_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
+                    stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om, blk, pid_n, pid_s, pid_m,
+                    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        # y (M, N) = x @ W.T + bias + scale * (x @ A.T) @ B.T for few rows M (decode): the share of
+        # column block `blk`, K split pid_s and row block pid_m (program pid_n of the launch's column blocks).
+        # It streams the (BN, KC) block of W at columns pid_s*KC.. and the same columns of the small A
+        # (from L2); both products are linear in x, so its share of y is
         #     x_s @ W_s.T + scale * (x_s @ A_s.T) @ B.T         (xa kept float32, its B product in ieee float32)
         # With SPLIT > 1 the shares go to a float32 workspace; the last program of a tile to finish
         # (a counter per tile) adds them in the order s = 0, 1, .. (deterministic), rounds once,
         # writes y and sets the counter back to 0 for the next launch.
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        rn = pid_n * BN + tl.arange(0, BN)
+        rn = blk * BN + tl.arange(0, BN)
         rm = pid_m * BM + tl.arange(0, BM)
         rr = tl.arange(0, BR)
         n_ok = rn < N
@@ -393,6 +391,48 @@ if triton is not None:
         acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
         _small_finish(acc, rm, rn, m_ok, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
                       pid_n, pid_s, pid_m, SPLIT, HAS_BIAS, BM, BN)
+
+    @triton.jit
+    def _gemv_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, R, scale, KC,
+                   stride_wn, stride_wk, stride_am, stride_bn, stride_om, blk, pid_n, pid_s,
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   BR: tl.constexpr):
+        # `_small_tile` for one row (M == 1): products as float32 multiply-adds on whole (BN, BK) tiles
+        # of W, summed over K at the end, instead of tensor-core dots padded to 16 rows.
+        rn = blk * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        n_ok = rn < N
+        r_ok = rr < R
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        xa = tl.zeros((BR, BK), dtype=tl.float32)
+        k_hi = tl.minimum(pid_s * KC + KC, K)
+        for k_start in range(pid_s * KC, k_hi, BK):
+            rk = k_start + tl.arange(0, BK)
+            k_ok = rk < k_hi
+            xk = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk,
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += wt.to(tl.float32) * xk[None, :]
+            xa += at.to(tl.float32) * xk[None, :]
+        y = tl.sum(acc, axis=1)
+        xs = tl.sum(xa, axis=1)
+        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        y += scale * tl.sum(bt.to(tl.float32) * xs[None, :], axis=1)
+        rm = tl.arange(0, 1)
+        _small_finish(y[None, :], rm, rn, rm < 1, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, 1, N, stride_om,
+                      pid_n, pid_s, 0, SPLIT, HAS_BIAS, 1, BN)
+
+    @triton.jit
+    def _lora_small_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
+                           stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
+                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        # One linear, few rows: program (n, s, m) computes `_small_tile`'s share for column block n.
+        pid_n = tl.program_id(0)
+        _small_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, R, scale, KC,
+                    stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om, pid_n, pid_n,
+                    tl.program_id(1), tl.program_id(2), SPLIT, HAS_BIAS, PREC, UPCAST, BM, BN, BK, BR)
 
     @triton.jit
     def _small_finish(acc, rm, rn, m_ok, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
@@ -425,33 +465,43 @@ if triton is not None:
                           stride_xm, stride_wn, stride_wk, stride_am, stride_bn, stride_om,
                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           BR: tl.constexpr):
-        # `_lora_small_kernel` for one row (M == 1): products as float32 multiply-adds on whole (BN, BK)
-        # tiles of W, summed over K at the end, instead of tensor-core dots padded to 16 rows.
+        # One linear, one row (M == 1): program (n, s) computes `_gemv_tile`'s share for column block n.
+        pid_n = tl.program_id(0)
+        _gemv_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, R, scale, KC,
+                   stride_wn, stride_wk, stride_am, stride_bn, stride_om, pid_n, pid_n, tl.program_id(1),
+                   SPLIT, HAS_BIAS, BN, BK, BR)
+
+    @triton.jit
+    def _lora_small_group_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, a0, a1, a2, b0, b1, b2, out0, out1, out2,
+                                 ws_ptr, cnt_ptr, M, N0, N1, N2, NB0, NB1, K, R, s0, s1, s2, KC,
+                                 stride_xm, stride_wn, stride_wk, stride_am, stride_bn,
+                                 J: tl.constexpr, GEMV: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 BK: tl.constexpr, BR: tl.constexpr):
+        # J <= 3 linears reading one x (q/k/v, gate/up) in one launch: the column blocks of y_0 (NB0 of them),
+        # then y_1's (NB1), then y_2's; each program computes its block's share as the one-linear kernels do.
+        # Linear j's split-K partial sums sit in the workspace after those of the linears before it; its tile
+        # counters are the launch's (one per program column). Each y_j is its own (M, N_j) tensor.
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rr = tl.arange(0, BR)
-        n_ok = rn < N
-        r_ok = rr < R
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-        xa = tl.zeros((BR, BK), dtype=tl.float32)
-        k_hi = tl.minimum(pid_s * KC + KC, K)
-        for k_start in range(pid_s * KC, k_hi, BK):
-            rk = k_start + tl.arange(0, BK)
-            k_ok = rk < k_hi
-            xk = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            wt = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk,
-                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            at = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += wt.to(tl.float32) * xk[None, :]
-            xa += at.to(tl.float32) * xk[None, :]
-        y = tl.sum(acc, axis=1)
-        xs = tl.sum(xa, axis=1)
-        bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        y += scale * tl.sum(bt.to(tl.float32) * xs[None, :], axis=1)
-        rm = tl.arange(0, 1)
-        _small_finish(y[None, :], rm, rn, rm < 1, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, 1, N, stride_om,
-                      pid_n, pid_s, 0, SPLIT, HAS_BIAS, 1, BN)
+        zero = pid_n * 0  # the selected values are run-time integers in every branch (Triton may pass 0 / 1 as constants)
+        w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, N, scale = w0, bias0, a0, b0, out0, N0 + zero, s0
+        blk, ws_off = pid_n, zero.to(tl.int64)
+        if J > 1:
+            if pid_n >= NB0:
+                w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, N, scale = w1, bias1, a1, b1, out1, N1 + zero, s1
+                blk, ws_off = pid_n - NB0, (zero + N0).to(tl.int64) * SPLIT * M
+                if J > 2:
+                    if pid_n >= NB0 + NB1:
+                        w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, N, scale = w2, bias2, a2, b2, out2, N2 + zero, s2
+                        blk, ws_off = pid_n - NB0 - NB1, (zero + N0 + N1).to(tl.int64) * SPLIT * M
+        if GEMV:
+            _gemv_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr + ws_off, cnt_ptr, N, K, R, scale, KC,
+                       stride_wn, stride_wk, stride_am, stride_bn, N, blk, pid_n, pid_s, SPLIT, HAS_BIAS, BN, BK, BR)
+        else:
+            _small_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr + ws_off, cnt_ptr, M, N, K, R, scale,
+                        KC, stride_xm, stride_wn, stride_wk, stride_am, stride_bn, N, blk, pid_n, pid_s,
+                        tl.program_id(2), SPLIT, HAS_BIAS, PREC, UPCAST, BM, BN, BK, BR)
 
     @triton.jit
     def _routed_shrink_small_kernel(x_ptr, a_ptr, rows_ptr, xa_ptr, M, K, R, T, KC, stride_xm, stride_aa, stride_ar,
@@ -939,12 +989,16 @@ def _small_config(M: int, N: int, K: int, device: torch.device) -> dict:
     if c is None:
         BN = 16 if N <= 512 else 64
         BK = 128
-        blocks = _cdiv(N, BN)
-        sms = _sm_count(device)
-        want = (3 * sms + blocks // 2) // blocks if M == 1 else sms // blocks
-        split = max(1, min(want, K // (2 * BK)))
+        split = _small_split(M, _cdiv(N, BN), K, BK, device)
         c = _SMALL_CFGS[key] = {"BN": BN, "BK": BK, "SPLIT": split, "num_warps": 4, "num_stages": 3}
     return c
+
+
+def _small_split(M: int, blocks: int, K: int, BK: int, device: torch.device) -> int:
+    """K splits for `blocks` column blocks: about three programs per SM for one row, one for more rows."""
+    sms = _sm_count(device)
+    want = (3 * sms + blocks // 2) // blocks if M == 1 else sms // blocks
+    return max(1, min(want, K // (2 * BK)))
 
 
 def _counters(device: torch.device, n: int) -> Tensor:
@@ -1136,6 +1190,74 @@ def small_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
     plan.fixed_args = full[8:]
     plan.compiled, plan.tail = hit
     return plan
+
+
+def small_group_ok(x2: Tensor, weights, biases, As, Bs) -> bool:
+    """Whether `lora_small_group` serves these operands: 2 or 3 linears whose weights share their strides,
+    dtype and input size, one rank, and biases on all or none (of one dtype); unit last strides as
+    `lora_small` needs them. Float32 serves one row only (as `lora_small`)."""
+    J = len(weights)
+    if not 2 <= J <= 3 or x2.stride(-1) != 1 or (x2.dtype == torch.float32 and x2.shape[0] != 1):
+        return False
+    W0, A0, B0, b0 = weights[0], As[0], Bs[0], biases[0]
+    K, R = x2.shape[1], A0.shape[0]
+    for W, b, A, B in zip(weights, biases, As, Bs):
+        if not (W.dtype == W0.dtype and W.stride() == W0.stride() and W.shape[1] == K and A.shape == (R, K)
+                and A.dtype == A0.dtype and A.stride() == A0.stride() and A.stride(-1) == 1
+                and B.shape == (W.shape[0], R) and B.dtype == B0.dtype and B.stride(0) == B0.stride(0)
+                and B.stride(-1) == 1 and (b is None) == (b0 is None)
+                and (b is None or (b.dtype == b0.dtype and b.stride(0) == 1 and b.shape == (W.shape[0],)))):
+            return False
+    return True
+
+
+def _small_group_setup(x2: Tensor, weights, biases, As, Bs, scales, cfg: dict | None = None):
+    """(kernel, grid, split, consts, args(outs, ws, cnt)) of one `lora_small_group` launch."""
+    M, K = x2.shape
+    J = len(weights)
+    Ns = [W.shape[0] for W in weights]
+    R = As[0].shape[0]
+    BM = min(_pow2(M), 64)
+    c = {**_small_config(M, max(Ns), K, x2.device), **(cfg or {})}  # tiles as for the widest linear
+    BN, BK = c["BN"], min(c["BK"], _pow2(K))
+    nbs = [_cdiv(n, BN) for n in Ns]
+    blocks = sum(nbs)
+    split = c["SPLIT"] if cfg and "SPLIT" in cfg else _small_split(M, blocks, K, BK, x2.device)
+    split = max(1, min(split, _cdiv(K, BK)))
+    KC = _cdiv(_cdiv(K, split), BK) * BK
+    split = _cdiv(K, KC)  # no empty splits
+    grid = (blocks, split, _cdiv(M, BM))
+    gemv = M == 1 and c.get("GEMV", True)
+    consts = dict(J=J, GEMV=gemv, SPLIT=split, HAS_BIAS=biases[0] is not None, PREC=_prec(x2.dtype),
+                  UPCAST=interpreting(), BM=BM, BN=BN, BK=BK, BR=_pow2(R), num_warps=c["num_warps"],
+                  num_stages=c["num_stages"])
+    pad = (None,) * (3 - J)
+    bias_args = tuple(biases) if biases[0] is not None else (x2,) * J
+    fixed = (M, *Ns, *(0,) * (3 - J), nbs[0], nbs[1] if J > 1 else 0, K, R,
+             *(float(s) for s in scales), *(0.0,) * (3 - J), KC, x2.stride(0), weights[0].stride(0),
+             weights[0].stride(1), As[0].stride(0), Bs[0].stride(0))
+
+    def args(outs, ws, cnt):
+        return (x2, *weights, *pad, *bias_args, *pad, *As, *pad, *Bs, *pad, *outs, *pad, ws, cnt, *fixed)
+    return _lora_small_group_kernel, grid, split, consts, args
+
+
+def lora_small_group(x2: Tensor, weights, biases, As, Bs, scales, cfg: dict | None = None) -> list[Tensor]:
+    """`lora_small` for 2 or 3 linears that read the same x2 (q/k/v, gate/up) in one launch: a new (M, N_j)
+    tensor y_j = x2 @ weights[j].T + biases[j] + scales[j] * (x2 @ As[j].T) @ Bs[j].T for each. The operands
+    must pass `small_group_ok`. `cfg` overrides the tile sizes (tests, benchmarks)."""
+    M = x2.shape[0]
+    outs = [torch.empty(M, W.shape[0], dtype=x2.dtype, device=x2.device) for W in weights]
+    if M == 0:
+        return outs
+    kernel, grid, split, consts, args = _small_group_setup(x2, weights, biases, As, Bs, scales, cfg)
+    if split > 1:
+        ws = torch.empty(split * M * sum(W.shape[0] for W in weights), dtype=torch.float32, device=x2.device)
+        cnt = _counters(x2.device, grid[0] * grid[2])
+    else:
+        ws = cnt = outs[0]
+    _launch(kernel, grid, args(outs, ws, cnt), consts)
+    return outs
 
 
 def routed_small_ok(x2: Tensor, A_stack: Tensor, B_stack: Tensor, bias: Tensor | None) -> bool:
