@@ -7,7 +7,8 @@ Two things the per-linear fused Function cannot see on its own, set up by `lk.in
   from a forward pass, which of them are called with the very same tensor object; from then
   on, in training (with autograd), the first of those computes all of their outputs in one `lora_linear_group` call (x read
   once, one concatenated A, one dropout mask on x shared by the group, input gradients summed
-  in place) and the others pick theirs up. A call that does not fit the learned pattern
+  in place) and the others pick theirs up. With `DECODE_GROUPS` on, eager inference with few rows
+  (decode) does the same in one launch of `kernels.decode_group`. A call that does not fit the learned pattern
   (another tensor, x changed in place, grad mode or adapter state changed) computes alone, so
   the outputs are always those of the plain per-module forward (up to the shared mask).
 
@@ -55,12 +56,16 @@ class SiblingGroup:
         self._pending: tuple[weakref.ref, int, bool, dict[int, Tensor]] | None = None
         self.hits = 0
         self.misses = 0
+        self._plan = None  # a decode launch of the learned members (`_decode`)
+        self._passes = 0
+        self._refused = None  # (shape, dtype, pass): `_decode` did not serve such an input; tries again from pass
 
     def __repr__(self) -> str:
         return f"SiblingGroup({len(self.members)} members, learned={self.learned}, enabled={self.enabled})"
 
     def begin_pass(self) -> None:
         self._pending = None
+        self._passes += 1
         if self.learned is None and self._candidate is not None:
             self.learned = self._candidate
         if self.misses > 16 and self.misses * 2 > self.hits:
@@ -68,13 +73,16 @@ class SiblingGroup:
 
     def forward(self, member: nn.Module, x: Tensor) -> Tensor | None:
         """member's output if the group has it or makes it now; None: compute it alone."""
-        if not self.enabled or not torch.is_grad_enabled():
-            return None  # inference: the per-linear path is already three ops; grouping saves nothing
+        if not self.enabled:
+            return None
+        grad = torch.is_grad_enabled()
+        if not grad and not (DECODE_GROUPS and _decodes(x)):
+            return None  # inference with many rows: the per-linear path is one GEMM each; grouping saves nothing
         i = self.members.index(member)
         pending = self._pending
         if pending is not None:
-            ref, version, grad, outs = pending
-            if ref() is x and x._version == version and grad == torch.is_grad_enabled() and i in outs:
+            ref, version, was_grad, outs = pending
+            if ref() is x and x._version == version and was_grad == grad and i in outs:
                 y = outs.pop(i)
                 if not outs:
                     self._pending = None
@@ -87,12 +95,12 @@ class SiblingGroup:
             return None
         if self.learned[0] != i:
             return None
-        ys = self._run(x)
+        ys = self._run(x) if grad else self._decode(x)
         if ys is None:
             return None
         outs = dict(zip(self.learned, ys))
         y = outs.pop(i)
-        self._pending = (weakref.ref(x), x._version, torch.is_grad_enabled(), outs)
+        self._pending = (weakref.ref(x), x._version, grad, outs)
         return y
 
     def _observe(self, i: int, x: Tensor) -> None:
@@ -126,6 +134,56 @@ class SiblingGroup:
         return lora_linear_group(x, weights, [layer.bias for layer in layers], [a.lora_A for a in adapters],
                                  [a.full_B() for a in adapters], [a.scale for a in adapters], p, training,
                                  recompute=recipe_of(x))
+
+
+    def _decode(self, x: Tensor) -> list[Tensor] | None:
+        """Inference with few rows (decode): all learned members' outputs in one launch
+        (`kernels.decode_group`), repeated from the second call on by a plan; None where it does not serve."""
+        weights, biases, As, Bs, scales = [], [], [], [], []
+        refused = self._refused
+        if refused is not None and refused[0] == x.shape and refused[1] == x.dtype and self._passes < refused[2]:
+            return None
+        for j in self.learned:
+            layer = self.members[j]
+            if layer.disabled or layer.routing is not None or layer.merged or len(layer.active) != 1 \
+                    or layer.fan_in_fan_out:
+                return None
+            a = layer._modules["adapters"]._modules.get(layer.active[0])
+            if a is None:
+                return None
+            A, B, scale, p = a.operands()
+            if p > 0 and layer.training:
+                return None
+            params = layer._parameters
+            weights.append(params["weight"] if "weight" in params else layer.weight)
+            biases.append(params["bias"] if "bias" in params else layer.bias)
+            As.append(A)
+            Bs.append(B)
+            scales.append(float(scale))
+        plan = self._plan
+        ys = plan(x, weights, biases, As, Bs, scales) if plan is not None else None
+        if ys is None:
+            from .kernels import decode_group, decode_group_plan
+
+            ys = decode_group(x, weights, biases, As, Bs, scales)
+            self._plan = None if ys is None else decode_group_plan(x, weights, biases, As, Bs, scales)
+            if ys is None:  # not served (adapters in another dtype, say): inputs like x try again some passes later
+                self._refused = (x.shape, x.dtype, self._passes + 64)
+        return ys
+
+
+#: Eager inference with few rows (decode): the learned siblings' outputs in one launch (q/k/v, gate/up), on
+#: CUDA or under the Triton interpreter. Off by default until measured on a GPU (BENCHMARKS.md).
+DECODE_GROUPS = False
+
+
+def _decodes(x: Tensor) -> bool:
+    """Whether x is a decode call the group kernel can take: few rows, on CUDA (eager, not under capture) or
+    on CPU under the Triton interpreter."""
+    from .kernels import _triton
+
+    return x.numel() <= _triton.SMALL_MAX_ROWS * x.shape[-1] and _triton.available_for(x) \
+        and not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def group_siblings(model: nn.Module) -> None:

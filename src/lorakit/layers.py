@@ -279,14 +279,21 @@ class LoraLinear(LoraLayer):
             return super().forward(x)
         kernels = _kernels or _import_kernels()
         if self.routing is None and not self.merged and len(self.active) == 1 and not torch.is_grad_enabled():
-            # Inference with one adapter (decode): what the general path below does in this case,
-            # minus what needs autograd (sibling groups, recompute recipes). Nothing is cached.
+            # Inference with one adapter (decode): what the general path below does in this case, without
+            # what only autograd needs (recompute recipes). The launches are repeated from plans (below).
             a = self._modules["adapters"]._modules.get(self.active[0])
             if a is not None:
                 A, B, scale, p = a.operands()
                 weight, bias = _param(self, "weight"), _param(self, "bias")
-                if self.fan_in_fan_out or (p > 0 and self.training) or not x.is_cuda or torch.compiler.is_compiling():
+                if self.fan_in_fan_out or (p > 0 and self.training) or torch.compiler.is_compiling():
                     return kernels.lora_linear(x, self._weight_out_in(), bias, A, B, scale, p, self.training)
+                siblings = self.siblings
+                if siblings is not None:  # q/k/v or gate/up in one launch (`SiblingGroup._decode`) where it serves
+                    y = siblings.forward(self, x)
+                    if y is not None:
+                        return y
+                if not x.is_cuda:
+                    return kernels.lora_linear(x, weight, bias, A, B, scale)
                 # Eager decode: the launch worked out on the first token is repeated for the next ones
                 # (`SmallPlan`), skipping most of the per-call Python; None where it does not serve.
                 plan = self.__dict__.get("_small_plan")
@@ -314,7 +321,7 @@ class LoraLinear(LoraLayer):
             A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
             return kernels.lora_linear_routed(x, weight, bias, A, B, self._scales(routed, x.device), rows,
                                               dropout=p, training=p > 0)
-        grad = torch.is_grad_enabled()  # without autograd a sibling group computes nothing (SiblingGroup.forward)
+        grad = torch.is_grad_enabled()  # without autograd a sibling group computes only decode calls
         if grad and self.siblings is not None and not torch.compiler.is_compiling():
             y = self.siblings.forward(self, x)
             if y is not None:

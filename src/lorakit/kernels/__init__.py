@@ -12,8 +12,9 @@ dropout masks defined in `dropout.py` and regenerated in backward rather than st
 """
 
 from .dropout import keep_mask, new_seed
-from .linear import (LoraLinearFunction, LoraLinearShared, LoraLinearSingle, decode_plan, lora_linear, lora_linear_group,
-                     lora_linear_multi, lora_linears, mark_recomputable, recipe_of, rms_norm_apply)
+from .linear import (LoraLinearFunction, LoraLinearShared, LoraLinearSingle, decode_group, decode_group_plan,
+                     decode_plan, lora_linear, lora_linear_group, lora_linear_multi, lora_linears, mark_recomputable,
+                     recipe_of, rms_norm_apply)
 from .reference import reference_lora_linear, reference_lora_linear_multi, reference_lora_linear_routed
 from .routed import lora_linear_routed, stack_adapters
 

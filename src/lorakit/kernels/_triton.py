@@ -744,12 +744,7 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
         compiled, args = hit[0], args + hit[1]
         grid = grid + (1,) * (3 - len(grid))  # the compiled kernel's launcher reads 3 dims
         if _RUNTIME:
-            # what `compiled[grid](*args)` does, with Triton's device and stream functions looked up once
-            get_device, get_stream, rt = _RUNTIME
-            stream = get_stream(get_device())
-            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                         compiled.launch_metadata(grid, stream, *args), rt.launch_enter_hook, rt.launch_exit_hook,
-                         *args)
+            _run(compiled, grid, args)
         else:
             compiled[grid](*args)
         return
@@ -765,6 +760,14 @@ def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
 # (get_current_device, get_current_stream, the runtime knobs) of Triton's active driver, looked up on the
 # first direct launch; () where this Triton's compiled kernels do not have the launcher they expect.
 _RUNTIME = None
+
+
+def _run(compiled, grid: tuple, args: tuple) -> None:
+    """What `compiled[grid](*args)` does (grid of 3), with Triton's device and stream functions looked up once."""
+    get_device, get_stream, rt = _RUNTIME
+    stream = get_stream(get_device())
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *args), rt.launch_enter_hook, rt.launch_exit_hook, *args)
 
 
 def _resolve_runtime(compiled) -> None:
@@ -1123,24 +1126,12 @@ class SmallPlan:
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                  scale: float) -> Tensor | None:
-        if not (x.shape == self.shape and x.dtype == self.dtype and scale == self.scale and x.stride() == self.stride
-                and (x.data_ptr() & 15 == 0) == self.aligned and x.get_device() == self.index
-                and self.layout == _layout(weight, bias, A, B)):
+        if not (scale == self.scale and _fits(self, x) and self.layout == _layout(weight, bias, A, B)):
             return None
-        device = self.device
-        if _stream_handle(device) != self.stream or torch.cuda.is_current_stream_capturing() \
-                or torch.is_autocast_enabled("cuda"):
-            return None
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
-        split = self.split
-        ws, cnt = (self.ws, self.cnt) if split > 1 else (out, out)
-        args = (x, weight, x if bias is None else bias, A, B, out, ws, cnt, *self.fixed_args, *self.tail)
-        grid = self.grid
-        get_device, get_stream, rt = _RUNTIME
-        stream = get_stream(get_device())
-        c = self.compiled
-        c.run(grid[0], grid[1], grid[2], stream, c.function, c.packed_metadata, c.launch_metadata(grid, stream, *args),
-              rt.launch_enter_hook, rt.launch_exit_hook, *args)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        ws, cnt = (self.ws, self.cnt) if self.split > 1 else (out, out)
+        _run(self.compiled, self.grid, (x, weight, x if bias is None else bias, A, B, out, ws, cnt, *self.fixed_args,
+                                        *self.tail))
         return out
 
     def __reduce__(self):  # a copied or pickled module gets no plan (it holds a compiled kernel)
@@ -1148,6 +1139,22 @@ class SmallPlan:
 
     def __deepcopy__(self, memo):
         return None
+
+
+def _fits(plan, x: Tensor) -> bool:
+    """Whether a plan's launch serves input x now: x's shape, strides, dtype, 16-byte alignment and device as
+    when the plan was made, the same current stream, no CUDA graph capture and no autocast."""
+    return (x.shape == plan.shape and x.dtype == plan.dtype and x.stride() == plan.stride
+            and (x.data_ptr() & 15 == 0) == plan.aligned and x.get_device() == plan.index
+            and _stream_handle(plan.device) == plan.stream and not torch.cuda.is_current_stream_capturing()
+            and not torch.is_autocast_enabled("cuda"))
+
+
+def _plan_for(plan, x: Tensor):
+    """Fill the fields `_fits` reads from x and the current stream; returns the plan."""
+    plan.shape, plan.stride, plan.dtype, plan.aligned = x.shape, x.stride(), x.dtype, x.data_ptr() & 15 == 0
+    plan.device, plan.index, plan.stream = x.device, x.get_device(), _stream_handle(x.device)
+    return plan
 
 
 def _layout(weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> tuple:
@@ -1179,11 +1186,9 @@ def small_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
     hit = _COMPILED.get((kernel, device, _specs(full), tuple(consts.items())))
     if hit is None:
         return None
-    plan = SmallPlan()
-    plan.shape, plan.stride, plan.dtype, plan.aligned = x.shape, x.stride(), x.dtype, x.data_ptr() & 15 == 0
+    plan = _plan_for(SmallPlan(), x)
     plan.layout = _layout(weight, bias, A, B)
     plan.scale = scale
-    plan.device, plan.index, plan.stream = device, x.get_device(), _stream_handle(device)
     plan.out_shape = (*x.shape[:-1], N)
     plan.grid = grid + (1,) * (3 - len(grid))
     plan.split, plan.ws, plan.cnt = split, ws, cnt
@@ -1258,6 +1263,62 @@ def lora_small_group(x2: Tensor, weights, biases, As, Bs, scales, cfg: dict | No
         ws = cnt = outs[0]
     _launch(kernel, grid, args(outs, ws, cnt), consts)
     return outs
+
+
+class SmallGroupPlan:
+    """`lora_small_group` for one sibling group in eager decode, worked out once: what `SmallPlan` is to
+    `lora_small`, with the same rule (operands of the layout it was made for, the same scales and stream,
+    outside capture and autocast; else None). It holds no reference to the operands."""
+
+    __slots__ = ("shape", "stride", "dtype", "aligned", "index", "layout", "scales", "stream", "device",
+                 "out_shapes", "grid", "split", "has_bias", "pad", "fixed_args", "compiled", "tail", "ws", "cnt")
+
+    def __call__(self, x: Tensor, weights, biases, As, Bs, scales) -> list[Tensor] | None:
+        if not (scales == self.scales and _fits(self, x)
+                and self.layout == tuple(map(_layout, weights, biases, As, Bs))):
+            return None
+        dtype, device, pad = self.dtype, self.device, self.pad
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape in self.out_shapes]
+        ws, cnt = (self.ws, self.cnt) if self.split > 1 else (outs[0], outs[0])
+        _run(self.compiled, self.grid, (x, *weights, *pad, *(biases if self.has_bias else (x,) * len(weights)), *pad,
+                                        *As, *pad, *Bs, *pad, *outs, *pad, ws, cnt, *self.fixed_args, *self.tail))
+        return outs
+
+    def __reduce__(self):
+        return _none, ()
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+def small_group_plan(x: Tensor, weights, biases, As, Bs, scales) -> SmallGroupPlan | None:
+    """A `SmallGroupPlan` for calls like `lora_small_group(x.reshape(-1, in), weights, biases, As, Bs, scales)`,
+    once that call has run (compiled the kernel), or None where the direct launch does not serve."""
+    if not (_DIRECT["on"] and _RUNTIME and x.is_cuda and x.is_contiguous()):
+        return None
+    x2 = x.view(-1, x.shape[-1])
+    M, Ns = x2.shape[0], [W.shape[0] for W in weights]
+    if M == 0 or torch.cuda.is_current_stream_capturing():
+        return None
+    kernel, grid, split, consts, args = _small_group_setup(x2, weights, biases, As, Bs, scales)
+    device = x.device
+    ws = _workspace(device, split * M * sum(Ns)) if split > 1 else None
+    cnt = _counters(device, grid[0] * grid[2]) if split > 1 else None
+    outs = [torch.empty(M, n, dtype=x.dtype, device=device) for n in Ns]
+    full = args(outs, ws if ws is not None else outs[0], cnt if cnt is not None else outs[0])
+    hit = _COMPILED.get((kernel, device, _specs(full), tuple(consts.items())))
+    if hit is None:
+        return None
+    plan = _plan_for(SmallGroupPlan(), x)
+    plan.layout = tuple(map(_layout, weights, biases, As, Bs))
+    plan.scales = list(scales)
+    plan.out_shapes = [(*x.shape[:-1], n) for n in Ns]
+    plan.grid = grid
+    plan.split, plan.ws, plan.cnt = split, ws, cnt
+    plan.has_bias, plan.pad = biases[0] is not None, (None,) * (3 - len(weights))
+    plan.fixed_args = full[18:]  # after x, 3 weights, 3 biases, 3 A, 3 B, 3 outputs, ws, cnt
+    plan.compiled, plan.tail = hit
+    return plan
 
 
 def routed_small_ok(x2: Tensor, A_stack: Tensor, B_stack: Tensor, bias: Tensor | None) -> bool:

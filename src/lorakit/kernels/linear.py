@@ -561,6 +561,29 @@ def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     return _triton.small_plan(x, weight, bias, A, B, float(scale))
 
 
+def decode_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], As: Sequence[Tensor],
+                 Bs: Sequence[Tensor], scales: Sequence[float]) -> list[Tensor] | None:
+    """`lora_linear(x, weights[j], biases[j], As[j], Bs[j], scales[j])` for 2 or 3 linears reading x (q/k/v,
+    gate/up), inference with few rows: one launch (`_triton.lora_small_group`) instead of one per linear.
+    None where that kernel does not serve (then call `lora_linear` per linear)."""
+    dt = x.dtype
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _lean_dtypes(x, weights, biases) \
+            or any(A.dtype != dt for A in As) or any(B.dtype != dt for B in Bs) \
+            or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1] or x.numel() == 0:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if not (_small_ok(x2, As[0], Bs[0], biases[0]) and _triton.small_group_ok(x2, weights, biases, As, Bs)):
+        return None
+    lead = x.shape[:-1]
+    return [y.view(*lead, y.shape[-1]) for y in _triton.lora_small_group(x2, weights, biases, As, Bs, scales)]
+
+
+def decode_group_plan(x: Tensor, weights, biases, As, Bs, scales):
+    """A `_triton.SmallGroupPlan` that repeats what `decode_group(x, ...)` just did (call it after a call that
+    did not return None), or None where the direct launch does not serve."""
+    return _triton.small_group_plan(x, weights, biases, As, Bs, [float(s) for s in scales])
+
+
 def _on_merged_weight(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """F.linear(x, W + scale * B @ A, bias), the merged weight formed in a scratch tensor and rounded once
     (as `lk.merge` rounds it); `weight` itself is not written."""
