@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -119,3 +121,14 @@ def write_sft_file(path):
     rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in words for _ in range(4)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def run_under_interpreter(script: str, done: str) -> None:
+    """Run `script` (with DEVICE set to "cpu") in a fresh Python under TRITON_INTERPRET=1, which Triton reads
+    when it compiles a kernel, and check that it printed `done`."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script.replace("DEVICE", '"cpu"')], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and done in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,15 +8,13 @@ from a plan after its first call.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from lorakit.kernels import _triton
+from models import run_under_interpreter
 
 SCRIPT = textwrap.dedent("""
 import copy
@@ -123,12 +121,7 @@ print("GROUPS-OK")
 
 @pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
 def test_decode_groups_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.replace("DEVICE", '"cpu"')], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "GROUPS-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_under_interpreter(SCRIPT, "GROUPS-OK")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or _triton.triton is None, reason="needs a CUDA GPU and Triton")

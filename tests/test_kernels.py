@@ -10,9 +10,6 @@ subprocess (the interpreter is chosen when Triton compiles, so it needs a fresh 
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,6 +19,7 @@ from lorakit.kernels import (keep_mask, lora_linear, lora_linear_group, lora_lin
                              mark_recomputable, new_seed, recipe_of, reference_lora_linear,
                              reference_lora_linear_multi, reference_lora_linear_routed)
 from lorakit.kernels import _triton
+from models import run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -903,12 +901,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT.replace("DEVICE", '"cpu"')], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_under_interpreter(TRITON_SCRIPT, "TRITON-OK")
 
 
 @pytest.mark.skipif(not CUDA or _triton.triton is None, reason="needs a CUDA GPU and Triton")
