@@ -83,7 +83,8 @@ for dtype, batch, tol in ((torch.float32, 1, 1e-5), (torch.bfloat16, 3, 2e-2)):
         assert counts["group"] == 4 and all(p is not None for p in plans), (counts, plans)
     else:
         assert counts["group"] == 4 * STEPS, counts
-    assert counts["small"] == 4 * STEPS + (2 * 7 if dtype != torch.float32 else 0), counts
+    # o and down: on CUDA from the per-linear plans the first run made, but for the first step after a prefill
+    assert counts["small"] == 4 * (1 if dev == "cuda" else STEPS) + (2 * 7 if dtype != torch.float32 else 0), counts
     assert all(g.hits > 0 and g.misses == 0 for g in groups_of(model))
     again = run(model, ids, steps, True)
     # plans (CUDA) and general launches give the same bits; so does the grouped prefill of the bfloat16 case

@@ -166,9 +166,10 @@ class SiblingGroup:
             from .kernels import decode_group, decode_group_plan
 
             ys = decode_group(x, weights, biases, As, Bs, scales)
-            self._plan = None if ys is None else decode_group_plan(x, weights, biases, As, Bs, scales)
             if ys is None:  # not served (adapters in another dtype, say): inputs like x try again some passes later
                 self._refused = (x.shape, x.dtype, self._passes + 64)
+            else:
+                self._plan = decode_group_plan(x, weights, biases, As, Bs, scales)
         return ys
 
 
