@@ -135,14 +135,13 @@ class SiblingGroup:
                                  [a.full_B() for a in adapters], [a.scale for a in adapters], p, training,
                                  recompute=recipe_of(x))
 
-
     def _decode(self, x: Tensor) -> list[Tensor] | None:
         """Inference with few rows (decode): all learned members' outputs in one launch
         (`kernels.decode_group`), repeated from the second call on by a plan; None where it does not serve."""
-        weights, biases, As, Bs, scales = [], [], [], [], []
         refused = self._refused
         if refused is not None and refused[0] == x.shape and refused[1] == x.dtype and self._passes < refused[2]:
             return None
+        weights, biases, As, Bs, scales = [], [], [], [], []
         for j in self.learned:
             layer = self.members[j]
             if layer.disabled or layer.routing is not None or layer.merged or len(layer.active) != 1 \
