@@ -1004,6 +1004,13 @@ def _small_split(M: int, blocks: int, K: int, BK: int, device: torch.device) -> 
     return max(1, min(want, K // (2 * BK)))
 
 
+def _k_chunks(K: int, BK: int, split: int) -> tuple[int, int]:
+    """(KC, splits): K cut into at most `split` chunks of KC columns, a multiple of BK, none of them empty."""
+    split = max(1, min(split, _cdiv(K, BK)))
+    KC = _cdiv(_cdiv(K, split), BK) * BK
+    return KC, _cdiv(K, KC)
+
+
 def _counters(device: torch.device, n: int) -> Tensor:
     """Zeroed int32 tile counters for `lora_small`'s split reduction, one buffer per device and stream
     (every launch leaves them at zero again; two streams must not share them). A buffer outgrown is
@@ -1060,9 +1067,7 @@ def _small_setup(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: 
     if cfg:
         c = dict(c, **cfg)
     BK = min(c["BK"], _pow2(K))
-    split = max(1, min(c["SPLIT"], _cdiv(K, BK)))
-    KC = _cdiv(_cdiv(K, split), BK) * BK
-    split = _cdiv(K, KC)  # no empty splits
+    KC, split = _k_chunks(K, BK, c["SPLIT"])
     grid = (_cdiv(N, c["BN"]), split, _cdiv(M, BM))
     if M == 1 and c.get("GEMV", True):
         kernel, consts = _lora_gemv_kernel, dict(SPLIT=split, HAS_BIAS=bias is not None, BN=c["BN"], BK=BK,
@@ -1228,9 +1233,7 @@ def _small_group_setup(x2: Tensor, weights, biases, As, Bs, scales, cfg: dict | 
     nbs = [_cdiv(n, BN) for n in Ns]
     blocks = sum(nbs)
     split = c["SPLIT"] if cfg and "SPLIT" in cfg else _small_split(M, blocks, K, BK, x2.device)
-    split = max(1, min(split, _cdiv(K, BK)))
-    KC = _cdiv(_cdiv(K, split), BK) * BK
-    split = _cdiv(K, KC)  # no empty splits
+    KC, split = _k_chunks(K, BK, split)
     grid = (blocks, split, _cdiv(M, BM))
     gemv = M == 1 and c.get("GEMV", True)
     consts = dict(J=J, GEMV=gemv, SPLIT=split, HAS_BIAS=biases[0] is not None, PREC=_prec(x2.dtype),
@@ -1355,9 +1358,7 @@ def routed_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A_stack: Tenso
             dict(BR=BR, BK=c["XBK"], num_warps=c["xwarps"], num_stages=2))
     BM = _pow2(M)
     BK = min(c["BK"], _pow2(K))
-    split = max(1, min(c["SPLIT"], _cdiv(K, BK)))
-    KC = _cdiv(_cdiv(K, split), BK) * BK
-    split = _cdiv(K, KC)
+    KC, split = _k_chunks(K, BK, c["SPLIT"])
     grid = (_cdiv(N, c["BN"]), split, 1)
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x2.device) if split > 1 else out
