@@ -384,9 +384,8 @@ def split() -> None:
         T._launch = real
         print(f"  split  {name:<26} wrapper {host_us(fn):7.1f} us for {len(calls)} launch(es)", flush=True)
         kernel, grid, args, consts = calls[0]
-        key = (kernel, args[0].base.device if type(args[0]) is T._DESCRIPTOR else args[0].device, T._specs(args),
-               tuple(consts.items()))
-        hit = T._COMPILED.get(key)
+        hit = T._COMPILED.get(T._key(kernel, args[0].base.device if type(args[0]) is T._DESCRIPTOR else args[0].device,
+                                     args, consts))
         g3 = grid + (1,) * (3 - len(grid))
         parts = {"_specs (key)": lambda: T._specs(args), "_launch": lambda: real(kernel, grid, args, consts)}
         if hit is not None:

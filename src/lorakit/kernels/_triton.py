@@ -731,14 +731,20 @@ def _specs(args: tuple) -> tuple:
     return tuple(out)
 
 
+def _key(kernel, device: torch.device, args: tuple, consts: dict) -> tuple:
+    """A direct launch's entry in `_COMPILED`: the kernel, the device, what Triton specializes the arguments on
+    and the constants in call order (the same constants in another order only miss, then hit Triton's own
+    cache)."""
+    return kernel, device, _specs(args), tuple(consts.items())
+
+
 def _launch(kernel, grid: tuple, args: tuple, consts: dict) -> None:
     """kernel[grid](*args, **consts), by the compiled kernel's own launcher once Triton has compiled it."""
     first = args[0].base if _DESCRIPTOR is not None and type(args[0]) is _DESCRIPTOR else args[0]
     if not (_DIRECT["on"] and first.is_cuda):
         kernel[grid](*args, **consts)
         return
-    # consts in call order: the same constants in another order only miss, then hit Triton's own cache
-    key = (kernel, first.device, _specs(args), tuple(consts.items()))
+    key = _key(kernel, first.device, args, consts)
     hit = _COMPILED.get(key)
     if hit is not None:
         compiled, args = hit[0], args + hit[1]
@@ -1188,7 +1194,7 @@ def small_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
     cnt = _counters(device, grid[0] * grid[2]) if split > 1 else None
     out = torch.empty(M, N, dtype=x.dtype, device=device)
     full = args(out, ws if ws is not None else out, cnt if cnt is not None else out)
-    hit = _COMPILED.get((kernel, device, _specs(full), tuple(consts.items())))
+    hit = _COMPILED.get(_key(kernel, device, full, consts))
     if hit is None:
         return None
     plan = _plan_for(SmallPlan(), x)
@@ -1309,7 +1315,7 @@ def small_group_plan(x: Tensor, weights, biases, As, Bs, scales) -> SmallGroupPl
     cnt = _counters(device, grid[0] * grid[2]) if split > 1 else None
     outs = [torch.empty(M, n, dtype=x.dtype, device=device) for n in Ns]
     full = args(outs, ws if ws is not None else outs[0], cnt if cnt is not None else outs[0])
-    hit = _COMPILED.get((kernel, device, _specs(full), tuple(consts.items())))
+    hit = _COMPILED.get(_key(kernel, device, full, consts))
     if hit is None:
         return None
     plan = _plan_for(SmallGroupPlan(), x)
