@@ -173,7 +173,8 @@ class SiblingGroup:
 
 
 #: Eager inference with few rows (decode): the learned siblings' outputs in one launch (q/k/v, gate/up), on
-#: CUDA or under the Triton interpreter. Off by default until measured on a GPU (BENCHMARKS.md).
+#: CUDA or under the Triton interpreter. Off by default: correct on the GPU, but no faster than the per-linear
+#: plans in eager decoding on an H100 host (BENCHMARKS.md, inference run 15).
 DECODE_GROUPS = False
 
 
