@@ -6,6 +6,9 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
           vs lk.route: GPU ms, host ms per forward, and the top GPU kernels of each
 
   step:   cProfile of eager lorakit training steps (4 layers of the 1.1B shape), by function
+  host-step: host ms of a whole eager training step (1.1B shape, 22 layers, AdamW) at batch 1 x 1024, where
+          the GPU is not what the step waits for: the frozen floor against lorakit (all 7 linears, dropout
+          0.05), two rounds of 10 steps; then a cProfile of 3 lorakit steps
   split:  where the host time of one Triton launch goes (lorakit's key, Triton's launcher, its parts)
           for the kernels of a training step and of decode; the host cost of a few tensor ops
   gc:     eager lorakit training steps of the 1.1B shape: host ms per step against the time Python's
@@ -19,7 +22,8 @@ Diagnostics for the device machine (CUDA), printed as plain lines:
   generate: compiled `generate` (static cache) of the 1.1B shape, base and unmerged, stopped after
           16, 64 and 160 tokens of one compiled cache size: per-token slope and fixed cost of each
 
-    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [split] [gc] [cli] [calls] [generate]
+    PYTHONPATH=src python benchmarks/diag_host.py [launch] [launch-triton] [route] [step] [host-step] [split] [gc]
+        [cli] [calls] [generate]
 """
 
 from __future__ import annotations
@@ -145,6 +149,53 @@ def route() -> None:
             measure("lk.route, 32 adapters", model)
         with lk.route(model, [names[i % 4] for i in range(32)]):
             measure("lk.route, 4 adapters", model)
+
+
+def host_step() -> None:
+    """Host ms of an eager training step of the whole 1.1B shape at batch 1 x 1024 (GPU work of some 20 ms, so the
+    step waits for the host): the frozen floor and lorakit, as bench_train.py prepares them."""
+    import cProfile
+    import gc
+    import pstats
+
+    from bench_train import SHAPES, build, prepare
+
+    shape = dict(SHAPES["1b"], batch=1)
+    ids = torch.randint(0, shape["vocab_size"], (1, shape["seq"]), device="cuda")
+    for case in ("floor", "lorakit"):
+        model, params, _ = prepare(case, build(shape, None, "cuda"), 16, 32)
+        model.train()
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        for _ in range(4):
+            step()
+        torch.cuda.synchronize()
+        for rnd in range(2):
+            hs = []
+            for _ in range(10):
+                h = time.perf_counter()
+                step()
+                hs.append((time.perf_counter() - h) * 1e3)
+                torch.cuda.synchronize()
+            print(f"  {case:<8} round {rnd}: host ms per step {statistics.median(hs):.1f} (min {min(hs):.1f})",
+                  flush=True)
+        if case == "lorakit":
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            prof.disable()
+            print(f"  -- {case}: host time of 3 steps by function (own time, cProfile)")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        del model, params, opt
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def step_profile() -> None:
@@ -537,7 +588,7 @@ if __name__ == "__main__":
             _triton._DIRECT["on"] = direct
             print(f"  -- direct launches {'on' if direct else 'off'}")
             launch()
-    for name, fn in (("route", route), ("step", step_profile), ("cli", cli_step), ("calls", calls),
-                     ("split", split), ("gc", gc_steps), ("generate", generate_scaling)):
+    for name, fn in (("route", route), ("step", step_profile), ("host-step", host_step), ("cli", cli_step),
+                     ("calls", calls), ("split", split), ("gc", gc_steps), ("generate", generate_scaling)):
         if name in parts:
             fn()
