@@ -202,6 +202,12 @@ def test_merge_generate_eval_convert(tiny_model, sft_file, tmp_path, capsys):
     assert "[a]" in text and "[base]" in text
     assert main(["generate", "--model", str(merged), "--prompt", "Say red:", "--max-new-tokens", "3",
                  "--num-beams", "2"]) == 0
+    capsys.readouterr()
+    greedy = ["generate", "--model", str(merged), "--prompt", "Say red:", "--max-new-tokens", "4"]
+    assert main(greedy) == 0
+    want = capsys.readouterr().out
+    assert main(greedy + ["--sample", "--top-k", "1", "--temperature", "2.0"]) == 0  # one token left: greedy's
+    assert capsys.readouterr().out == want
     assert main(["eval", "--model", str(tiny_model), "--adapter", str(out / "adapter"), "--eval-file", str(sft_file),
                  "--eval-generate", "false"]) == 0
     text = capsys.readouterr().out

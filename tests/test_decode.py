@@ -67,10 +67,10 @@ def test_one_decoder_serves_batches_of_other_lengths_and_sizes():
         assert torch.equal(decoder(ids, mask, new, eos_token_id=95, pad_token_id=0),
                            reference(model, ids, mask, new, eos=95))
     # one static cache (and graph) per batch size, while the prompts and new tokens fit
-    assert sorted(decoder._sessions) == [(2, 32, False), (3, 32, False)]
+    assert sorted(decoder._sessions) == [(2, 32, False, False), (3, 32, False, False)]
     ids, mask = prompts(3, 30, 4)
     assert torch.equal(decoder(ids, mask, 12, eos_token_id=95, pad_token_id=0), reference(model, ids, mask, 12, eos=95))
-    assert sorted(decoder._sessions) == [(2, 32, False), (3, 32, False), (3, 64, False)]
+    assert sorted(decoder._sessions) == [(2, 32, False, False), (3, 32, False, False), (3, 64, False, False)]
     ids, mask = prompts(3, 20, 5)  # 30 positions: the cache of 32 serves
     assert torch.equal(decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0), reference(model, ids, mask, 10, eos=95))
     assert len(decoder._sessions) == 3
@@ -138,7 +138,9 @@ def test_bad_calls_name_the_fix():
 def test_what_it_does_not_decode_is_named():
     model = adapted("llama")
     assert decode_unsupported(model, {"do_sample": False, "num_beams": 1, "max_new_tokens": 4}) is None
-    assert decode_unsupported(model, {"do_sample": True}) == "sampling"
+    assert decode_unsupported(model, {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9}) is None
+    assert "min_p" in decode_unsupported(model, {"do_sample": True, "min_p": 0.1})
+    assert "temperature" in decode_unsupported(model, {"temperature": 0.7})  # without sampling generate ignores it
     assert decode_unsupported(model, {"num_beams": 4}) == "beam search"
     assert "repetition_penalty" in decode_unsupported(model, {"repetition_penalty": 1.2})
     before = model.generation_config.no_repeat_ngram_size
@@ -163,10 +165,10 @@ def test_captured_steps_give_the_eager_tokens_on_gpu(kind):
     for seed, length in ((0, 7), (1, 7), (2, 12)):  # later batches replay the step captured for the first
         ids, mask = prompts(length=length, seed=seed, device="cuda")
         got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0)
-        assert decoder._sessions[(3, 32, False)].graph is not None
+        assert decoder._sessions[(3, 32, False, False)].graph is not None
         assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0))
         assert torch.equal(got, reference(model, ids, mask, 16, eos=95))
-    assert list(decoder._sessions) == [(3, 32, False)]  # one capture served all three
+    assert list(decoder._sessions) == [(3, 32, False, False)]  # one capture served all three
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -182,7 +184,7 @@ def test_captured_routed_steps_follow_each_batchs_adapters_on_gpu():
         assert torch.equal(got, eager(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names))
         want = routed_reference(model, ids, mask, 16, names) if names else reference(model, ids, mask, 16, eos=95)
         assert torch.equal(got, want)
-        graph = decoder._sessions[(3, 32, names is not None)].graph
+        graph = decoder._sessions[(3, 32, names is not None, False)].graph
         graphs += [] if any(graph is g for g in graphs) else [graph]
     assert decoder.eager_reason is None
     assert len(graphs) == 2  # one step captured for the three routings, one without routing
@@ -192,5 +194,123 @@ def test_captured_routed_steps_follow_each_batchs_adapters_on_gpu():
                 p.mul_(-3)
     names = ["other", "default", "other"]
     got = decoder(ids, mask, 16, eos_token_id=95, pad_token_id=0, adapters=names)
-    assert not any(decoder._sessions[(3, 32, True)].graph is g for g in graphs)
+    assert not any(decoder._sessions[(3, 32, True, False)].graph is g for g in graphs)
     assert torch.equal(got, routed_reference(model, ids, mask, 16, names))
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+def generates_probs(logits, temperature, top_k, top_p):
+    """The probabilities model.generate(do_sample=True) samples from: transformers' own warpers, in its order."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 50, 1.0), (0.7, 10, 0.9), (1.3, 0, 0.5), (0.5, 3, 1.0),
+                                                       (1.0, 0, 0.05), (2.0, 20, 0.97)])
+def test_sampling_keeps_what_generates_warpers_keep(temperature, top_k, top_p):
+    from lorakit.decode import sampling_probs
+
+    logits = torch.randn(16, 80, generator=torch.Generator().manual_seed(1)) * 3
+    want = generates_probs(logits, temperature, top_k, top_p)
+    probs, order = sampling_probs(logits, temperature, top_k, top_p)
+    got = torch.zeros_like(probs).scatter_(-1, order, probs)
+    got = got / got.sum(-1, keepdim=True)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got, want, atol=1e-6)
+    # the same with the settings as 0-d tensors (what a captured step reads)
+    probs_t, _ = sampling_probs(logits, torch.tensor(temperature), torch.tensor(top_k), torch.tensor(top_p))
+    assert torch.equal(probs_t, probs)
+
+
+def test_draws_follow_the_filtered_distribution():
+    from lorakit.decode import sample_tokens
+
+    n = 40000
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, 3.0, 0.0]).expand(n, 8)
+    want = generates_probs(logits[:1], 0.8, 5, 0.9)[0]
+    torch.manual_seed(0)
+    tokens = sample_tokens(logits, 0.8, 5, 0.9)
+    freq = torch.bincount(tokens, minlength=8).double() / n
+    assert torch.all(freq[want == 0] == 0)  # nothing outside the top-k / top-p set
+    sigma = (want * (1 - want) / n).sqrt()
+    assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (freq, want)
+    torch.manual_seed(0)
+    assert torch.equal(sample_tokens(logits, 0.8, 5, 0.9), tokens)  # torch's generator decides
+
+
+def test_sampled_decoding_follows_the_models_distribution():
+    model = adapted("llama")
+    decoder = lk.Decoder(model)
+    ids, mask = prompts()
+    # top_k=1 leaves one token: the greedy ones
+    assert torch.equal(decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, do_sample=True, top_k=1),
+                       reference(model, ids, mask, 10, eos=95))
+    runs = []
+    for seed in (0, 0, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(decoder(ids, mask, 10, pad_token_id=0, do_sample=True, temperature=1.5, top_k=0))
+    assert torch.equal(runs[0], runs[1]) and not (torch.equal(runs[0], runs[2]) and torch.equal(runs[0], runs[3]))
+    assert_sampling_rates(model, decoder, ids[:1])
+
+
+def assert_sampling_rates(model, decoder, prompt):
+    """One prompt many times: the first new token (the prefill's pick) and, after the most frequent first token,
+    the second (a decode step's pick) come at the rates of the model's softmax, as generate filters it."""
+    n, t, p = 4000, 0.15, 0.95
+    one = prompt.expand(n, -1)
+    torch.manual_seed(3)
+    out = decoder(one, torch.ones_like(one), 2, pad_token_id=0, do_sample=True, temperature=t, top_p=p)
+    P = prompt.shape[1]
+    with torch.no_grad():
+        first = generates_probs(model(prompt).logits[:, -1].float(), t, 50, p)[0]
+    top = int(torch.bincount(out[:, P], minlength=first.numel()).argmax())
+    rows = out[out[:, P] == top]
+    with torch.no_grad():
+        second = generates_probs(model(rows[:1, :P + 1]).logits[:, -1].float(), t, 50, p)[0]
+    for tokens, want in ((out[:, P], first), (rows[:, P + 1], second)):
+        freq = torch.bincount(tokens, minlength=want.numel()).double() / tokens.numel()
+        assert torch.all(freq[want == 0] == 0)
+        sigma = (want.double() * (1 - want.double()) / tokens.numel()).sqrt()
+        assert torch.all((freq - want.double()).abs() <= 5 * sigma + 1e-12), (freq, want)
+    assert rows.shape[0] > 200, rows.shape
+
+
+def test_bad_sampling_settings_name_the_fix():
+    model = adapted("llama")
+    ids, mask = prompts()
+    decoder = lk.Decoder(model)
+    with pytest.raises(lk.ConfigError, match="temperature > 0"):
+        decoder(ids, mask, 4, do_sample=True, temperature=0)
+    with pytest.raises(lk.ConfigError, match="top_k"):
+        decoder(ids, mask, 4, do_sample=True, top_k=-1)
+    with pytest.raises(lk.ConfigError, match="top_p"):
+        decoder(ids, mask, 4, do_sample=True, top_p=0.0)
+    model.generation_config.top_k = 1  # the model's own setting applies where the call gives none
+    assert torch.equal(decoder(ids, mask, 6, eos_token_id=95, pad_token_id=0, do_sample=True),
+                       reference(model, ids, mask, 6, eos=95))
+    model.generation_config.min_p = 0.1  # a setting of sampling the decoder does not apply
+    assert "min_p" in decode_unsupported(model, {"do_sample": True})
+    assert decode_unsupported(model, {"do_sample": False}) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_captured_sampling_on_gpu():
+    model = adapted("llama", "cuda")
+    decoder = lk.Decoder(model, cuda_graphs="on", cache_multiple=32)
+    ids, mask = prompts(device="cuda")
+    assert torch.equal(decoder(ids, mask, 12, eos_token_id=95, pad_token_id=0, do_sample=True, top_k=1),
+                       reference(model, ids, mask, 12, eos=95))
+    assert decoder._sessions[(3, 32, False, True)].graph is not None
+    runs = []
+    for seed in (0, 0, 1):  # the replays draw from torch's CUDA generator, seeded as usual
+        torch.manual_seed(seed)
+        runs.append(decoder(ids, mask, 12, pad_token_id=0, do_sample=True, temperature=1.5, top_k=0))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert_sampling_rates(model, decoder, ids[:1])  # the second token is a replay's pick
+    assert decoder._sessions[(4000, 32, False, True)].graph is not None and decoder.eager_reason is None

@@ -9,7 +9,7 @@ from .errors import (AdapterFileError, AdapterNotFoundError, ConfigError, GraphE
                      ShapeMismatchError, StateError, TargetError)
 from .inject import (active_adapters, adapter_names, count_parameters, delete_adapter, disabled, eject,
                      inject, lora_layers, merge, route, set_adapter, trainable_parameters, unmerge)
-from .decode import GreedyDecoder, greedy_decode
+from .decode import Decoder, GreedyDecoder, greedy_decode
 from .graphs import graphed_step, graphed_update
 from .io import load_adapter, save_adapter
 from .layers import set_fast_path
@@ -20,7 +20,7 @@ __all__ = [
     "LoraConfig", "inject", "set_adapter", "disabled", "route", "merge", "unmerge", "eject",
     "save_adapter", "load_adapter", "trainable_parameters", "count_parameters", "delete_adapter",
     "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "graphed_step", "graphed_update",
-    "GreedyDecoder", "greedy_decode",
+    "Decoder", "GreedyDecoder", "greedy_decode",
     "LoraError", "ConfigError", "TargetError", "AdapterNotFoundError", "AdapterFileError",
     "ShapeMismatchError", "StateError", "MergeError", "GraphError",
 ]

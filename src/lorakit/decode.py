@@ -1,4 +1,5 @@
-"""Greedy decoding with a static KV cache; on a GPU every token after the first is one CUDA graph replay.
+"""Greedy decoding and sampling with a static KV cache; on a GPU every token after the first is one CUDA graph
+replay.
 
 Token-by-token decode through `model.generate` is bound by the host: each token runs the whole
 model op by op from Python, and an unmerged adapter adds a launch per adapted linear
@@ -8,8 +9,15 @@ token, so the host enqueues one launch a token. The tokens are those of
 `model.generate(input_ids, attention_mask=..., do_sample=False, max_new_tokens=n)`; rows that
 reach an end-of-sequence token continue with padding, and decoding stops once every row has.
 
-    decoder = lk.GreedyDecoder(model)           # reuse it across batches: one graph per batch shape
+    decoder = lk.Decoder(model)                 # reuse it across batches: one graph per batch shape
     out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens=64)
+    out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens=64, do_sample=True, top_p=0.9)
+
+With `do_sample=True` each token is drawn as `model.generate(do_sample=True)` draws it: the logits divided
+by the temperature, cut to the top_k most likely tokens, then to the smallest set whose probability
+reaches top_p (each setting from the call, else the model's generation config, else transformers'
+default: 1.0, 50, 1.0). The distribution is generate's; the draws, from torch's default generator
+(`torch.manual_seed`), are not the same draws as generate's.
 
 What it needs: a Hugging Face causal LM that runs on transformers' `StaticCache` (Llama, GPT-2,
 Qwen2, Mistral, ...), prompts padded on the left, and nothing that changes the adapters
@@ -19,7 +27,7 @@ the decoder then keeps every adapter of each adapted linear stacked (a copy, hel
 decoder), and one step captured per batch size serves every mix of names; a changed adapter
 tensor (its version moves) is stacked and captured again. `decode_unsupported(model, gen_kwargs)`
 says why a call would not fit.
-Off CUDA (or with cuda_graphs="off") the same steps run eagerly.
+Off CUDA (or with cuda_graphs="off") the same steps run eagerly. `GreedyDecoder` is the same class.
 """
 
 from __future__ import annotations
@@ -38,18 +46,22 @@ _NEUTRAL = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token
             "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
             "output_hidden_states", "num_beams", "compile_config", "disable_compile"}
 _CALL_KEYS = {"max_new_tokens", "pad_token_id", "eos_token_id"}
+_SAMPLING_KEYS = {"temperature", "top_k", "top_p"}
+# generation settings of sampling that the decoder does not apply (greedy picks ignore them)
+_OTHER_SAMPLING = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+# transformers' values for what neither the call nor the model's generation config sets
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # the replays between two reads of "has every row ended?" (each read waits for the GPU)
 _CHECK_EVERY = 8
 
 
 def decode_unsupported(model: nn.Module, gen_kwargs: Mapping[str, Any] | None = None) -> str | None:
-    """Why `GreedyDecoder` would not decode like `model.generate(**gen_kwargs)`, or None when it would."""
+    """Why `Decoder` would not decode like `model.generate(**gen_kwargs)`, or None when it would."""
     gen_kwargs = dict(gen_kwargs or {})
-    if gen_kwargs.pop("do_sample", False):
-        return "sampling"
+    sample = bool(gen_kwargs.pop("do_sample", False))
     if int(gen_kwargs.pop("num_beams", 1)) != 1:
         return "beam search"
-    extra = set(gen_kwargs) - _CALL_KEYS
+    extra = set(gen_kwargs) - _CALL_KEYS - (_SAMPLING_KEYS if sample else set())
     if extra:
         return f"generate() arguments {sorted(extra)}"
     config = getattr(model, "config", None)
@@ -62,8 +74,10 @@ def decode_unsupported(model: nn.Module, gen_kwargs: Mapping[str, Any] | None = 
     from transformers import GenerationConfig
 
     default = GenerationConfig().to_dict()
+    resolved = getattr(GenerationConfig, "_get_default_generation_params", dict)()  # what generate puts for None
+    neutral = _NEUTRAL - _OTHER_SAMPLING if sample else _NEUTRAL
     changed = sorted(k for k, v in model.generation_config.to_dict().items()
-                     if k not in _NEUTRAL and default.get(k, v) != v)
+                     if k not in neutral and default.get(k, v) != v and not (k in resolved and resolved[k] == v))
     if changed:
         return f"the model's generation config sets {changed}"
     if any(getattr(m, "routing", None) is not None for m in model.modules()):
@@ -125,10 +139,11 @@ class _Pins:
 class _Session:
     """The static state of one batch shape: KV cache, step inputs, outputs, and the captured step."""
 
-    def __init__(self, model: nn.Module, batch: int, cache_len: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, batch: int, cache_len: int, device: torch.device,
+                 sample: bool = False) -> None:
         from transformers import StaticCache
 
-        self.model, self.cache_len = model, cache_len
+        self.model, self.cache_len, self.sample = model, cache_len, sample
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)  # layers: `decode_unsupported`
         long = dict(dtype=torch.long, device=device)
         self.mask = torch.ones(batch, cache_len, **long)
@@ -139,6 +154,10 @@ class _Session:
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.eos = torch.zeros(0, **long)
         self.pad = torch.zeros((), **long)
+        # sampling settings, read by the captured step (a call writes its own)
+        self.temperature = torch.ones((), device=device)
+        self.top_k = torch.zeros((), **long)
+        self.top_p = torch.ones((), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.generation = 0  # of the decoder's `_Pins` when a routed step was captured
 
@@ -168,7 +187,8 @@ class _Session:
         self._pick(logits[:, -1])
 
     def _pick(self, logits: Tensor) -> None:
-        nxt = torch.where(self.done, self.pad, logits.argmax(-1))
+        pick = sample_tokens(logits, self.temperature, self.top_k, self.top_p) if self.sample else logits.argmax(-1)
+        nxt = torch.where(self.done, self.pad, pick)
         self.pos.add_(1)
         self.positions.add_(1)
         self.out.index_copy_(1, self.pos, nxt[:, None])
@@ -194,6 +214,30 @@ class _Session:
         self.prefill(input_ids, attention_mask, eos, pad)
 
 
+def sample_tokens(logits: Tensor, temperature: Tensor | float, top_k: Tensor | int, top_p: Tensor | float) -> Tensor:
+    """One token per row of `logits` (batch, vocab), drawn as `model.generate(do_sample=True)` draws it (see
+    `sampling_probs`), from torch's default generator. No host sync (the settings may be 0-d tensors): a CUDA
+    graph can record it."""
+    probs, order = sampling_probs(logits, temperature, top_k, top_p)
+    # p / E with E ~ Exp(1) is largest for token i with probability p_i / sum(p) (the exponential race)
+    race = probs / torch.empty_like(probs).exponential_().clamp_min_(1e-30)
+    return order.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, temperature: Tensor | float, top_k: Tensor | int,
+                   top_p: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(probs, order): the probabilities `model.generate(do_sample=True)` samples from, by token in `order` (most
+    likely first). The logits are divided by `temperature`; the `top_k` most likely are kept (0: all); of
+    those, each whose more likely ones' probabilities sum to less than `top_p` (the first always)."""
+    scores, order = (logits.float() / temperature).sort(-1, descending=True)
+    vocab = scores.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.as_tensor(top_k, device=logits.device)
+    scores = scores.masked_fill(rank >= torch.where(k > 0, k, vocab), float("-inf"))
+    probs = scores.softmax(-1)
+    return probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0), order
+
+
 def _last_logits(model: nn.Module) -> dict:
     """`logits_to_keep=1` where the model takes it: the prefill needs the last position's logits only."""
     import inspect
@@ -201,9 +245,10 @@ def _last_logits(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-class GreedyDecoder:
+class Decoder:
     """`decoder(input_ids, attention_mask, max_new_tokens) -> ids`: greedy decode, as `model.generate`
-    with `do_sample=False` returns it (prompt, then the new tokens). See the module docstring.
+    with `do_sample=False` returns it (prompt, then the new tokens), or with `do_sample=True` sampling
+    as `model.generate(do_sample=True)` samples. See the module docstring.
 
     Args:
         model: a Hugging Face causal LM (adapters injected or not), in eval mode on its device.
@@ -216,12 +261,13 @@ class GreedyDecoder:
     def __init__(self, model: nn.Module, cuda_graphs: str | bool = "auto", cache_multiple: int = 64) -> None:
         why = decode_unsupported(model)
         if why is not None:
-            raise ConfigError(f"GreedyDecoder cannot decode this model: {why}. Use model.generate(...) instead.")
+            raise ConfigError(f"{type(self).__name__} cannot decode this model: {why}. "
+                              "Use model.generate(...) instead.")
         mode = {True: "on", False: "off"}.get(cuda_graphs, cuda_graphs)
         if mode not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use 'auto', 'on' or 'off'.")
         self.model, self.mode, self.cache_multiple = model, mode, int(cache_multiple)
-        self._sessions: dict[tuple[int, int, bool], _Session] = {}
+        self._sessions: dict[tuple[int, int, bool, bool], _Session] = {}
         self._pins: _Pins | None = None
         #: why the last call decoded eagerly on CUDA (a failed capture under "auto"), else None
         self.eager_reason: str | None = None
@@ -229,17 +275,22 @@ class GreedyDecoder:
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 adapters: list[str | None] | None = None) -> Tensor:
+                 adapters: list[str | None] | None = None, do_sample: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None) -> Tensor:
         """Prompts (batch, length), padded on the left -> (batch, length + new tokens).
 
         `adapters`: one adapter name (None: the base model) per prompt, as `lk.route` takes them. One step is
         captured per batch size for every routing (see the module docstring).
+        `do_sample`: draw each token (see the module docstring); `temperature`, `top_k`, `top_p` as
+        `model.generate` takes them, None for the model's generation config (else 1.0, 50, 1.0). One step
+        is captured per batch size for all settings.
         """
         from .layers import LoraLayer
 
         if any(m.routing is not None for m in self.model.modules() if isinstance(m, LoraLayer)):
-            raise ConfigError("GreedyDecoder was called inside lk.route(...): pass the names as adapters=[...] "
-                              "instead (a captured step must not outlive the routing it recorded).")
+            raise ConfigError(f"{type(self).__name__} was called inside lk.route(...): pass the names as "
+                              "adapters=[...] instead (a captured step must not outlive the routing it recorded).")
+        sampling = self._sampling(temperature, top_k, top_p) if do_sample else None
         if adapters is not None:
             from .inject import route
 
@@ -251,13 +302,30 @@ class GreedyDecoder:
             with route(self.model, list(adapters)):
                 try:
                     self._pins.pin(list(adapters), input_ids.device)
-                    return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, True)
+                    return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, True,
+                                        sampling)
                 finally:
                     self._pins.unpin()
-        return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, False)
+        return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, False, sampling)
+
+    def _sampling(self, temperature, top_k, top_p) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) of a sampling call: the call's, else the generation config's, else
+        transformers' defaults; checked."""
+        gc = self.model.generation_config
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        got = {k: v if v is not None else getattr(gc, k, None) for k, v in given.items()}
+        t, k, p = (got[n] if got[n] is not None else _SAMPLING_DEFAULTS[n] for n in ("temperature", "top_k", "top_p"))
+        if not float(t) > 0:
+            raise ConfigError(f"temperature={t}: sampling needs a temperature > 0 (for the most likely token, "
+                              "decode greedily: do_sample=False).")
+        if int(k) != k or k < 0:
+            raise ConfigError(f"top_k={k}: give a whole number >= 0 (0 keeps every token).")
+        if not 0 < float(p) <= 1:
+            raise ConfigError(f"top_p={p}: give a probability in (0, 1] (1 keeps every token).")
+        return float(t), int(k), float(p)
 
     def _decode(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, eos_token_id,
-                pad_token_id, routed: bool) -> Tensor:
+                pad_token_id, routed: bool, sampling: tuple[float, int, float] | None) -> Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ConfigError(f"input_ids has shape {tuple(input_ids.shape)}; pass (batch, prompt length), "
                               "prompts padded on the left.")
@@ -277,7 +345,10 @@ class GreedyDecoder:
         limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
         if limit:
             cache_len = max(min(cache_len, limit), P + max_new_tokens)
-        session = self._session(batch, cache_len, P + max_new_tokens, device, routed)
+        session = self._session(batch, cache_len, P + max_new_tokens, device, routed, sampling is not None)
+        if sampling is not None:
+            for held, value in zip((session.temperature, session.top_k, session.top_p), sampling):
+                held.fill_(value)
         session.prefill(input_ids, attention_mask, eos, pad)
         generation = self._pins.generation if routed else 0
         if session.generation != generation:
@@ -306,14 +377,17 @@ class GreedyDecoder:
         gen = session.out[:, P:P + new]
         return torch.cat([input_ids, _trim(gen, session.done, eos)], 1)
 
-    def _session(self, batch: int, cache_len: int, need: int, device: torch.device, routed: bool) -> _Session:
-        """A session of this batch size (and routed or not) whose cache holds `need` positions and is at most
-        twice as long (a longer cache costs a little attention, a new one a capture), else a new one of
+    def _session(self, batch: int, cache_len: int, need: int, device: torch.device, routed: bool,
+                 sample: bool) -> _Session:
+        """A session of this batch size (routed or not, sampling or not) whose cache holds `need` positions and is
+        at most twice as long (a longer cache costs a little attention, a new one a capture), else a new one of
         `cache_len`."""
-        fits = [(n, s) for (b, n, r), s in self._sessions.items() if b == batch and r == routed and need <= n <= 2 * need]
+        fits = [(n, s) for (b, n, r, d), s in self._sessions.items()
+                if b == batch and r == routed and d == sample and need <= n <= 2 * need]
         if fits:
             return min(fits, key=lambda f: f[0])[1]
-        session = self._sessions[(batch, cache_len, routed)] = _Session(self.model, batch, cache_len, device)
+        session = self._sessions[(batch, cache_len, routed, sample)] = _Session(self.model, batch, cache_len, device,
+                                                                                sample)
         return session
 
     def _graphs(self, device: torch.device) -> bool:
@@ -339,9 +413,12 @@ def _trim(gen: Tensor, done: Tensor, eos: Tensor) -> Tensor:
     return gen[:, :int(first.max()) + 1]
 
 
+GreedyDecoder = Decoder  # its name before it sampled too
+
+
 def greedy_decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
                   eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                   cuda_graphs: str | bool = "auto") -> Tensor:
-    """One batch through `GreedyDecoder(model, cuda_graphs)`: greedy decode with a static KV cache, the decode
+    """One batch through `Decoder(model, cuda_graphs)`: greedy decode with a static KV cache, the decode
     step replayed as a CUDA graph on a GPU. Returns what `model.generate(..., do_sample=False)` returns."""
-    return GreedyDecoder(model, cuda_graphs)(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    return Decoder(model, cuda_graphs)(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)

@@ -187,11 +187,12 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     """Complete each prompt (greedy unless gen_kwargs say otherwise); returns only the new text.
 
     With `adapters`, prompt i goes through adapter adapters[i] (None = base), all in one batch.
-    Greedy decoding on a GPU runs through `lk.GreedyDecoder` (each token one CUDA graph replay;
-    the same tokens as `model.generate`; `adapters` included) unless cuda_graphs is "off"; the rest
-    (sampling, beams, CPU) through `model.generate`.
+    Greedy decoding and sampling (temperature, top_k, top_p) on a GPU run through `lk.Decoder` (each token
+    one CUDA graph replay; greedy: the same tokens as `model.generate`, sampling: the same distribution;
+    `adapters` included) unless cuda_graphs is "off"; the rest (beams, other settings, CPU) through
+    `model.generate`.
     """
-    from .decode import GreedyDecoder, decode_unsupported
+    from .decode import Decoder, decode_unsupported
     from .inject import route
 
     model.eval()
@@ -204,14 +205,16 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     kwargs.update(gen_kwargs)
     decoder = None
     if device.type == "cuda" and cuda_graphs != "off" and decode_unsupported(model, kwargs) is None:
-        decoder = GreedyDecoder(model, cuda_graphs)
+        decoder = Decoder(model, cuda_graphs)
+    sampling = {k: kwargs.get(k) for k in ("temperature", "top_k", "top_p")}
+    sampling["do_sample"] = bool(kwargs["do_sample"])
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             if decoder is not None:
                 out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens, pad_token_id=kwargs["pad_token_id"],
-                              adapters=None if adapters is None else adapters[start:start + batch_size])
+                              adapters=None if adapters is None else adapters[start:start + batch_size], **sampling)
             elif adapters is not None:
                 names = [n for n in adapters[start:start + batch_size] for _ in range(beams)]
                 with route(model, names):
