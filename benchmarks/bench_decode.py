@@ -12,7 +12,7 @@ that, for the base model and with an adapter, the same way:
           token, cache position + 1) captured as a CUDA graph and replayed; ms per token for the
           base model, `lk.inject` unmerged (fused kernel, and the three-op path), merged; plus
           eager `generate` for comparison.
-  library: `lk.GreedyDecoder` (what `lorakit generate` and eval use on a GPU: prefill, then each token one
+  library: `lk.Decoder` (what `lorakit generate` and eval use on a GPU: prefill, then each token one
           CUDA graph replay) against eager `model.generate`, base and `lk.inject` unmerged, batch 1 and 32,
           and 32 (or 4) adapters mixed, one per prompt (`adapters=`, against `generate` under `lk.route`),
           batch 32;
@@ -20,6 +20,9 @@ that, for the base model and with an adapter, the same way:
           first call (which captures), and the share of tokens on which the two agree.
   routed: one linear whose batch rows use different adapters (of 32 or 4), 1 to 32 tokens: the three-launch
           routed path against `_triton.routed_small` (what routed decode runs), with a sweep of its tile sizes.
+  sample: `lk.Decoder` (captured), unmerged, greedy against sampling (temperature 0.8, top_p 0.95, generate's
+          top_k of 50), batch 1 and 32: ms per new token (the slope between 16 and 16 + new tokens, fastest of 3
+          calls), three rounds
   compiled: `generate(cache_implementation="static")`, which transformers runs through torch.compile
           (CUDA graphs), base and unmerged (not in the default parts: it compiles four times).
 
@@ -270,7 +273,7 @@ def part_library(layers: int | None, new: int, reps: int = 5) -> None:
             ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(5))
             mask = torch.ones_like(ids)
-            decoder = lk.GreedyDecoder(model)
+            decoder = lk.Decoder(model)
             def generate(n):
                 with contextlib.ExitStack() as stack:
                     if names:
@@ -300,13 +303,44 @@ def part_library(layers: int | None, new: int, reps: int = 5) -> None:
             rows.append((f"{label}, batch {batch}", per["decoder"], per["generate"], per["generate"] / per["decoder"],
                          per["decoder"] / base[batch], fixed["decoder"], fixed["generate"], first["decoder"], agree))
             print("  " + " ".join(str(round(v, 3)) if isinstance(v, float) else v for v in rows[-1]), flush=True)
-    print(f"\n# lk.GreedyDecoder vs model.generate after a 16-token prompt: ms per new token (the slope between calls "
+    print(f"\n# lk.Decoder vs model.generate after a 16-token prompt: ms per new token (the slope between calls "
           f"of {short} and {new} tokens, median of {reps} calls each), fixed ms per call (prefill, setup), the "
           f"first call (which captures), the share of the {new} tokens on which the two agree")
     print(f"{'case':<20} {'decoder':>8} {'generate':>9} {'speedup':>8} {'x base':>7} {'fixed':>6} {'gen fixed':>9} "
           f"{'1st call':>8} {'agree':>6}")
     for name, d, g, sp, xb, f, gf, first_ms, agree in rows:
         print(f"{name:<20} {d:8.3f} {g:9.3f} {sp:7.2f}x {xb:7.3f} {f:6.1f} {gf:9.1f} {first_ms:8.0f} {agree:6.3f}")
+
+
+def part_sample(layers: int | None, new: int) -> None:
+    import time
+
+    import lorakit as lk
+
+    model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
+    adapt(model)
+    decoder = lk.Decoder(model, cuda_graphs="on")
+    modes = {"greedy": {}, "sample": dict(do_sample=True, temperature=0.8, top_p=0.95)}
+    print("\n# lk.Decoder, unmerged, ms per new token by round: greedy, sampling, and their ratio")
+    for batch in (1, 32):
+        ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
+        mask = torch.ones_like(ids)
+        per: dict[str, list[float]] = {}
+        for _ in range(3):
+            for name, kw in modes.items():
+                decoder(ids, mask, 8, eos_token_id=[], **kw)  # captures on the first call
+                ts: dict[int, list[float]] = {16: [], 16 + new: []}
+                for _ in range(3):
+                    for n in ts:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        decoder(ids, mask, n, eos_token_id=[], **kw)
+                        torch.cuda.synchronize()
+                        ts[n].append(time.perf_counter() - t0)
+                per.setdefault(name, []).append((min(ts[16 + new]) - min(ts[16])) / new * 1e3)
+        ratio = statistics.median(s / g for s, g in zip(per["sample"], per["greedy"]))
+        print(f"  batch {batch}: greedy {[round(x, 3) for x in per['greedy']]}, sampling "
+              f"{[round(x, 3) for x in per['sample']]}, sampling / greedy {ratio:.3f}", flush=True)
 
 
 def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
@@ -432,6 +466,8 @@ def main() -> None:
         part_routed(args.shapes.split(","), not args.no_sweep)
     if "library" in parts:
         part_library(args.layers, args.new_tokens)
+    if "sample" in parts:
+        part_sample(args.layers, args.new_tokens)
     if "compiled" in parts:
         part_compiled(args.layers, args.new_tokens, args.profile)
 
