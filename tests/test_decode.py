@@ -112,6 +112,9 @@ def test_adapters_per_prompt_give_the_tokens_of_generate_under_route(fast):
         got = decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, adapters=names)
         assert decoder._pins.generation > generation
         assert torch.equal(got, routed_reference(model, ids, mask, 10, names))
+        # sampling per prompt's adapter: with one token left (top_k=1) the routed greedy tokens
+        got = decoder(ids, mask, 10, eos_token_id=95, pad_token_id=0, adapters=names, do_sample=True, top_k=1)
+        assert torch.equal(got, routed_reference(model, ids, mask, 10, names))
     finally:
         lk.set_fast_path("auto")
 
