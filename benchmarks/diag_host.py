@@ -151,12 +151,37 @@ def route() -> None:
             measure("lk.route, 4 adapters", model)
 
 
+def step_host_ms(step, n: int) -> list[float]:
+    """Host ms of each of n calls of `step`, the GPU synced after each (so no call waits for an earlier one)."""
+    hs = []
+    for _ in range(n):
+        h = time.perf_counter()
+        step()
+        hs.append((time.perf_counter() - h) * 1e3)
+        torch.cuda.synchronize()
+    return hs
+
+
+def print_cprofile(step, n: int, title: str = "") -> None:
+    """The 30 functions with the most own time over n calls of `step` (cProfile)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+        torch.cuda.synchronize()
+    prof.disable()
+    if title:
+        print(f"  -- {title}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+
+
 def host_step() -> None:
     """Host ms of an eager training step of the whole 1.1B shape at batch 1 x 1024 (GPU work of some 20 ms, so the
     step waits for the host): the frozen floor and lorakit, as bench_train.py prepares them."""
-    import cProfile
     import gc
-    import pstats
 
     from bench_train import SHAPES, build, prepare
 
@@ -176,23 +201,11 @@ def host_step() -> None:
             step()
         torch.cuda.synchronize()
         for rnd in range(2):
-            hs = []
-            for _ in range(10):
-                h = time.perf_counter()
-                step()
-                hs.append((time.perf_counter() - h) * 1e3)
-                torch.cuda.synchronize()
+            hs = step_host_ms(step, 10)
             print(f"  {case:<8} round {rnd}: host ms per step {statistics.median(hs):.1f} (min {min(hs):.1f})",
                   flush=True)
         if case == "lorakit":
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            prof.disable()
-            print(f"  -- {case}: host time of 3 steps by function (own time, cProfile)")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            print_cprofile(step, 3, f"{case}: host time of 3 steps by function (own time, cProfile)")
         del model, params, opt
         gc.collect()
         torch.cuda.empty_cache()
@@ -201,9 +214,6 @@ def host_step() -> None:
 def step_profile() -> None:
     """cProfile of eager lorakit training steps (1.1B layer shapes, 4 layers, batch 8 x 1024): where the
     host time of a step goes, by function (tottime), against the frozen floor's host time."""
-    import cProfile
-    import pstats
-
     import lorakit as lk
     from bench_train import SHAPES, build
 
@@ -224,21 +234,10 @@ def step_profile() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        hs = []
-        for _ in range(5):
-            h = time.perf_counter()
-            step()
-            hs.append((time.perf_counter() - h) * 1e3)
-            torch.cuda.synchronize()
+        hs = step_host_ms(step, 5)
         print(f"  step {'lorakit' if lora else 'floor':<8} host {statistics.median(hs):7.2f} ms (4 layers)", flush=True)
         if lora:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(5):
-                step()
-                torch.cuda.synchronize()
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            print_cprofile(step, 5)
         del model
 
 
