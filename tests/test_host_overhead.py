@@ -301,10 +301,13 @@ def test_inference_under_torch_compile_has_no_graph_break(mode):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eager_decode_repeats_its_launch_and_takes_the_general_path_when_it_does_not_fit(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, adapters", [(torch.float32, None), (torch.bfloat16, None),
+                                             (torch.bfloat16, torch.float32)])
+def test_eager_decode_repeats_its_launch_and_takes_the_general_path_when_it_does_not_fit(monkeypatch, dtype,
+                                                                                         adapters):
     """After the first token, an adapted linear's decode call is the plan's one launch (no `lora_linear`), with
-    the same bits; another input shape, autocast or a copied model take the general path, also exact."""
+    the same bits; another input shape, autocast or a copied model take the general path, also exact. Float32
+    adapters on a bfloat16 model (as `lorakit train` leaves them) get a plan too, with the bits of casting them."""
     torch.manual_seed(0)
     model = One(nn.Linear(256, 320)).eval()
     lk.inject(model, lk.LoraConfig(r=8, alpha=16, targets=["proj"]))
@@ -312,6 +315,12 @@ def test_eager_decode_repeats_its_launch_and_takes_the_general_path_when_it_does
     model.to("cuda", dtype)
     layer = model.proj
     a = layer.adapters["default"]
+    if adapters is not None:
+        a.to(adapters)
+        with torch.no_grad():
+            x = torch.randn(1, 1, 256, device="cuda", dtype=dtype)
+            cast = kernels.lora_linear(x, layer.weight, layer.bias, a.lora_A.to(dtype), a.lora_B.to(dtype), a.scale)
+            assert torch.equal(model(x), cast)
 
     def want(x):
         return kernels.lora_linear(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale)

@@ -782,6 +782,18 @@ TRITON_SCRIPT = textwrap.dedent("""
                 got.append(_triton.lora_small(x, W, b, A, B, 2.0, cfg, compiled=True))
                 assert all(torch.equal(got[0], g) for g in got[1:]), (rows, gemv, split)
                 assert rel(got[0], ref) < tol and rel(got[0], one) < tol, (rows, gemv, split)
+            if dtype != torch.float32:  # float32 adapters: rounded to x's dtype as read, the bits of casting first
+                # (the interpreter truncates float32 to bfloat16 where a GPU rounds to nearest even: close there)
+                same = torch.equal if dev == "cuda" or dtype == torch.float16 else lambda a, b: rel(a, b) < 1e-2
+                A32, B32 = torch.randn(16, 200, device=dev) / 14, torch.randn(72, 16, device=dev)
+                for cfg in (dict(SPLIT=1, BK=32, BN=16, GEMV=gemv), dict(SPLIT=2, BK=32, BN=16, GEMV=gemv), None):
+                    got = _triton.lora_small(x, W, b, A32, B32, 2.0, cfg)
+                    assert same(got, _triton.lora_small(x, W, b, A32.to(dtype), B32.to(dtype), 2.0, cfg)), cfg
+                with torch.no_grad():
+                    got = lora_linear(x, W, b, A32, B32, 2.0)
+                assert same(got, _triton.lora_small(x, W, b, A32.to(dtype), B32.to(dtype), 2.0)), rows
+                ref32 = reference_lora_linear(x.double(), W.double(), b.double(), A32.double(), B32.double(), 2.0)
+                assert rel(got, ref32) < tol, (rows, rel(got, ref32))
         # q/k/v or gate/up in one launch (`lora_small_group`): with the tiles given, each y_j has the bits of its
         # own `lora_small`; with the tiles it picks, y_j matches float64
         for Ns, R, rows, bias, transposed, cfg in [

@@ -367,6 +367,8 @@ if triton is not None:
         # It streams the (BN, KC) block of W at columns pid_s*KC.. and the same columns of the small A
         # (from L2); both products are linear in x, so its share of y is
         #     x_s @ W_s.T + scale * (x_s @ A_s.T) @ B.T         (xa kept float32, its B product in ieee float32)
+        # A and B of another dtype than x (float32 adapters on a bfloat16 model) are rounded to x's dtype as
+        # they are read, as `A.to(x.dtype)` would round them.
         # With SPLIT > 1 the shares go to a float32 workspace; the last program of a tile to finish
         # (a counter per tile) adds them in the order s = 0, 1, .. (deterministic), rounds once,
         # writes y and sets the counter back to 0 for the next launch.
@@ -384,11 +386,11 @@ if triton is not None:
             k_ok = rk < k_hi
             xt, wt = _x_and_w_tiles(x_ptr, w_ptr, rm, rn, rk, m_ok, n_ok, k_ok, stride_xm, stride_wn, stride_wk)
             at = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None], mask=r_ok[None, :] & k_ok[:, None],
-                         other=0.0)
+                         other=0.0).to(x_ptr.dtype.element_ty)
             acc = _dot(xt, wt, acc, PREC, UPCAST)
             xa = _dot(xt, at, xa, PREC, UPCAST)
         bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-        acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
+        acc += scale * tl.dot(xa, bt.to(x_ptr.dtype.element_ty).to(tl.float32), input_precision="ieee")
         _small_finish(acc, rm, rn, m_ok, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
                       pid_n, pid_s, pid_m, SPLIT, HAS_BIAS, BM, BN)
 
@@ -414,11 +416,11 @@ if triton is not None:
                          mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             at = tl.load(a_ptr + rr[:, None] * stride_am + rk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             acc += wt.to(tl.float32) * xk[None, :]
-            xa += at.to(tl.float32) * xk[None, :]
+            xa += at.to(x_ptr.dtype.element_ty).to(tl.float32) * xk[None, :]
         y = tl.sum(acc, axis=1)
         xs = tl.sum(xa, axis=1)
         bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        y += scale * tl.sum(bt.to(tl.float32) * xs[None, :], axis=1)
+        y += scale * tl.sum(bt.to(x_ptr.dtype.element_ty).to(tl.float32) * xs[None, :], axis=1)
         rm = tl.arange(0, 1)
         _small_finish(y[None, :], rm, rn, rm < 1, n_ok, out_ptr, bias_ptr, ws_ptr, cnt_ptr, 1, N, stride_om,
                       pid_n, pid_s, 0, SPLIT, HAS_BIAS, 1, BN)
@@ -1094,7 +1096,9 @@ def lora_small(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """y = x2 @ weight.T + bias + scale * (x2 @ A.T) @ B.T as a new (M, N) tensor, in one launch (M small).
 
     x2 (M, K), A (R, K), B (N, R), bias (N,) or None: unit stride in the last dimension; weight (N, K)
-    any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). `cfg`
+    any strides (a transposed (K, N) weight, as GPT-2's Conv1D keeps it, is read in place). A and B may
+    be of another dtype than x2 (float32 adapters): the kernel rounds them to x2's dtype as it reads them,
+    the bits of `lora_small(x2, ..., A.to(x2.dtype), B.to(x2.dtype), ...)`. `cfg`
     overrides the tile sizes (benchmarks). `fresh_counters`: zeroed tile counters of the call's own
     (one small fill more) instead of the buffer kept across calls, which torch.compile's CUDA graphs
     refuse when it was allocated in their memory pool. `compiled`: the counters of `compiled_counters`

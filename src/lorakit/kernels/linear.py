@@ -522,15 +522,17 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if not _needs_graph(x, weight, bias, A, B) and not drop:
         # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, one GEMM on a
         # scratch merged weight for many, else three ops.
-        if A.dtype != dt or B.dtype != dt:
-            A, B = A.to(dt), B.to(dt)
         x2 = x.reshape(-1, in_f)
         if x2.shape[0] <= _triton.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
-            # traced by torch.compile as one opaque op (`lorakit::lora_small`), so a compiled (and
-            # CUDA-graphed) decode step runs the same kernel
-            small = _small_op if torch.compiler.is_compiling() else _triton.lora_small
-            y = small(x2, weight, bias, A, B, float(scale))
+            if torch.compiler.is_compiling():
+                # traced by torch.compile as one opaque op (`lorakit::lora_small`), so a compiled (and
+                # CUDA-graphed) decode step runs the same kernel
+                y = _small_op(x2, weight, bias, A.to(dt), B.to(dt), float(scale))
+            else:  # adapters of another dtype are rounded to x's inside the kernel, with the same bits
+                y = _triton.lora_small(x2, weight, bias, A, B, float(scale))
             return y.view(*x.shape[:-1], y.shape[-1])
+        if A.dtype != dt or B.dtype != dt:
+            A, B = A.to(dt), B.to(dt)
         if backend == "auto" and _merge_pays(x2.shape[0], weight.shape[0], in_f):
             # Many rows (prefill, batch scoring): W + s * B @ A formed once per call in a scratch
             # weight, rounded once as `lk.merge` would round it, then one GEMM. The adapter stays
@@ -551,9 +553,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
     """A `_triton.SmallPlan` that repeats what `lora_linear(x, weight, bias, A, B, scale)` just did for this
     inference call (one `lora_small` launch), or None where that is not the path it took."""
-    dt = x.dtype
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not (A.dtype == dt and B.dtype == dt) \
-            or not _lean_dtypes(x, (weight,), (bias,)) or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1]:
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _lean_dtypes(x, (weight,), (bias,)) \
+            or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1]:
         return None
     x2 = x.reshape(-1, x.shape[-1])
     if not _small_ok(x2, A, B, bias):
@@ -619,10 +620,11 @@ def _merge_pays_training(rows: int, in_f: int) -> bool:
 
 
 def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
-    """Whether `_triton.lora_small` serves this inference call (its operands' layout included). Float32
-    serves one row only: more rows take full-precision dots, which Triton runs without tensor cores (on the
+    """Whether `_triton.lora_small` serves this inference call (its operands' layout included; A and B may be
+    of another dtype than x, as float32 adapters on a bfloat16 model are). Float32 x serves one row only: more rows take full-precision dots, which Triton runs without tensor cores (on the
     H100, 383 us a call at 64 rows of SmolLM2's shapes, where cuBLAS takes a few)."""
-    return x2.dtype in _TRITON_DTYPES and (x2.dtype != torch.float32 or x2.shape[0] == 1) and x2.stride(-1) == 1 and A.stride(-1) == 1 and B.stride(-1) == 1 \
+    return x2.dtype in _TRITON_DTYPES and (x2.dtype != torch.float32 or x2.shape[0] == 1) and x2.stride(-1) == 1 \
+        and A.dtype in _TRITON_DTYPES and B.dtype in _TRITON_DTYPES and A.stride(-1) == 1 and B.stride(-1) == 1 \
         and (bias is None or bias.stride(0) == 1) and _triton.available_for(x2) \
         and (_small_op is not None or not torch.compiler.is_compiling())
 
