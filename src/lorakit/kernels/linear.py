@@ -621,8 +621,9 @@ def _merge_pays_training(rows: int, in_f: int) -> bool:
 
 def _small_ok(x2: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> bool:
     """Whether `_triton.lora_small` serves this inference call (its operands' layout included; A and B may be
-    of another dtype than x, as float32 adapters on a bfloat16 model are). Float32 x serves one row only: more rows take full-precision dots, which Triton runs without tensor cores (on the
-    H100, 383 us a call at 64 rows of SmolLM2's shapes, where cuBLAS takes a few)."""
+    of another dtype than x, as float32 adapters on a bfloat16 model are). Float32 x serves one row only:
+    more rows take full-precision dots, which Triton runs without tensor cores (on the H100, 383 us a call at
+    64 rows of SmolLM2's shapes, where cuBLAS takes a few)."""
     return x2.dtype in _TRITON_DTYPES and (x2.dtype != torch.float32 or x2.shape[0] == 1) and x2.stride(-1) == 1 \
         and A.dtype in _TRITON_DTYPES and B.dtype in _TRITON_DTYPES and A.stride(-1) == 1 and B.stride(-1) == 1 \
         and (bias is None or bias.stride(0) == 1) and _triton.available_for(x2) \
