@@ -142,7 +142,8 @@ def test_what_it_does_not_decode_is_named():
     model = adapted("llama")
     assert decode_unsupported(model, {"do_sample": False, "num_beams": 1, "max_new_tokens": 4}) is None
     assert decode_unsupported(model, {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9}) is None
-    assert "min_p" in decode_unsupported(model, {"do_sample": True, "min_p": 0.1})
+    assert "typical_p" in decode_unsupported(model, {"do_sample": True, "typical_p": 0.5})
+    assert decode_unsupported(model, {"do_sample": True, "min_p": 0.1}) is None
     assert "temperature" in decode_unsupported(model, {"temperature": 0.7})  # without sampling generate ignores it
     assert decode_unsupported(model, {"num_beams": 4}) == "beam search"
     assert "repetition_penalty" in decode_unsupported(model, {"repetition_penalty": 1.2})
@@ -202,32 +203,37 @@ def test_captured_routed_steps_follow_each_batchs_adapters_on_gpu():
 
 
 # -- sampling -------------------------------------------------------------------------------------------
-def generates_probs(logits, temperature, top_k, top_p):
+def generates_probs(logits, temperature, top_k, top_p, min_p=0.0):
     """The probabilities model.generate(do_sample=True) samples from: transformers' own warpers, in its order."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
 
     scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1:
         scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     return scores.softmax(-1)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 50, 1.0), (0.7, 10, 0.9), (1.3, 0, 0.5), (0.5, 3, 1.0),
-                                                       (1.0, 0, 0.05), (2.0, 20, 0.97)])
-def test_sampling_keeps_what_generates_warpers_keep(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 50, 1.0, 0.0), (0.7, 10, 0.9, 0.0), (1.3, 0, 0.5, 0.0), (0.5, 3, 1.0, 0.0), (1.0, 0, 0.05, 0.0),
+    (2.0, 20, 0.97, 0.0), (1.0, 0, 1.0, 0.1), (0.8, 40, 0.95, 0.05), (1.5, 0, 0.9, 0.3)])
+def test_sampling_keeps_what_generates_warpers_keep(temperature, top_k, top_p, min_p):
     from lorakit.decode import sampling_probs
 
     logits = torch.randn(16, 80, generator=torch.Generator().manual_seed(1)) * 3
-    want = generates_probs(logits, temperature, top_k, top_p)
-    probs, order = sampling_probs(logits, temperature, top_k, top_p)
+    want = generates_probs(logits, temperature, top_k, top_p, min_p)
+    probs, order = sampling_probs(logits, temperature, top_k, top_p, min_p)
     got = torch.zeros_like(probs).scatter_(-1, order, probs)
     got = got / got.sum(-1, keepdim=True)
     assert torch.equal(got > 0, want > 0)
     assert torch.allclose(got, want, atol=1e-6)
     # the same with the settings as 0-d tensors (what a captured step reads)
-    probs_t, _ = sampling_probs(logits, torch.tensor(temperature), torch.tensor(top_k), torch.tensor(top_p))
+    probs_t, _ = sampling_probs(logits, torch.tensor(temperature), torch.tensor(top_k), torch.tensor(top_p),
+                                torch.tensor(min_p))
     assert torch.equal(probs_t, probs)
 
 
@@ -236,15 +242,16 @@ def test_draws_follow_the_filtered_distribution():
 
     n = 40000
     logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, 3.0, 0.0]).expand(n, 8)
-    want = generates_probs(logits[:1], 0.8, 5, 0.9)[0]
+    want = generates_probs(logits[:1], 0.8, 6, 0.95, 0.15)[0]
+    assert (want > 0).sum() == 3  # min_p cut one of the four tokens top-k and top-p kept
     torch.manual_seed(0)
-    tokens = sample_tokens(logits, 0.8, 5, 0.9)
+    tokens = sample_tokens(logits, 0.8, 6, 0.95, 0.15)
     freq = torch.bincount(tokens, minlength=8).double() / n
     assert torch.all(freq[want == 0] == 0)  # nothing outside the top-k / top-p set
     sigma = (want * (1 - want) / n).sqrt()
     assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (freq, want)
     torch.manual_seed(0)
-    assert torch.equal(sample_tokens(logits, 0.8, 5, 0.9), tokens)  # torch's generator decides
+    assert torch.equal(sample_tokens(logits, 0.8, 6, 0.95, 0.15), tokens)  # torch's generator decides
 
 
 def test_sampled_decoding_follows_the_models_distribution():
@@ -294,11 +301,13 @@ def test_bad_sampling_settings_name_the_fix():
         decoder(ids, mask, 4, do_sample=True, top_k=-1)
     with pytest.raises(lk.ConfigError, match="top_p"):
         decoder(ids, mask, 4, do_sample=True, top_p=0.0)
+    with pytest.raises(lk.ConfigError, match="min_p"):
+        decoder(ids, mask, 4, do_sample=True, min_p=1.5)
     model.generation_config.top_k = 1  # the model's own setting applies where the call gives none
     assert torch.equal(decoder(ids, mask, 6, eos_token_id=95, pad_token_id=0, do_sample=True),
                        reference(model, ids, mask, 6, eos=95))
-    model.generation_config.min_p = 0.1  # a setting of sampling the decoder does not apply
-    assert "min_p" in decode_unsupported(model, {"do_sample": True})
+    model.generation_config.typical_p = 0.5  # a setting of sampling the decoder does not apply
+    assert "typical_p" in decode_unsupported(model, {"do_sample": True})
     assert decode_unsupported(model, {"do_sample": False}) is None
 
 

@@ -308,7 +308,8 @@ def cmd_generate(args) -> int:
         set_adapter(model, names)
     kwargs = {"num_beams": args.num_beams}
     if args.sample:
-        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      min_p=args.min_p)
         torch.manual_seed(args.seed)
     outs = generate_texts(model, tokenizer, prompts, args.max_new_tokens, adapters=routes,
                           cuda_graphs=args.cuda_graphs, **kwargs)
@@ -425,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=None,
                    help="sample from the k most likely tokens only (0: all; default: the model's setting, else 50)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="sample only tokens at least this fraction as likely as the most likely one (default: none)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="greedy decoding and sampling on a GPU: each token one CUDA graph replay "

@@ -15,9 +15,10 @@ reach an end-of-sequence token continue with padding, and decoding stops once ev
 
 With `do_sample=True` each token is drawn as `model.generate(do_sample=True)` draws it: the logits divided
 by the temperature, cut to the top_k most likely tokens, then to the smallest set whose probability
-reaches top_p (each setting from the call, else the model's generation config, else transformers'
-default: 1.0, 50, 1.0). The distribution is generate's; the draws, from torch's default generator
-(`torch.manual_seed`), are not the same draws as generate's.
+reaches top_p, then to those at least min_p times as likely as the most likely (each setting from the
+call, else the model's generation config, else transformers' default: 1.0, 50, 1.0, none). The
+distribution is generate's; the draws, from torch's default generator (`torch.manual_seed`), are not the
+same draws as generate's.
 
 What it needs: a Hugging Face causal LM that runs on transformers' `StaticCache` (Llama, GPT-2,
 Qwen2, Mistral, ...), prompts padded on the left, and nothing that changes the adapters
@@ -46,11 +47,11 @@ _NEUTRAL = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token
             "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
             "output_hidden_states", "num_beams", "compile_config", "disable_compile"}
 _CALL_KEYS = {"max_new_tokens", "pad_token_id", "eos_token_id"}
-_SAMPLING_KEYS = {"temperature", "top_k", "top_p"}
+_SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p"}
 # generation settings of sampling that the decoder does not apply (greedy picks ignore them)
-_OTHER_SAMPLING = {"min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+_OTHER_SAMPLING = {"typical_p", "epsilon_cutoff", "eta_cutoff"}
 # transformers' values for what neither the call nor the model's generation config sets
-_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0}
 # the replays between two reads of "has every row ended?" (each read waits for the GPU)
 _CHECK_EVERY = 8
 
@@ -158,6 +159,7 @@ class _Session:
         self.temperature = torch.ones((), device=device)
         self.top_k = torch.zeros((), **long)
         self.top_p = torch.ones((), device=device)
+        self.min_p = torch.zeros((), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.generation = 0  # of the decoder's `_Pins` when a routed step was captured
 
@@ -187,7 +189,8 @@ class _Session:
         self._pick(logits[:, -1])
 
     def _pick(self, logits: Tensor) -> None:
-        pick = sample_tokens(logits, self.temperature, self.top_k, self.top_p) if self.sample else logits.argmax(-1)
+        pick = sample_tokens(logits, self.temperature, self.top_k, self.top_p, self.min_p) if self.sample \
+            else logits.argmax(-1)
         nxt = torch.where(self.done, self.pad, pick)
         self.pos.add_(1)
         self.positions.add_(1)
@@ -214,28 +217,31 @@ class _Session:
         self.prefill(input_ids, attention_mask, eos, pad)
 
 
-def sample_tokens(logits: Tensor, temperature: Tensor | float, top_k: Tensor | int, top_p: Tensor | float) -> Tensor:
+def sample_tokens(logits: Tensor, temperature: Tensor | float, top_k: Tensor | int, top_p: Tensor | float,
+                  min_p: Tensor | float = 0.0) -> Tensor:
     """One token per row of `logits` (batch, vocab), drawn as `model.generate(do_sample=True)` draws it (see
     `sampling_probs`), from torch's default generator. No host sync (the settings may be 0-d tensors): a CUDA
     graph can record it."""
-    probs, order = sampling_probs(logits, temperature, top_k, top_p)
+    probs, order = sampling_probs(logits, temperature, top_k, top_p, min_p)
     # p / E with E ~ Exp(1) is largest for token i with probability p_i / sum(p) (the exponential race)
     race = probs / torch.empty_like(probs).exponential_().clamp_min_(1e-30)
     return order.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
 
 
-def sampling_probs(logits: Tensor, temperature: Tensor | float, top_k: Tensor | int,
-                   top_p: Tensor | float) -> tuple[Tensor, Tensor]:
+def sampling_probs(logits: Tensor, temperature: Tensor | float, top_k: Tensor | int, top_p: Tensor | float,
+                   min_p: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """(probs, order): the probabilities `model.generate(do_sample=True)` samples from, by token in `order` (most
-    likely first). The logits are divided by `temperature`; the `top_k` most likely are kept (0: all); of
-    those, each whose more likely ones' probabilities sum to less than `top_p` (the first always)."""
+    likely first), not normalized. The logits are divided by `temperature`; the `top_k` most likely are kept
+    (0: all); of those, each whose more likely ones' probabilities sum to less than `top_p` (the first
+    always); of those, each at least `min_p` times as likely as the first (0: all)."""
     scores, order = (logits.float() / temperature).sort(-1, descending=True)
     vocab = scores.shape[-1]
     rank = torch.arange(vocab, device=logits.device)
     k = torch.as_tensor(top_k, device=logits.device)
     scores = scores.masked_fill(rank >= torch.where(k > 0, k, vocab), float("-inf"))
     probs = scores.softmax(-1)
-    return probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0), order
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    return probs.masked_fill(probs < min_p * probs[..., :1], 0.0), order
 
 
 def _last_logits(model: nn.Module) -> dict:
@@ -276,21 +282,21 @@ class Decoder:
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  adapters: list[str | None] | None = None, do_sample: bool = False, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None) -> Tensor:
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None) -> Tensor:
         """Prompts (batch, length), padded on the left -> (batch, length + new tokens).
 
         `adapters`: one adapter name (None: the base model) per prompt, as `lk.route` takes them. One step is
         captured per batch size for every routing (see the module docstring).
-        `do_sample`: draw each token (see the module docstring); `temperature`, `top_k`, `top_p` as
-        `model.generate` takes them, None for the model's generation config (else 1.0, 50, 1.0). One step
-        is captured per batch size for all settings.
+        `do_sample`: draw each token (see the module docstring); `temperature`, `top_k`, `top_p`, `min_p` as
+        `model.generate` takes them, None for the model's generation config (else 1.0, 50, 1.0, none). One
+        step is captured per batch size for all settings.
         """
         from .layers import LoraLayer
 
         if any(m.routing is not None for m in self.model.modules() if isinstance(m, LoraLayer)):
             raise ConfigError(f"{type(self).__name__} was called inside lk.route(...): pass the names as "
                               "adapters=[...] instead (a captured step must not outlive the routing it recorded).")
-        sampling = self._sampling(temperature, top_k, top_p) if do_sample else None
+        sampling = self._sampling(temperature, top_k, top_p, min_p) if do_sample else None
         if adapters is not None:
             from .inject import route
 
@@ -308,13 +314,13 @@ class Decoder:
                     self._pins.unpin()
         return self._decode(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, False, sampling)
 
-    def _sampling(self, temperature, top_k, top_p) -> tuple[float, int, float]:
-        """(temperature, top_k, top_p) of a sampling call: the call's, else the generation config's, else
+    def _sampling(self, temperature, top_k, top_p, min_p) -> tuple[float, int, float, float]:
+        """(temperature, top_k, top_p, min_p) of a sampling call: the call's, else the generation config's, else
         transformers' defaults; checked."""
         gc = self.model.generation_config
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
         got = {k: v if v is not None else getattr(gc, k, None) for k, v in given.items()}
-        t, k, p = (got[n] if got[n] is not None else _SAMPLING_DEFAULTS[n] for n in ("temperature", "top_k", "top_p"))
+        t, k, p, m = (got[n] if got[n] is not None else _SAMPLING_DEFAULTS[n] for n in given)
         if not float(t) > 0:
             raise ConfigError(f"temperature={t}: sampling needs a temperature > 0 (for the most likely token, "
                               "decode greedily: do_sample=False).")
@@ -322,10 +328,12 @@ class Decoder:
             raise ConfigError(f"top_k={k}: give a whole number >= 0 (0 keeps every token).")
         if not 0 < float(p) <= 1:
             raise ConfigError(f"top_p={p}: give a probability in (0, 1] (1 keeps every token).")
-        return float(t), int(k), float(p)
+        if not 0 <= float(m) <= 1:
+            raise ConfigError(f"min_p={m}: give a fraction in [0, 1] (0 keeps every token).")
+        return float(t), int(k), float(p), float(m)
 
     def _decode(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, eos_token_id,
-                pad_token_id, routed: bool, sampling: tuple[float, int, float] | None) -> Tensor:
+                pad_token_id, routed: bool, sampling: tuple[float, int, float, float] | None) -> Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ConfigError(f"input_ids has shape {tuple(input_ids.shape)}; pass (batch, prompt length), "
                               "prompts padded on the left.")
@@ -347,7 +355,7 @@ class Decoder:
             cache_len = max(min(cache_len, limit), P + max_new_tokens)
         session = self._session(batch, cache_len, P + max_new_tokens, device, routed, sampling is not None)
         if sampling is not None:
-            for held, value in zip((session.temperature, session.top_k, session.top_p), sampling):
+            for held, value in zip((session.temperature, session.top_k, session.top_p, session.min_p), sampling):
                 held.fill_(value)
         session.prefill(input_ids, attention_mask, eos, pad)
         generation = self._pins.generation if routed else 0

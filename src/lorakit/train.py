@@ -187,7 +187,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     """Complete each prompt (greedy unless gen_kwargs say otherwise); returns only the new text.
 
     With `adapters`, prompt i goes through adapter adapters[i] (None = base), all in one batch.
-    Greedy decoding and sampling (temperature, top_k, top_p) on a GPU run through `lk.Decoder` (each token
+    Greedy decoding and sampling (temperature, top_k, top_p, min_p) on a GPU run through `lk.Decoder` (each token
     one CUDA graph replay; greedy: the same tokens as `model.generate`, sampling: the same distribution;
     `adapters` included) unless cuda_graphs is "off"; the rest (beams, other settings, CPU) through
     `model.generate`.
@@ -206,7 +206,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     decoder = None
     if device.type == "cuda" and cuda_graphs != "off" and decode_unsupported(model, kwargs) is None:
         decoder = Decoder(model, cuda_graphs)
-    sampling = {k: kwargs.get(k) for k in ("temperature", "top_k", "top_p")}
+    sampling = {k: kwargs.get(k) for k in ("temperature", "top_k", "top_p", "min_p")}
     sampling["do_sample"] = bool(kwargs["do_sample"])
     try:
         for start in range(0, len(prompts), batch_size):
