@@ -10,7 +10,7 @@ tokens/s, peak GiB, and the mean logged loss of the second half of each run.
 
 `--generate N` times the other half of the CLI instead: `generate_texts` (what `lorakit eval` and the
 in-training evaluation run) on the first N distinct E2E meaning representations, 64 new tokens, batches of
-64, through `model.generate` (`cuda_graphs="off"`) and through `lk.GreedyDecoder` (the default on a GPU),
+64, through `model.generate` (`cuda_graphs="off"`) and through `lk.Decoder` (the default on a GPU),
 with an unmerged adapter (small random B) on the model; each twice (the first call compiles and
 captures), and the share of texts on which the two agree.
 
@@ -119,7 +119,7 @@ def generate(model_dir: Path, n: int, shape: str) -> None:
     print("| decoding | call | seconds | prompts/s |")
     print("|---|---|---|---|")
     for mode, call, sec in rows:
-        name = "model.generate (cuda_graphs off)" if mode == "off" else "lk.GreedyDecoder (default)"
+        name = "model.generate (cuda_graphs off)" if mode == "off" else "lk.Decoder (default)"
         print(f"| {name} | {call} | {sec:.2f} | {len(prompts) / sec:.1f} |")
     print(f"second calls, generate / decoder: {rows[1][2] / rows[3][2]:.2f}x; texts that agree: {agree:.3f}")
 
