@@ -192,6 +192,14 @@ def cprofile_steps(step, case: str, steps: int = 3, top: int = 30) -> None:
 
 def run_case(case: str, args, shape: dict) -> dict:
     dev = args.device
+    # What an earlier case left allocated would count in this case's peak. Its model can outlive it: lk.inject's
+    # hooks make reference cycles, which only the collector frees, and a captured step keeps the model alive.
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated() / 2**30
+        if left > 0.01:
+            print(f"  (note: {left:.2f} GiB still allocated before {case}; it counts in its peak)", flush=True)
     model = build(shape, args.layers, dev, getattr(torch, args.dtype), args.attn)
     model, params, note = prepare(case, model, args.rank, args.alpha)
     model.train()
