@@ -316,9 +316,25 @@ def part_library(layers: int | None, new: int, reps: int = 5) -> None:
         print(f"{name:<20} {d:8.3f} {g:9.3f} {sp:7.2f}x {xb:7.3f} {f:6.1f} {gf:9.1f} {first_ms:8.0f} {agree:6.3f}")
 
 
-def part_sample(layers: int | None, new: int) -> None:
+def decoder_ms(decoder, ids, new: int, **kw) -> float:
+    """ms per new token of `decoder` on prompts `ids` (no end token; `kw`: sampling settings): the slope between
+    16 and 16 + new tokens, fastest of 3 calls each, after a call that captures the step if it is new."""
     import time
 
+    mask = torch.ones_like(ids)
+    decoder(ids, mask, 8, eos_token_id=[], **kw)
+    ts: dict[int, list[float]] = {16: [], 16 + new: []}
+    for _ in range(3):
+        for n in ts:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            decoder(ids, mask, n, eos_token_id=[], **kw)
+            torch.cuda.synchronize()
+            ts[n].append(time.perf_counter() - t0)
+    return (min(ts[16 + new]) - min(ts[16])) / new * 1e3
+
+
+def part_sample(layers: int | None, new: int) -> None:
     import lorakit as lk
 
     model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
@@ -328,20 +344,10 @@ def part_sample(layers: int | None, new: int) -> None:
     print("\n# lk.Decoder, unmerged, ms per new token by round: greedy, sampling, and their ratio")
     for batch in (1, 32):
         ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
-        mask = torch.ones_like(ids)
         per: dict[str, list[float]] = {}
         for _ in range(3):
             for name, kw in modes.items():
-                decoder(ids, mask, 8, eos_token_id=[], **kw)  # captures on the first call
-                ts: dict[int, list[float]] = {16: [], 16 + new: []}
-                for _ in range(3):
-                    for n in ts:
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        decoder(ids, mask, n, eos_token_id=[], **kw)
-                        torch.cuda.synchronize()
-                        ts[n].append(time.perf_counter() - t0)
-                per.setdefault(name, []).append((min(ts[16 + new]) - min(ts[16])) / new * 1e3)
+                per.setdefault(name, []).append(decoder_ms(decoder, ids, new, **kw))
         ratio = statistics.median(s / g for s, g in zip(per["sample"], per["greedy"]))
         print(f"  batch {batch}: greedy {[round(x, 3) for x in per['greedy']]}, sampling "
               f"{[round(x, 3) for x in per['sample']]}, sampling / greedy {ratio:.3f}", flush=True)
@@ -376,25 +382,6 @@ def small_tiles(bn: int, per_sm: int):
         _triton._SMALL_CFGS.clear()
 
 
-def decoder_ms(model, ids, new: int) -> float:
-    """ms per new token of a fresh `lk.Decoder` (captured on its first call): the slope between 16 and 16 + new
-    tokens, fastest of 3 calls each."""
-    import time
-
-    import lorakit as lk
-
-    decoder = lk.Decoder(model, cuda_graphs="on")
-    mask = torch.ones_like(ids)
-    decoder(ids, mask, 8, eos_token_id=[])
-    ts: dict[int, list[float]] = {16: [], 16 + new: []}
-    for _ in range(3):
-        for n in ts:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            decoder(ids, mask, n, eos_token_id=[])
-            torch.cuda.synchronize()
-            ts[n].append(time.perf_counter() - t0)
-    return (min(ts[16 + new]) - min(ts[16])) / new * 1e3
 
 
 def part_tiles(layers: int | None, new: int) -> None:
@@ -418,15 +405,15 @@ def part_tiles(layers: int | None, new: int) -> None:
     print(f"\n# lora_small at 32 rows, every tile setting against float64: worst relative error {worst:.1e}")
     model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
     ids = torch.randint(0, model.config.vocab_size, (32, 16), device="cuda", generator=g)
-    base = [decoder_ms(model, ids, new)]
+    base = [decoder_ms(lk.Decoder(model, cuda_graphs="on"), ids, new)]
     adapt(model)
     per: dict[tuple, list[float]] = {}
     for _ in range(2):
         for tiles in TILES:
             with small_tiles(*tiles):
-                per.setdefault(tiles, []).append(decoder_ms(model, ids, new))
+                per.setdefault(tiles, []).append(decoder_ms(lk.Decoder(model, cuda_graphs="on"), ids, new))
     with lk.disabled(model):
-        base.append(decoder_ms(model, ids, new))
+        base.append(decoder_ms(lk.Decoder(model, cuda_graphs="on"), ids, new))
     b = statistics.mean(base)
     print(f"# lk.Decoder, batch 32, ms per new token: base {base[0]:.3f} before, {base[1]:.3f} after; unmerged by "
           f"tiles (BN, programs per SM; the first is the default), two rounds")
