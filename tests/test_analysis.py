@@ -1,4 +1,4 @@
-"""Contracts of lorakit.analysis (the paper's Section 7) on synthetic adapters with known answers."""
+"""Contracts of lorakit.eval.analysis (the paper's Section 7) on synthetic adapters with known answers."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorakit.analysis import (
+from lorakit.eval.analysis import (
     AdapterTensors,
     amplification,
     analyze,
