@@ -272,7 +272,7 @@ def run_case(case: str, args, shape: dict) -> dict:
         cprofile_steps(step, case)
     n_train = sum(p.numel() for p in params)
     routing.close()
-    del model, params, opt, ids
+    model = params = opt = ids = None
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lorakit.errors import AdapterFileError, ConfigError, ShapeMismatchError
 from lorakit.eval.analysis import (
     AdapterTensors,
     amplification,
@@ -20,7 +21,6 @@ from lorakit.eval.analysis import (
     read_adapter,
     subspace_similarity,
 )
-from lorakit.errors import AdapterFileError, ConfigError, ShapeMismatchError
 
 
 def gen(seed=0):
