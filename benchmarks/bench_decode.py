@@ -1,6 +1,6 @@
 """What does an unmerged adapter cost in decode (one token at a time, KV cache)?
 
-Decode through `generate` is bound by per-call CPU work (BENCHMARKS.md, inference runs 4-8), so
+Decode through `generate` is bound by per-call CPU work, so
 its ratios measure the host. Served decode replays each step as a CUDA graph; this script times
 that, for the base model and with an adapter, the same way:
 

@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 
 # The packages of the extras (train, eval, plots, gpu, models): none may be needed by the core.
@@ -83,6 +85,8 @@ ROUND_TRIP = textwrap.dedent("""
     from torch import nn
     import lorakit as lk
 
+    # The CUDA-graph and decoder modules load on first use, not with the package.
+    assert not {"lorakit.decode", "lorakit.graphs"} & set(sys.modules), sorted(sys.modules)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(5, 8)
@@ -143,8 +147,6 @@ def declared() -> tuple[set[str], dict[str, set[str]]]:
     """The core's dependencies and each extra's, as distribution names, from pyproject.toml."""
     import re
 
-    import pytest
-
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]
 
@@ -179,3 +181,14 @@ def test_every_import_of_the_package_is_declared():
                     missing.append(f"{path.relative_to(SRC.parent)}:{node.lineno} imports {top}")
     assert not missing, "imports no extra declares:\n" + "\n".join(missing)
     assert {"train", "eval", "plots", "gpu", "all", "test"} <= set(extras)
+
+
+def test_fast_path_names_load_on_first_use():
+    import lorakit as lk
+    from lorakit import decode, graphs
+
+    assert lk.Decoder is decode.Decoder and lk.greedy_decode is decode.greedy_decode
+    assert lk.graphed_step is graphs.graphed_step and lk.graphed_update is graphs.graphed_update
+    assert {"Decoder", "graphed_step"} <= set(dir(lk)) and set(lk.__all__) <= set(dir(lk))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        lk.no_such_name
