@@ -14,7 +14,8 @@ in-training evaluation run) on the first N distinct E2E meaning representations,
 with an unmerged adapter (small random B) on the model; each twice (the first call compiles and
 captures), and the share of texts on which the two agree.
 
-    PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16] [--grad-accum 1] [--gradient-checkpointing] [--log]
+    PYTHONPATH=src python benchmarks/bench_cli.py [--shape smollm2|1b] [--steps 80] [--batch-size 16]
+                                                 [--grad-accum 1] [--gradient-checkpointing] [--log]
     PYTHONPATH=src python benchmarks/bench_cli.py --generate 512 [--shape smollm2|1b]
 """
 
@@ -65,7 +66,8 @@ def train(model_dir: Path, out: Path, steps: int, batch_size: int, graphs: bool,
 
     cfg = RunConfig(
         train=TrainConfig(model=str(model_dir), train_file=str(shared_data() / "e2e" / "trainset.csv.gz"),
-                          output_dir=str(out), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, log_every=1,
+                          output_dir=str(out), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                          log_every=1,
                           gradient_checkpointing=ckpt,
                           eval_generate=False, cuda_graphs="on" if graphs else "off", lr=2e-4),
         data=DataConfig(max_length=256),
@@ -153,7 +155,8 @@ def main() -> None:
           "loss (first; mean of 2nd half) |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['ms']:.1f} | {r['min_ms']:.1f} | {r['loop_s']:.1f} | {r['tok_s']:.0f} | {r['peak']:.2f} | "
+        print(f"| {name} | {r['ms']:.1f} | {r['min_ms']:.1f} | {r['loop_s']:.1f} | {r['tok_s']:.0f} | "
+              f"{r['peak']:.2f} | "
               f"{r['first_loss']:.3f}; {r['loss']:.3f} |")
     e, g = rows["eager"], rows["cuda-graphs"]
     print(f"step time eager / graphs: {e['ms'] / g['ms']:.2f}x; whole loop: {e['loop_s'] / g['loop_s']:.2f}x")

@@ -1,6 +1,6 @@
 """What does an unmerged adapter cost in decode (one token at a time, KV cache)?
 
-Decode through `generate` is bound by per-call CPU work (BENCHMARKS.md, inference runs 4-8), so
+Decode through `generate` is bound by per-call CPU work, so
 its ratios measure the host. Served decode replays each step as a CUDA graph; this script times
 that, for the base model and with an adapter, the same way:
 
@@ -91,7 +91,8 @@ def part_linear(shapes: list[str], sweep: bool) -> None:
 
     dev, dt = "cuda", torch.bfloat16
     print("\n# one linear, CUDA graphs, µs per call (bf16, r=16)")
-    print(f"{'shape':<14} {'M':>3} {'base':>7} {'3 ops':>7} {'fused':>7} {'best':>7}  best config; 3 ops / base, best / base")
+    print(f"{'shape':<14} {'M':>3} {'base':>7} {'3 ops':>7} {'fused':>7} {'best':>7}  "
+          "best config; 3 ops / base, best / base")
     best_cfgs = {}
     for shape, M in itertools.product(shapes, (1, 32)):
         for name, (N, K) in LINEARS[shape].items():
@@ -528,7 +529,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--profile", action="store_true", help="compiled: host and kernel tables of the base and adapted batch-1 decode")
+    ap.add_argument("--profile", action="store_true",
+                    help="compiled: host and kernel tables of the base and adapted batch-1 decode")
     ap.add_argument("--no-sweep", action="store_true", help="linear: the default tile sizes only")
     args = ap.parse_args()
     import transformers

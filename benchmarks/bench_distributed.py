@@ -126,7 +126,7 @@ def run_strategy(args, ctx, strategy: str) -> dict:
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
     step_s, peak, t_build = stats.tolist()
     trainable = sum(p.numel() for p in params)
-    del model, train_model, params, opt, ids
+    model = train_model = params = opt = ids = None
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -71,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     dev, dt, M, S = torch.device("cuda"), torch.bfloat16, args.tokens, args.sets
     torch.manual_seed(0)
-    print(f"# bench_fused_gemm: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+    print(f"# bench_fused_gemm: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; "
           f"{args.shape} shape, {M} tokens, r={R}; us per call for one layer's group; per step: x {args.layers} layers")
     totals: dict[str, float] = {}
     print("| group | floor | current | fusedW | concat | expand | expand best (cfg) | err current / expand |")

@@ -105,7 +105,7 @@ def main() -> None:
             (16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4) if not q else (3,))]
         row("shrink", group, M * K * 2, us,
             search(lambda i, c: _triton.shrink(xs[i], A, seed, P, cfg=c), shrink_cfgs, us, S))
-        del xs
+        xs = None  # free the inputs before the next group
 
         # backward: one read of g per linear
         xa = torch.randn(M, Rg, device=dev, dtype=dt)
@@ -122,7 +122,7 @@ def main() -> None:
             row(f"lora_grads {N}", group, M * N * 2, us, best)
             cublas = bench(lambda i: (torch.mm(gs[i].t(), xaj), torch.mm(gs[i], B)), S)
             print(f"{'  (cuBLAS g.T@xa, g@B)':<32}{cublas:8.1f}")
-            del gs
+            gs = None
 
         # backward: dA and the LoRA input gradient, x rebuilt from its source
         gx = torch.empty(M, K, device=dev, dtype=dt)
@@ -144,7 +144,7 @@ def main() -> None:
         best = search(lambda i, c: _triton.dropout_backward(xs[i], gxa, A, gx, seed, P, gx_init=True, src=srcs[i],
                                                             cfg=c), bwd_cfgs, us, S)
         row("dropout_backward", group, nbytes, us, best)
-        del xs, srcs
+        xs = srcs = None
     print(f"\nper step ({args.layers} layers): these kernels take {totals['default']:.2f} ms as configured, "
           f"{totals['best']:.2f} ms with the best configurations of the sweep")
 

@@ -111,7 +111,7 @@ def run(args) -> list[dict]:
                 ms = timer(step(fwd, params), dev)
                 rows.append(dict(shape=label, p=p, variant=name, ms=ms, ratio=ms / base_ms,
                                  saved=saved_bytes(fwd, [x, *Ws, *As, *Bs])))
-        del x, Ws, As, Bs, gys
+        x = Ws = As = Bs = gys = None  # free them before the next shape
         if dev == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -55,7 +55,7 @@ def register_causal_attention() -> str:
 
     Transformers' own "sdpa" makes the same call in an eager step of this benchmark (no padding: no
     mask, is_causal=True), but while a CUDA graph is being captured it builds a mask tensor instead,
-    and the masked attention backward is more than twice as slow (BENCHMARKS.md, run 8). With this,
+    and the masked attention backward is more than twice as slow. With this,
     eager and graphed steps run the same attention kernels. Only valid without padding.
     """
     import torch.nn.functional as F
@@ -207,7 +207,7 @@ def run_case(case: str, args, shape: dict) -> dict:
         model = torch.compile(model)
         note = (note + ", " if note else "") + "torch.compile"
     # capturable: the optimizer step can be part of a CUDA graph (--graphs); there the fused AdamW (the
-    # capturable foreach form made lorakit's graphed step 4.6 ms slower, BENCHMARKS.md run 9)
+    # capturable foreach form makes the graphed step slower)
     opt = torch.optim.AdamW(params, lr=1e-4, capturable=args.graphs, fused=args.graphs or None) if params else None
     g = torch.Generator(device="cpu").manual_seed(2)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(dev)
@@ -272,7 +272,7 @@ def run_case(case: str, args, shape: dict) -> dict:
         cprofile_steps(step, case)
     n_train = sum(p.numel() for p in params)
     routing.close()
-    del model, params, opt, ids
+    model = params = opt = ids = None
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -138,7 +138,7 @@ def main() -> None:
     print(f"settings: r={a.r} alpha={a.alpha} targets={a.targets} lr={a.lr} warmup={a.warmup_steps} "
           f"steps={a.steps} batch={a.batch_size} n_eval={a.n_eval} seed={a.seed} "
           f"trainable={sum(p.numel() for p in params):,}")
-    print(f"| phase | wall s | cpu s | result |\n|---|---|---|---|")
+    print("| phase | wall s | cpu s | result |\n|---|---|---|---|")
     print(f"| load model | {load_s:.1f} | {load_cpu:.1f} | |")
     print(f"| eval before | {before_s:.1f} | {before_cpu:.1f} | exact match {before[0]:.3f} |")
     print(f"| train {a.steps} steps | {train_s:.1f} | {sum(step_cpu):.1f} | loss {losses[0]:.3f} -> "

@@ -2,7 +2,7 @@
 
     python benchmarks/repro_analysis.py --adapters RAW_DIR/glue/adapters --e2e-adapters RAW_DIR/e2e/adapters
 
-Runs lorakit.analysis.analyze (what `lorakit analyze A B --model M --output DIR` runs) on pairs of
+Runs lorakit.eval.analysis.analyze (what `lorakit analyze A B --model M --output DIR` runs) on pairs of
 adapters, with the base weights for the amplification factor, writes results/analysis/<pair>/
 (analysis.json + PNGs) and prints, per pair and adapted matrix, the paper's quantities:
 phi(1,1) (top directions of the two A's), phi(i,i) along the diagonal, the random-subspace baseline,
@@ -55,7 +55,7 @@ def summarize(report: dict) -> list[dict]:
 
 
 def main() -> None:
-    from lorakit.analysis import analyze
+    from lorakit.eval.analysis import analyze
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", required=True, help="directory of the GLUE adapters (one per run)")

@@ -2,8 +2,8 @@
 
     python benchmarks/repro_report.py --raw RAW_DIR     # RAW_DIR holds glue/json/*.json and e2e/*
 
-Checks every GLUE run's dev accuracy / F1 again with lorakit.metrics from its saved predictions,
-scores the E2E predictions with lorakit.metrics.generation_scores against all references of each
+Checks every GLUE run's dev accuracy / F1 again with lorakit.eval.metrics from its saved predictions,
+scores the E2E predictions with lorakit.eval.metrics.generation_scores against all references of each
 test MR, copies the small files to results/ and writes results/glue_summary.json,
 results/e2e_scores.json, results/glue_accuracy.png, results/glue_curves.png and results/e2e_loss.png.
 """
@@ -34,9 +34,9 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def check_glue(runs: list[dict]) -> None:
-    """Recompute accuracy / F1 from the saved predictions with lorakit.metrics."""
+    """Recompute accuracy / F1 from the saved predictions with lorakit.eval.metrics."""
     from lorakit.data import load_records, resolve_labels
-    from lorakit.metrics import classification_scores
+    from lorakit.eval.metrics import classification_scores
     gold = {}
     for r in runs:
         if r["task"] not in gold:
@@ -134,7 +134,7 @@ def plot_glue(runs: list[dict], summary: dict) -> None:
 
 
 def e2e_scores(raw: Path) -> dict:
-    from lorakit.metrics import generation_scores
+    from lorakit.eval.metrics import generation_scores
     refs = [r for _, r in test_mrs(E2E_DATA)]
     out = {}
     for pred in sorted(raw.glob("*.predictions.txt")):

@@ -1,4 +1,4 @@
-"""Contracts of lorakit.analysis (the paper's Section 7) on synthetic adapters with known answers."""
+"""Contracts of lorakit.eval.analysis (the paper's Section 7) on synthetic adapters with known answers."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorakit.analysis import (
+from lorakit.errors import AdapterFileError, ConfigError, ShapeMismatchError
+from lorakit.eval.analysis import (
     AdapterTensors,
     amplification,
     analyze,
@@ -20,7 +21,6 @@ from lorakit.analysis import (
     read_adapter,
     subspace_similarity,
 )
-from lorakit.errors import AdapterFileError, ConfigError, ShapeMismatchError
 
 
 def gen(seed=0):
@@ -439,6 +439,38 @@ def test_read_adapter_errors_name_the_file(tmp_path):
     empty = write_adapter(tmp_path / "empty", CONFIG, {"base_model.model.m.weight": torch.randn(4, 3)})
     with pytest.warns(UserWarning, match="not LoRA factors"), pytest.raises(AdapterFileError, match="no LoRA factors"):
         read_adapter(empty)
+
+
+def test_read_adapter_agrees_with_load_adapter(tmp_path):
+    """One reader: the dW that `read_adapter` reports is the one `load_adapter` + `merge` adds to W,
+    for per-module ranks and alphas and rsLoRA scaling, and a DoRA file is refused by both."""
+    import lorakit as lk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=["0", "2"], rslora=True,
+                                   rank_pattern={"2": 2}, alpha_pattern={"0": 5.0}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    lk.save_adapter(model, tmp_path / "ad")
+    ad = read_adapter(tmp_path / "ad")
+    assert ad["0"].scale == pytest.approx(5.0 / 2.0) and ad["2"].scale == pytest.approx(8 / math.sqrt(2))
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    fresh.load_state_dict({k.replace("_base.", ""): v for k, v in model.state_dict().items() if "adapters" not in k})
+    before = {m: fresh.get_submodule(m).weight.detach().double().clone() for m in ("0", "2")}
+    lk.load_adapter(fresh, tmp_path / "ad")
+    lk.merge(fresh)
+    for m in ("0", "2"):
+        merged = fresh.get_submodule(m).weight.detach().double()
+        assert torch.allclose(merged - before[m], ad[m].delta(), atol=1e-5)
+
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
+    with pytest.raises(AdapterFileError, match="DoRA"):
+        read_adapter(tmp_path / "ad")
 
 
 # ---------------------------------------------------------------------------------------- driver

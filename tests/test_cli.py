@@ -252,7 +252,7 @@ def test_analyze_two_adapters(tiny_model, tmp_path, capsys):
 
 
 def test_eval_generation_metrics_groups_references(tiny_model, tmp_path, capsys, monkeypatch):
-    from lorakit import metrics
+    from lorakit.eval import metrics
     seen = {}
     real = metrics.generation_scores
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit import metrics
+from lorakit.eval import metrics
 from lorakit.data import load_records
 from lorakit.errors import ConfigError
 

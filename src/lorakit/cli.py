@@ -265,7 +265,7 @@ def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, A
     """BLEU, NIST, METEOR, ROUGE-L, CIDEr with every reference of a prompt (E2E-style data).
 
     References of one prompt are consecutive records, grouped as the official E2E scorer does."""
-    from . import metrics
+    from .eval import metrics
     from .data import group_references
     from .train import generate_texts
     groups = group_references(split.records, data.prompt_column, data.completion_column)
@@ -371,7 +371,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from . import analysis
+    from .eval import analysis
     base_weights = None
     if args.model:
         from .models import load_model

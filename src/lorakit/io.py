@@ -497,3 +497,34 @@ def _slice_to_full(B: Tensor, mask: list[bool], r: int, n_out: int) -> Tensor:
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_config", "read_weights",
            "check_fingerprint", "atomic_write", "LoraError"]
+
+
+# -- reading without a model --------------------------------------------------------------------------
+def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, Any]],
+                                                            dict[str, Tensor], Path]:
+    """Read a PEFT-layout adapter directory as `load_adapter` reads it, without a model.
+
+    Returns:
+        adapter_config.json as checked by `read_config`; {module path: {"A": (r, in) tensor, "B": (out, r)
+        tensor, "embedding": bool}} as the file stores the factors (conv factors keep their 4-D shapes);
+        the other tensors (biases, modules_to_save copies) by module-relative key; and the weights file
+        read (adapter_model.safetensors, else PEFT's older adapter_model.bin, loaded without pickle code).
+
+    Raises:
+        AdapterFileError: a file is missing or corrupt, a factor lacks its partner, the file holds DoRA
+            tensors, or it holds the factors of several adapters (keys `lora_A.<name>.weight` whose
+            names differ).
+    """
+    directory = Path(directory)
+    data = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists() and (directory / "adapter_model.bin").exists():
+        weights = directory / "adapter_model.bin"
+    tensors, _ = read_weights(weights)
+    names = {m[1] for key in tensors
+             if (m := re.search(r"\.lora_(?:embedding_)?[AB]\.(?!weight$)([^.]+)(?:\.weight)?$", key))}
+    if len(names) > 1:
+        raise AdapterFileError(f"{weights} holds the factors of several adapters ({', '.join(sorted(names))}); "
+                               "save each adapter to its own directory.")
+    pairs, extra = _split_keys(tensors, weights)
+    return data, pairs, extra, weights

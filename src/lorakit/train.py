@@ -236,7 +236,7 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
     """Task metrics on a held-out split: loss (+ perplexity) for sft/lm, accuracy/F1/MCC for
     classification, Pearson/Spearman for regression, and, for sft with eval_generate, the
     generation metric (`score_fn(predictions, references)`, or BLEU & co. via lorakit.metrics)."""
-    from . import metrics
+    from .eval import metrics
 
     cfg, data = run_cfg.train, run_cfg.data
     n = len(split.examples) if not cfg.max_eval_examples else min(cfg.max_eval_examples, len(split.examples))

@@ -13,8 +13,8 @@ Shapes follow nn.Linear: A is (r, in), B is (out, r), dW = s * B @ A is (out, in
 (alpha / sqrt(r) with rsLoRA). The math runs in float64: the quantities compared here (overlaps of
 near-orthogonal directions, ratios of small norms) lose their meaning in bfloat16 or float32.
 
-Adapters are read straight from PEFT-format directories with safetensors (`read_adapter`), so files
-written by lorakit, PEFT or anything else using that layout can be analysed without building a model.
+Adapters are read from PEFT-format directories by the reader behind `load_adapter` (`read_adapter`),
+so files written by lorakit, PEFT or anything else using that layout can be analysed without a model.
 """
 
 from __future__ import annotations
@@ -32,20 +32,10 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, ShapeMismatchError
-from lorakit.io import atomic_write
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_adapter_dir
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-# PEFT key layout: "base_model.model.<module>.lora_A.weight" for linear and conv layers,
-# "base_model.model.<module>.lora_embedding_A" for embeddings. Some writers keep the adapter name
-# ("lora_A.default.weight"); it is accepted and must be the same for every key.
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
-    r"(?:(?P<lin>lora_[AB])(?:\.(?P<name1>[^.]+))?\.weight"
-    r"|(?P<emb>lora_embedding_[AB])(?:\.(?P<name2>[^.]+))?)$"
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,67 +112,13 @@ class AdapterTensors:
         )
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    # PEFT's rule (peft.utils.other.get_pattern_key): the first key that matches the whole module
-    # path, or a suffix of it that starts after a dot, wins.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise AdapterFileError(
-            f"{file}: not found; an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-            f"(as written by lorakit.save_adapter or PEFT's save_pretrained)"
-        )
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{file}: cannot be read as JSON ({e}); the file is corrupt") from e
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{file}: expected a JSON object, found {type(config).__name__}")
-    return config
-
-
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        hint = ""
-        if (path / "adapter_model.bin").is_file():
-            hint = (
-                "; only adapter_model.bin (a pickle) is there, which this reader does not load: "
-                "convert it with `lorakit convert` or re-save it with safe_serialization=True"
-            )
-        raise AdapterFileError(f"{file}: not found{hint}")
-    try:
-        return load_file(str(file), device="cpu")
-    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(
-            f"{file}: not a readable safetensors file ({e}); the file is corrupt or truncated"
-        ) from e
-
-
-def _float(value: Any, what: str, file: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AdapterFileError(f"{file}: {what} must be a number, found {value!r}")
-    return float(value)
-
-
 def read_adapter(path: str | os.PathLike[str]) -> dict[str, AdapterTensors]:
     """Read a PEFT-format adapter directory without building a model.
 
-    Reads `adapter_config.json` (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern; PEFT's
-    defaults r=8, lora_alpha=8 where absent) and `adapter_model.safetensors` (keys
-    `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, or `lora_embedding_A` / `_B`).
-    rank_pattern / alpha_pattern keys are regexes matched against the module path as PEFT does.
-    Tensors that are not LoRA factors (DoRA magnitudes, modules_to_save copies) are skipped with a
-    warning; DoRA's dW is not s * B @ A, so the analysis then covers its low-rank direction only.
+    The files are read by `lorakit.io.read_adapter_dir`, the reader behind `load_adapter`, and each
+    module's scale comes from `LoraConfig.scale_for` (r, lora_alpha, use_rslora, rank_pattern and
+    alpha_pattern of `adapter_config.json`, patterns matched against the module path as PEFT does).
+    Tensors that are not LoRA factors (biases, modules_to_save copies) are skipped with a warning.
 
     Args:
         path: the adapter directory (or the adapter_model.safetensors file inside it).
@@ -191,74 +127,34 @@ def read_adapter(path: str | os.PathLike[str]) -> dict[str, AdapterTensors]:
         module path -> AdapterTensors, sorted by module path in natural order (layer 2 before 10).
 
     Raises:
-        AdapterFileError: a file is missing, corrupt or not an adapter, or the tensors disagree with
-            the config (a rank that differs from r / rank_pattern, A without B).
+        AdapterFileError: a file is missing, corrupt or not a LoRA adapter (DoRA included), the
+            tensors disagree with the config (a rank that differs from r / rank_pattern, A without B),
+            or the file holds several adapters.
     """
     path = Path(path)
-    if path.is_file() and path.name == WEIGHTS_FILE:
+    if path.is_file() and path.name == WEIGHTS_NAME:
         path = path.parent
     if not path.is_dir():
-        raise AdapterFileError(f"{path}: no such adapter directory (expected {CONFIG_FILE} and {WEIGHTS_FILE} inside)")
-    config = _read_config(path)
-    tensors = _read_tensors(path)
-    config_file = path / CONFIG_FILE
-
-    default_r = config.get("r", 8)
-    default_alpha = _float(config.get("lora_alpha", 8), "lora_alpha", config_file)
-    rslora = bool(config.get("use_rslora", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise AdapterFileError(f"{config_file}: rank_pattern and alpha_pattern must be JSON objects")
-    if config.get("use_dora"):
-        warnings.warn(
-            f"{path}: a DoRA adapter; the analysis covers its low-rank part s * B @ A, "
-            f"not the magnitude rescaling",
-            stacklevel=2,
-        )
-
-    factors: dict[str, dict[str, Tensor]] = {}
-    kinds: dict[str, str] = {}
-    names: set[str] = set()
-    ignored: list[str] = []
-    for key, tensor in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            ignored.append(key)
-            continue
-        module = m["module"]
-        part = (m["lin"] or m["emb"])[-1]  # "A" or "B"
-        kind = "embedding" if m["emb"] else ("conv" if tensor.dim() == 4 else "linear")
-        if m["name1"] or m["name2"]:
-            names.add(m["name1"] or m["name2"])
-        if kinds.setdefault(module, kind) != kind:
-            raise AdapterFileError(
-                f"{path / WEIGHTS_FILE}: {module} has factors of two kinds ({kinds[module]}, {kind})"
-            )
-        factors.setdefault(module, {})[part] = tensor
-    if len(names) > 1:
-        raise AdapterFileError(
-            f"{path / WEIGHTS_FILE}: holds several adapters ({', '.join(sorted(names))}); "
-            f"save each one to its own directory"
-        )
-    if ignored:
-        shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
-        warnings.warn(
-            f"{path / WEIGHTS_FILE}: skipped {len(ignored)} tensors that are not LoRA factors ({shown})",
-            stacklevel=2,
-        )
-    if not factors:
-        raise AdapterFileError(
-            f"{path / WEIGHTS_FILE}: no LoRA factors (keys ending in lora_A.weight / lora_B.weight) found"
-        )
+        raise AdapterFileError(f"{path}: no such adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+    config, pairs, extra, weights = read_adapter_dir(path)
+    if extra:
+        shown = ", ".join(list(extra)[:3]) + (", ..." if len(extra) > 3 else "")
+        warnings.warn(f"{weights}: skipped {len(extra)} tensors that are not LoRA factors ({shown})", stacklevel=2)
+    if not pairs:
+        raise AdapterFileError(f"{weights}: no LoRA factors (keys ending in lora_A.weight / lora_B.weight) found")
+    try:
+        file_cfg = LoraConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                              rslora=bool(config.get("use_rslora", False)),
+                              rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+                              alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+                              targets=["_"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: {e}") from e
 
     out: dict[str, AdapterTensors] = {}
-    for module in sorted(factors, key=_natural_key):
-        parts, kind = factors[module], kinds[module]
-        if set(parts) != {"A", "B"}:
-            missing = "B" if "A" in parts else "A"
-            raise AdapterFileError(f"{path / WEIGHTS_FILE}: {module} has no lora_{missing}; the file is incomplete")
-        A, B = parts["A"], parts["B"]
+    for module in sorted(pairs, key=_natural_key):
+        A, B = pairs[module]["A"], pairs[module]["B"]
+        kind = "embedding" if pairs[module]["embedding"] else ("conv" if A.dim() == 4 else "linear")
         weight_shape: tuple[int, ...]
         if kind == "conv":
             # A (r, in, kh, kw), B (out, r, 1, 1): dW = B @ A on the flattened kernel (groups == 1).
@@ -270,19 +166,17 @@ def read_adapter(path: str | os.PathLike[str]) -> dict[str, AdapterTensors]:
             weight_shape = (B.shape[0], A.shape[1])
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterFileError(
-                f"{path / WEIGHTS_FILE}: {module} has A {tuple(parts['A'].shape)} and B {tuple(parts['B'].shape)}, "
+                f"{weights}: {module} has A {tuple(pairs[module]['A'].shape)} and B {tuple(pairs[module]['B'].shape)}, "
                 f"which do not share a rank (expected A (r, in) and B (out, r))"
             )
         r = A.shape[0]
-        expected_r = _pattern_value(rank_pattern, module, default_r)
-        if expected_r != r:
+        if file_cfg.rank_for(module) != r:
             raise AdapterFileError(
-                f"{path / WEIGHTS_FILE}: {module} has rank {r}, but {CONFIG_FILE} says r={expected_r}; "
+                f"{weights}: {module} has rank {r}, but {CONFIG_NAME} says r={file_cfg.rank_for(module)}; "
                 f"the config does not belong to these weights"
             )
-        alpha = _float(_pattern_value(alpha_pattern, module, default_alpha), f"alpha for {module}", config_file)
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        out[module] = AdapterTensors(module, A, B, scale, r, alpha, kind, tuple(int(d) for d in weight_shape))
+        out[module] = AdapterTensors(module, A, B, file_cfg.scale_for(module), r, file_cfg.alpha_for(module), kind,
+                                     tuple(int(d) for d in weight_shape))
     return out
 
 

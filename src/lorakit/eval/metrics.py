@@ -22,7 +22,7 @@ Scales follow the paper: BLEU, METEOR and ROUGE-L in percent (0-100), NIST and C
 Multi-reference inputs pair one hypothesis with a list of references; `group_references`
 builds those lists from E2E rows.
 
-Library imports are local to the functions, so `import lorakit.metrics` stays cheap and a
+Library imports are local to the functions, so `import lorakit.eval.metrics` stays cheap and a
 missing optional library only matters to the metric that needs it.
 """
 
