@@ -1,0 +1,268 @@
+"""Random sequences of state changes (inject, merge, unmerge, set_adapter, route, delete, save + load)
+checked step by step against a model of what the weights and outputs must be.
+
+The contract: each weight equals W0 with the still-merged adapters merged onto it in their merge
+order, each update computed in float32 and rounded once (bit for bit); outputs equal a float64
+forward of those weights plus the active unmerged adapters; a call that raises leaves weights,
+adapters, active and merged sets exactly as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import example_input, make, run
+
+import lorakit as lk
+from lorakit import functional as LF
+
+POOL = ["a", "b", "c"]
+BATCH = 3
+TARGETS = {
+    "mlp": [["fc1"], ["fc2"], ["fc1", "fc2"]],
+    "llama": [["q_proj"], ["v_proj", "o_proj"], ["q_proj", "down_proj"]],
+}
+
+subsets = st.permutations(POOL).flatmap(lambda p: st.integers(1, 3).map(lambda k: p[:k]))  # in any order
+names_or_none = st.one_of(st.none(), subsets, st.lists(st.sampled_from(POOL + ["zzz"]), max_size=3))
+inject_op = st.tuples(st.just("inject"), st.sampled_from(POOL), st.integers(0, 2), st.integers(1, 4),
+                      st.integers(0, 999))
+merge_op = st.tuples(st.just("merge"), names_or_none)
+unmerge_op = st.tuples(st.just("unmerge"), st.one_of(names_or_none, st.sampled_from(POOL).map(lambda n: [n])))
+ops = st.one_of(
+    inject_op, merge_op, unmerge_op, merge_op, unmerge_op,
+    st.tuples(st.just("set_adapter"), names_or_none),
+    st.tuples(st.just("route"), st.lists(st.sampled_from(POOL + [None]), min_size=BATCH, max_size=BATCH),
+              st.one_of(st.none(), st.lists(st.sampled_from(POOL + [None]), min_size=BATCH, max_size=BATCH)),
+              st.one_of(st.none(), st.sampled_from(POOL))),
+    st.tuples(st.just("delete"), st.sampled_from(POOL)),
+    st.tuples(st.just("save_load"), st.sampled_from(POOL)),
+)
+# a few adapters first, then any steps: merges and unmerges of several adapters are what goes wrong
+setup = st.tuples(st.permutations(POOL), st.lists(inject_op, min_size=3, max_size=3)).map(
+    lambda t: [(op[0], name, *op[2:]) for name, op in zip(t[0], t[1])])
+sequences = st.tuples(setup, st.lists(ops, min_size=1, max_size=10)).map(lambda t: t[0] + t[1])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+class Expected:
+    """What the model must hold: the base weights W0, each adapter's factors, the merge order, the active list."""
+
+    def __init__(self, model: torch.nn.Module, kind: str) -> None:
+        self.kind = kind
+        self.base64 = copy.deepcopy(model).double()
+        self.w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}  # name -> path -> A, B, s
+        self.merged: list[str] = []
+        self.active: list[str] = []
+        self.wrapped: set[str] = set()  # every module an adapter was ever injected into
+
+    def weight(self, path: str) -> torch.Tensor:
+        """W0 with the merged adapters merged in order, each float32 update rounded once."""
+        w = self.w0[f"{path}.weight"].clone()
+        for n in self.merged:
+            if path in self.adapters[n]:
+                A, B, s = self.adapters[n][path]
+                w = (w.float() + LF.delta_weight(A, B, s)).to(w.dtype)
+        return w
+
+    def weight64(self, path: str, with_adapters: list[str]) -> torch.Tensor:
+        w = self.weight(path).double()
+        for n in with_adapters:
+            if path in self.adapters[n]:
+                A, B, s = self.adapters[n][path]
+                w = w + s * B.double() @ A.double()
+        return w
+
+    def output(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """float64 forward with the expected weights and the unmerged `adapters` added in float64."""
+        m = self.base64
+        with torch.no_grad():
+            for path in self.wrapped:
+                m.get_submodule(path).weight.copy_(self.weight64(path, [n for n in adapters if n not in self.merged]))
+        return run(m, self.kind, x.double() if x.is_floating_point() else x)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    layers = {path: (dict(layer.adapters.state_dict()), list(layer.active), list(layer.merged), layer.routing)
+              for path, layer in lk.lora_layers(model)}
+    return {"params": {n: bits(p.detach()).clone() for n, p in model.named_parameters()},
+            "layers": {p: ({k: bits(v).clone() for k, v in sd.items()}, a, m, r) for p, (sd, a, m, r) in layers.items()},
+            "names": lk.adapter_names(model), "active": lk.active_adapters(model)}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["names"] == after["names"] and before["active"] == after["active"]
+    assert before["params"].keys() == after["params"].keys()
+    for k, v in before["params"].items():
+        assert torch.equal(v, after["params"][k]), f"{k} changed by a call that raised"
+    assert before["layers"].keys() == after["layers"].keys()
+    for path, (sd, active, merged, routing) in before["layers"].items():
+        sd2, active2, merged2, routing2 = after["layers"][path]
+        assert (active, merged, routing) == (active2, merged2, routing2), path
+        assert sd.keys() == sd2.keys() and all(torch.equal(v, sd2[k]) for k, v in sd.items()), path
+
+
+def check(model: torch.nn.Module, exp: Expected, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Weights bit for bit, untargeted parameters untouched, outputs close to float64."""
+    layers = dict(lk.lora_layers(model))
+    for path in layers:
+        got, want = layers[path].weight.detach(), exp.weight(path)
+        wrong = int((bits(got) != bits(want)).sum())
+        assert not wrong, f"{path}: {wrong} weights differ from W0 with {exp.merged} merged onto it"
+    for n, p in model.named_parameters():
+        if ".adapters." not in n and n.removesuffix(".weight") not in layers:
+            assert torch.equal(p.detach(), exp.w0[n]), n
+    assert sorted(lk.adapter_names(model)) == sorted(exp.adapters)
+    assert lk.active_adapters(model) == exp.active
+    merged = {n for layer in layers.values() for n in layer.merged}
+    assert merged == {n for n in exp.merged if exp.adapters[n]}
+    compare(run(model, exp.kind, x), exp.output(x, exp.active), dtype)
+
+
+def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = 2e-4 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def expect_error(error, model, call) -> None:
+    before = snapshot(model)
+    with pytest.raises(error):
+        call()
+    assert_same(before, snapshot(model))
+
+
+def resolve(names, exp: Expected) -> tuple[list[str] | None, type | None]:
+    chosen = None if names is None else list(names)
+    if chosen is not None and any(n not in exp.adapters for n in chosen):
+        return chosen, lk.AdapterNotFoundError
+    return chosen, None
+
+
+def step(model, exp: Expected, op, x, dtype, tmp) -> None:
+    kind = op[0]
+    if kind == "inject":
+        _, name, t, r, seed = op
+        cfg = lk.LoraConfig(r=r, alpha=2 * r + seed % 5, targets=TARGETS[exp.kind][t])
+        if name in exp.adapters:
+            return expect_error(lk.ConfigError, model, lambda: lk.inject(model, cfg, name=name))
+        lk.inject(model, cfg, name=name)
+        g = torch.Generator().manual_seed(seed)
+        per = {}
+        with torch.no_grad():
+            for path, layer in lk.lora_layers(model):
+                if name in layer.adapters:
+                    a = layer.adapters[name]
+                    for p in (a.lora_A, a.lora_B):
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                    per[path] = (a.lora_A.detach().clone(), a.lora_B.detach().clone(), a.scale)
+        exp.adapters[name] = per
+        exp.wrapped |= set(per)
+        exp.active = [n for n in exp.active if n in exp.merged] + [name]
+    elif kind == "merge":
+        chosen, error = resolve(op[1], exp)
+        if error:
+            return expect_error(error, model, lambda: lk.merge(model, chosen))
+        lk.merge(model, chosen)
+        chosen = list(exp.active) if chosen is None else chosen
+        for n in dict.fromkeys(chosen):
+            if n not in exp.merged:
+                exp.merged.append(n)
+        exp.active = exp.active + [n for n in chosen if n not in exp.active]
+    elif kind == "unmerge":
+        chosen, error = resolve(op[1], exp)
+        if error:
+            return expect_error(error, model, lambda: lk.unmerge(model, chosen))
+        lk.unmerge(model, chosen)
+        exp.merged = [n for n in exp.merged if chosen is not None and n not in chosen]
+    elif kind == "set_adapter":
+        chosen, error = resolve(op[1], exp)
+        chosen = [] if chosen is None else chosen
+        if error is None and any(n not in chosen for n in exp.merged if exp.adapters[n]):
+            error = lk.StateError
+        if error:
+            return expect_error(error, model, lambda: lk.set_adapter(model, chosen))
+        lk.set_adapter(model, chosen)
+        exp.active = chosen
+    elif kind == "route":
+        route_step(model, exp, op, x, dtype)
+    elif kind == "delete":
+        name = op[1]
+        if name not in exp.adapters:
+            return expect_error(lk.AdapterNotFoundError, model, lambda: lk.delete_adapter(model, name))
+        lk.delete_adapter(model, name)
+        forget(exp, name)
+    elif kind == "save_load":
+        name = op[1]
+        if name not in exp.adapters:
+            return expect_error(lk.AdapterNotFoundError, model, lambda: lk.save_adapter(model, tmp, name=name))
+        lk.save_adapter(model, tmp, name=name)
+        lk.delete_adapter(model, name)
+        per = exp.adapters[name]
+        forget(exp, name)
+        check(model, exp, x, dtype)
+        lk.load_adapter(model, tmp, name=name)
+        exp.adapters[name] = per
+        exp.active = [n for n in exp.active if n in exp.merged] + [name]
+
+
+def forget(exp: Expected, name: str) -> None:
+    del exp.adapters[name]
+    exp.merged = [n for n in exp.merged if n != name]
+    exp.active = [n for n in exp.active if n != name]
+
+
+def routed_output(exp: Expected, x, names) -> torch.Tensor:
+    rows = [exp.output(x[b:b + 1], [n] if n is not None else [])[0] for b, n in enumerate(names)]
+    return torch.stack(rows)
+
+
+def route_step(model, exp: Expected, op, x, dtype) -> None:
+    _, names, inner, delete = op
+    if any(n is not None and n not in exp.adapters for n in names):
+        return expect_error(lk.AdapterNotFoundError, model, lambda: lk.route(model, names).__enter__())
+    if any(exp.adapters[n] for n in exp.merged):
+        return expect_error(lk.StateError, model, lambda: lk.route(model, names).__enter__())
+    with lk.route(model, names):
+        compare(run(model, exp.kind, x), routed_output(exp, x, names), dtype)
+        if inner is not None and all(n is None or n in exp.adapters for n in inner):
+            with lk.route(model, inner):
+                compare(run(model, exp.kind, x), routed_output(exp, x, inner), dtype)
+            compare(run(model, exp.kind, x), routed_output(exp, x, names), dtype)  # the outer route is back
+        if delete is not None and delete in names:
+            expect_error(lk.StateError, model, lambda: lk.delete_adapter(model, delete))
+        if exp.wrapped:  # a batch of another size than the route's
+            expect_error(lk.StateError, model, lambda: run(model, exp.kind, x[:BATCH - 1]))
+
+
+def play(kind: str, dtype: torch.dtype, steps: list) -> None:
+    model = make(kind).to(dtype)
+    exp = Expected(model, kind)
+    x = example_input(kind, batch=BATCH)
+    x = x.to(dtype) if x.is_floating_point() else x
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in steps:
+            step(model, exp, op, x, dtype, tmp)
+            check(model, exp, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=sequences)
+def test_random_state_changes_on_mlp(dtype, steps):
+    play("mlp", dtype, steps)
+
+
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=sequences, dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_random_state_changes_on_llama(steps, dtype):
+    play("llama", dtype, steps)
