@@ -50,6 +50,15 @@ setup = st.tuples(st.permutations(POOL), st.lists(inject_op, min_size=3, max_siz
 sequences = st.tuples(setup, st.lists(ops, min_size=1, max_size=10)).map(lambda t: t[0] + t[1])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one thread spares waking others for every small matmul (much faster on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
 
@@ -256,13 +265,185 @@ def play(kind: str, dtype: torch.dtype, steps: list) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=sequences)
 def test_random_state_changes_on_mlp(dtype, steps):
     play("mlp", dtype, steps)
 
 
-@settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=sequences, dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_random_state_changes_on_llama(steps, dtype):
     play("llama", dtype, steps)
+
+
+# -- the same contracts on hand-picked cases ------------------------------------------------------------
+def three_adapters(dtype: torch.dtype, std: float = 0.3) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    model = make("mlp").to(dtype)
+    w0 = model.fc2.weight.detach().clone()
+    for name, r in zip("abc", (4, 2, 3)):
+        lk.inject(model, lk.LoraConfig(r=r, alpha=2 * r, targets=["fc1", "fc2"]), name=name)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for a in layer.adapters.values():
+                for p in (a.lora_A, a.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model, w0, {n: model.fc2.delta_weight(n) for n in "abc"}
+
+
+def merged_onto(w0: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    w = w0.clone()
+    for d in deltas:
+        w = (w.float() + d).to(w.dtype)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_unmerge_and_delete_out_of_order_keep_the_other_merges(dtype):
+    model, w0, d = three_adapters(dtype)
+    lk.merge(model, ["a", "b", "c"])
+    lk.unmerge(model, "a")
+    assert torch.equal(bits(model.fc2.weight), bits(merged_onto(w0, [d["b"], d["c"]])))
+    lk.merge(model, "a")
+    lk.delete_adapter(model, "b")
+    assert torch.equal(bits(model.fc2.weight), bits(merged_onto(w0, [d["c"], d["a"]])))
+    lk.unmerge(model)
+    assert torch.equal(bits(model.fc2.weight), bits(w0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_many_cycles_in_random_order_are_bit_exact(dtype):
+    model, w0, d = three_adapters(dtype, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        order = [("abc")[i] for i in torch.randperm(3, generator=g)]
+        lk.merge(model, order)
+        for name in [("abc")[i] for i in torch.randperm(3, generator=g)][:2]:
+            lk.unmerge(model, name)
+            order.remove(name)
+            assert torch.equal(bits(model.fc2.weight), bits(merged_onto(w0, [d[n] for n in order])))
+        lk.unmerge(model)
+        assert torch.equal(bits(model.fc2.weight), bits(w0))
+
+
+def test_float16_merge_that_overflows_is_refused_and_changes_nothing():
+    model, w0, _ = three_adapters(torch.float16)
+    with torch.no_grad():
+        model.fc2.adapters["b"].lora_B.fill_(200.0)  # dW = scale 2 * r 2 * 200 * 200: beyond float16's 65504
+        model.fc2.adapters["b"].lora_A.fill_(200.0)
+    before = snapshot(model)
+    with pytest.raises(lk.MergeError, match=r"fc2.*float16"):
+        lk.merge(model, ["a", "b"])
+    assert_same(before, snapshot(model))
+
+
+def test_out_of_order_unmerge_that_would_overflow_is_refused():
+    model, w0, _ = three_adapters(torch.float16)
+    with torch.no_grad():  # a moves fc2's weights by -40000, b by +70000: a + b fits float16, b alone does not
+        for name, value in (("a", -40000.0), ("b", 70000.0)):
+            a = model.fc2.adapters[name]
+            a.lora_A.fill_(1.0)
+            a.lora_B.fill_(value / (a.scale * a.r))
+    lk.merge(model, ["a", "b"])
+    before = snapshot(model)
+    with pytest.raises(lk.MergeError, match=r"fc2.*float16"):
+        lk.unmerge(model, "a")
+    assert_same(before, snapshot(model))
+    with pytest.raises(lk.MergeError, match="fc2"):
+        lk.delete_adapter(model, "a")
+    assert_same(before, snapshot(model))
+    lk.unmerge(model)
+    assert torch.equal(bits(model.fc2.weight), bits(w0))
+
+
+def test_inject_while_merged_keeps_the_merged_adapters_active():
+    model, _, _ = three_adapters(torch.float32)
+    lk.set_adapter(model, ["a", "b"])
+    lk.merge(model, ["a"])
+    lk.inject(model, lk.LoraConfig(r=2, targets=["fc1"]), name="d")
+    assert lk.active_adapters(model) == ["a", "d"]
+
+
+def test_inject_that_fails_midway_leaves_the_model_as_it_was():
+    model = make("gpt2")
+    before = {k: bits(v).clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    types = [type(m) for m in model.modules()]
+    cfg = lk.LoraConfig(r=2, targets=["c_attn", "c_proj"], init="pissa", slices={r"h\.1\.attn\.c_proj": [True, False]})
+    with pytest.raises(lk.StateError, match="pissa"):
+        lk.inject(model, cfg)  # c_attn of block 0 and 1 are rewritten by PiSSA before h.1.attn.c_proj refuses
+    assert [type(m) for m in model.modules()] == types
+    after = {k: bits(v) for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert lk.adapter_names(model) == []
+
+
+# -- routing misuse ---------------------------------------------------------------------------------------
+def routed_model():
+    model = make("mlp")
+    for name in ("a", "b"):
+        lk.inject(model, lk.LoraConfig(r=2, targets=["fc1", "fc2"]), name=name)
+    randomize_all(model)
+    return model
+
+
+def randomize_all(model):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for a in layer.adapters.values():
+                for p in (a.lora_A, a.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_nested_route_gives_the_outer_route_back():
+    model = routed_model()
+    x = example_input("mlp", batch=3)
+    with lk.route(model, ["a", "b", None]):
+        outer = model(x)
+        with lk.route(model, ["b", None, "a"]):
+            inner = model(x)
+        assert torch.equal(model(x), outer)
+    assert not torch.allclose(inner, outer)
+    assert all(layer.routing is None for _, layer in lk.lora_layers(model))
+
+
+def test_deleting_a_routed_adapter_is_refused():
+    model = routed_model()
+    with lk.route(model, ["a", None, None]):
+        before = snapshot(model)
+        with pytest.raises(lk.StateError, match="'a'.*route"):
+            lk.delete_adapter(model, "a")
+        assert_same(before, snapshot(model))
+        lk.delete_adapter(model, "b")  # not routed: fine
+
+
+def test_route_from_a_second_thread_is_refused():
+    model = routed_model()
+    x = example_input("mlp", batch=3)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lk.route(model, ["a", "a", "a"]):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert entered.wait(10)
+        with pytest.raises(lk.StateError, match="Another thread"):
+            with lk.route(model, ["b", "b", "b"]):
+                pass
+        assert all(layer.routing == ["a", "a", "a"] for _, layer in lk.lora_layers(model))
+    finally:
+        release.set()
+        t.join()
+    with lk.route(model, ["b", "b", "b"]):  # free again once the other thread left its block
+        model(x)
+
+
+def test_routed_batch_of_another_size_is_refused():
+    model = routed_model()
+    with lk.route(model, ["a", None, "b"]), pytest.raises(lk.StateError, match="3 adapter names.*2 rows"):
+        model(example_input("mlp", batch=2))
