@@ -447,3 +447,93 @@ def test_routed_batch_of_another_size_is_refused():
     model = routed_model()
     with lk.route(model, ["a", None, "b"]), pytest.raises(lk.StateError, match="3 adapter names.*2 rows"):
         model(example_input("mlp", batch=2))
+
+
+# -- PiSSA: the base holds the residual, files are for the original base ---------------------------------
+PISSA = [dict(targets=["q_proj", "v_proj"]), dict(targets="all-linear", rslora=True, rank_pattern={"down_proj": 2})]
+
+
+def trained_pissa(dtype=torch.float32, **kwargs):
+    """A llama with a PiSSA adapter whose factors moved away from their initial values, as training does."""
+    model = make("llama").to(dtype)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, init="pissa", **kwargs))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for p in (layer.adapters["default"].lora_A, layer.adapters["default"].lora_B):
+                p.add_(torch.randn(p.shape, generator=g).to(dtype) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", PISSA, ids=["qv", "rslora-pattern"])
+def test_saved_pissa_adapter_gives_the_trained_outputs_on_the_original_base(kwargs, tmp_path):
+    model = trained_pissa(**kwargs)
+    x = example_input("llama")
+    ours = run(model, "llama", x)
+    lk.save_adapter(model, tmp_path / "lora")
+    fresh = lk.load_adapter(make("llama"), tmp_path / "lora")
+    torch.testing.assert_close(run(fresh, "llama", x), ours, rtol=1e-4, atol=1e-4)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(make("llama"), str(tmp_path / "lora")).eval()
+    torch.testing.assert_close(run(theirs, "llama", x), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_factors_as_trained_load_onto_the_original_base(tmp_path):
+    model = trained_pissa()
+    x = example_input("llama")
+    ours = run(model, "llama", x)
+    lk.save_adapter(model, tmp_path / "raw", pissa_as_lora=False)
+    fresh = lk.load_adapter(make("llama"), tmp_path / "raw")
+    torch.testing.assert_close(run(fresh, "llama", x), ours, rtol=1e-4, atol=1e-4)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(make("llama"), str(tmp_path / "raw")).eval()
+    torch.testing.assert_close(run(theirs, "llama", x), ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pissa_gives_the_original_weights_back(dtype):
+    base = make("llama").to(dtype)
+    model = copy.deepcopy(base)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"), name="p")
+    lk.inject(model, lk.LoraConfig(r=2, targets=["q_proj"]), name="b")
+    randomize_all(model)
+    q = model.model.layers[0].self_attn.q_proj
+    w_res, d_b = q.weight.detach().clone(), q.delta_weight("b")
+    assert not torch.equal(w_res, base.model.layers[0].self_attn.q_proj.weight)  # the residual, not W0
+    assert not any("pissa" in k for k in model.state_dict())  # initial factors are no state of the model
+    assert not any("pissa" in n for n, _ in model.named_parameters())
+    lk.merge(model, "b")
+    lk.delete_adapter(model, "p")  # the residual was made before b was merged: b is merged again onto W0
+    w0 = base.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(bits(q.weight), bits(merged_onto(w0, [d_b])))
+    lk.unmerge(model)
+    assert_same(snapshot(base), {**snapshot(lk.eject(model, merge=False)), "names": [], "active": []})
+
+
+def test_eject_of_a_pissa_model():
+    base = make("llama")
+    x = example_input("llama")
+    merged = trained_pissa()
+    expected = run(merged, "llama", x)
+    plain = lk.eject(merged, merge=True)
+    torch.testing.assert_close(run(plain, "llama", x), expected, rtol=1e-4, atol=1e-4)
+    unmerged = lk.eject(trained_pissa(), merge=False)
+    for (n, p), (_, q) in zip(unmerged.named_parameters(), base.named_parameters()):
+        assert torch.equal(bits(p.detach()), bits(q.detach())), n
+    inactive = trained_pissa()
+    lk.set_adapter(inactive, None)
+    for (n, p), (_, q) in zip(lk.eject(inactive, merge=True).named_parameters(), base.named_parameters()):
+        assert torch.equal(bits(p.detach()), bits(q.detach())), n
+
+
+def test_pissa_run_resumes_from_its_trainable_weights():
+    """What a training checkpoint holds (the trainable parameters) restores a PiSSA model on a fresh
+    original base: inject redoes the same initialization, then the factors are loaded."""
+    model = trained_pissa()
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    resumed = make("llama")
+    lk.inject(resumed, lk.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"))
+    missing, unexpected = resumed.load_state_dict(state, strict=False)
+    assert not unexpected
+    x = example_input("llama")
+    assert torch.equal(run(resumed, "llama", x), run(model, "llama", x))
