@@ -124,8 +124,8 @@ def assert_same(before: dict, after: dict) -> None:
 def check(model: torch.nn.Module, exp: Expected, x: torch.Tensor, dtype: torch.dtype) -> None:
     """Weights bit for bit, untargeted parameters untouched, outputs close to float64."""
     layers = dict(lk.lora_layers(model))
-    for path in layers:
-        got, want = layers[path].weight.detach(), exp.weight(path)
+    for path, layer in layers.items():
+        got, want = layer.weight.detach(), exp.weight(path)
         wrong = int((bits(got) != bits(want)).sum())
         assert not wrong, f"{path}: {wrong} weights differ from W0 with {exp.merged} merged onto it"
     for n, p in model.named_parameters():
@@ -328,7 +328,7 @@ def test_many_cycles_in_random_order_are_bit_exact(dtype):
 
 
 def test_float16_merge_that_overflows_is_refused_and_changes_nothing():
-    model, w0, _ = three_adapters(torch.float16)
+    model, _, _ = three_adapters(torch.float16)
     with torch.no_grad():
         model.fc2.adapters["b"].lora_B.fill_(200.0)  # dW = scale 2 * r 2 * 200 * 200: beyond float16's 65504
         model.fc2.adapters["b"].lora_A.fill_(200.0)
@@ -432,9 +432,8 @@ def test_route_from_a_second_thread_is_refused():
     t.start()
     try:
         assert entered.wait(10)
-        with pytest.raises(lk.StateError, match="Another thread"):
-            with lk.route(model, ["b", "b", "b"]):
-                pass
+        with pytest.raises(lk.StateError, match="Another thread"), lk.route(model, ["b", "b", "b"]):
+            pass
         assert all(layer.routing == ["a", "a", "a"] for _, layer in lk.lora_layers(model))
     finally:
         release.set()
@@ -450,7 +449,7 @@ def test_routed_batch_of_another_size_is_refused():
 
 
 # -- PiSSA: the base holds the residual, files are for the original base ---------------------------------
-PISSA = [dict(targets=["q_proj", "v_proj"]), dict(targets="all-linear", rslora=True, rank_pattern={"down_proj": 2})]
+PISSA = [{"targets": ["q_proj", "v_proj"]}, {"targets": "all-linear", "rslora": True, "rank_pattern": {"down_proj": 2}}]
 
 
 def trained_pissa(dtype=torch.float32, **kwargs):
@@ -533,7 +532,13 @@ def test_pissa_run_resumes_from_its_trainable_weights():
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     resumed = make("llama")
     lk.inject(resumed, lk.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"))
-    missing, unexpected = resumed.load_state_dict(state, strict=False)
+    _, unexpected = resumed.load_state_dict(state, strict=False)
     assert not unexpected
     x = example_input("llama")
     assert torch.equal(run(resumed, "llama", x), run(model, "llama", x))
+
+
+def test_disabled_refuses_while_pissa_holds_part_of_the_base():
+    model = trained_pissa()
+    with pytest.raises(lk.StateError, match="PiSSA.*'default'"), lk.disabled(model):
+        pass

@@ -260,13 +260,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model behaves as its base model (no adapter acts).
 
     Raises:
-        StateError: an adapter is merged (the base weights are not at hand); unmerge first.
+        StateError: an adapter is merged (the base weights are not at hand); unmerge first. Or a PiSSA
+            adapter holds part of the base weights (they hold the residual W - s*B0@A0).
     """
     layers = [layer for _, layer in lora_layers(model)]
     merged = sorted({n for layer in layers for n in layer.merged})
     if merged:
         raise StateError(f"Adapter(s) {merged} are merged into the weights, so the base model is not available; "
                          "call lk.unmerge(model) first.")
+    pissa = sorted({n for layer in layers for n in layer.residuals})
+    if pissa:
+        raise StateError(f"PiSSA adapter(s) {pissa} took their initial part out of the base weights, so the base "
+                         "model is not available; lk.delete_adapter(model, name) gives the original weights back.")
     before = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -294,7 +299,8 @@ def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     from any thread, is routed (autograd's backward threads included, as gradient checkpointing
     needs). So one model serves one routed batch at a time: a `route` on a model whose route
     another thread holds raises StateError; threads that serve at once need a model each.
-    Deleting an adapter that the route uses raises StateError inside the block.
+    Deleting an adapter that the route uses raises StateError inside the block. Rows routed to None
+    see the layers' weights, which for a layer with a PiSSA adapter hold its residual, not the base.
 
     Raises:
         AdapterNotFoundError: an unknown name.
