@@ -352,7 +352,8 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     Raises:
         AdapterNotFoundError: an unknown name.
         StateError: a per-example route is active.
-        MergeError: an update is NaN/inf (nothing is changed in that case).
+        MergeError: an update is NaN/inf, or a merged weight would overflow its dtype (float16 beyond
+            65504); the message names the module and the dtype, and nothing is changed.
     """
     chosen = active_adapters(model) if names is None else [names] if isinstance(names, str) else list(names)
     _require(model, chosen)
