@@ -216,7 +216,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         AdapterNotFoundError: an unknown name.
         StateError: an active `route` sends rows to it.
         MergeError: re-merging adapters merged after it would overflow a weight's dtype.
-        In every case nothing is changed.
+    Nothing is changed when it raises.
     """
     _require(model, [name])
     _refuse_routed(model, name)
