@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import LoraConfig, name_matches
-from .errors import AdapterNotFoundError, ConfigError, StateError, TargetError
+from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
 from .fusion import group_siblings, install_producers, remove_producers, ungroup
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
 
@@ -362,15 +362,22 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
         if layer.routing is not None:
             raise StateError(f"Cannot merge while a per-example route is active ({path}); leave the route block.")
     _refuse_tied(model, [(path, layer) for path, layer in layers if any(n in layer.adapters for n in chosen)])
-    # Check every update first so that a broken adapter (or an overflow) leaves the model untouched.
-    for path, layer in layers:
-        add = [n for n in chosen if n in layer.adapters and n not in layer.merged]
-        for name in add:
-            layer.check_finite(name, path)
-        layer.rewrite(add=add, module_name=path, dry_run=True)
+    # Check every update first so that a broken adapter leaves the model untouched.
     for name in chosen:
         for path, layer in layers:
-            layer.merge(name, path)
+            if name in layer.adapters and name not in layer.merged:
+                layer.check_finite(name, path)
+    done: list[tuple[LoraLayer, str]] = []
+    try:
+        for name in chosen:
+            for path, layer in layers:
+                if name in layer.adapters and name not in layer.merged:
+                    layer.merge(name, path)
+                    done.append((layer, name))
+    except MergeError:  # an overflow: take back the merges made so far, each the last change of its layer
+        for layer, name in reversed(done):
+            layer.unmerge([name])
+        raise
     active = active_adapters(model)
     set_adapter(model, active + [n for n in chosen if n not in active])
     return model

@@ -217,15 +217,14 @@ class LoraLayer(nn.Module):
 
         Raises:
             StateError: a per-example route is active.
-            MergeError: the update is NaN/inf, or the merged weight would overflow the weight's dtype
-                (nothing is changed then).
+            MergeError: the merged weight would hold inf or NaN where it was finite (a non-finite update,
+                or an overflow of the weight's dtype); nothing is changed.
         """
         if name in self.merged or name not in self.adapters:
             return
         if self.routing is not None:
             raise StateError(f"Cannot merge adapter {name!r} into {module_name or type(self).__name__} while "
                              "a per-example route is active; leave the `route(...)` block first.")
-        self.check_finite(name, module_name)
         self.rewrite(add=[name], module_name=module_name)
 
     def unmerge(self, names: list[str] | None = None, module_name: str = "") -> None:
@@ -261,7 +260,7 @@ class LoraLayer(nn.Module):
         cut = gone[0] if gone else len(edits)
         redo = [edits[i] for i in range(cut, len(edits)) if i not in gone]
         new = [(False, n, self._new_edit(n)) for n in add if n not in self.merged]
-        if not gone and not new:
+        if not gone and not new or dry_run and not redo and not new:  # nothing to do; undoing alone cannot fail
             return
         if dry_run or redo or len(new) > 1:
             self._replay(self.weight.data.clone(), edits[cut:], redo + new, module_name)
@@ -287,7 +286,7 @@ class LoraLayer(nn.Module):
                 raise MergeError(
                     f"Merging {what} into {module_name or type(self).__name__} would overflow its {w.dtype} weight "
                     "(inf or NaN where the weight was finite); no weight was changed. Keep the adapter unmerged, "
-                    "or merge into a wider dtype (e.g. model.float())."
+                    "or merge into a wider dtype (e.g. model.float()); check the adapter holds finite values."
                 ) from None
         return records
 
