@@ -30,24 +30,32 @@ TARGETS = {
 }
 
 subsets = st.permutations(POOL).flatmap(lambda p: st.integers(1, 3).map(lambda k: p[:k]))  # in any order
+several = st.permutations(POOL).flatmap(lambda p: st.integers(2, 3).map(lambda k: p[:k]))
+singles = st.sampled_from(POOL).map(lambda n: [n])
 names_or_none = st.one_of(st.none(), subsets, st.lists(st.sampled_from(POOL + ["zzz"]), max_size=3))
-inject_op = st.tuples(st.just("inject"), st.sampled_from(POOL), st.integers(0, 2), st.integers(1, 4),
+# targets: both layers first, so that most adapters share a layer
+inject_op = st.tuples(st.just("inject"), st.sampled_from(POOL), st.sampled_from([2, 0, 1]), st.integers(1, 4),
                       st.integers(0, 999))
-merge_op = st.tuples(st.just("merge"), names_or_none)
-unmerge_op = st.tuples(st.just("unmerge"), st.one_of(names_or_none, st.sampled_from(POOL).map(lambda n: [n])))
-ops = st.one_of(
-    inject_op, merge_op, unmerge_op, merge_op, unmerge_op,
-    st.tuples(st.just("set_adapter"), names_or_none),
-    st.tuples(st.just("route"), st.lists(st.sampled_from(POOL + [None]), min_size=BATCH, max_size=BATCH),
-              st.one_of(st.none(), st.lists(st.sampled_from(POOL + [None]), min_size=BATCH, max_size=BATCH)),
-              st.one_of(st.none(), st.sampled_from(POOL))),
-    st.tuples(st.just("delete"), st.sampled_from(POOL)),
-    st.tuples(st.just("save_load"), st.sampled_from(POOL)),
-)
+# merges mostly of several adapters, unmerges mostly of one: what tells the merge order apart
+merge_op = st.tuples(st.just("merge"), st.one_of(several, several, names_or_none))
+unmerge_op = st.tuples(st.just("unmerge"), st.one_of(singles, singles, names_or_none))
+route_names = st.lists(st.sampled_from(POOL + [None]), min_size=BATCH, max_size=BATCH)
+OPS = {
+    "merge": merge_op,
+    "unmerge": unmerge_op,
+    "inject": inject_op,
+    "set_adapter": st.tuples(st.just("set_adapter"), names_or_none),
+    "route": st.tuples(st.just("route"), route_names, st.one_of(st.none(), route_names),
+                       st.one_of(st.none(), st.sampled_from(POOL))),
+    "delete": st.tuples(st.just("delete"), st.sampled_from(POOL)),
+    "save_load": st.tuples(st.just("save_load"), st.sampled_from(POOL)),
+}
+# drawn by weight: merges and unmerges most, each of the others about half as often
+ops = st.sampled_from(["merge", "unmerge"] * 2 + list(OPS)[2:]).flatmap(OPS.__getitem__)
 # three adapters first, so that most merges and unmerges involve several (and their order)
 setup = st.tuples(st.permutations(POOL), st.lists(inject_op, min_size=3, max_size=3)).map(
     lambda t: [(op[0], name, *op[2:]) for name, op in zip(t[0], t[1])])
-sequences = st.tuples(setup, st.lists(ops, min_size=1, max_size=10)).map(lambda t: t[0] + t[1])
+sequences = st.tuples(setup, st.lists(ops, min_size=2, max_size=12)).map(lambda t: t[0] + t[1])
 
 
 @pytest.fixture(autouse=True)
@@ -139,8 +147,13 @@ def check(model: torch.nn.Module, exp: Expected, x: torch.Tensor, dtype: torch.d
 
 
 def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    tol = 2e-4 if dtype == torch.float32 else 6e-2
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    """Element by element in float32; in 16-bit dtypes, whose rounding piles up through a model's layers,
+    as the relative size of the whole difference."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+    else:
+        error = (got.double() - want).norm() / want.norm()
+        assert error < 3e-2, f"outputs differ from float64 by {error:.3g} of their norm"
 
 
 def expect_error(error, model, call) -> None:
