@@ -113,7 +113,8 @@ def snapshot(model: torch.nn.Module) -> dict:
     layers = {path: (dict(layer.adapters.state_dict()), list(layer.active), list(layer.merged), layer.routing)
               for path, layer in lk.lora_layers(model)}
     return {"params": {n: bits(p.detach()).clone() for n, p in model.named_parameters()},
-            "layers": {p: ({k: bits(v).clone() for k, v in sd.items()}, a, m, r) for p, (sd, a, m, r) in layers.items()},
+            "layers": {p: ({k: bits(v).clone() for k, v in sd.items()}, a, m, r)
+                       for p, (sd, a, m, r) in layers.items()},
             "names": lk.adapter_names(model), "active": lk.active_adapters(model)}
 
 

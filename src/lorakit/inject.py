@@ -383,7 +383,7 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     return model
 
 
-_merge_active = merge
+_merge_active = merge  # eject's `merge` flag shadows the function inside eject
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -398,7 +398,7 @@ def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
             raise StateError(
                 f"{path}.weight is shared with {others[0]} (tied weights), so merging an adapter into it would also "
                 "change that module. Keep the adapter unmerged, or untie the weights first "
-                "(e.g. tie_word_embeddings=False and a copy of the weight).")  # eject's `merge` flag shadows the function inside eject
+                "(e.g. tie_word_embeddings=False and a copy of the weight).")
 
 
 def unmerge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:

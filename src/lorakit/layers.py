@@ -577,7 +577,8 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
     ones = (1,) * len(kernel)
     if slices is not None:
         if not isinstance(layer, LoraLinear):
-            raise StateError(f"slices apply to linear layers only, not to {weight_name} ({type(layer._base).__name__}).")
+            raise StateError(f"slices apply to linear layers only, not to {weight_name} "
+                             f"({type(layer._base).__name__}).")
         if n_out % len(slices):
             raise StateError(f"{weight_name}: output size {n_out} does not split into {len(slices)} equal slices.")
         k = sum(slices)
