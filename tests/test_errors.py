@@ -196,3 +196,7 @@ def test_routing_input_must_have_batch_first():
     x = example_input("mlp", batch=3)
     with lk.route(model, ["a", None, "a"]):
         assert run(model, "mlp", x).shape == (3, 5)
+        with pytest.raises(lk.StateError, match=r"3 adapter names but this batch has 1 rows.*\(1, 3, 12\)"):
+            run(model, "mlp", x.unsqueeze(0))  # (seq, batch, features): the batch is not first
+        with pytest.raises(lk.StateError, match="3 adapter names but this batch has 2 rows"):
+            run(model, "mlp", x[:2])

@@ -62,9 +62,15 @@ def merge_exact(weight: Tensor, delta: Tensor) -> Restore:
 
     Returns the `Restore` record that lets `unmerge_exact` give back the original weight
     bit-exactly, however many merge/unmerge cycles follow.
+
+    Raises:
+        FloatingPointError: the sum holds inf or NaN where `weight` was finite (it overflows the
+            dtype, e.g. float16 beyond 65504); `weight` is left unchanged.
     """
     with torch.no_grad():
         merged = (weight.float() + delta).to(weight.dtype)
+        if not torch.isfinite(merged).all() and (torch.isfinite(weight) & ~torch.isfinite(merged)).any():
+            raise FloatingPointError("the merged weight overflows its dtype")
         undone = (merged.float() - delta).to(weight.dtype)
         wrong = (_bits(undone) != _bits(weight)).reshape(-1)
         index = wrong.nonzero().squeeze(1)

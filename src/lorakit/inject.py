@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Iterator
 
 from torch import nn
 
 from .config import LoraConfig, name_matches
-from .errors import AdapterNotFoundError, ConfigError, StateError, TargetError
+from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
 from .fusion import group_siblings, install_producers, remove_producers, ungroup
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
 
@@ -118,11 +119,14 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     """Add adapter `name` to `model` in place, freeze the base, make `name` the active adapter.
 
     Calling it again with another name adds a second adapter (to the same or other modules);
-    earlier adapters keep their weights. Returns `model`.
+    earlier adapters keep their weights. Adapters merged into the weights stay active beside
+    `name` (they are part of the weights until `unmerge`). Returns `model`.
 
     Raises:
         ConfigError: `name` is taken or not a plain identifier.
         TargetError: the targets match nothing, or match a module LoRA cannot adapt.
+        StateError: init='pissa' while an adapter is merged, or on a module PiSSA does not support;
+            the model is left as it was.
     """
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"inject expects a lorakit.LoraConfig, got {type(cfg).__name__}.")
@@ -134,21 +138,34 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     if any(layer.merged for _, layer in lora_layers(model)) and cfg.init == "pissa":
         raise StateError("Unmerge every adapter before adding a pissa adapter (it rewrites base weights).")
     paths = match_targets(model, cfg)
-    for path in paths:
-        module = model.get_submodule(path)
-        if not isinstance(module, LoraLayer):
-            layer = wrap(module)
-            layer.train(module.training)
-            _set_submodule(model, path, layer)
-            module = layer
-        module.adapters[name] = new_adapter(
-            module, path, cfg.rank_for(path), cfg.alpha_for(path), cfg.rslora, cfg.dropout, cfg.init,
-            cfg.slices_for(path))
+    done: list[tuple[str, LoraLayer, nn.Module | None]] = []  # (path, wrapper, base module it replaced here)
+    try:
+        for path in paths:
+            module = model.get_submodule(path)
+            replaced = None
+            if not isinstance(module, LoraLayer):
+                replaced, module = module, wrap(module)
+                module.train(replaced.training)
+                _set_submodule(model, path, module)
+            done.append((path, module, replaced))
+            module.adapters[name] = new_adapter(
+                module, path, cfg.rank_for(path), cfg.alpha_for(path), cfg.rslora, cfg.dropout, cfg.init,
+                cfg.slices_for(path), name)
+    except BaseException:
+        for path, module, replaced in reversed(done):  # leave the model as it was
+            if name in module.residuals:
+                module.rewrite(drop_residuals=[name], module_name=path)
+            if name in module.adapters:
+                del module.adapters[name]
+            if replaced is not None:
+                _set_submodule(model, path, module.unwrap())
+        raise
     configs(model)[name] = cfg
     _freeze_base(model, cfg, paths)
     group_siblings(model)
     install_producers(model)
-    set_adapter(model, name)
+    merged = {n for _, layer in lora_layers(model) for n in layer.merged}
+    set_adapter(model, [n for n in active_adapters(model) if n in merged] + [name])
     return model
 
 
@@ -192,11 +209,22 @@ def saved_module_paths(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` (unmerging it first if it is merged)."""
+    """Remove adapter `name`, unmerging it first if it is merged, and give back what PiSSA took out of
+    the weights for it. Every weight becomes what the remaining changes alone make of the original.
+
+    Raises:
+        AdapterNotFoundError: an unknown name.
+        StateError: an active `route` sends rows to it.
+        MergeError: re-merging adapters merged after it would overflow a weight's dtype.
+    Nothing is changed when it raises.
+    """
     _require(model, [name])
-    for _, layer in lora_layers(model):
-        if name in layer.merged:
-            layer.unmerge([name])
+    _refuse_routed(model, name)
+    layers = list(lora_layers(model))
+    for path, layer in layers:  # check every layer before changing one
+        layer.rewrite(drop=[name], drop_residuals=[name], module_name=path, dry_run=True)
+    for path, layer in layers:
+        layer.rewrite(drop=[name], drop_residuals=[name], module_name=path)
         if name in layer.adapters:
             del layer.adapters[name]
         layer.active = [n for n in layer.active if n != name]
@@ -232,13 +260,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model behaves as its base model (no adapter acts).
 
     Raises:
-        StateError: an adapter is merged (the base weights are not at hand); unmerge first.
+        StateError: an adapter is merged (the base weights are not at hand); unmerge first. Or a PiSSA
+            adapter holds part of the base weights (they hold the residual W - s*B0@A0).
     """
     layers = [layer for _, layer in lora_layers(model)]
     merged = sorted({n for layer in layers for n in layer.merged})
     if merged:
         raise StateError(f"Adapter(s) {merged} are merged into the weights, so the base model is not available; "
                          "call lk.unmerge(model) first.")
+    pissa = sorted({n for layer in layers for n in layer.residuals})
+    if pissa:
+        raise StateError(f"PiSSA adapter(s) {pissa} took their initial part out of the base weights, so the base "
+                         "model is not available; lk.delete_adapter(model, name) gives the original weights back.")
     before = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -249,6 +282,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = was
 
 
+_route_lock = threading.Lock()  # makes "is a route held by another thread?" and taking it one step
+
+
 @contextlib.contextmanager
 def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     """Inside the block, batch row b of every forward pass goes through adapter names[b] (None = base).
@@ -256,11 +292,20 @@ def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     Works in forward and backward, so one batch can train several adapters at once (on the fast
     path, adapters of one dropout probability draw one mask for the whole batch: each example
     still gets a mask of its own). Every input of an adapted module must have the batch as its
-    first dimension, with len(names) rows.
+    first dimension, with len(names) rows; another number of rows raises StateError.
+
+    Routes nest: an inner `route` replaces the outer one for its block and gives it back on exit.
+    A route is state of the model, not of the thread: every forward of the model inside the block,
+    from any thread, is routed (autograd's backward threads included, as gradient checkpointing
+    needs). So one model serves one routed batch at a time: a `route` on a model whose route
+    another thread holds raises StateError; threads that serve at once need a model each.
+    Deleting an adapter that the route uses raises StateError inside the block. Rows routed to None
+    see the layers' weights, which for a layer with a PiSSA adapter hold its residual, not the base.
 
     Raises:
         AdapterNotFoundError: an unknown name.
-        StateError: an adapter is merged (routing needs clean base weights).
+        StateError: an adapter is merged (routing needs clean base weights), or another thread
+            holds a route on this model.
     """
     names = list(names)
     _require(model, sorted({n for n in names if n is not None}))
@@ -269,14 +314,32 @@ def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
         if layer.merged:
             raise StateError(f"Adapter(s) {list(layer.merged)} are merged into {path}; lk.unmerge(model) "
                              "before routing per example.")
-    for _, layer in layers:
-        layer.routing, layer._rows_cache = names, None
+    me = threading.get_ident()
+    with _route_lock:
+        for path, layer in layers:
+            owner = layer.__dict__.get("_route_owner")
+            if layer.routing is not None and owner is not None and owner != me:
+                raise StateError(
+                    f"Another thread holds a route on this model ({path} is routed to {layer.routing}); a model "
+                    "serves one routed batch at a time. Give each thread its own model, or serialize the calls.")
+        outer = [(layer.routing, layer.__dict__.get("_route_owner")) for _, layer in layers]
+        for _, layer in layers:
+            layer.routing, layer._rows_cache, layer._route_owner = names, None, me
+            layer.__dict__.pop("_stack_cache", None)
     try:
         yield model
     finally:
-        for _, layer in layers:
-            layer.routing, layer._rows_cache = None, None
-            layer.__dict__.pop("_stack_cache", None)  # the stacked adapters live as long as the route
+        with _route_lock:
+            for (_, layer), (routing, owner) in zip(layers, outer):
+                layer.routing, layer._rows_cache, layer._route_owner = routing, None, owner
+                layer.__dict__.pop("_stack_cache", None)  # the stacked adapters live as long as the route
+
+
+def _refuse_routed(model: nn.Module, name: str) -> None:
+    for path, layer in lora_layers(model):
+        if layer.routing is not None and name in layer.routing:
+            raise StateError(f"Adapter {name!r} is in use by an active route on {path} (rows routed to "
+                             f"{layer.routing}); leave the `route(...)` block before deleting it.")
 
 
 # -- merge / unmerge / eject ------------------------------------------------------------------------
@@ -289,7 +352,8 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     Raises:
         AdapterNotFoundError: an unknown name.
         StateError: a per-example route is active.
-        MergeError: an update is NaN/inf (nothing is changed in that case).
+        MergeError: an update is NaN/inf, or a merged weight would overflow its dtype (float16 beyond
+            65504); the message names the module and the dtype, and nothing is changed.
     """
     chosen = active_adapters(model) if names is None else [names] if isinstance(names, str) else list(names)
     _require(model, chosen)
@@ -303,15 +367,23 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
         for path, layer in layers:
             if name in layer.adapters and name not in layer.merged:
                 layer.check_finite(name, path)
-    for name in chosen:
-        for path, layer in layers:
-            layer.merge(name, path)
+    done: list[tuple[LoraLayer, str]] = []
+    try:
+        for name in chosen:
+            for path, layer in layers:
+                if name in layer.adapters and name not in layer.merged:
+                    layer.merge(name, path)
+                    done.append((layer, name))
+    except MergeError:  # an overflow: take back the merges made so far, each the last change of its layer
+        for layer, name in reversed(done):
+            layer.unmerge([name])
+        raise
     active = active_adapters(model)
     set_adapter(model, active + [n for n in chosen if n not in active])
     return model
 
 
-_merge_active = merge
+_merge_active = merge  # eject's `merge` flag shadows the function inside eject
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -326,16 +398,29 @@ def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
             raise StateError(
                 f"{path}.weight is shared with {others[0]} (tied weights), so merging an adapter into it would also "
                 "change that module. Keep the adapter unmerged, or untie the weights first "
-                "(e.g. tie_word_embeddings=False and a copy of the weight).")  # eject's `merge` flag shadows the function inside eject
+                "(e.g. tie_word_embeddings=False and a copy of the weight).")
 
 
 def unmerge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
-    """Take merged adapters (default: all) out of the weights; the base weights come back bit-exactly."""
+    """Take merged adapters (default: all) out of the weights, in any order.
+
+    Every weight becomes bit for bit what merging only the adapters that stay merged onto the
+    base weights, in their merge order, gives; unmerging all of them gives the base weights back.
+
+    Raises:
+        AdapterNotFoundError: an unknown name.
+        MergeError: re-merging the adapters merged after an unmerged one would overflow a weight's
+            dtype; nothing is changed.
+    """
     chosen = None if names is None else [names] if isinstance(names, str) else list(names)
     if chosen is not None:
         _require(model, chosen)
-    for _, layer in lora_layers(model):
-        layer.unmerge(chosen)
+    layers = list(lora_layers(model))
+    for path, layer in layers:
+        drop = [n for n in layer.merged if chosen is None or n in chosen]
+        layer.rewrite(drop=drop, module_name=path, dry_run=True)
+    for path, layer in layers:
+        layer.unmerge(chosen, path)
     return model
 
 
@@ -344,11 +429,23 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
 
     With merge=True the active adapters are merged first (what deployment wants, PEFT's
     merge_and_unload); with merge=False merged adapters are unmerged and the base comes back.
+    Either way, what PiSSA took out of a weight for an adapter that is not merged goes back in:
+    a weight ends as the original one plus the merged adapters' updates.
+
+    Raises:
+        MergeError: an update is NaN/inf or would overflow a weight's dtype; nothing is changed.
     """
+    active = active_adapters(model) if merge else []
+    layers = list(lora_layers(model))
+    plan = [(path, layer, [] if merge else list(layer.merged), [n for n in layer.residuals if n not in active])
+            for path, layer in layers]
+    for path, layer, drop, gone in plan:  # the end state of every weight, checked before anything changes
+        add = [n for n in active if n in layer.adapters]
+        layer.rewrite(drop=drop, drop_residuals=gone, add=add, module_name=path, dry_run=True)
     if merge:
         _merge_active(model)
-    else:
-        unmerge(model)
+    for path, layer, drop, gone in plan:
+        layer.rewrite(drop=drop, drop_residuals=gone, module_name=path)
     remove_producers(model)
     ungroup(model)
     for path, layer in list(lora_layers(model)):

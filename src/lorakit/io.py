@@ -14,6 +14,7 @@ Nothing is unpickled: safetensors files are plain data, and `.bin`/`.pt` files g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,16 +38,26 @@ FORMAT_VERSION = 1
 
 
 # -- save ---------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, name: str = "default"
+def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: bool = True
                        ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """The tensors of adapter `name` under PEFT's keys, the adapter_config.json dict, and lorakit's
     own metadata (base fingerprint, slice masks, the LoraConfig), which goes into the safetensors header.
 
     Sliced adapters (fused projections) are written as an equivalent full-width adapter of rank
     k*r whose B has zero rows for the slices left out, with rank/alpha patterns that keep the scale.
+
+    A PiSSA adapter (init="pissa") acts on the residual W - s*B0@A0; with `pissa_as_lora` (the
+    default) it is written as the plain LoRA of rank 2r that gives the same weights on the original
+    W, as PEFT's `path_initial_model_for_weight_conversion` does: s*(B@A - B0@A0) = s*[B | -B0] @ [A ; A0],
+    with r and alpha doubled (alpha * sqrt(2) with rslora) so that the scale stays s. Without it the
+    trained factors are written as they are, with init_lora_weights "pissa": such a file is for
+    loading onto the original base, which redoes the PiSSA initialization (lorakit and PEFT both do).
     """
     _require(model, [name])
     cfg = configs(model)[name]
+    # PiSSA as LoRA: rank 2r; alpha grows so that alpha / r (alpha / sqrt(r) with rslora) is kept
+    convert = pissa_as_lora and cfg.init == "pissa"
+    grow_r, grow_alpha = (2, math.sqrt(2) if cfg.rslora else 2) if convert else (1, 1)
     tensors: dict[str, Tensor] = {}
     fingerprint: dict[str, list[int]] = {}
     rank_pattern = {}
@@ -59,15 +70,17 @@ def adapter_state_dict(model: nn.Module, name: str = "default"
         a = layer.adapters[name]
         paths.append(path)
         fingerprint[path] = list(layer.weight.shape)
-        B = a.full_B()
+        A, B = a.lora_A, a.full_B()
+        if convert:
+            A, B = torch.cat([A, a.pissa_A0]), torch.cat([B, -a.pissa_B0], dim=1)  # (2r, in), (out, 2r)
         if isinstance(layer, LoraEmbedding):
-            tensors[f"{PREFIX}{path}.lora_embedding_A"] = a.lora_A
+            tensors[f"{PREFIX}{path}.lora_embedding_A"] = A
             tensors[f"{PREFIX}{path}.lora_embedding_B"] = B
         else:
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = a.lora_A
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = A
             tensors[f"{PREFIX}{path}.lora_B.weight"] = B
-        rank = a.lora_A.shape[0]
-        if rank != cfg.r or a.alpha != cfg.alpha:
+        rank = A.shape[0]
+        if rank != cfg.r * grow_r or a.alpha != cfg.alpha:
             # Per-module overrides; an exact, escaped path wins over the user's patterns.
             key = re.escape(path)
             rank_pattern[key] = rank
@@ -86,23 +99,23 @@ def adapter_state_dict(model: nn.Module, name: str = "default"
         for pname, p in model.get_submodule(mpath).named_parameters():
             tensors[f"{PREFIX}{mpath}.{pname}"] = p
     for key, value in cfg.rank_pattern.items():
-        rank_pattern.setdefault(key, value)
+        rank_pattern.setdefault(key, value * grow_r)
     for key, value in cfg.alpha_pattern.items():
-        alpha_pattern.setdefault(key, value)
+        alpha_pattern.setdefault(key, value * grow_alpha)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_name,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "r": cfg.r * grow_r,
+        "lora_alpha": cfg.alpha * grow_alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": paths,
         "exclude_modules": None,
         "bias": cfg.bias,
         "use_rslora": cfg.rslora,
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": "pissa" if cfg.init == "pissa" and not convert else True,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
@@ -111,15 +124,22 @@ def adapter_state_dict(model: nn.Module, name: str = "default"
     }
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": cfg.to_dict(),
+        "config": (dataclasses.replace(cfg, r=cfg.r * grow_r, alpha=cfg.alpha * grow_alpha, init="kaiming",
+                                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                   if convert else cfg).to_dict(),
         "base_fingerprint": {"model_class": type(model).__name__, "modules": fingerprint},
         "slices": slices,
     }
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, peft_config, meta
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
+                 pissa_as_lora: bool = True) -> Path:
     """Write adapter `name` to directory `path` (created if needed) in PEFT's layout. Returns the path.
+
+    A PiSSA adapter is written by default as the rank-2r LoRA for the original base weights, so the
+    file loads like any other (see `adapter_state_dict`); `pissa_as_lora=False` writes the rank-r
+    factors as trained, marked init_lora_weights "pissa".
 
     Each file is written to a temporary file in the same directory and renamed into place, so an
     interrupted save never leaves a half-written adapter behind: the old file, or the new one.
@@ -130,7 +150,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     from safetensors.torch import save_file
 
-    tensors, peft_config, meta = adapter_state_dict(model, name)
+    tensors, peft_config, meta = adapter_state_dict(model, name, pissa_as_lora)
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -283,8 +303,11 @@ def _load_peft_dir(model: nn.Module, directory: Path, name: str, check_base: boo
     saved_slices = meta.get("slices") or {}
     modules_to_save = data.get("modules_to_save") or None
     bias = data.get("bias", "none") if data.get("bias") in ("none", "all", "lora_only") else "none"
+    # PiSSA factors as trained (save_adapter(pissa_as_lora=False), PEFT's default): the loaded base is the
+    # original one, so the PiSSA initialization is done again to make its residual, and then the factors loaded
+    init = "pissa" if str(data.get("init_lora_weights")).lower().startswith("pissa") else "zeros"
     return _install(model, name, pairs, alphas, rslora, dropout, saved_slices, extra, bias,
-                    modules_to_save, str(weights))
+                    modules_to_save, str(weights), init)
 
 
 def _split_keys(tensors: dict[str, Tensor], file: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
@@ -333,7 +356,7 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
 
 def _install(model: nn.Module, name: str, pairs: dict[str, dict[str, Any]], alphas: dict[str, float],
              rslora: bool, dropout: float, saved_slices: dict[str, list[bool]], extra: dict[str, Tensor],
-             bias: str, modules_to_save: list[str] | None, source: str) -> nn.Module:
+             bias: str, modules_to_save: list[str] | None, source: str, init: str = "zeros") -> nn.Module:
     """Create adapter `name` on exactly the modules in `pairs` and copy the tensors in."""
     if name in configs(model):
         raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
@@ -357,7 +380,7 @@ def _install(model: nn.Module, name: str, pairs: dict[str, dict[str, Any]], alph
     first = next(iter(plan))
     cfg = LoraConfig(
         r=plan[first][0], alpha=alpha_map[re.escape(first)], dropout=dropout,
-        targets="|".join(re.escape(p) for p in plan), init="zeros", rslora=rslora, bias=bias,
+        targets="|".join(re.escape(p) for p in plan), init=init, rslora=rslora, bias=bias,
         rank_pattern=ranks, alpha_pattern=alpha_map, slices=sl_map, modules_to_save=modules_to_save)
     inject(model, cfg, name)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,20 @@ class LoraAdapter(nn.Module):
         return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{sliced}"
 
 
+@dataclass
+class WeightEdit:
+    """One change written into a layer's weight: `+ scale * B @ A` in float32, rounded once.
+
+    A merged adapter is one (its factors as they were when merged); a PiSSA residual is another (its
+    initial factors with a negative scale). `restore` lets `LF.unmerge_exact` take it out bit-exactly.
+    """
+
+    A: Tensor
+    B: Tensor  # full_B(): (out, r_total)
+    scale: float
+    restore: LF.Restore | None = None
+
+
 class LoraLayer(nn.Module):
     """Common state of every wrapper: adapters, which are active, merged, or routed per example."""
 
@@ -149,10 +164,14 @@ class LoraLayer(nn.Module):
         object.__setattr__(self, "_base", base)
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
-        self.merged: dict[str, tuple[LF.Restore, Tensor, Tensor]] = {}  # name -> (restore, A, B) at merge
+        # Changes held in `weight`, each undone exactly by `rewrite`: merged adapters in merge order, and
+        # below them the PiSSA residuals (weight - scale * B0 @ A0) of adapters initialized by PiSSA.
+        self.merged: dict[str, WeightEdit] = {}
+        self.residuals: dict[str, WeightEdit] = {}
         self.disabled = False
         self.routing: list[str | None] | None = None
         self._rows_cache: tuple[torch.device, Tensor, list[str]] | None = None
+        self._route_owner: int | None = None  # the thread that entered the current route (lorakit.inject.route)
 
     # -- the base module, rebuilt on eject ---------------------------------------------------------
     def unwrap(self) -> nn.Module:
@@ -192,27 +211,91 @@ class LoraLayer(nn.Module):
             )
         return delta
 
+    # -- changes held in `weight`: PiSSA residuals, then merged adapters, in the order they were made ----
     def merge(self, name: str, module_name: str = "") -> None:
-        """Fold adapter `name` into `weight` (float32 delta rounded once). Merging twice merges once."""
+        """Fold adapter `name` into `weight` (float32 delta rounded once). Merging twice merges once.
+
+        Raises:
+            StateError: a per-example route is active.
+            MergeError: the merged weight would hold inf or NaN where it was finite (a non-finite update,
+                or an overflow of the weight's dtype); nothing is changed.
+        """
         if name in self.merged or name not in self.adapters:
             return
         if self.routing is not None:
             raise StateError(f"Cannot merge adapter {name!r} into {module_name or type(self).__name__} while "
                              "a per-example route is active; leave the `route(...)` block first.")
-        a = self.adapters[name]
-        delta = self.check_finite(name, module_name)
-        restore = LF.merge_exact(self.weight.data, delta)
-        self.merged[name] = (restore, a.lora_A.detach().clone(), a.full_B().detach().clone())
+        self.rewrite(add=[name], module_name=module_name)
 
-    def unmerge(self, names: list[str] | None = None) -> None:
-        """Take merged adapters (default: all) out of `weight` again, restoring it bit-exactly."""
-        for name in reversed(list(self.merged)):
-            if names is not None and name not in names:
-                continue
-            restore, A, B = self.merged.pop(name)
-            a = self.adapters[name]
-            delta = self._to_weight_layout(LF.delta_weight(A, B, a.scale)).to(self.weight.device)
-            LF.unmerge_exact(self.weight.data, delta, restore)
+    def unmerge(self, names: list[str] | None = None, module_name: str = "") -> None:
+        """Take merged adapters (default: all) out of `weight`.
+
+        The weight becomes exactly (bit for bit) what merging only the adapters that stay merged onto
+        the pre-merge weight, in their merge order, gives; unmerging all of them restores it.
+
+        Raises:
+            MergeError: re-merging the adapters merged after an unmerged one would overflow the weight's
+                dtype (nothing is changed then).
+        """
+        drop = [n for n in self.merged if names is None or n in names]
+        self.rewrite(drop=drop, module_name=module_name)
+
+    def rewrite(self, drop: list[str] = (), add: list[str] = (), drop_residuals: list[str] = (),
+                module_name: str = "", dry_run: bool = False) -> None:
+        """Unmerge the merged adapters `drop`, put back the weight PiSSA took out for `drop_residuals`,
+        then merge the adapters `add`, leaving `weight` bit for bit what making only the remaining
+        changes, in their order, on the original weight W0 gives.
+
+        Changes are undone exactly (`LF.unmerge_exact`) last first, down to the first one dropped;
+        those kept are then made again in their order from the factors recorded when they were made,
+        which reproduces them bit for bit. With `dry_run` (or whenever changes must be remade) the
+        sequence first runs on a copy, so a failure leaves `weight` as it was.
+
+        Raises:
+            MergeError: a merged weight would hold inf/NaN where the weight before it was finite
+                (an overflow of its dtype); nothing is changed.
+        """
+        edits = [(True, n, e) for n, e in self.residuals.items()] + [(False, n, e) for n, e in self.merged.items()]
+        gone = [i for i, (res, n, _) in enumerate(edits) if n in (drop_residuals if res else drop)]
+        cut = gone[0] if gone else len(edits)
+        redo = [edits[i] for i in range(cut, len(edits)) if i not in gone]
+        new = [(False, n, self._new_edit(n)) for n in add if n not in self.merged]
+        if not gone and not new or dry_run and not redo and not new:  # nothing to do; undoing alone cannot fail
+            return
+        if dry_run or redo or len(new) > 1:
+            self._replay(self.weight.data.clone(), edits[cut:], redo + new, module_name)
+            if dry_run:
+                return
+        records = self._replay(self.weight.data, edits[cut:], redo + new, module_name)
+        for res, n, _ in edits[cut:]:
+            (self.residuals if res else self.merged).pop(n)
+        for (res, n, e), restore in zip(redo + new, records):
+            e.restore = restore
+            (self.residuals if res else self.merged)[n] = e
+
+    def _replay(self, w: Tensor, undo: list, make: list, module_name: str) -> list[LF.Restore]:
+        """Undo the changes `undo` (last first) in `w` in place, then make `make` in order; their new records."""
+        for _, _, e in reversed(undo):
+            LF.unmerge_exact(w, self._edit_delta(e), e.restore)
+        records = []
+        for res, n, e in make:
+            try:
+                records.append(LF.merge_exact(w, self._edit_delta(e)))
+            except FloatingPointError:
+                what = f"the PiSSA residual of {n!r}" if res else f"adapter {n!r}"
+                raise MergeError(
+                    f"Merging {what} into {module_name or type(self).__name__} would overflow its {w.dtype} weight "
+                    "(inf or NaN where the weight was finite); no weight was changed. Keep the adapter unmerged, "
+                    "or merge into a wider dtype (e.g. model.float()); check the adapter holds finite values."
+                ) from None
+        return records
+
+    def _new_edit(self, name: str) -> WeightEdit:
+        a = self.adapters[name]
+        return WeightEdit(a.lora_A.detach().clone(), a.full_B().detach().clone(), a.scale)
+
+    def _edit_delta(self, e: WeightEdit) -> Tensor:
+        return self._to_weight_layout(LF.delta_weight(e.A, e.B, e.scale)).to(self.weight.device)
 
     # -- forward ------------------------------------------------------------------------------------
     def _base_forward(self, x: Tensor) -> Tensor:
@@ -479,8 +562,10 @@ def wrap(module: nn.Module) -> LoraLayer:
 
 
 def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora: bool, dropout: float,
-                init: str, slices: list[bool] | None) -> LoraAdapter:
-    """Create an adapter sized for `layer`, initialized by `init` (see LoraConfig.init)."""
+                init: str, slices: list[bool] | None, name: str = "default") -> LoraAdapter:
+    """Create adapter `name` sized for `layer`, initialized by `init` (see LoraConfig.init).
+
+    init='pissa' also rewrites the layer's weight to the residual (see `pissa_init`)."""
     w = layer.weight
     dev, dt = w.device, w.dtype
     if isinstance(layer, LoraEmbedding):
@@ -492,7 +577,8 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
     ones = (1,) * len(kernel)
     if slices is not None:
         if not isinstance(layer, LoraLinear):
-            raise StateError(f"slices apply to linear layers only, not to {weight_name} ({type(layer._base).__name__}).")
+            raise StateError(f"slices apply to linear layers only, not to {weight_name} "
+                             f"({type(layer._base).__name__}).")
         if n_out % len(slices):
             raise StateError(f"{weight_name}: output size {n_out} does not split into {len(slices)} equal slices.")
         k = sum(slices)
@@ -513,23 +599,37 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
         else:  # kaiming; also the placeholder for pissa, which `pissa_init` then overwrites
             nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
     if init == "pissa":
-        pissa_init(layer, adapter, weight_name)
+        pissa_init(layer, adapter, weight_name, name)
     return adapter
 
 
-def pissa_init(layer: LoraLayer, adapter: LoraAdapter, weight_name: str) -> None:
-    """Set A, B to the top-r SVD factors of W and replace W by the residual (output unchanged)."""
+def pissa_init(layer: LoraLayer, adapter: LoraAdapter, weight_name: str, name: str) -> None:
+    """Set A, B to the top-r SVD factors of W and replace W by the residual W - scale * B0 @ A0.
+
+    The initial factors A0 (r, in) and B0 (out, r) stay with the adapter as buffers `pissa_A0` /
+    `pissa_B0` (not trained, not saved in the model's state_dict): an adapter file for the original
+    weight is written from B @ A - B0 @ A0 (`lorakit.io.adapter_state_dict`). The residual is a change
+    of the layer's weight like a merge (`LoraLayer.residuals`): deleting the adapter or ejecting
+    without merging gives the original weight back bit for bit.
+    """
     if not isinstance(layer, LoraLinear) or adapter.slices is not None:
         raise StateError(f"init='pissa' supports plain linear layers only; {weight_name} is "
                          f"{type(layer._base).__name__}. Exclude it or use init='kaiming'.")
     if layer.merged:
         raise StateError(f"{weight_name}: unmerge before adding a pissa adapter.")
     w = layer.weight.data
-    w_out_in = w.t() if layer.fan_in_fan_out else w
-    A, B, residual = LF.pissa_factors(w_out_in, adapter.r, adapter.scale)
+    A, B, _ = LF.pissa_factors(w.t() if layer.fan_in_fan_out else w, adapter.r, adapter.scale)
     with torch.no_grad():
         adapter.lora_A.copy_(A)
         adapter.lora_B.copy_(B)
-        w.copy_(residual.t() if layer.fan_in_fan_out else residual)
-
-
+    # the residual is taken from the factors as the adapter holds them (in the weight's dtype), so that
+    # residual + scale * B0 @ A0 is the original weight up to one rounding
+    adapter.register_buffer("pissa_A0", adapter.lora_A.detach().clone(), persistent=False)
+    adapter.register_buffer("pissa_B0", adapter.lora_B.detach().clone(), persistent=False)
+    edit = WeightEdit(adapter.pissa_A0, adapter.pissa_B0, -adapter.scale)
+    try:
+        edit.restore = LF.merge_exact(w, layer._edit_delta(edit))
+    except FloatingPointError:
+        raise MergeError(f"{weight_name}: the PiSSA residual overflows its {w.dtype} weight; use init='kaiming' "
+                         "or a wider dtype.") from None
+    layer.residuals[name] = edit
