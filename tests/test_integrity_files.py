@@ -1,0 +1,392 @@
+"""Damaged and hostile adapter files: a clean LoraError or a correct load, never a changed model, never a hang.
+
+The property tests mutate valid adapter folders (adapter_config.json fields, the safetensors header and
+tensors, the file's bytes) and loralib checkpoints, load the result into a fresh model and check that
+either a `LoraError` came out and the model is exactly as before (state_dict bit for bit, adapters,
+active set, which modules are wrapped, requires_grad), or the adapter loaded with finite weights and
+`delete_adapter` gives back the base bit for bit. Every load must finish within LOAD_SECONDS.
+
+Run more examples offline, recording raw exceptions instead of failing on the first:
+    LORAKIT_FUZZ_EXAMPLES=3000 python tests/test_integrity_files.py
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import math
+import os
+import random
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lorakit as lk
+from lorakit.inject import active_adapters, adapter_names
+from models import make
+
+LOAD_SECONDS = 5.0
+EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", "0"))
+#: offline mode: raw exceptions and broken invariants are counted here instead of failing the test
+RECORD: collections.Counter | None = collections.Counter() if EXAMPLES else None
+
+FUZZ = settings(max_examples=EXAMPLES or 40, deadline=None, derandomize=not EXAMPLES, database=None,
+                suppress_health_check=list(HealthCheck))
+
+# -- seeds: valid adapters to mutate --------------------------------------------------------------------
+_TEMPLATES: dict[str, torch.nn.Module] = {}
+
+
+def pristine(kind: str) -> torch.nn.Module:
+    if kind not in _TEMPLATES:
+        _TEMPLATES[kind] = make(kind)
+    return copy.deepcopy(_TEMPLATES[kind])
+
+
+SEED_CONFIGS = {
+    "mlp": lk.LoraConfig(r=4, alpha=8, targets=["fc1", "fc2"], rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 3.0},
+                         bias="lora_only", modules_to_save=["head"]),
+    "gpt2": lk.LoraConfig(r=2, alpha=4, targets=["c_attn"], slices={"c_attn": [True, False, True]}, rslora=True),
+}
+_SEEDS: dict[str, tuple[dict, dict, dict]] = {}
+
+
+def seed_files(kind: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(adapter_config dict, tensors, safetensors metadata) of a valid saved adapter on `kind`."""
+    if kind not in _SEEDS:
+        model = pristine(kind)
+        lk.inject(model, SEED_CONFIGS[kind])
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in lk.trainable_parameters(model):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        with tempfile.TemporaryDirectory() as d:
+            lk.save_adapter(model, d)
+            from safetensors import safe_open
+            config = json.loads((Path(d) / "adapter_config.json").read_text())
+            with safe_open(str(Path(d) / "adapter_model.safetensors"), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = dict(f.metadata())
+        _SEEDS[kind] = (config, tensors, metadata)
+    config, tensors, metadata = _SEEDS[kind]
+    return copy.deepcopy(config), {k: v.clone() for k, v in tensors.items()}, dict(metadata)
+
+
+def loralib_seed() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"fc1.lora_A": torch.randn(4, 12, generator=g), "fc1.lora_B": torch.randn(24, 4, generator=g),
+            "fc2.lora_A": torch.randn(4, 24, generator=g), "fc2.lora_B": torch.randn(24, 4, generator=g),
+            "head.weight": torch.randn(5, 24, generator=g), "head.bias": torch.randn(5, generator=g)}
+
+
+# -- the property ---------------------------------------------------------------------------------------
+def snapshot(model: torch.nn.Module, with_wrappers: bool = True) -> tuple:
+    state = tuple((k, v.dtype, tuple(v.shape), v.detach().clone()) for k, v in model.state_dict().items())
+    wrappers = tuple(p for p, _ in lk.lora_layers(model)) if with_wrappers else ()
+    grads = tuple(p.requires_grad for p in model.parameters()) if with_wrappers else ()
+    return state, tuple(adapter_names(model)), tuple(active_adapters(model)), wrappers, grads
+
+
+def same(a: tuple, b: tuple) -> bool:
+    (sa, *ra), (sb, *rb) = a, b
+    if ra != rb or len(sa) != len(sb):
+        return False
+    return all(ka == kb and da == db and ha == hb and torch.equal(va, vb)
+               for (ka, da, ha, va), (kb, db, hb, vb) in zip(sa, sb))
+
+
+def _site(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno} ({frame.name})"
+
+
+def _fail(what: str) -> None:
+    if RECORD is not None:
+        RECORD[what] += 1
+        return
+    raise AssertionError(what)
+
+
+def check_load(kind: str, load) -> None:
+    """Run load(model) on a fresh model of `kind` and check the property (see the module docstring)."""
+    model = pristine(kind)
+    before = snapshot(model)
+    start = time.perf_counter()
+    error = None
+    try:
+        with _time_limit(LOAD_SECONDS * 4):
+            load(model)
+    except lk.LoraError as exc:
+        error = exc
+    except _Hang:
+        return _fail("hang: the load did not finish")
+    except Exception as exc:  # noqa: BLE001 - the property under test: nothing raw gets out
+        if RECORD is None:
+            raise
+        RECORD["raw: " + _site(exc)] += 1
+        error = exc
+    took = time.perf_counter() - start
+    if took > LOAD_SECONDS:
+        _fail(f"slow: a load took {took:.1f} s")
+    if error is not None:
+        if not same(snapshot(model), before):
+            _fail(f"model changed by a failed load ({type(error).__name__})")
+        return
+    if RECORD is not None:
+        RECORD["loaded"] += 1
+    names = adapter_names(model)
+    if names != ["default"] or active_adapters(model) != ["default"]:
+        return _fail(f"loaded, but adapters {names}, active {active_adapters(model)}")
+    for path, layer in lk.lora_layers(model):
+        a = layer.adapters["default"]
+        if not (math.isfinite(a.scale) and a.scale > 0 and torch.isfinite(a.lora_A).all()
+                and torch.isfinite(a.lora_B).all()):
+            _fail(f"loaded a non-finite adapter on {path}")
+    lk.delete_adapter(model, "default")
+    if not same(snapshot(model, with_wrappers=False), snapshot(pristine(kind), with_wrappers=False)):
+        _fail("delete_adapter after a load did not give the base back")
+
+
+class _Hang(Exception):
+    pass
+
+
+class _time_limit:
+    """Offline only: turn a hang into _Hang (SIGALRM, main thread). In CI a hang fails by the timing check."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds if RECORD is not None and hasattr(__import__("signal"), "setitimer") else 0
+
+    def __enter__(self):
+        if self.seconds:
+            import signal
+
+            def hang(*_):
+                raise _Hang
+
+            self.old = signal.signal(signal.SIGALRM, hang)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        if self.seconds:
+            import signal
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+
+
+# -- mutations ------------------------------------------------------------------------------------------
+CATASTROPHIC = ["(.*)*$x", "(a+)+$x", "(.*a){20}", "(x+x+)+y", "((.*)*)*#", "(.|.)*$x", r"(\w+\s?)*$x",
+                ".*.*.*.*.*.*.*.*.*.*.*.*x"]
+MODULE_KEYS = ["fc1", "fc2", "head", r"fc\d", "fc.", ".*", "c_attn", r"transformer\.h\.0\.attn\.c_attn", "", "x"]
+SPECIAL_NUMBERS = [0, -1, 1, 2, 0.5, 2.0, 1e308, -1e308, float("nan"), float("inf"), True, False, "2", "false",
+                   "true", None, 2**63, 10**30, [], {}]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=6),
+                    st.sampled_from(SPECIAL_NUMBERS[:-2] + CATASTROPHIC + ["none", "all", "lora_only", "LORA"]))
+json_values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                        st.dictionaries(st.text(max_size=6), c, max_size=3)),
+                           max_leaves=6)
+CONFIG_FIELDS = ["r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "modules_to_save",
+                 "lora_dropout", "use_dora", "lora_bias", "peft_type", "target_modules", "fan_in_fan_out",
+                 "layers_to_transform", "init_lora_weights"]
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@st.composite
+def config_text(draw, config: dict) -> str:
+    """adapter_config.json text: the seed's with a few fields changed, deleted or made hostile."""
+    if draw(st.integers(0, 15)) == 0:
+        return draw(st.sampled_from([DEEP, '{"r": ' + DEEP + "}", "null", "[]", '"x"', "{", "", "\udcff"]))
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["set", "delete", "pattern", "pattern", "number"]))
+        field = draw(st.sampled_from(CONFIG_FIELDS))
+        if op == "set":
+            config[field] = draw(json_values)
+        elif op == "delete":
+            config.pop(field, None)
+        elif op == "number":
+            config[field] = draw(st.sampled_from(SPECIAL_NUMBERS))
+        else:
+            which = draw(st.sampled_from(["rank_pattern", "alpha_pattern"]))
+            if not isinstance(config.get(which), dict):
+                config[which] = {}
+            key = draw(st.sampled_from(MODULE_KEYS + CATASTROPHIC))
+            config[which][key] = draw(st.sampled_from(SPECIAL_NUMBERS))
+    return json.dumps(config)
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8, torch.uint8, torch.bool,
+          torch.complex64]
+
+
+@st.composite
+def mutate_tensors(draw, tensors: dict[str, torch.Tensor], model_kind: str) -> dict:
+    extra_keys = {"mlp": ["fc2.weight", "fc1.bias", "fc1.weight", "head.bias", "head.weight", "nope.weight"],
+                  "gpt2": ["transformer.h.0.attn.c_attn.weight", "transformer.ln_f.weight", "transformer.wte.weight",
+                           "transformer.h.1.attn.c_attn.bias", "lm_head.weight"]}[model_kind]
+    for _ in range(draw(st.integers(0, 2))):
+        op = draw(st.sampled_from(["shape", "dtype", "value", "delete", "extra", "extra"]))
+        key = draw(st.sampled_from(sorted(tensors))) if tensors else None
+        if op == "extra" or key is None:
+            name = draw(st.sampled_from(extra_keys))
+            key = draw(st.sampled_from(["base_model.model.", ""])) + name
+            params = dict(pristine(model_kind).named_parameters())
+            shape = params[name].shape if name in params and draw(st.booleans()) else (3,)
+            tensors[key] = torch.randn(shape)
+        elif op == "shape":
+            t = tensors[key].reshape(tensors[key].shape or (1,))
+            shapes = [(), (t.numel(),), (*t.shape, 1), tuple(reversed(t.shape)), (t.shape[0] + 1, *t.shape[1:]),
+                      (0, *t.shape[1:])]
+            tensors[key] = torch.randn(draw(st.sampled_from(shapes)))
+        elif op == "dtype":
+            tensors[key] = tensors[key].to(draw(st.sampled_from(DTYPES)))
+        elif op == "value":
+            t = tensors[key].clone()
+            if t.numel():
+                t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(
+                    [float("nan"), float("inf"), -float("inf"), 1e30, 0.0]))
+            tensors[key] = t
+        else:
+            del tensors[key]
+    return tensors
+
+
+@st.composite
+def mutate_metadata(draw, metadata: dict[str, str]) -> dict[str, str] | None:
+    op = draw(st.sampled_from(["keep", "keep", "none", "field", "field", "text"]))
+    if op == "none":
+        return None
+    if op == "text":
+        metadata["lorakit"] = draw(st.sampled_from([DEEP, "{", "null", "[1]", '"x"', "1e999"]))
+    elif op == "field":
+        meta = json.loads(metadata["lorakit"])
+        target = meta
+        path = draw(st.sampled_from([[], ["config"], ["base_fingerprint"], ["base_fingerprint", "modules"],
+                                     ["slices"], ["adapter_config"]]))
+        for p in path:
+            if not isinstance(target.get(p), dict):
+                break
+            target = target[p]
+        keys = sorted(target) or ["x"]
+        target[draw(st.sampled_from(keys))] = draw(json_values)
+        metadata["lorakit"] = json.dumps(meta)
+    return metadata
+
+
+@st.composite
+def damage_bytes(draw, data: bytes) -> bytes:
+    op = draw(st.sampled_from(["keep", "keep", "keep", "truncate", "flip", "header"]))
+    if op == "truncate":
+        return data[:draw(st.integers(0, len(data) - 1))]
+    if op in ("flip", "header"):
+        header = 8 + struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else len(data)
+        buf = bytearray(data)
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, min(len(buf), header if op == "header" else len(buf)) - 1))
+            buf[i] ^= 1 << draw(st.integers(0, 7))
+        return bytes(buf)
+    return data
+
+
+def _serialize(tensors: dict, metadata: dict | None) -> bytes | None:
+    from safetensors.torch import save
+    try:
+        return save(tensors, metadata=metadata)
+    except Exception:  # noqa: BLE001 - a mutation safetensors itself cannot write (e.g. a dtype it lacks)
+        return None
+
+
+@st.composite
+def adapter_folder(draw, kind: str) -> tuple[str, bytes | None]:
+    config, tensors, metadata = seed_files(kind)
+    text = draw(config_text(config)) if draw(st.booleans()) else json.dumps(config)
+    data = _serialize(draw(mutate_tensors(tensors, kind)), draw(mutate_metadata(metadata)))
+    return text, None if data is None else draw(damage_bytes(data))
+
+
+def _write_folder(d: Path, text: str, data: bytes) -> None:
+    (d / "adapter_config.json").write_text(text, errors="surrogatepass")
+    (d / "adapter_model.safetensors").write_bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+def test_mutated_adapter_folders(kind):
+    @FUZZ
+    @given(folder=adapter_folder(kind))
+    def prop(folder):
+        text, data = folder
+        if data is None:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            _write_folder(Path(d), text, data)
+            check_load(kind, lambda model: lk.load_adapter(model, d))
+    prop()
+
+
+@st.composite
+def loralib_file(draw) -> tuple[dict, object, object]:
+    state: dict = loralib_seed()
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["key", "value", "shape", "dtype", "nan", "base", "delete", "nest"]))
+        key = draw(st.sampled_from(sorted(k for k in state if isinstance(k, str)) or ["fc1.lora_A"]))
+        if op == "key":
+            state[draw(st.sampled_from([3, ("fc1", "lora_A"), "", "fc9.lora_A", "fc1.lora_A.x", None, 2.5]))] = \
+                state.pop(key, torch.zeros(2, 2))
+        elif op == "value":
+            state[key] = draw(st.sampled_from([1, [1.0], {"a": torch.zeros(1)}, None, "w", 2.5]))
+        elif op == "shape" and isinstance(state.get(key), torch.Tensor):
+            t = state[key].reshape(state[key].shape or (1,))
+            state[key] = torch.randn(draw(st.sampled_from([(), (t.numel(),), (*t.shape, 1), tuple(reversed(t.shape)),
+                                                           (t.shape[0] * 3, *t.shape[1:])])))
+        elif op == "dtype" and isinstance(state.get(key), torch.Tensor):
+            state[key] = state[key].to(draw(st.sampled_from(DTYPES)))
+        elif op == "nan" and isinstance(state.get(key), torch.Tensor) and state[key].is_floating_point():
+            state[key] = state[key].clone()
+            state[key].view(-1)[0] = float("nan")
+        elif op == "base":
+            name = draw(st.sampled_from(["fc2.weight", "fc1.weight", "fc1.bias", "nope.weight"]))
+            shape = dict(pristine("mlp").named_parameters()).get(name, torch.zeros(3)).shape
+            state[name] = torch.randn(shape)
+        elif op == "delete":
+            state.pop(key, None)
+        elif op == "nest":
+            state = {draw(st.sampled_from(["state_dict", "model", "x"])): state}
+    alpha = draw(st.sampled_from([8, 16.0, 8, None, 0, -1, float("nan"), "8", True, 1e308]))
+    slices = draw(st.sampled_from([None, None, None, [True], [True, False, True], "x", [1, 0]]))
+    return state, alpha, slices
+
+
+def test_mutated_loralib_files():
+    @FUZZ
+    @given(file=loralib_file(), damage=st.data())
+    def prop(file, damage):
+        state, alpha, slices = file
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "lora.pt"
+            torch.save(state, path)
+            path.write_bytes(damage.draw(st.sampled_from([lambda b: b, lambda b: b[:len(b) // 2],
+                                                          lambda b: b[:-1]]))(path.read_bytes()))
+            check_load("mlp", lambda model: lk.load_adapter(model, path, alpha=alpha, slices=slices))
+    prop()
+
+
+if __name__ == "__main__":
+    if not EXAMPLES:
+        sys.exit("set LORAKIT_FUZZ_EXAMPLES=N")
+    random.seed(0)
+    for kind in ("mlp", "gpt2"):
+        test_mutated_adapter_folders(kind)
+    test_mutated_loralib_files()
+    raw = {k: v for k, v in RECORD.items() if k.startswith("raw: ")}
+    print(f"{EXAMPLES} examples per property (3 properties); loaded: {RECORD['loaded']}; "
+          f"raw exceptions: {sum(raw.values())} at {len(raw)} distinct sites")
+    for k, v in RECORD.most_common():
+        print(f"{v:6d}  {k}")
