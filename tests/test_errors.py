@@ -30,11 +30,37 @@ def test_target_of_unsupported_type():
         lk.inject(make("llama"), lk.LoraConfig(targets=["input_layernorm"]))
 
 
-@pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.5), dict(alpha=-1), dict(dropout=1.0), dict(init="xavier"),
-                                 dict(bias="some"), dict(targets=[]), dict(targets="(unclosed"),
-                                 dict(slices={"c_attn": [False, False]})])
-def test_bad_config_values(bad):
-    with pytest.raises(lk.ConfigError):
+BAD_CONFIGS = [
+    (dict(r=0), r"r must be a positive integer, got 0\b"),
+    (dict(r=2.5), "r must be a positive integer, got 2.5"),
+    (dict(r=True), "r must be a positive integer, got True"),
+    (dict(alpha=-1), "alpha must be a positive finite number, got -1"),
+    (dict(alpha=float("nan")), "alpha must be a positive finite number, got nan"),
+    (dict(alpha=True), "alpha must be a positive finite number, got True"),
+    (dict(alpha="16"), "alpha must be a positive finite number, got '16'"),
+    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (dict(dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
+    (dict(rslora="false"), "rslora must be True or False, got 'false'"),
+    (dict(init="xavier"), "init must be one of kaiming, gaussian, pissa, zeros; got 'xavier'"),
+    (dict(bias="some"), "bias must be one of none, all, lora_only; got 'some'"),
+    (dict(targets=[]), "targets must be a non-empty list"),
+    (dict(targets=["q_proj", 3]), r"targets must be a non-empty list .*got \['q_proj', 3\]"),
+    (dict(targets="(unclosed"), r"targets '\(unclosed' is not a valid regular expression"),
+    (dict(targets="(.*)*x"), r"targets '\(\.\*\)\*x' is refused: it has a repeat inside a repeat"),
+    (dict(exclude=5), "exclude must be None, a list of module names or a regex string; got 5"),
+    (dict(rank_pattern={"v_proj": 0.5}), r"rank_pattern\['v_proj'\] must be a positive integer, got 0.5"),
+    (dict(alpha_pattern={"q_proj": 8, "v_proj": float("inf")}),
+     r"alpha_pattern\['v_proj'\] must be a positive finite number, got inf"),
+    (dict(alpha_pattern={"v_proj": 1e308}), r"alpha_pattern\['v_proj'\] must be a positive finite number, got 1e\+308"),
+    (dict(rank_pattern={"(a+)+$x": 2}), r"pattern key '\(a\+\)\+\$x' is refused: it has a repeat inside a repeat"),
+    (dict(slices={"c_attn": [False, False]}), r"slices\['c_attn'\] must be a list of booleans with at least one True"),
+    (dict(modules_to_save="classifier"), "modules_to_save must be None or a list of module names; got 'classifier'"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_CONFIGS, ids=[str(b) for b, _ in BAD_CONFIGS])
+def test_bad_config_values(bad, message):
+    with pytest.raises(lk.ConfigError, match=message):
         lk.LoraConfig(**bad)
 
 
@@ -52,7 +78,7 @@ def test_malformed_config(tmp_path):
     with pytest.raises(lk.AdapterFileError, match="adapter_config.json is not valid JSON"):
         lk.load_adapter(make("llama"), path)
     (path / "adapter_config.json").write_text('{"r": "four", "lora_alpha": 8}')
-    with pytest.raises(lk.AdapterFileError, match="'r' must be a positive number"):
+    with pytest.raises(lk.AdapterFileError, match="'r' must be a positive integer, found 'four'"):
         lk.load_adapter(make("llama"), path)
 
 
