@@ -161,14 +161,15 @@ def test_pickle_payload_never_runs(tmp_path, monkeypatch):
 def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     model, path = saved_llama(tmp_path)
     old = (path / "adapter_model.safetensors").read_bytes()
-    import safetensors.torch
+    real_write = type(path).write_bytes
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    def broken(self, data):
+        if self.name.startswith(".adapter_model.safetensors."):
+            real_write(self, b"partial")
+            raise OSError("disk full")
+        return real_write(self, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(type(path), "write_bytes", broken)
     with pytest.raises(lk.AdapterFileError, match="disk full"):
         lk.save_adapter(model, path)
     assert (path / "adapter_model.safetensors").read_bytes() == old

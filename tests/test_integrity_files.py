@@ -378,6 +378,336 @@ def test_mutated_loralib_files():
     prop()
 
 
+# -- directed cases -------------------------------------------------------------------------------------
+def saved(kind: str, cfg: lk.LoraConfig, directory: Path, seed: int = 0) -> torch.nn.Module:
+    model = pristine(kind)
+    lk.inject(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lk.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    lk.save_adapter(model, directory)
+    return model
+
+
+def rewrite(directory: Path, config: dict | None = None, tensors: dict | None = None,
+            metadata: dict | None | bool = True) -> None:
+    """Rewrite a saved adapter's config and/or weights (metadata=True keeps the header's)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    weights = directory / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        old = {k: f.get_tensor(k) for k in f.keys()}
+        old_meta = f.metadata()
+    if config is not None:
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+    if tensors is not None or metadata is not True:
+        save_file(old if tensors is None else tensors, weights, metadata=old_meta if metadata is True else metadata)
+
+
+def fails_cleanly(kind: str, load, match: str) -> None:
+    """load(model) raises a LoraError matching `match` and leaves the model exactly as it was."""
+    model = pristine(kind)
+    before = snapshot(model)
+    with pytest.raises(lk.LoraError, match=match):
+        load(model)
+    assert same(snapshot(model), before)
+
+
+def test_extra_base_tensor_is_refused_unless_declared(tmp_path):
+    """A tensor named after a frozen base parameter is not copied into the base unless the config says so."""
+    saved("llama", lk.LoraConfig(r=2, alpha=4, targets=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    _, tensors, _ = seed_files("mlp")
+    from safetensors.torch import load_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    model = pristine("llama")
+    for key in ("model.layers.0.self_attn.k_proj.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.bias"):
+        shape = model.get_parameter(key).shape if key.endswith("weight") else (32,)
+        rewrite(tmp_path, tensors={**tensors, f"base_model.model.{key}": torch.randn(shape)})
+        fails_cleanly("llama", lambda m: lk.load_adapter(m, tmp_path), f"holds tensor '{re_escape(key)}', which "
+                      "adapter_config.json does not declare")
+    # declared, it loads, and delete_adapter / eject(merge=False) put the original back
+    norm = torch.randn(32)
+    rewrite(tmp_path, config={**config, "modules_to_save": ["norm"]},
+            tensors={**tensors, "base_model.model.model.norm.weight": norm}, metadata=None)
+    for undo in (lambda m: lk.delete_adapter(m, "default"), lambda m: lk.eject(m, merge=False)):
+        model = pristine("llama")
+        original = model.model.norm.weight.detach().clone()
+        lk.load_adapter(model, tmp_path)
+        assert torch.equal(model.model.norm.weight, norm)
+        undo(model)
+        assert torch.equal(model.model.norm.weight, original)
+    model = pristine("llama")
+    lk.load_adapter(model, tmp_path)
+    lk.eject(model, merge=True)  # PEFT's merge_and_unload keeps the adapter's modules
+    assert torch.equal(model.model.norm.weight, norm)
+
+
+def re_escape(text: str) -> str:
+    import re
+    return re.escape(text)
+
+
+def test_delete_restores_in_any_order(tmp_path):
+    """Two adapters that each replace the head: deleting either, in any order, ends on the original."""
+    for i, seed in enumerate((1, 2)):
+        saved("mlp", lk.LoraConfig(r=2, alpha=4, targets=["fc1"], modules_to_save=["head"]), tmp_path / str(i), seed)
+    for order in (("a", "b"), ("b", "a")):
+        model = pristine("mlp")
+        original = model.head.weight.detach().clone()
+        lk.load_adapter(model, tmp_path / "0", name="a")
+        lk.load_adapter(model, tmp_path / "1", name="b")
+        second = model.head.weight.detach().clone()
+        lk.delete_adapter(model, order[0])
+        assert torch.equal(model.head.weight, second if order[0] == "a" else _head(tmp_path / "0"))
+        lk.delete_adapter(model, order[1])
+        assert torch.equal(model.head.weight, original)
+
+
+def _head(directory: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(directory / "adapter_model.safetensors")["base_model.model.head.weight"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("use_rslora", "false", "'use_rslora' must be true or false .*found 'false'"),
+    ("r", 0.5, "'r' must be a positive integer, found 0.5"),
+    ("lora_alpha", float("nan"), "'lora_alpha' must be a positive finite number, found nan"),
+    ("alpha_pattern", {"fc1": 2, "fc2": -1}, r"alpha_pattern\['fc2'\] must be a positive finite number, got -1"),
+    ("alpha_pattern", {"fc1": 2, "fc2": 0}, r"alpha_pattern\['fc2'\] must be a positive finite number, got 0"),
+    ("alpha_pattern", {"fc1": 2, "fc2": 1e308}, r"alpha_pattern\['fc2'\] must be a positive finite number"),
+    ("rank_pattern", {"fc1": 4, "fc2": 0.5}, r"rank_pattern\['fc2'\] must be a positive integer, got 0.5"),
+    ("rank_pattern", [], "'rank_pattern' must be an object"),
+    ("bias", "everything", "'bias' must be one of"),
+    ("modules_to_save", "head", "'modules_to_save' must be null or a list"),
+])
+def test_config_values_checked_as_data(tmp_path, field, value, match):
+    saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1", "fc2"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    rewrite(tmp_path, config={**config, field: value}, metadata=None)
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path), "adapter_config.json: .*" + match)
+
+
+def test_rslora_read_from_json_booleans_only(tmp_path):
+    saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    rewrite(tmp_path, config={**config, "use_rslora": False}, metadata=None)
+    model = pristine("mlp")
+    lk.load_adapter(model, tmp_path)
+    assert model.fc1.adapters["default"].scale == 2.0
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t.to(torch.complex64), "is torch.complex64; adapter tensors must be floating point"),
+    (lambda t: t.to(torch.int32), "is torch.int32; adapter tensors must be floating point"),
+    (lambda t: t.flatten(), "lora_A is \\(48,\\)"),
+    (lambda t: t[0, 0], "lora_A is \\(\\)"),
+    (lambda t: t.clone().fill_(float("nan")), "holds NaN or inf"),
+    (lambda t: t.clone().fill_(float("inf")), "holds NaN or inf"),
+])
+def test_bad_tensors_refused(tmp_path, change, match):
+    saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path)
+    from safetensors.torch import load_file, save
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.fc1.lora_A.weight"
+    tensors[key] = change(tensors[key])
+    try:
+        data = save(tensors)
+    except Exception:  # noqa: BLE001 - a dtype this safetensors cannot store: torch.save it as PEFT's old .bin
+        (tmp_path / "adapter_model.safetensors").unlink()
+        torch.save(tensors, tmp_path / "adapter_model.bin")
+    else:
+        (tmp_path / "adapter_model.safetensors").write_bytes(data)
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path), match)
+
+
+def test_slices_metadata_that_drops_part_of_B_is_refused(tmp_path):
+    saved("gpt2", lk.LoraConfig(r=2, alpha=4, targets=["c_attn"]), tmp_path)  # full-width: B has no zero blocks
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lorakit"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # claim the rank-2 A/B are two rank-1 slices, q and v: B's k block and off-diagonal blocks would be dropped
+    meta["slices"] = {f"transformer.h.{i}.attn.c_attn": [True, False, True] for i in range(2)}
+    rewrite(tmp_path, config=config, metadata={"format": "pt", "lorakit": json.dumps(meta)})
+    fails_cleanly("gpt2", lambda m: lk.load_adapter(m, tmp_path), "would drop non-zero entries of lora_B")
+
+
+@pytest.mark.parametrize("lorakit_meta,match", [
+    ("[1]", "malformed \\(a list, not an object\\)"),
+    ('{"slices": {"fc1": "yes"}}', "malformed \\(slices"),
+    ('{"base_fingerprint": {"modules": {"fc1": "big"}}}', "malformed \\(base_fingerprint"),
+    ('{"format_version": "1"}', "malformed \\(format_version"),
+    ('{"adapter_config": 3}', "malformed \\(adapter_config"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON \\(RecursionError\\)"),
+])
+def test_header_metadata_of_the_wrong_type(tmp_path, lorakit_meta, match):
+    saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path)
+    rewrite(tmp_path, metadata={"format": "pt", "lorakit": lorakit_meta})
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path), "adapter_model.safetensors: lorakit's metadata .*"
+                  + match)
+
+
+def test_deeply_nested_config_json(tmp_path):
+    saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path), "adapter_config.json is not valid JSON")
+
+
+def test_loralib_non_string_keys_and_non_tensors(tmp_path):
+    for i, state in enumerate([{3: torch.zeros(2)}, {"fc1.lora_A": [1.0]}, {("fc1", "lora_A"): torch.zeros(2)}]):
+        torch.save({**loralib_seed(), **state}, tmp_path / f"{i}.pt")
+        fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path / f"{i}.pt", alpha=8),
+                      "does not hold a dict of tensors under string keys")
+
+
+def test_loralib_cannot_overwrite_the_weight_it_adapts(tmp_path):
+    torch.save({**loralib_seed(), "fc2.weight": torch.zeros(24, 24)}, tmp_path / "x.pt")
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path / "x.pt", alpha=8),
+                  "holds 'fc2.weight', the frozen base weight of a module it adapts")
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_hostile_pattern_keys_do_not_hang(tmp_path, pattern):
+    """rank_pattern / alpha_pattern keys from a file: refused or matched, within a bounded time."""
+    saved("llama", lk.LoraConfig(r=2, alpha=4, targets=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field in ("rank_pattern", "alpha_pattern"):
+        rewrite(tmp_path, config={**config, field: {pattern: 2}}, metadata=None)
+        start = time.perf_counter()
+        fails_cleanly("llama", lambda m: lk.load_adapter(m, tmp_path), "is refused")
+        assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_hostile_targets_do_not_hang(pattern):
+    start = time.perf_counter()
+    for kwargs in (dict(targets=pattern), dict(targets=["q_proj"], exclude=pattern)):
+        with pytest.raises(lk.ConfigError, match="is refused"):
+            lk.inject(pristine("llama"), lk.LoraConfig(**kwargs))
+    assert time.perf_counter() - start < 2.0
+
+
+def test_ordinary_patterns_keep_peft_matching():
+    """PEFT's rule `re.match(rf"(.*\\.)?({key})$", name)`, with literal keys compared as text."""
+    from lorakit.config import pattern_key
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "q_proj", "xq_proj"]
+    keys = ["q_proj", r"layers\.1\..*", r"model\.layers\.0\.self_attn\.q_proj", "(q|v)_proj", ".*down.*",
+            "layers.1.mlp.down_proj", "proj"]
+    import re
+    for key in keys:
+        for name in names:
+            assert (pattern_key({key: 1}, name) == key) == bool(re.match(rf"(.*\.)?({key})$", name)), (key, name)
+
+
+def test_failed_install_rolls_back_and_a_retry_works(tmp_path, monkeypatch):
+    """Whatever fails after the adapter is in place, the model ends as it was and the same name loads again."""
+    saved("llama", lk.LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"]), tmp_path)
+    import lorakit.io as lio
+    real = lio.inject
+
+    def inject_then_fail(model, cfg, name):
+        real(model, cfg, name)
+        raise RuntimeError("boom")
+
+    for prior in (False, True):
+        model = pristine("llama")
+        if prior:
+            lk.inject(model, lk.LoraConfig(r=2, targets=["q_proj"]), name="other")
+            lk.set_adapter(model, [])
+        before = snapshot(model)
+        monkeypatch.setattr(lio, "inject", inject_then_fail)
+        with pytest.raises(lk.AdapterFileError, match="could not be installed \\(RuntimeError: boom\\); the model is "
+                                                     "unchanged"):
+            lk.load_adapter(model, tmp_path)
+        assert same(snapshot(model), before)
+        monkeypatch.setattr(lio, "inject", real)
+        lk.load_adapter(model, tmp_path)
+        assert lk.inject.__module__ and "default" in adapter_names(model)
+
+
+def test_adapter_name_with_trailing_newline_is_refused(tmp_path):
+    saved("mlp", lk.LoraConfig(r=2, alpha=4, targets=["fc1"]), tmp_path)
+    with pytest.raises(lk.ConfigError, match="must be letters, digits"):
+        lk.inject(pristine("mlp"), lk.LoraConfig(targets=["fc1"]), name="a\n")
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path, name="a\n"), "must be letters, digits")
+
+
+# -- atomic saves -------------------------------------------------------------------------------------------
+def _save_forever(directory: str, models: list) -> None:
+    i = 0
+    while True:
+        lk.save_adapter(models[i % 2], directory)
+        i += 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="kill -9 of a forked saver")
+def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path):
+    """A saver killed at random moments while writing an alpha-8 and an alpha-64 adapter in turn into one
+    folder: the folder always loads one whole adapter (A and scale of the same one) or raises AdapterFileError,
+    and killed saves' temp files never pile up."""
+    import multiprocessing
+    import signal
+    folder = tmp_path / "ad"
+    models = []
+    for alpha, seed in ((8, 1), (64, 2)):
+        m = pristine("mlp")
+        lk.inject(m, lk.LoraConfig(r=4, alpha=alpha, targets=["fc1"]))
+        with torch.no_grad():
+            m.fc1.adapters["default"].lora_A.copy_(torch.randn(4, 12, generator=torch.Generator().manual_seed(seed)))
+        models.append(m)
+    lk.save_adapter(models[0], folder)
+    rng = random.Random(0)
+    ctx = multiprocessing.get_context("fork")
+    outcomes = collections.Counter()
+    for _ in range(30):
+        proc = ctx.Process(target=_save_forever, args=(str(folder), models), daemon=True)
+        proc.start()
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        assert len(list(folder.glob(".*.tmp"))) <= 2
+        model = pristine("mlp")
+        try:
+            lk.load_adapter(model, folder)
+        except lk.AdapterFileError:
+            outcomes["refused"] += 1
+            continue
+        a = model.fc1.adapters["default"]
+        which = [i for i, m in enumerate(models) if torch.equal(m.fc1.adapters["default"].lora_A, a.lora_A)]
+        assert which and a.scale == models[which[0]].fc1.adapters["default"].scale
+        outcomes[which[0]] += 1
+    assert outcomes[0] + outcomes[1] > 0, outcomes
+    lk.save_adapter(models[1], folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_config_from_another_save_is_refused(tmp_path):
+    """The window between the two renames of a save: new weights beside the old config."""
+    saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path / "a")
+    saved("mlp", lk.LoraConfig(r=4, alpha=64, targets=["fc1"]), tmp_path / "b")
+    os.replace(tmp_path / "b" / "adapter_model.safetensors", tmp_path / "a" / "adapter_model.safetensors")
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, tmp_path / "a"),
+                  "does not belong with .*'lora_alpha' is 8 in the config but 64 in the copy saved with the weights")
+    model = pristine("mlp")
+    lk.load_adapter(model, tmp_path / "a", check_base=False)
+    assert model.fc1.adapters["default"].scale == 2.0
+
+
+def test_save_flushes_the_directory_and_clears_stale_temp_files(tmp_path, monkeypatch):
+    import stat
+    model = saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path)
+    for name in (".adapter_model.safetensors.abc.tmp", ".adapter_config.json.xyz.tmp"):
+        (tmp_path / name).write_text("left by a killed save")
+    flushed = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
+    lk.save_adapter(model, tmp_path)
+    assert flushed == [False, False, True]  # both files, then the directory after the renames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 if __name__ == "__main__":
     if not EXAMPLES:
         sys.exit("set LORAKIT_FUZZ_EXAMPLES=N")

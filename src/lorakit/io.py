@@ -136,7 +136,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         AdapterFileError: the directory cannot be created or written (e.g. the disk is full).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors, peft_config, meta = adapter_state_dict(model, name)
     out = Path(path)
@@ -150,8 +150,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 tensors[key] = t.clone()
             seen.add(tensors[key].untyped_storage().data_ptr())
         text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-        with _temp_file(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={
-                "format": "pt", "lorakit": json.dumps(meta)})) as weights_tmp, \
+        # Serialized here and written by us: safetensors' save_file would leave temp files of its own when killed.
+        data = save(tensors, metadata={"format": "pt", "lorakit": json.dumps(meta)})
+        with _temp_file(out / WEIGHTS_NAME, lambda f: Path(f).write_bytes(data)) as weights_tmp, \
                 _temp_file(out / CONFIG_NAME, lambda f: Path(f).write_text(text)) as config_tmp:
             os.replace(weights_tmp, out / WEIGHTS_NAME)
             os.replace(config_tmp, out / CONFIG_NAME)
@@ -466,13 +467,8 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
     saved_slices = meta.get("slices") or {}
     modules = {}
     for path, entry in pairs.items():
-        rank = file_cfg.rank_for(path)
-        if entry["A"].ndim >= 1 and entry["A"].shape[0] != rank:
-            raise AdapterFileError(
-                f"{weights}: module {path!r} has rank {entry['A'].shape[0]} (rows of lora_A) but {CONFIG_NAME} gives "
-                f"it r={rank}; the config and the weights do not belong together. Re-save the adapter.")
-        modules[path] = _plan_module(model, path, entry, file_cfg.alpha_for(path), rslora,
-                                     saved_slices.get(path), str(weights), alpha_is_for_full_rank=True)
+        modules[path] = _plan_module(model, path, entry, file_cfg.alpha_for(path), rslora, saved_slices.get(path),
+                                     str(weights), rank=file_cfg.rank_for(path))
     bias = data.get("bias") or "none"
     modules_to_save = data.get("modules_to_save") or None
     declared = _declared_parameters(model, modules, bias, modules_to_save, str(weights))
@@ -544,11 +540,12 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
 
 
 def _plan_module(model: nn.Module, path: str, entry: dict[str, Any], alpha: float, rslora: bool,
-                 mask: list[bool] | None, source: str, alpha_is_for_full_rank: bool) -> _Module:
+                 mask: list[bool] | None, source: str, rank: int | None) -> _Module:
     """Check one module's A and B against the model and turn them into the adapter's layout.
 
     A sliced adapter is stored full-width: A (k*r, in) and B (out, k*r) with zero blocks where a slice is
-    left out. With `alpha_is_for_full_rank` the alpha is the stored rank-k*r one, chosen to keep the scale.
+    left out. `rank` is the rank that a PEFT config gives the module (the stored k*r), whose alpha was
+    chosen to keep the scale at that rank; None for loralib files, whose alpha is for one slice's rank.
     """
     try:
         module = model.get_submodule(path)
@@ -586,6 +583,10 @@ def _plan_module(model: nn.Module, path: str, entry: dict[str, Any], alpha: floa
             f"{source}: module {path!r} has weight shape {tuple(w.shape)} (in={n_in}, out={n_out}) here, but the "
             f"adapter's lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; they need A (r, {n_in}) and "
             f"B ({n_out}, r) with r >= 1. The adapter belongs to another base model, or the file is damaged.")
+    if rank is not None and rows != rank:
+        raise AdapterFileError(
+            f"{source}: module {path!r} has rank {rows} (rows of lora_A) but {CONFIG_NAME} gives it r={rank}; the "
+            "config and the weights do not belong together. Re-save the adapter.")
     r = rows
     if mask is not None:
         k = sum(mask)
@@ -599,7 +600,7 @@ def _plan_module(model: nn.Module, path: str, entry: dict[str, Any], alpha: floa
             raise AdapterFileError(
                 f"{source}: slices {mask} of module {path!r} would drop non-zero entries of lora_B (only the blocks "
                 "of enabled slices may be non-zero); the metadata does not belong to these weights.")
-        if alpha_is_for_full_rank:  # the file's alpha' keeps the scale at rank k*r: alpha'/f(k*r) == alpha/f(r)
+        if rank is not None:  # the file's alpha' keeps the scale at rank k*r: alpha'/f(k*r) == alpha/f(r)
             alpha = alpha / (math.sqrt(k) if rslora else k)
     scale = scaling(alpha, r, rslora)
     bound = scale * rows * float(A.abs().max()) * float(B.abs().max())
@@ -811,8 +812,7 @@ def _plan_loralib(model: nn.Module, file: Path, alpha: float | None, slices: lis
             _checked_tensor(B, f"{path} lora_B", str(file), module.weight.dtype)
             entry["B"] = _slice_to_full(B, mask, r, n_out)
         # loralib scales by alpha / r with r the rank of one slice
-        modules[path] = _plan_module(model, path, entry, float(alpha), False, mask, str(file),
-                                     alpha_is_for_full_rank=False)
+        modules[path] = _plan_module(model, path, entry, float(alpha), False, mask, str(file), rank=None)
     params = dict(model.named_parameters())
     extra = {k: v for k, v in extra.items() if k in params}
     for key in extra:
