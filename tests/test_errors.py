@@ -64,6 +64,24 @@ def test_bad_config_values(bad, message):
         lk.LoraConfig(**bad)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(path=None), "the adapter's path as a str or os.PathLike .*got None"),
+    (dict(path=3), "the adapter's path as a str or os.PathLike .*got 3"),
+    (dict(model=None), "expects a torch.nn.Module as model, got NoneType"),
+    (dict(name=None), "Adapter name None must be letters"),
+    (dict(name="a\n"), "Adapter name 'a\\n' must be letters"),
+    (dict(alpha="16"), "alpha must be a positive number .*got '16'"),
+    (dict(alpha=float("nan")), "alpha must be a positive number .*got nan"),
+    (dict(slices="qv"), "slices must be a list of booleans .*got 'qv'"),
+    (dict(check_base="no"), "check_base must be True or False, got 'no'"),
+])
+def test_load_adapter_argument_types(tmp_path, kwargs, message):
+    model, path = saved_llama(tmp_path)
+    args = {"model": make("llama"), "path": path, **kwargs}
+    with pytest.raises(lk.ConfigError, match=message):
+        lk.load_adapter(args.pop("model"), args.pop("path"), **args)
+
+
 def test_truncated_safetensors_names_the_file(tmp_path):
     _, path = saved_llama(tmp_path)
     weights = path / "adapter_model.safetensors"

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .config import LoraConfig, scaling
 from .errors import AdapterFileError, ConfigError, LoraError, ShapeMismatchError
 from .fusion import group_siblings, remove_producers, ungroup
-from .inject import _NAME_RE, _require, active_adapters, configs, inject, lora_layers, saved_module_paths
+from .inject import _NAME_RE, _require, configs, inject, lora_layers, saved_module_paths
 from .layers import LoraEmbedding, LoraLayer, is_linear_like, supported
 
 CONFIG_NAME = "adapter_config.json"
@@ -704,7 +704,6 @@ class _Undo:
         self.wrapped = {path for path, _ in lora_layers(model)}
         self.layer_active = {path: list(layer.active) for path, layer in lora_layers(model)}
         self.state = {k: model.__dict__[k] for k in ("_lorakit_active", "_lorakit_configs") if k in model.__dict__}
-        self.active = active_adapters(model)
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
 
     def __call__(self, name: str, replaced: dict[str, Tensor]) -> None:
@@ -720,10 +719,7 @@ class _Undo:
         configs(model).pop(name, None)
         for key in ("_lorakit_active", "_lorakit_configs"):
             model.__dict__.pop(key, None)
-        model.__dict__.update(self.state)
-        model.__dict__["_lorakit_active"] = self.active if "_lorakit_active" in self.state else []
-        if "_lorakit_active" not in self.state:
-            model.__dict__.pop("_lorakit_active")
+        model.__dict__.update(self.state)  # set_adapter replaced the active list, so this is the old one
         ungroup(model)
         if self.wrapped:
             group_siblings(model)
