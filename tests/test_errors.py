@@ -69,7 +69,7 @@ def test_bad_config_values(bad, message):
     (dict(path=3), "the adapter's path as a str or os.PathLike .*got 3"),
     (dict(model=None), "expects a torch.nn.Module as model, got NoneType"),
     (dict(name=None), "Adapter name None must be letters"),
-    (dict(name="a\n"), "Adapter name 'a..n' must be letters"),
+    (dict(name="a\n"), "Adapter name 'a.n' must be letters"),
     (dict(alpha="16"), "alpha must be a positive number .*got '16'"),
     (dict(alpha=float("nan")), "alpha must be a positive number .*got nan"),
     (dict(slices="qv"), "slices must be a list of booleans .*got 'qv'"),
