@@ -3,9 +3,14 @@
 A saved adapter is a directory with `adapter_config.json` and `adapter_model.safetensors`,
 tensor keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (embeddings:
 `lora_embedding_A` / `lora_embedding_B`), exactly as PEFT writes them, so PEFT, vLLM and
-friends read lorakit's adapters and lorakit reads theirs. lorakit adds one field to the
-entry to the safetensors header's metadata, "lorakit", with a fingerprint of the base (adapted
-module paths and weight shapes) and the slice masks of fused projections; PEFT ignores it.
+friends read lorakit's adapters and lorakit reads theirs. lorakit adds one entry to the
+safetensors header's metadata, "lorakit", with a fingerprint of the base (adapted module paths and
+weight shapes), the slice masks of fused projections and a copy of the config fields that decide the
+scale (so a config from another save is refused); PEFT ignores it.
+
+Loading treats files as untrusted data: every value is checked before the model is touched, regex
+patterns that could backtrack for ages are refused, and whatever goes wrong becomes an AdapterFileError
+naming the file, with the model left as it was.
 
 Nothing is unpickled: safetensors files are plain data, and `.bin`/`.pt` files go through
 `torch.load(weights_only=True)`, which refuses to run code.
@@ -159,7 +164,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         fsync_directory(out)
     except (OSError, SafetensorError) as exc:
         raise AdapterFileError(f"Could not write the adapter to {out}: {exc}. Pick a writable directory with "
-                               "free space; the adapter that was there before is unchanged.") from exc
+                               "free space.") from exc
     return out
 
 
