@@ -644,10 +644,11 @@ def _save_forever(directory: str, models: list) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="kill -9 of a forked saver")
-def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path):
+@pytest.mark.parametrize("other_files", [False, True], ids=["adapter-only", "in-place"])
+def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path, other_files):
     """A saver killed at random moments while writing an alpha-8 and an alpha-64 adapter in turn into one
     folder: the folder always loads one whole adapter (A and scale of the same one) or raises AdapterFileError,
-    and killed saves' temp files never pile up."""
+    and killed saves' leftovers never pile up."""
     import multiprocessing
     import signal
     folder = tmp_path / "ad"
@@ -659,6 +660,8 @@ def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path):
             m.fc1.adapters["default"].lora_A.copy_(torch.randn(4, 12, generator=torch.Generator().manual_seed(seed)))
         models.append(m)
     lk.save_adapter(models[0], folder)
+    if other_files:
+        (folder / "README.md").write_text("not part of the adapter")
     rng = random.Random(0)
     ctx = multiprocessing.get_context("fork")
     outcomes = collections.Counter()
@@ -668,7 +671,8 @@ def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path):
         time.sleep(rng.uniform(0.0, 0.05))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        assert len(list(folder.glob(".*.tmp"))) <= 2
+        hidden = [p for p in (*tmp_path.iterdir(), *folder.iterdir()) if p.name.startswith(".")]
+        assert len(hidden) <= 2, hidden
         model = pristine("mlp")
         try:
             lk.load_adapter(model, folder)
@@ -681,7 +685,9 @@ def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path):
         outcomes[which[0]] += 1
     assert outcomes[0] + outcomes[1] > 0, outcomes
     lk.save_adapter(models[1], folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md"] * other_files + ["adapter_config.json",
+                                                                                    "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]
 
 
 def test_config_from_another_save_is_refused(tmp_path):
@@ -698,15 +704,42 @@ def test_config_from_another_save_is_refused(tmp_path):
 
 def test_save_flushes_the_directory_and_clears_stale_temp_files(tmp_path, monkeypatch):
     import stat
-    model = saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), tmp_path)
-    for name in (".adapter_model.safetensors.abc.tmp", ".adapter_config.json.xyz.tmp"):
-        (tmp_path / name).write_text("left by a killed save")
+    folder = tmp_path / "ad"
+    model = saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), folder)
     flushed = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
-    lk.save_adapter(model, tmp_path)
-    assert flushed == [False, False, True]  # both files, then the directory after the renames
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.fstat(fd)), real(fd)))
+    # a folder holding just an adapter is swapped whole: the parent's entries are flushed last
+    (tmp_path / ".ad.new-k1ll3d").mkdir()
+    (folder / ".adapter_model.safetensors.abc.tmp").write_text("left by a killed in-place save")
+    lk.save_adapter(model, folder)
+    assert [stat.S_ISDIR(st.st_mode) for st in flushed] == [False, False, True, True]
+    assert flushed[-1].st_ino == tmp_path.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # a folder with other files is updated in place: the folder's entries are flushed after the renames
+    (folder / "README.md").write_text("mine")
+    for name in (".adapter_model.safetensors.abc.tmp", ".adapter_config.json.xyz.tmp"):
+        (folder / name).write_text("left by a killed save")
+    flushed.clear()
+    lk.save_adapter(model, folder)
+    assert [stat.S_ISDIR(st.st_mode) for st in flushed] == [False, False, True]
+    assert flushed[-1].st_ino == folder.stat().st_ino
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_killed_between_the_fallback_renames_is_repaired(tmp_path, monkeypatch):
+    """Without an atomic exchange, the old adapter waits in .<name>.old-* while the folder is absent: the
+    next save puts it back before writing, and a load meanwhile raises AdapterFileError."""
+    import lorakit.io as lio
+    folder = tmp_path / "ad"
+    model = saved("mlp", lk.LoraConfig(r=4, alpha=8, targets=["fc1"]), folder)
+    folder.rename(tmp_path / ".ad.old-k1ll3d")  # where a kill between the two renames leaves it
+    fails_cleanly("mlp", lambda m: lk.load_adapter(m, folder), "does not exist")
+    monkeypatch.setattr(lio, "_exchange", lambda a, b: False)
+    lk.save_adapter(model, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    lk.load_adapter(pristine("mlp"), folder)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,15 @@ Nothing is unpickled: safetensors files are plain data, and `.bin`/`.pt` files g
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import json
 import math
 import os
 import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -128,13 +133,15 @@ def adapter_state_dict(model: nn.Module, name: str = "default"
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to directory `path` (created if needed) in PEFT's layout. Returns the path.
 
-    Both files are first written in full to temporary files beside their targets and flushed to disk,
-    then renamed into place (weights, then config), and the directory is flushed. A save killed at any
-    point leaves the old pair of files or the new pair, except between the two renames, where the new
-    weights sit beside the old config: the weights' header holds a copy of the config's fields that
-    decide the scale (PAIRED_FIELDS), and `load_adapter` refuses such a mix with an AdapterFileError
-    instead of loading it with the wrong scale. Temporary files left by a killed save are removed by the
-    next save into the same directory (so two processes must not save into one directory at once).
+    A save killed at any point leaves the old pair of files or the new pair. Where `path` is new or
+    holds nothing but an adapter, both files are written and flushed to disk in a fresh hidden directory
+    beside it, which then takes its place in one atomic exchange (Linux's renameat2; elsewhere two
+    renames, between which `path` is briefly absent and the old adapter sits in `.<name>.old-*`, put back
+    by the next save). A directory that holds other files too is updated in place: both files are
+    written in full first, then renamed in, weights first; a kill between those two renames leaves the
+    new weights beside the old config, and `load_adapter` refuses that mix (the weights' header holds a
+    copy of the config fields that decide the scale, PAIRED_FIELDS). The next save into the same place
+    removes what killed saves left behind, so two processes must not save to one path at once.
 
     Raises:
         AdapterNotFoundError: the model has no adapter `name`.
@@ -144,28 +151,101 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     from safetensors.torch import save
 
     tensors, peft_config, meta = adapter_state_dict(model, name)
+    # Shared storage (tied weights) is not allowed by safetensors: give each tensor its own.
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        if t.untyped_storage().data_ptr() in seen:
+            tensors[key] = t.clone()
+        seen.add(tensors[key].untyped_storage().data_ptr())
     out = Path(path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
-        # Shared storage (tied weights) is not allowed by safetensors: give each tensor its own.
-        seen: set[int] = set()
-        for key, t in tensors.items():
-            if t.untyped_storage().data_ptr() in seen:
-                tensors[key] = t.clone()
-            seen.add(tensors[key].untyped_storage().data_ptr())
-        text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
         # Serialized here and written by us: safetensors' save_file would leave temp files of its own when killed.
-        data = save(tensors, metadata={"format": "pt", "lorakit": json.dumps(meta)})
-        with _temp_file(out / WEIGHTS_NAME, lambda f: Path(f).write_bytes(data)) as weights_tmp, \
-                _temp_file(out / CONFIG_NAME, lambda f: Path(f).write_text(text)) as config_tmp:
-            os.replace(weights_tmp, out / WEIGHTS_NAME)
-            os.replace(config_tmp, out / CONFIG_NAME)
-        fsync_directory(out)
+        files = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt", "lorakit": json.dumps(meta)}),
+                 CONFIG_NAME: (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()}
+        if out.name in ("", ".", "..") or out.is_symlink() or (out.is_dir() and not _holds_only_an_adapter(out)):
+            _save_in_place(out, files)
+        else:
+            _save_by_swap(out, files)
     except (OSError, SafetensorError) as exc:
         raise AdapterFileError(f"Could not write the adapter to {out}: {exc}. Pick a writable directory with "
                                "free space.") from exc
     return out
+
+
+def _holds_only_an_adapter(directory: Path) -> bool:
+    return all(f.name in (WEIGHTS_NAME, CONFIG_NAME) or _is_temp_file(f.name) for f in directory.iterdir())
+
+
+def _is_temp_file(name: str) -> bool:
+    return any(name.startswith(f".{target}.") and name.endswith(".tmp") for target in (WEIGHTS_NAME, CONFIG_NAME))
+
+
+def _save_in_place(out: Path, files: dict[str, bytes]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    with contextlib.ExitStack() as stack:
+        temps = {name: stack.enter_context(_temp_file(out / name, lambda f, b=data: Path(f).write_bytes(b)))
+                 for name, data in files.items()}
+        for name, tmp in temps.items():  # weights first: see save_adapter
+            os.replace(tmp, out / name)
+    fsync_directory(out)
+
+
+def _save_by_swap(out: Path, files: dict[str, bytes]) -> None:
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _clear_swap_leftovers(out)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=parent))
+    try:
+        for name, data in files.items():
+            with open(new / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_directory(new)
+        if not out.exists():
+            os.rename(new, out)
+        elif not _exchange(new, out):
+            old = parent / new.name.replace(".new-", ".old-", 1)
+            os.rename(out, old)
+            try:
+                os.rename(new, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            new = old
+        fsync_directory(parent)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # the old adapter after a swap; a partial new one after a failure
+
+
+def _clear_swap_leftovers(out: Path) -> None:
+    """Remove the hidden directories of saves to `out` that were killed; if one was killed while `out`
+    was moved aside, put the old adapter back first."""
+    stem = glob.escape(f".{out.name}.")
+    olds = sorted(out.parent.glob(stem + "old-*"))
+    if olds and not out.exists():
+        os.rename(olds.pop(), out)
+    for leftover in [*olds, *out.parent.glob(stem + "new-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # the file system cannot exchange
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write(target: Path, write) -> None:
@@ -192,9 +272,9 @@ def _temp_file(target: Path, write):
 
 
 def remove_stale_temp_files(directory: Path) -> None:
-    """Remove the temp files that a killed save_adapter left in `directory`."""
-    for target in (WEIGHTS_NAME, CONFIG_NAME):
-        for stale in directory.glob(f".{target}.*.tmp"):
+    """Remove the temp files that a killed in-place save_adapter left in `directory`."""
+    for stale in directory.iterdir():
+        if _is_temp_file(stale.name):
             with contextlib.suppress(OSError):
                 stale.unlink()
 
