@@ -333,8 +333,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     elif p.is_file():
         source, read = p, lambda: _plan_loralib(model, p, alpha, slices)
     else:
+        aside = sorted(p.parent.glob(glob.escape(f".{p.name}.") + "old-*")) if p.name else []
+        hint = (f" A save_adapter to it was killed while the previous adapter was moved aside: it is in {aside[-1]};"
+                f" rename that back to {p.name}, or save again.") if aside else ""
         raise AdapterFileError(f"No adapter at {p}: the path does not exist. Give the directory that holds "
-                               f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a loralib .pt/.bin file.")
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a loralib .pt/.bin file.{hint}")
     if name in configs(model):
         raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
     try:
