@@ -250,7 +250,7 @@ def mutate_tensors(draw, tensors: dict[str, torch.Tensor], model_kind: str) -> d
             tensors[key] = tensors[key].to(draw(st.sampled_from(DTYPES)))
         elif op == "value":
             t = tensors[key].clone()
-            if t.numel():
+            if t.numel() and t.is_floating_point():
                 t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(
                     [float("nan"), float("inf"), -float("inf"), 1e30, 0.0]))
             tensors[key] = t
