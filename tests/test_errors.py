@@ -52,7 +52,7 @@ BAD_CONFIGS = [
     (dict(alpha_pattern={"q_proj": 8, "v_proj": float("inf")}),
      r"alpha_pattern\['v_proj'\] must be a positive finite number, got inf"),
     (dict(alpha_pattern={"v_proj": 1e308}), r"alpha_pattern\['v_proj'\] must be a positive finite number, got 1e\+308"),
-    (dict(rank_pattern={"(a+)+$x": 2}), r"pattern key '\(a\+\)\+\$x' is refused: it has a repeat inside a repeat"),
+    (dict(rank_pattern={"(a+)+$x": 2}), r"rank_pattern key '\(a\+\)\+\$x' is refused: it has a repeat inside a repeat"),
     (dict(slices={"c_attn": [False, False]}), r"slices\['c_attn'\] must be a list of booleans with at least one True"),
     (dict(modules_to_save="classifier"), "modules_to_save must be None or a list of module names; got 'classifier'"),
 ]

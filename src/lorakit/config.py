@@ -101,8 +101,9 @@ class LoraConfig:
         for what in ("rank_pattern", "alpha_pattern", "slices"):
             if not isinstance(getattr(self, what), dict):
                 raise ConfigError(f"{what} must be a dict {{module pattern: value}}; got {getattr(self, what)!r}.")
-        for pattern in (*self.rank_pattern, *self.alpha_pattern, *self.slices):
-            check_regex(pattern, "a pattern key", suffix_rule=True)
+        for what in ("rank_pattern", "alpha_pattern", "slices"):
+            for pattern in getattr(self, what):
+                check_regex(pattern, f"{what} key", suffix_rule=True)
         for key, rank in self.rank_pattern.items():
             _check_rank(rank, f"rank_pattern[{key!r}]")
         for key, alpha in self.alpha_pattern.items():
