@@ -176,22 +176,22 @@ def test_pickle_payload_never_runs(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
-def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other_files", [False, True], ids=["adapter-only", "in-place"])
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch, other_files):
     model, path = saved_llama(tmp_path)
-    old = (path / "adapter_model.safetensors").read_bytes()
-    real_write = type(path).write_bytes
+    if other_files:
+        (path / "README.md").write_text("mine")
+    old = {p.name: p.read_bytes() for p in path.iterdir()}
+    import errno
 
-    def broken(self, data):
-        if self.name.startswith(".adapter_model.safetensors."):
-            real_write(self, b"partial")
-            raise OSError("disk full")
-        return real_write(self, data)
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(type(path), "write_bytes", broken)
-    with pytest.raises(lk.AdapterFileError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(lk.AdapterFileError, match="Could not write the adapter to .*No space left on device"):
         lk.save_adapter(model, path)
-    assert (path / "adapter_model.safetensors").read_bytes() == old
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == old
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]
 
 
 LORALIB = SHARED / "loralib-checkpoint" / "roberta_base_lora_mnli.bin"
