@@ -30,12 +30,56 @@ def test_target_of_unsupported_type():
         lk.inject(make("llama"), lk.LoraConfig(targets=["input_layernorm"]))
 
 
-@pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.5), dict(alpha=-1), dict(dropout=1.0), dict(init="xavier"),
-                                 dict(bias="some"), dict(targets=[]), dict(targets="(unclosed"),
-                                 dict(slices={"c_attn": [False, False]})])
-def test_bad_config_values(bad):
-    with pytest.raises(lk.ConfigError):
+BAD_CONFIGS = [
+    (dict(r=0), r"r must be a positive integer, got 0\b"),
+    (dict(r=2.5), "r must be a positive integer, got 2.5"),
+    (dict(r=True), "r must be a positive integer, got True"),
+    (dict(alpha=-1), "alpha must be a positive finite number, got -1"),
+    (dict(alpha=float("nan")), "alpha must be a positive finite number, got nan"),
+    (dict(alpha=True), "alpha must be a positive finite number, got True"),
+    (dict(alpha="16"), "alpha must be a positive finite number, got '16'"),
+    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (dict(dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
+    (dict(rslora="false"), "rslora must be True or False, got 'false'"),
+    (dict(init="xavier"), "init must be one of kaiming, gaussian, pissa, zeros; got 'xavier'"),
+    (dict(bias="some"), "bias must be one of none, all, lora_only; got 'some'"),
+    (dict(targets=[]), "targets must be a non-empty list"),
+    (dict(targets=["q_proj", 3]), r"targets must be a non-empty list .*got \['q_proj', 3\]"),
+    (dict(targets="(unclosed"), r"targets '\(unclosed' is not a valid regular expression"),
+    (dict(targets="(.*)*x"), r"targets '\(\.\*\)\*x' is refused: it has a repeat inside a repeat"),
+    (dict(exclude=5), "exclude must be None, a list of module names or a regex string; got 5"),
+    (dict(rank_pattern={"v_proj": 0.5}), r"rank_pattern\['v_proj'\] must be a positive integer, got 0.5"),
+    (dict(alpha_pattern={"q_proj": 8, "v_proj": float("inf")}),
+     r"alpha_pattern\['v_proj'\] must be a positive finite number, got inf"),
+    (dict(alpha_pattern={"v_proj": 1e308}), r"alpha_pattern\['v_proj'\] must be a positive finite number, got 1e\+308"),
+    (dict(rank_pattern={"(a+)+$x": 2}), r"rank_pattern key '\(a\+\)\+\$x' is refused: it has a repeat inside a repeat"),
+    (dict(slices={"c_attn": [False, False]}), r"slices\['c_attn'\] must be a list of booleans with at least one True"),
+    (dict(modules_to_save="classifier"), "modules_to_save must be None or a list of module names; got 'classifier'"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_CONFIGS, ids=[str(b) for b, _ in BAD_CONFIGS])
+def test_bad_config_values(bad, message):
+    with pytest.raises(lk.ConfigError, match=message):
         lk.LoraConfig(**bad)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(path=None), "the adapter's path as a str or os.PathLike .*got None"),
+    (dict(path=3), "the adapter's path as a str or os.PathLike .*got 3"),
+    (dict(model=None), "expects a torch.nn.Module as model, got NoneType"),
+    (dict(name=None), "Adapter name None must be letters"),
+    (dict(name="a\n"), "Adapter name 'a.n' must be letters"),
+    (dict(alpha="16"), "alpha must be a positive number .*got '16'"),
+    (dict(alpha=float("nan")), "alpha must be a positive number .*got nan"),
+    (dict(slices="qv"), "slices must be a list of booleans .*got 'qv'"),
+    (dict(check_base="no"), "check_base must be True or False, got 'no'"),
+])
+def test_load_adapter_argument_types(tmp_path, kwargs, message):
+    model, path = saved_llama(tmp_path)
+    args = {"model": make("llama"), "path": path, **kwargs}
+    with pytest.raises(lk.ConfigError, match=message):
+        lk.load_adapter(args.pop("model"), args.pop("path"), **args)
 
 
 def test_truncated_safetensors_names_the_file(tmp_path):
@@ -52,7 +96,7 @@ def test_malformed_config(tmp_path):
     with pytest.raises(lk.AdapterFileError, match="adapter_config.json is not valid JSON"):
         lk.load_adapter(make("llama"), path)
     (path / "adapter_config.json").write_text('{"r": "four", "lora_alpha": 8}')
-    with pytest.raises(lk.AdapterFileError, match="'r' must be a positive number"):
+    with pytest.raises(lk.AdapterFileError, match="'r' must be a positive integer, found 'four'"):
         lk.load_adapter(make("llama"), path)
 
 
@@ -132,21 +176,22 @@ def test_pickle_payload_never_runs(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
-def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other_files", [False, True], ids=["adapter-only", "in-place"])
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch, other_files):
     model, path = saved_llama(tmp_path)
-    old = (path / "adapter_model.safetensors").read_bytes()
-    import safetensors.torch
+    if other_files:
+        (path / "README.md").write_text("mine")
+    old = {p.name: p.read_bytes() for p in path.iterdir()}
+    import errno
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(lk.AdapterFileError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(lk.AdapterFileError, match="Could not write the adapter to .*No space left on device"):
         lk.save_adapter(model, path)
-    assert (path / "adapter_model.safetensors").read_bytes() == old
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == old
+    assert [p.name for p in tmp_path.iterdir()] == ["ad"]
 
 
 LORALIB = SHARED / "loralib-checkpoint" / "roberta_base_lora_mnli.bin"

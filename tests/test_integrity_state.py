@@ -149,12 +149,12 @@ def check(model: torch.nn.Module, exp: Expected, x: torch.Tensor, dtype: torch.d
 
 def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     """Element by element in float32; in 16-bit dtypes, whose rounding piles up through a model's layers,
-    as the relative size of the whole difference."""
+    as the relative size of the whole difference, loosely (the float32 case is the close check)."""
     if dtype == torch.float32:
         torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
     else:
         error = (got.double() - want).norm() / want.norm()
-        assert error < 3e-2, f"outputs differ from float64 by {error:.3g} of their norm"
+        assert error < 6e-2, f"outputs differ from float64 by {error:.3g} of their norm"
 
 
 def expect_error(error, model, call) -> None:

@@ -7,12 +7,18 @@ The field names are lorakit's; `to_peft_dict` / `from_peft_dict` translate to an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+
+try:  # the regex parser of the standard library: re._parser from Python 3.11, sre_parse before
+    from re import _parser
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _parser  # type: ignore[no-redef]
 
 INITS = ("kaiming", "gaussian", "pissa", "zeros")
 BIASES = ("none", "all", "lora_only")
@@ -67,29 +73,43 @@ class LoraConfig:
         if isinstance(self.exclude, tuple):
             self.exclude = list(self.exclude)
         _check_rank(self.r, "r")
-        for key, rank in self.rank_pattern.items():
-            _check_rank(rank, f"rank_pattern[{key!r}]")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}. The usual choice is 2 * r.")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.init not in INITS:
+        _check_alpha(self.alpha, "alpha")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"rslora must be True or False, got {self.rslora!r}.")
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}.")
-        if self.bias not in BIASES:
+        if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ConfigError(f"bias must be one of {', '.join(BIASES)}; got {self.bias!r}.")
         if isinstance(self.targets, str):
-            _check_regex(self.targets, "targets")
-        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            check_regex(self.targets, "targets")
+        elif not isinstance(self.targets, list) or not self.targets \
+                or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(
                 f"targets must be a non-empty list of module names, a regex string, or 'all-linear'; "
                 f"got {self.targets!r}."
             )
         if isinstance(self.exclude, str):
-            _check_regex(self.exclude, "exclude")
-        for pattern in (*self.rank_pattern, *self.alpha_pattern, *self.slices):
-            _check_regex(pattern, "a pattern key")
+            check_regex(self.exclude, "exclude")
+        elif self.exclude is not None and not (isinstance(self.exclude, list)
+                                               and all(isinstance(t, str) and t for t in self.exclude)):
+            raise ConfigError(f"exclude must be None, a list of module names or a regex string; got {self.exclude!r}.")
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list) and all(
+                isinstance(t, str) and t for t in self.modules_to_save)):
+            raise ConfigError(f"modules_to_save must be None or a list of module names; got {self.modules_to_save!r}.")
+        for what in ("rank_pattern", "alpha_pattern", "slices"):
+            if not isinstance(getattr(self, what), dict):
+                raise ConfigError(f"{what} must be a dict {{module pattern: value}}; got {getattr(self, what)!r}.")
+        for what in ("rank_pattern", "alpha_pattern", "slices"):
+            for pattern in getattr(self, what):
+                check_regex(pattern, f"{what} key", suffix_rule=True)
+        for key, rank in self.rank_pattern.items():
+            _check_rank(rank, f"rank_pattern[{key!r}]")
+        for key, alpha in self.alpha_pattern.items():
+            _check_alpha(alpha, f"alpha_pattern[{key!r}]")
         for key, mask in self.slices.items():
-            if not mask or not all(isinstance(m, bool) for m in mask) or not any(mask):
+            if not isinstance(mask, list) or not all(isinstance(m, bool) for m in mask) or not any(mask):
                 raise ConfigError(
                     f"slices[{key!r}] must be a list of booleans with at least one True (one per fused "
                     f"projection, e.g. [True, False, True] for q and v of GPT-2's c_attn); got {mask!r}."
@@ -134,9 +154,17 @@ def scaling(alpha: float, r: int, rslora: bool) -> float:
 
 
 def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """The first key of `patterns` that matches module `name` by PEFT's suffix rule, or None."""
+    """The first key of `patterns` that matches module `name` by PEFT's suffix rule, or None.
+
+    The rule is `re.match(rf"(.*\\.)?({key})$", name)`; a key that is a plain (escaped) module path
+    is compared as text, which gives the same answer without running a regex.
+    """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        literal, compiled = _compiled(key)
+        if literal is not None:
+            if name == literal or name.endswith("." + literal):
+                return key
+        elif compiled.match(name):
             return key
     return None
 
@@ -144,8 +172,26 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
 def name_matches(spec: list[str] | str, name: str) -> bool:
     """PEFT's target rule: a string is a full-match regex; a list matches equal names or dotted suffixes."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return _compiled_full(spec).fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> tuple[str | None, re.Pattern | None]:
+    """(the text of a key with no regex operators, None) or (None, PEFT's suffix regex for the key)."""
+    parsed = _parser.parse(key)
+    if all(op is _parser.LITERAL for op, _ in parsed) and not parsed.state.flags & re.IGNORECASE:
+        return "".join(chr(c) for _, c in parsed), None
+    return None, re.compile(rf"(.*\.)?({key})$")
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_full(spec: str) -> re.Pattern:
+    return re.compile(spec)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_rank(r: Any, what: str) -> None:
@@ -153,8 +199,70 @@ def _check_rank(r: Any, what: str) -> None:
         raise ConfigError(f"{what} must be a positive integer, got {r!r}. Typical ranks are 4 to 64.")
 
 
-def _check_regex(pattern: str, what: str) -> None:
+#: the largest finite float32: a larger alpha makes the float32 update infinite
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_alpha(alpha: Any, what: str) -> None:
+    if not _is_number(alpha) or not 0 < alpha <= _FLOAT32_MAX:
+        raise ConfigError(f"{what} must be a positive finite number, got {alpha!r}. The usual choice is 2 * r.")
+
+
+#: variable-length repeats allowed in one pattern; the matcher's backtracking grows like (name length)^count
+MAX_REPEATS = 4
+
+
+def check_regex(pattern: Any, what: str, suffix_rule: bool = False) -> None:
+    """Refuse what is not a regular expression, and expressions whose matching can take exponential or
+    high-polynomial time (repeats inside repeats, alternatives inside repeats, backreferences, more than
+    MAX_REPEATS variable-length repeats): patterns may come from downloaded files. With `suffix_rule`
+    the pattern is checked as used by `pattern_key`, inside PEFT's `(.*\\.)?(...)$`.
+
+    Raises:
+        ConfigError: naming `what`, the pattern and the problem.
+    """
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} {pattern!r} must be a string (a regular expression).")
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        parsed = _parser.parse(rf"(.*\.)?({pattern})$" if suffix_rule else pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
         raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {exc}.") from exc
+    problem = _slow_construct(parsed, inside_repeat=False, counter=[0])
+    if problem:
+        raise ConfigError(f"{what} {pattern!r} is refused: it has {problem}, which can make matching take "
+                          "practically forever. Rewrite it without that, e.g. list the module names.")
+
+
+_REPEATS = tuple(getattr(_parser, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+                 if hasattr(_parser, op))
+
+
+def _slow_construct(items, inside_repeat: bool, counter: list[int]) -> str | None:
+    """A description of the first construct of a parsed pattern that can make backtracking blow up, or None."""
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, body = av
+            if low != high:
+                counter[0] += 1
+                if counter[0] > MAX_REPEATS:
+                    return f"more than {MAX_REPEATS} variable-length repeats"
+            if inside_repeat and low != high:
+                return "a repeat inside a repeat"
+            found = _slow_construct(body, inside_repeat or high > 1, counter)
+        elif op is _parser.BRANCH:
+            if inside_repeat:
+                return "alternatives inside a repeat"
+            found = next((f for b in av[1] if (f := _slow_construct(b, inside_repeat, counter))), None)
+        elif op is _parser.SUBPATTERN:
+            found = _slow_construct(av[-1], inside_repeat, counter)
+        elif op in (_parser.ASSERT, _parser.ASSERT_NOT):
+            found = _slow_construct(av[1], inside_repeat, counter)
+        elif op in (_parser.GROUPREF, _parser.GROUPREF_EXISTS):
+            return "a backreference"
+        elif op is getattr(_parser, "ATOMIC_GROUP", None):
+            found = _slow_construct(av, inside_repeat, counter)
+        else:
+            found = None
+        if found:
+            return found
+    return None

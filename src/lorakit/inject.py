@@ -130,7 +130,7 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     """
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"inject expects a lorakit.LoraConfig, got {type(cfg).__name__}.")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(f"Adapter name {name!r} must be letters, digits, '_' or '-' (it is used in file keys).")
     if name in configs(model):
         raise ConfigError(f"The model already has an adapter named {name!r}; pick another name, or "
@@ -230,6 +230,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.active = [n for n in layer.active if n != name]
     del configs(model)[name]
     model.__dict__["_lorakit_active"] = [n for n in active_adapters(model) if n != name]
+    from .io import restore_replaced  # io imports this module
+    restore_replaced(model, name)  # base parameters that loading `name` replaced (saved modules, biases)
 
 
 # -- which adapters act ------------------------------------------------------------------------------
@@ -442,10 +444,14 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
     for path, layer, drop, gone in plan:  # the end state of every weight, checked before anything changes
         add = [n for n in active if n in layer.adapters]
         layer.rewrite(drop=drop, drop_residuals=gone, add=add, module_name=path, dry_run=True)
+    from .io import restore_replaced  # io imports this module
     if merge:
         _merge_active(model)
+        model.__dict__.pop("_lorakit_replaced", None)  # the adapters' saved modules and biases stay
     for path, layer, drop, gone in plan:
         layer.rewrite(drop=drop, drop_residuals=gone, module_name=path)
+    if not merge:
+        restore_replaced(model)
     remove_producers(model)
     ungroup(model)
     for path, layer in list(lora_layers(model)):

@@ -3,9 +3,14 @@
 A saved adapter is a directory with `adapter_config.json` and `adapter_model.safetensors`,
 tensor keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (embeddings:
 `lora_embedding_A` / `lora_embedding_B`), exactly as PEFT writes them, so PEFT, vLLM and
-friends read lorakit's adapters and lorakit reads theirs. lorakit adds one field to the
-entry to the safetensors header's metadata, "lorakit", with a fingerprint of the base (adapted
-module paths and weight shapes) and the slice masks of fused projections; PEFT ignores it.
+friends read lorakit's adapters and lorakit reads theirs. lorakit adds one entry to the
+safetensors header's metadata, "lorakit", with a fingerprint of the base (adapted module paths and
+weight shapes), the slice masks of fused projections and a copy of the config fields that decide the
+scale (so a config from another save is refused); PEFT ignores it.
+
+Loading treats files as untrusted data: every value is checked before the model is touched, regex
+patterns that could backtrack for ages are refused, and whatever goes wrong becomes an AdapterFileError
+naming the file, with the model left as it was.
 
 Nothing is unpickled: safetensors files are plain data, and `.bin`/`.pt` files go through
 `torch.load(weights_only=True)`, which refuses to run code.
@@ -14,11 +19,16 @@ Nothing is unpickled: safetensors files are plain data, and `.bin`/`.pt` files g
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
+import glob
 import json
 import math
 import os
 import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,10 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig
+from .config import LoraConfig, scaling
 from .errors import AdapterFileError, ConfigError, LoraError, ShapeMismatchError
-from .inject import _require, configs, inject, lora_layers, saved_module_paths
-from .layers import LoraEmbedding, LoraLayer
+from .fusion import group_siblings, remove_producers, ungroup
+from .inject import _NAME_RE, _require, configs, inject, lora_layers, saved_module_paths
+from .layers import LoraEmbedding, LoraLayer, is_linear_like, supported
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -129,6 +140,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
                    if convert else cfg).to_dict(),
         "base_fingerprint": {"model_class": type(model).__name__, "modules": fingerprint},
         "slices": slices,
+        "adapter_config": {key: peft_config[key] for key in PAIRED_FIELDS},
     }
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, peft_config, meta
 
@@ -141,46 +153,165 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     file loads like any other (see `adapter_state_dict`); `pissa_as_lora=False` writes the rank-r
     factors as trained, marked init_lora_weights "pissa".
 
-    Each file is written to a temporary file in the same directory and renamed into place, so an
-    interrupted save never leaves a half-written adapter behind: the old file, or the new one.
+
+    A save killed at any point leaves the old pair of files or the new pair. Where `path` is new or
+    holds nothing but an adapter, both files are written and flushed to disk in a fresh hidden directory
+    beside it, which then takes its place in one atomic exchange (Linux's renameat2; elsewhere two
+    renames, between which `path` is briefly absent and the old adapter sits in `.<name>.old-*`, put back
+    by the next save). A directory that holds other files too is updated in place: both files are
+    written in full first, then renamed in, weights first; a kill between those two renames leaves the
+    new weights beside the old config, and `load_adapter` refuses that mix (the weights' header holds a
+    copy of the config fields that decide the scale, PAIRED_FIELDS). The next save into the same place
+    removes what killed saves left behind, so two processes must not save to one path at once.
 
     Raises:
         AdapterNotFoundError: the model has no adapter `name`.
-        AdapterFileError: the directory cannot be created or written.
+        AdapterFileError: the directory cannot be created or written (e.g. the disk is full).
     """
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
+    from safetensors.torch import save
 
     tensors, peft_config, meta = adapter_state_dict(model, name, pissa_as_lora)
+    # Shared storage (tied weights) is not allowed by safetensors: give each tensor its own.
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        if t.untyped_storage().data_ptr() in seen:
+            tensors[key] = t.clone()
+        seen.add(tensors[key].untyped_storage().data_ptr())
     out = Path(path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        # Shared storage (tied weights) is not allowed by safetensors: give each tensor its own.
-        seen: set[int] = set()
-        for key, t in tensors.items():
-            if t.untyped_storage().data_ptr() in seen:
-                tensors[key] = t.clone()
-            seen.add(tensors[key].untyped_storage().data_ptr())
-        atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt", "lorakit": json.dumps(meta)}))
-        text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-        atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(text))
-    except OSError as exc:
-        raise AdapterFileError(f"Could not write the adapter to {out}: {exc}. Pick a writable directory.") from exc
+        # Serialized here and written by us: safetensors' save_file would leave temp files of its own when killed.
+        files = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt", "lorakit": json.dumps(meta)}),
+                 CONFIG_NAME: (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()}
+        if out.name in ("", ".", "..") or out.is_symlink() or (out.is_dir() and not _holds_only_an_adapter(out)):
+            _save_in_place(out, files)
+        else:
+            _save_by_swap(out, files)
+    except (OSError, SafetensorError) as exc:
+        raise AdapterFileError(f"Could not write the adapter to {out}: {exc}. Pick a writable directory with "
+                               "free space.") from exc
     return out
 
 
+def _holds_only_an_adapter(directory: Path) -> bool:
+    return all(f.name in (WEIGHTS_NAME, CONFIG_NAME) or _is_temp_file(f.name) for f in directory.iterdir())
+
+
+def _is_temp_file(name: str) -> bool:
+    return any(name.startswith(f".{target}.") and name.endswith(".tmp") for target in (WEIGHTS_NAME, CONFIG_NAME))
+
+
+def _save_in_place(out: Path, files: dict[str, bytes]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    with contextlib.ExitStack() as stack:
+        temps = {name: stack.enter_context(_temp_file(out / name, lambda f, b=data: Path(f).write_bytes(b)))
+                 for name, data in files.items()}
+        for name, tmp in temps.items():  # weights first: see save_adapter
+            os.replace(tmp, out / name)
+    fsync_directory(out)
+
+
+def _save_by_swap(out: Path, files: dict[str, bytes]) -> None:
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _clear_swap_leftovers(out)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=parent))
+    try:
+        for name, data in files.items():
+            with open(new / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_directory(new)
+        if not out.exists():
+            os.rename(new, out)
+        elif not _exchange(new, out):
+            old = parent / new.name.replace(".new-", ".old-", 1)
+            os.rename(out, old)
+            try:
+                os.rename(new, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            new = old
+        fsync_directory(parent)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # the old adapter after a swap; a partial new one after a failure
+
+
+def _clear_swap_leftovers(out: Path) -> None:
+    """Remove the hidden directories of saves to `out` that were killed; if one was killed while `out`
+    was moved aside, put the old adapter back first."""
+    stem = glob.escape(f".{out.name}.")
+    olds = sorted(out.parent.glob(stem + "old-*"))
+    if olds and not out.exists():
+        os.rename(olds.pop(), out)
+    for leftover in [*olds, *out.parent.glob(stem + "new-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # the file system cannot exchange
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_write(target: Path, write) -> None:
-    """Call write(tmp_path) on a temp file beside `target`, fsync it, then rename it over `target`."""
+    """Call write(tmp_path) on a temp file beside `target`, fsync it, rename it over `target`, fsync the folder."""
+    with _temp_file(target, write) as tmp:
+        os.replace(tmp, target)
+    fsync_directory(target.parent)
+
+
+@contextlib.contextmanager
+def _temp_file(target: Path, write):
+    """A temp file beside `target` (hidden, named after it), written by write(path) and flushed to disk;
+    removed on the way out unless it was renamed away."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
+        yield tmp
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Remove the temp files that a killed in-place save_adapter left in `directory`."""
+    for stale in directory.iterdir():
+        if _is_temp_file(stale.name):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush `directory`'s entries (the renames into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows, where a directory cannot be opened; its renames are durable by themselves
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not flush directories
+    finally:
+        os.close(fd)
 
 
 # -- load ---------------------------------------------------------------------------------------------
@@ -195,25 +326,92 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     pass `alpha=` (the lora_alpha used in training). For loralib's fused MergedLinear layers the
     enabled slices are inferred (q and v for three fused projections) or given by `slices=`.
 
+    Only what the config declares is loaded: LoRA tensors, the modules in `modules_to_save`, and
+    biases when `bias` is "all" or "lora_only". Base parameters an adapter replaces this way are
+    remembered, and `delete_adapter` / `eject(merge=False)` put them back. A loralib checkpoint has no
+    config: every tensor in it that names a parameter of the model is loaded (its classification head,
+    biases), except the frozen weight of a module it adapts. Everything is checked (config values,
+    header metadata, shapes, dtypes, finiteness) before the model is touched, and if anything still
+    fails while installing, the model is put back exactly as it was. With `check_base=False` the
+    checks against what the file records of its origin are skipped: the fingerprint of the base model
+    and the copy of the config in the weights' header.
+
     Raises:
-        AdapterFileError: missing, empty, truncated or corrupt files; malformed config.
+        AdapterFileError: missing, empty, truncated, corrupt or malformed files, values of the wrong
+            type, non-finite tensors, tensors the config does not declare, a config that disagrees with
+            the copy in the weights' header; anything else that goes wrong reading a file.
         ShapeMismatchError: the adapter was made for another base (names the first module that
             differs and both shapes).
-        ConfigError: `name` is taken, or alpha is missing for a loralib file.
+        ConfigError: `name` is taken or not a plain name, alpha is missing for a loralib file, or an
+            argument has the wrong type.
     """
+    _check_arguments(model, path, name, alpha, slices, check_base)
     p = Path(path)
     if p.is_dir():
-        return _load_peft_dir(model, p, name, check_base)
-    if p.is_file():
-        if p.suffix == ".safetensors":
-            return _load_peft_dir(model, p.parent, name, check_base, weights=p)
-        return _load_loralib(model, p, name, alpha, slices)
-    raise AdapterFileError(f"No adapter at {p}: the path does not exist. Give the directory that holds "
-                           f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a loralib .pt/.bin file.")
+        source, read = p, lambda: _plan_peft_dir(model, p, check_base)
+    elif p.is_file() and p.suffix == ".safetensors":
+        source, read = p, lambda: _plan_peft_dir(model, p.parent, check_base, weights=p)
+    elif p.is_file():
+        source, read = p, lambda: _plan_loralib(model, p, alpha, slices)
+    else:
+        aside = sorted(p.parent.glob(glob.escape(f".{p.name}.") + "old-*")) if p.name else []
+        hint = (f" A save_adapter to it was killed while the previous adapter was moved aside: it is in {aside[-1]};"
+                f" rename that back to {p.name}, or save again.") if aside else ""
+        raise AdapterFileError(f"No adapter at {p}: the path does not exist. Give the directory that holds "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a loralib .pt/.bin file.{hint}")
+    if name in configs(model):
+        raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
+    try:
+        plan = read()
+    except LoraError:
+        raise
+    except Exception as exc:  # whatever else a damaged or hostile file provokes
+        raise AdapterFileError(f"{source} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                               "damaged or not an adapter. Re-save or re-download it.") from exc
+    _install(model, name, plan)
+    return model
+
+
+def _check_arguments(model: Any, path: Any, name: Any, alpha: Any, slices: Any, check_base: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"load_adapter expects a torch.nn.Module as model, got {type(model).__name__}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"load_adapter expects the adapter's path as a str or os.PathLike (a directory, or a "
+                          f"loralib .pt/.bin file), got {path!r}.")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"Adapter name {name!r} must be letters, digits, '_' or '-' (it is used in file keys).")
+    if alpha is not None and not (_finite_number(alpha) and alpha > 0):
+        raise ConfigError(f"alpha must be a positive number (the lora_alpha used in training), got {alpha!r}.")
+    if slices is not None and not _mask(slices):
+        raise ConfigError(f"slices must be a list of booleans with at least one True, e.g. [True, False, True]; "
+                          f"got {slices!r}.")
+    if not isinstance(check_base, bool):
+        raise ConfigError(f"check_base must be True or False, got {check_base!r}.")
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _mask(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(m, bool) for m in x) and any(x)
+
+
+#: adapter_config.json fields that decide what a load computes: save_adapter copies them into the
+#: safetensors header, and load_adapter refuses a config that disagrees with that copy.
+PAIRED_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "modules_to_save")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
-    """adapter_config.json as a dict, checked for the fields lorakit needs."""
+    """adapter_config.json as a dict, checked as data: every field lorakit reads has the right JSON type and
+    a valid value (positive integer ranks, positive finite alphas, booleans that are JSON booleans, safe
+    pattern keys).
+
+    Raises:
+        AdapterFileError: the file is missing, not JSON, or a field is wrong (named with its value).
+    """
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         listing = sorted(x.name for x in directory.iterdir())[:10]
@@ -222,47 +420,110 @@ def read_config(directory: Path) -> dict[str, Any]:
             "Point load_adapter at the directory that save_adapter / PEFT's save_pretrained wrote.")
     try:
         data = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON ({exc}); the file is damaged. "
-                               "Re-save the adapter.") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise AdapterFileError(f"{cfg_path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); the file "
+                               "is damaged. Re-save the adapter.") from exc
     if not isinstance(data, dict):
         raise AdapterFileError(f"{cfg_path} must hold a JSON object, found {type(data).__name__}.")
+
+    def bad(key: str, want: str) -> AdapterFileError:
+        return AdapterFileError(f"{cfg_path}: field {key!r} must be {want}, found {data.get(key)!r}. Fix the "
+                                "file or re-save the adapter.")
+
     if data.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{cfg_path} describes a {data.get('peft_type')} adapter; lorakit loads LoRA only.")
-    for key in ("r", "lora_alpha"):
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterFileError(f"{cfg_path}: field {key!r} must be a positive number, found {value!r}.")
+        raise AdapterFileError(f"{cfg_path} describes a {data.get('peft_type')!r} adapter; lorakit loads LoRA only.")
+    r = data.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise bad("r", "a positive integer")
+    if not (_finite_number(data.get("lora_alpha")) and data["lora_alpha"] > 0):
+        raise bad("lora_alpha", "a positive finite number")
+    for key in ("use_rslora", "use_dora", "lora_bias"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise bad(key, "true or false (a JSON boolean)")
+    dropout = data.get("lora_dropout")
+    if dropout is not None and not (_finite_number(dropout) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    if data.get("bias") is not None and data["bias"] not in ("none", "all", "lora_only"):
+        raise bad("bias", 'one of "none", "all", "lora_only"')
+    saved = data.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        raise bad("modules_to_save", "null or a list of module names")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise bad(key, "an object {module pattern: value}")
     if data.get("use_dora"):
         raise AdapterFileError(f"{cfg_path} is a DoRA adapter (use_dora=true); lorakit does not load DoRA yet.")
     if data.get("lora_bias"):
         raise AdapterFileError(f"{cfg_path} has lora_bias=true (a bias on B); lorakit does not support that yet.")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(data.get(key) or {}, dict):
-            raise AdapterFileError(f"{cfg_path}: field {key!r} must be an object, found {data.get(key)!r}.")
+    try:  # the patterns' keys and values, checked as LoraConfig checks a user's
+        _file_config(data)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{cfg_path}: {exc}") from exc
     return data
+
+
+def _file_config(data: dict[str, Any]) -> LoraConfig:
+    """The scale-deciding fields of a checked adapter_config.json dict as a LoraConfig (targets unused)."""
+    return LoraConfig(r=data["r"], alpha=data["lora_alpha"], rslora=bool(data.get("use_rslora")), targets=["_"],
+                      rank_pattern=dict(data.get("rank_pattern") or {}),
+                      alpha_pattern=dict(data.get("alpha_pattern") or {}))
 
 
 def read_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors of an adapter weights file (safetensors, or PEFT's old .bin read without pickle code),
-    and lorakit's metadata from the safetensors header ({} when absent)."""
+    and lorakit's metadata from the safetensors header ({} when absent), checked as data.
+
+    Raises:
+        AdapterFileError: the file is missing, truncated, corrupt, or its metadata is malformed.
+    """
     if not file.is_file():
         raise AdapterFileError(f"{file} is missing: the adapter directory has a config but no weights.")
     if file.suffix != ".safetensors":
         return _torch_load_safely(file), {}
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
     try:
         with safe_open(str(file), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # SafetensorError, OSError, and whatever a damaged header provokes
         raise AdapterFileError(
             f"{file} is truncated or corrupt ({exc}). Re-save or re-download the adapter.") from exc
+    if "lorakit" not in header:
+        return tensors, {}
     try:
-        meta = json.loads(header.get("lorakit", "{}"))
-    except json.JSONDecodeError:
-        meta = {}
-    return tensors, meta if isinstance(meta, dict) else {}
+        meta = json.loads(header["lorakit"])
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFileError(f"{file}: lorakit's metadata in the safetensors header is not valid JSON "
+                               f"({type(exc).__name__}); the file is damaged. Re-save the adapter.") from exc
+    _check_meta(meta, file)
+    return tensors, meta
+
+
+def _check_meta(meta: Any, file: Path) -> None:
+    def bad(what: str) -> AdapterFileError:
+        return AdapterFileError(f"{file}: lorakit's metadata in the safetensors header is malformed ({what}); the "
+                                "file is damaged. Re-save the adapter.")
+
+    if not isinstance(meta, dict):
+        raise bad(f"a {type(meta).__name__}, not an object")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise bad(f"format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(f"{file} was written by a newer lorakit (format {version}; this one reads "
+                               f"{FORMAT_VERSION}). Upgrade lorakit.")
+    fingerprint = meta.get("base_fingerprint")
+    if fingerprint is not None:
+        modules = fingerprint.get("modules", {}) if isinstance(fingerprint, dict) else None
+        if not isinstance(modules, dict) or not all(
+                isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+                for shape in modules.values()):
+            raise bad(f"base_fingerprint {str(fingerprint)[:100]}")
+    slices = meta.get("slices", {})
+    if not isinstance(slices, dict) or not all(_mask(mask) for mask in slices.values()):
+        raise bad(f"slices {str(slices)[:100]}")
+    if not isinstance(meta.get("adapter_config", {}), dict):
+        raise bad(f"adapter_config {str(meta['adapter_config'])[:100]}")
 
 
 def _torch_load_safely(file: Path) -> dict[str, Tensor]:
@@ -275,52 +536,89 @@ def _torch_load_safely(file: Path) -> dict[str, Tensor]:
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
-    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
-        raise AdapterFileError(f"{file} does not hold a dict of tensors.")
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()):
+        raise AdapterFileError(f"{file} does not hold a dict of tensors under string keys.")
     return dict(data)
 
 
-def _load_peft_dir(model: nn.Module, directory: Path, name: str, check_base: bool,
-                   weights: Path | None = None) -> nn.Module:
+class _Module:
+    """What one adapted module receives: A, B in the adapter's own layout, rank, alpha, slice mask."""
+
+    def __init__(self, A: Tensor, B: Tensor, r: int, alpha: float, slices: list[bool] | None) -> None:
+        self.A, self.B, self.r, self.alpha, self.slices = A, B, r, alpha, slices
+
+
+class _Plan:
+    """A checked adapter, ready to install: nothing in it can fail against the model it was planned for."""
+
+    def __init__(self, source: str, modules: dict[str, _Module], rslora: bool, dropout: float, bias: str,
+                 modules_to_save: list[str] | None, extra: dict[str, Tensor], init: str = "zeros") -> None:
+        self.source, self.modules, self.rslora, self.dropout = source, modules, rslora, dropout
+        self.bias, self.modules_to_save, self.extra, self.init = bias, modules_to_save, extra, init
+
+
+def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights: Path | None = None) -> _Plan:
     data = read_config(directory)
     if weights is None:
         weights = directory / WEIGHTS_NAME
         if not weights.exists() and (directory / "adapter_model.bin").exists():
             weights = directory / "adapter_model.bin"
     tensors, meta = read_weights(weights)
-    if check_base and meta.get("base_fingerprint"):
-        check_fingerprint(model, meta["base_fingerprint"], directory)
+    if check_base:
+        _check_pair(data, meta.get("adapter_config"), directory / CONFIG_NAME, weights)
+        if meta.get("base_fingerprint"):
+            check_fingerprint(model, meta["base_fingerprint"], directory)
     pairs, extra = _split_keys(tensors, weights)
     if not pairs:
         raise AdapterFileError(f"{weights} holds no LoRA tensors (no *.lora_A / *.lora_B keys).")
-    rslora = bool(data.get("use_rslora", False))
-    rank_pattern, alpha_pattern = data.get("rank_pattern") or {}, data.get("alpha_pattern") or {}
-    file_cfg = LoraConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), rslora=rslora,
-                          rank_pattern={k: int(v) for k, v in rank_pattern.items()},
-                          alpha_pattern={k: float(v) for k, v in alpha_pattern.items()}, targets=["_"])
-    alphas = {p: file_cfg.alpha_for(p) for p in pairs}
-    dropout = float(data.get("lora_dropout") or 0.0)
+    file_cfg = _file_config(data)
+    rslora = file_cfg.rslora
     saved_slices = meta.get("slices") or {}
+    modules = {}
+    for path, entry in pairs.items():
+        modules[path] = _plan_module(model, path, entry, file_cfg.alpha_for(path), rslora, saved_slices.get(path),
+                                     str(weights), rank=file_cfg.rank_for(path))
+    bias = data.get("bias") or "none"
     modules_to_save = data.get("modules_to_save") or None
-    bias = data.get("bias", "none") if data.get("bias") in ("none", "all", "lora_only") else "none"
     # PiSSA factors as trained (save_adapter(pissa_as_lora=False), PEFT's default): the loaded base is the
     # original one, so the PiSSA initialization is done again to make its residual, and then the factors loaded
     init = "pissa" if str(data.get("init_lora_weights")).lower().startswith("pissa") else "zeros"
-    return _install(model, name, pairs, alphas, rslora, dropout, saved_slices, extra, bias,
-                    modules_to_save, str(weights), init)
+    declared = _declared_parameters(model, modules, bias, modules_to_save, str(weights))
+    for key in extra:
+        if key not in declared:
+            raise AdapterFileError(
+                f"{weights} holds tensor {key!r}, which {CONFIG_NAME} does not declare (it is no LoRA tensor, no "
+                f"module in modules_to_save={modules_to_save} and bias={bias!r} loads no bias). lorakit loads "
+                "only what the config declares: remove the tensor, or declare the module in modules_to_save.")
+    _check_extra(model, extra, str(weights))
+    return _Plan(str(weights), modules, rslora, float(data.get("lora_dropout") or 0.0), bias, modules_to_save, extra,
+                 init)
 
 
-def _split_keys(tensors: dict[str, Tensor], file: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+def _check_pair(data: dict[str, Any], copy: dict[str, Any] | None, config: Path, weights: Path) -> None:
+    """Refuse a config whose scale-deciding fields differ from the copy that save_adapter put in the header."""
+    if copy is None:
+        return  # written by PEFT, or by an older lorakit
+    for key in PAIRED_FIELDS:
+        if data.get(key) != copy.get(key):
+            raise AdapterFileError(
+                f"{config} does not belong with {weights}: {key!r} is {data.get(key)!r} in the config but "
+                f"{copy.get(key)!r} in the copy saved with the weights. The folder mixes two saves (an interrupted "
+                "save_adapter?) or the config was edited: save the adapter again, or pass check_base=False to "
+                "load the config as it is.")
+
+
+def _split_keys(tensors: dict[str, Tensor], file: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
     """{module path: {"A": A, "B": B, "embedding": bool}} and the other tensors (biases, saved modules)."""
     pairs: dict[str, dict[str, Any]] = {}
     extra: dict[str, Tensor] = {}
-    pattern = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                         r"(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
+    pattern = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                         r"(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?")
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if "lora_magnitude_vector" in k:
             raise AdapterFileError(f"{file} holds DoRA magnitudes ({key}); lorakit does not load DoRA yet.")
-        m = pattern.match(k)
+        m = pattern.fullmatch(k)
         if m is None:
             extra[k.replace(".modules_to_save.", ".")] = t
             continue
@@ -346,61 +644,227 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
                 f"which this {type(model).__name__} does not have. It belongs to another architecture "
                 f"({fingerprint.get('model_class', 'unknown')}); load it into that base model.") from None
         weight = getattr(module, "weight", None)
-        if weight is None or list(weight.shape) != list(shape):
-            got = tuple(weight.shape) if weight is not None else None
+        if not isinstance(weight, Tensor) or list(weight.shape) != list(shape):
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else None
             raise ShapeMismatchError(
                 f"The adapter at {source} does not fit this model: module {path!r} has weight shape {got} here "
                 f"but {tuple(shape)} in the base the adapter was trained on. Load it into the same base model "
                 "(same size and architecture).")
 
 
-def _install(model: nn.Module, name: str, pairs: dict[str, dict[str, Any]], alphas: dict[str, float],
-             rslora: bool, dropout: float, saved_slices: dict[str, list[bool]], extra: dict[str, Tensor],
-             bias: str, modules_to_save: list[str] | None, source: str, init: str = "zeros") -> nn.Module:
-    """Create adapter `name` on exactly the modules in `pairs` and copy the tensors in."""
-    if name in configs(model):
-        raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
-    plan = {}
-    for path, entry in pairs.items():
-        A, B = entry["A"], entry["B"]
+def _plan_module(model: nn.Module, path: str, entry: dict[str, Any], alpha: float, rslora: bool,
+                 mask: list[bool] | None, source: str, rank: int | None) -> _Module:
+    """Check one module's A and B against the model and turn them into the adapter's layout.
+
+    A sliced adapter is stored full-width: A (k*r, in) and B (out, k*r) with zero blocks where a slice is
+    left out. `rank` is the rank that a PEFT config gives the module (the stored k*r), whose alpha was
+    chosen to keep the scale at that rank; None for loralib files, whose alpha is for one slice's rank.
+    """
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ShapeMismatchError(
+            f"{source} adapts module {path!r}, which this {type(model).__name__} does not have; the adapter "
+            "was trained on another architecture.") from None
+    base = module._base if isinstance(module, LoraLayer) else module
+    if not (isinstance(module, LoraLayer) or supported(base)):
+        raise ShapeMismatchError(f"{source} adapts module {path!r}, a {type(base).__name__}, which LoRA cannot adapt "
+                                 "here; the adapter was trained on another architecture.")
+    if entry["embedding"] != isinstance(base, nn.Embedding):
+        raise ShapeMismatchError(f"{source}: module {path!r} is a {type(base).__name__} here but the adapter "
+                                 f"holds {'embedding' if entry['embedding'] else 'linear'} LoRA tensors for it.")
+    w = module.weight
+    A = _checked_tensor(entry["A"], f"{path} lora_A", source, w.dtype)
+    B = _checked_tensor(entry["B"], f"{path} lora_B", source, w.dtype)
+    kernel: tuple[int, ...] = ()
+    if type(base).__name__ == "Conv1D":
+        n_in, n_out = w.shape[0], w.shape[1]
+    elif isinstance(base, nn.Embedding):
+        n_in, n_out = w.shape
+    else:
+        n_out, n_in, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    rows = A.shape[0] if A.ndim else 0
+    shapes_ok = A.ndim >= 2 and B.ndim >= 2 and rows > 0 and A.shape[1] == n_in and B.shape[0] == n_out \
+        and B.shape[1] == rows
+    if kernel:  # convolutions: A (r, in, *kernel), B (out, r, 1, ...)
+        shapes_ok = shapes_ok and tuple(A.shape) == (rows, n_in, *kernel) and tuple(B.shape) == (
+            n_out, rows, *(1,) * len(kernel))
+    elif shapes_ok:
+        shapes_ok = A.ndim == 2 and B.ndim == 2
+    if not shapes_ok:
+        raise ShapeMismatchError(
+            f"{source}: module {path!r} has weight shape {tuple(w.shape)} (in={n_in}, out={n_out}) here, but the "
+            f"adapter's lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; they need A (r, {n_in}) and "
+            f"B ({n_out}, r) with r >= 1. The adapter belongs to another base model, or the file is damaged.")
+    if rank is not None and rows != rank:
+        raise AdapterFileError(
+            f"{source}: module {path!r} has rank {rows} (rows of lora_A) but {CONFIG_NAME} gives it r={rank}; the "
+            "config and the weights do not belong together. Re-save the adapter.")
+    r = rows
+    if mask is not None:
+        k = sum(mask)
+        if kernel or isinstance(base, nn.Embedding) or n_out % len(mask) or rows % k:
+            raise AdapterFileError(f"{source}: slices {mask} do not fit module {path!r} (output {n_out}, lora_A "
+                                   f"{tuple(A.shape)}); the metadata does not belong to these weights.")
+        r = rows // k
+        full_B = B
+        B = _unslice_B(full_B, mask, r)
+        if not torch.equal(_slice_to_full(B, mask, r, n_out), full_B):
+            raise AdapterFileError(
+                f"{source}: slices {mask} of module {path!r} would drop non-zero entries of lora_B (only the blocks "
+                "of enabled slices may be non-zero); the metadata does not belong to these weights.")
+        if rank is not None:  # the file's alpha' keeps the scale at rank k*r: alpha'/f(k*r) == alpha/f(r)
+            alpha = alpha / (math.sqrt(k) if rslora else k)
+    scale = scaling(alpha, r, rslora)
+    bound = scale * rows * float(A.abs().max()) * float(B.abs().max())
+    if not math.isfinite(scale) or (bound > _FLOAT32_MAX and not torch.isfinite(
+            scale * (entry["B"].double().flatten(1) @ entry["A"].double().flatten(1))).all()):
+        raise AdapterFileError(f"{source}: the update of module {path!r} (scale {scale:g} times B @ A) overflows; "
+                               "the adapter is broken.")
+    return _Module(A, B, r, float(alpha), mask)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _checked_tensor(t: Tensor, what: str, source: str, dtype: torch.dtype) -> Tensor:
+    """`t` if it is a finite floating-point tensor that stays finite in `dtype` (the model's)."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise AdapterFileError(f"{source}: {what} is {t.dtype}; adapter tensors must be floating point (float32, "
+                               "float16, bfloat16 or float64). The file is damaged or not an adapter.")
+    if not torch.isfinite(t).all():
+        raise AdapterFileError(f"{source}: {what} holds NaN or inf; the adapter is broken (diverged training?).")
+    if not torch.isfinite(t.to(dtype)).all():
+        raise AdapterFileError(f"{source}: {what} holds values too large for this model's {dtype}.")
+    return t
+
+
+def _declared_parameters(model: nn.Module, modules: dict[str, _Module], bias: str,
+                         modules_to_save: list[str] | None, source: str) -> set[str]:
+    """Names of the model's parameters that an adapter with this config may carry besides A and B."""
+    declared: set[str] = set()
+    if modules_to_save:
+        cfg = LoraConfig(targets=["_"], modules_to_save=modules_to_save)
         try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ShapeMismatchError(
-                f"{source} adapts module {path!r}, which this {type(model).__name__} does not have; the adapter "
-                "was trained on another architecture.") from None
-        sl = saved_slices.get(path)
-        r = A.shape[0] // sum(sl) if sl else A.shape[0]
-        _check_shapes(module, path, A, B, entry["embedding"], sl, source)
-        plan[path] = (r, sl)
-    ranks = {re.escape(p): r for p, (r, _) in plan.items()}
-    alpha_map = {re.escape(p): alphas[p] * (1 if not plan[p][1] else _slice_alpha_factor(plan[p], rslora))
-                 for p in plan}
-    sl_map = {re.escape(p): sl for p, (_, sl) in plan.items() if sl}
-    first = next(iter(plan))
+            paths = saved_module_paths(model, cfg)
+        except LoraError as exc:
+            raise ShapeMismatchError(f"{source}: {exc} The adapter belongs to another architecture.") from None
+        for mpath in paths:
+            if mpath in modules or any(p.startswith(mpath + ".") for p in modules):
+                raise AdapterFileError(f"{source}: module {mpath!r} is both adapted with LoRA and in modules_to_save; "
+                                       "the config is inconsistent.")
+            declared |= {f"{mpath}.{n}" for n, _ in model.get_submodule(mpath).named_parameters()
+                         if ".adapters." not in f".{n}"}
+    if bias == "all":
+        declared |= {n for n, _ in model.named_parameters() if n.endswith("bias") and ".adapters." not in n}
+    elif bias == "lora_only":
+        declared |= {f"{path}.bias" for path in modules}
+    return declared
+
+
+def _check_extra(model: nn.Module, extra: dict[str, Tensor], source: str) -> None:
+    """Biases and saved-module weights must name a parameter of the model, of its shape, finite."""
+    params = dict(model.named_parameters())
+    for key, t in extra.items():
+        p = params.get(key)
+        if p is None:
+            raise ShapeMismatchError(f"{source} holds tensor {key!r}, which this {type(model).__name__} has no "
+                                     "parameter for; the adapter belongs to another architecture.")
+        if p.shape != t.shape:
+            raise ShapeMismatchError(f"{source}: {key!r} has shape {tuple(t.shape)} in the adapter but "
+                                     f"{tuple(p.shape)} here (e.g. another number of labels).")
+        _checked_tensor(t, repr(key), source, p.dtype)
+
+
+def _install(model: nn.Module, name: str, plan: _Plan) -> None:
+    """Create adapter `name` on exactly the planned modules, copy the tensors in, and remember the base
+    parameters it replaces. If anything fails, the model is put back as it was."""
+    esc = {path: re.escape(path) for path in plan.modules}
+    first = next(iter(plan.modules.values()))
     cfg = LoraConfig(
-        r=plan[first][0], alpha=alpha_map[re.escape(first)], dropout=dropout,
-        targets="|".join(re.escape(p) for p in plan), init=init, rslora=rslora, bias=bias,
-        rank_pattern=ranks, alpha_pattern=alpha_map, slices=sl_map, modules_to_save=modules_to_save)
-    inject(model, cfg, name)
-    with torch.no_grad():
-        for path, entry in pairs.items():
-            layer = model.get_submodule(path)
-            a = layer.adapters[name]
-            A, B = entry["A"], entry["B"]
-            if a.slices is not None:
-                B = _unslice_B(B, a.slices, a.r)
-            a.lora_A.copy_(A.reshape(a.lora_A.shape))
-            a.lora_B.copy_(B.reshape(a.lora_B.shape))
-        _load_extra(model, extra, source)
-    return model
+        r=first.r, alpha=first.alpha, dropout=plan.dropout, targets="|".join(esc.values()), init=plan.init,
+        rslora=plan.rslora, bias=plan.bias, rank_pattern={esc[p]: m.r for p, m in plan.modules.items()},
+        alpha_pattern={esc[p]: m.alpha for p, m in plan.modules.items()},
+        slices={esc[p]: m.slices for p, m in plan.modules.items() if m.slices},
+        modules_to_save=plan.modules_to_save)
+    params = dict(model.named_parameters())
+    replaced = {key: params[key].detach().clone() for key in plan.extra}
+    undo = _Undo(model)
+    try:
+        inject(model, cfg, name)
+        with torch.no_grad():
+            for path, m in plan.modules.items():
+                a = model.get_submodule(path).adapters[name]
+                a.lora_A.copy_(m.A.reshape(a.lora_A.shape))
+                a.lora_B.copy_(m.B.reshape(a.lora_B.shape))
+            for key, t in plan.extra.items():
+                params[key].copy_(t)
+    except BaseException as exc:
+        undo(name, replaced)
+        if isinstance(exc, LoraError) or not isinstance(exc, Exception):
+            raise
+        raise AdapterFileError(f"{plan.source} could not be installed ({type(exc).__name__}: {str(exc)[:200]}); "
+                               "the model is unchanged.") from exc
+    if replaced:
+        model.__dict__.setdefault("_lorakit_replaced", {})[name] = replaced
 
 
-def _slice_alpha_factor(plan_entry: tuple[int, list[bool]], rslora: bool) -> float:
-    """The file stores a sliced adapter as rank k*r with alpha' chosen to keep the scale: undo that."""
-    r, sl = plan_entry
-    k = sum(sl)
-    return 1 / math.sqrt(k) if rslora else 1 / k
+class _Undo:
+    """What a load changes on a model, taken before it: called, it puts the model back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.wrapped = {path for path, _ in lora_layers(model)}
+        self.layer_active = {path: list(layer.active) for path, layer in lora_layers(model)}
+        self.state = {k: model.__dict__[k] for k in ("_lorakit_active", "_lorakit_configs") if k in model.__dict__}
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+
+    def __call__(self, name: str, replaced: dict[str, Tensor]) -> None:
+        model = self.model
+        for path, layer in list(lora_layers(model)):
+            if name in layer.adapters:
+                del layer.adapters[name]
+            if path in self.wrapped:
+                layer.active = self.layer_active[path]
+            else:  # wrapped by this load: give the module back its own place
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, layer.unwrap())
+        configs(model).pop(name, None)
+        for key in ("_lorakit_active", "_lorakit_configs"):
+            model.__dict__.pop(key, None)
+        model.__dict__.update(self.state)  # set_adapter replaced the active list, so this is the old one
+        ungroup(model)
+        if self.wrapped:
+            group_siblings(model)
+        else:
+            remove_producers(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in replaced.items():
+                params[key].copy_(value)
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+
+
+def restore_replaced(model: nn.Module, name: str | None = None) -> None:
+    """Put back the base parameters (saved modules, trained biases) that loading adapter `name` (default:
+    every loaded adapter) replaced. Where a later-loaded adapter replaced the same parameter, it is left
+    alone, and the value the later adapter will put back becomes the one from before `name`."""
+    record = model.__dict__.get("_lorakit_replaced", {})
+    order = list(record)
+    names = order if name is None else [name] if name in record else []
+    params = dict(model.named_parameters())
+    for n in reversed(names):
+        later = order[order.index(n) + 1:]
+        for key, value in record.pop(n).items():
+            heir = next((m for m in later if m in record and key in record[m]), None)
+            if heir is not None:
+                record[heir][key] = value
+            elif key in params:
+                with torch.no_grad():
+                    params[key].copy_(value)
+    if not record:
+        model.__dict__.pop("_lorakit_replaced", None)
 
 
 def _unslice_B(B_full: Tensor, mask: list[bool], r: int) -> Tensor:
@@ -412,48 +876,13 @@ def _unslice_B(B_full: Tensor, mask: list[bool], r: int) -> Tensor:
     return torch.cat(blocks, 0)
 
 
-def _check_shapes(module: nn.Module, path: str, A: Tensor, B: Tensor, embedding: bool,
-                  sl: list[bool] | None, source: str) -> None:
-    base = module._base if isinstance(module, LoraLayer) else module
-    w = module.weight
-    if type(base).__name__ == "Conv1D":
-        n_in, n_out = w.shape[0], w.shape[1]
-    elif isinstance(base, nn.Embedding):
-        n_in, n_out = w.shape
-    else:
-        n_out, n_in = w.shape[0], w.shape[1]
-    if embedding != isinstance(base, nn.Embedding):
-        raise ShapeMismatchError(f"{source}: module {path!r} is a {type(base).__name__} here but the adapter "
-                                 f"holds {'embedding' if embedding else 'linear'} LoRA tensors for it.")
-    if A.shape[1] != n_in or B.shape[0] != n_out or A.shape[0] != B.shape[1]:
-        raise ShapeMismatchError(
-            f"{source}: module {path!r} has weight shape {tuple(w.shape)} (in={n_in}, out={n_out}) here, but the "
-            f"adapter's lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; they need A (r, {n_in}) and "
-            f"B ({n_out}, r). The adapter belongs to another base model.")
-
-
-def _load_extra(model: nn.Module, extra: dict[str, Tensor], source: str) -> None:
-    """Copy biases and saved modules stored with the adapter into the model's own parameters."""
-    params = dict(model.named_parameters())
-    for key, t in extra.items():
-        p = params.get(key)
-        if p is None:
-            raise ShapeMismatchError(f"{source} holds tensor {key!r}, which this {type(model).__name__} has no "
-                                     "parameter for; the adapter belongs to another architecture.")
-        if p.shape != t.shape:
-            raise ShapeMismatchError(f"{source}: {key!r} has shape {tuple(t.shape)} in the adapter but "
-                                     f"{tuple(p.shape)} here (e.g. another number of labels).")
-        p.copy_(t)
-
-
 # -- loralib ------------------------------------------------------------------------------------------
-def _load_loralib(model: nn.Module, file: Path, name: str, alpha: float | None,
-                  slices: list[bool] | None) -> nn.Module:
+def _plan_loralib(model: nn.Module, file: Path, alpha: float | None, slices: list[bool] | None) -> _Plan:
     tensors = _torch_load_safely(file)
     pairs: dict[str, dict[str, Any]] = {}
     extra: dict[str, Tensor] = {}
     for key, t in tensors.items():
-        m = re.match(r"^(?P<path>.+)\.lora_(?P<kind>A|B)$", key)
+        m = re.fullmatch(r"(?P<path>.+)\.lora_(?P<kind>A|B)", key)
         if m:
             pairs.setdefault(m["path"], {"embedding": False})[m["kind"]] = t
         else:
@@ -463,7 +892,7 @@ def _load_loralib(model: nn.Module, file: Path, name: str, alpha: float | None,
     if alpha is None:
         raise ConfigError(f"{file} is a loralib checkpoint, which does not record lora_alpha. Pass it: "
                           "load_adapter(model, path, alpha=16) (the value used in training; scale = alpha / r).")
-    found_slices: dict[str, list[bool]] = {}
+    modules = {}
     for path, entry in pairs.items():
         if "A" not in entry or "B" not in entry:
             raise AdapterFileError(f"{file}: {path} lacks lora_A or lora_B.")
@@ -473,32 +902,45 @@ def _load_loralib(model: nn.Module, file: Path, name: str, alpha: float | None,
             raise ShapeMismatchError(f"{file} adapts module {path!r}, which this {type(model).__name__} does "
                                      "not have; load it into the model it was trained with.") from None
         base = module._base if isinstance(module, LoraLayer) else module
+        A, B = entry["A"], entry["B"]
+        mask = None
         if isinstance(base, nn.Embedding):  # loralib Embedding: A (r, num), B (dim, r), as PEFT's
             entry["embedding"] = True
-            continue
-        w = module.weight
-        n_out = w.shape[1] if type(base).__name__ == "Conv1D" else w.shape[0]
-        A, B = entry["A"], entry["B"]
-        r = B.shape[1]
-        if B.shape[0] != n_out and r > 0 and A.shape[0] % r == 0:
+        elif A.ndim == 2 and B.ndim == 2 and is_linear_like(base) and B.shape[1] > 0 and not (
+                A.shape[0] == B.shape[1] and B.shape[0] == _out_features(base, module)):
+            # loralib MergedLinear: A (k*r, in), B (k*out/n, r) for k of n fused projections
+            r, n_out = B.shape[1], _out_features(base, module)
             k = A.shape[0] // r
             mask = slices or _infer_slices(k, n_out, B.shape[0])
-            if mask is None:
+            if mask is None or A.shape[0] % r or sum(mask) != k or n_out % len(mask) \
+                    or B.shape[0] != k * (n_out // len(mask)):
                 raise ShapeMismatchError(
                     f"{file}: {path} looks like a loralib MergedLinear (A {tuple(A.shape)}, B {tuple(B.shape)}, "
-                    f"output {n_out}) but its enabled slices cannot be inferred; pass slices=[True, False, True] "
-                    "or the mask used in training.")
-            found_slices[path] = mask
+                    f"output {n_out}) but its enabled slices cannot be inferred or do not fit; pass "
+                    "slices=[True, False, True] or the mask used in training.")
+            _checked_tensor(B, f"{path} lora_B", str(file), module.weight.dtype)
             entry["B"] = _slice_to_full(B, mask, r, n_out)
+        # loralib scales by alpha / r with r the rank of one slice
+        modules[path] = _plan_module(model, path, entry, float(alpha), False, mask, str(file), rank=None)
     params = dict(model.named_parameters())
     extra = {k: v for k, v in extra.items() if k in params}
-    alphas = {p: float(alpha) * (sum(found_slices[p]) if p in found_slices else 1) for p in pairs}
+    for key in extra:
+        owner, _, leaf = key.rpartition(".")
+        if owner in modules and leaf != "bias":
+            raise AdapterFileError(f"{file} holds {key!r}, the frozen base weight of a module it adapts with LoRA; "
+                                   "a LoRA checkpoint never replaces that. The file is damaged or not a loralib "
+                                   "checkpoint.")
+    _check_extra(model, extra, str(file))
     saved = sorted({k.rsplit(".", 1)[0] for k in extra if not k.endswith("bias")}) or None
-    return _install(model, name, pairs, alphas, False, 0.0, found_slices, extra, "none", saved, str(file))
+    return _Plan(str(file), modules, False, 0.0, "none", saved, extra)
+
+
+def _out_features(base: nn.Module, module: nn.Module) -> int:
+    return module.weight.shape[1] if type(base).__name__ == "Conv1D" else module.weight.shape[0]
 
 
 def _infer_slices(k: int, n_out: int, b_rows: int) -> list[bool] | None:
-    if b_rows % k or n_out % (b_rows // k):
+    if k <= 0 or b_rows % k or not b_rows or n_out % (b_rows // k):
         return None
     n = n_out // (b_rows // k)
     if k == n:
@@ -509,7 +951,7 @@ def _infer_slices(k: int, n_out: int, b_rows: int) -> list[bool] | None:
 
 
 def _slice_to_full(B: Tensor, mask: list[bool], r: int, n_out: int) -> Tensor:
-    """loralib MergedLinear B (k*out/n, r) -> PEFT-style full B (out, k*r) with zero rows."""
+    """Sliced B (k*out/n, r) -> PEFT-style full B (out, k*r) with zero blocks for the slices left out."""
     n, k = len(mask), sum(mask)
     out_slice = n_out // n
     full = B.new_zeros(n_out, k * r)
@@ -519,7 +961,7 @@ def _slice_to_full(B: Tensor, mask: list[bool], r: int, n_out: int) -> Tensor:
 
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_config", "read_weights",
-           "check_fingerprint", "atomic_write", "LoraError"]
+           "check_fingerprint", "atomic_write", "restore_replaced", "LoraError"]
 
 
 # -- reading without a model --------------------------------------------------------------------------
