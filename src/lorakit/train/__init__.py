@@ -33,13 +33,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .inject import count_parameters, inject
-from .config import LoraConfig
-from .distributed import STRATEGIES, Context
-from .data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_examples, load_records,
+from ..inject import count_parameters, inject
+from ..config import LoraConfig
+from ..distributed import STRATEGIES, Context
+from ..data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_examples, load_records,
                    resolve_labels)
-from .errors import ConfigError, GraphError, LoraError
-from .io import atomic_write
+from ..errors import ConfigError, GraphError, LoraError
+from ..io import atomic_write
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -168,7 +168,7 @@ def read_split(path: str | None, records: list[dict] | None, tokenizer, data: Da
 
 def builtin_defaults() -> dict[str, dict[str, Any]]:
     """The settings the built-in task was tuned with (lorakit.tasks.DEFAULT_HPARAMS), by section."""
-    from .tasks import DEFAULT_HPARAMS as H
+    from ..tasks import DEFAULT_HPARAMS as H
     steps = int(H["steps"])
     return {
         "train": {"model": H["model"], "lr": H["lr"], "schedule": H["schedule"], "batch_size": H["batch_size"],
@@ -192,8 +192,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     `adapters` included) unless cuda_graphs is "off"; the rest (beams, other settings, CPU) through
     `model.generate`.
     """
-    from .decode import Decoder, decode_unsupported
-    from .inject import route
+    from ..decode import Decoder, decode_unsupported
+    from ..inject import route
 
     model.eval()
     device = next(model.parameters()).device
@@ -236,7 +236,7 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
     """Task metrics on a held-out split: loss (+ perplexity) for sft/lm, accuracy/F1/MCC for
     classification, Pearson/Spearman for regression, and, for sft with eval_generate, the
     generation metric (`score_fn(predictions, references)`, or BLEU & co. via lorakit.metrics)."""
-    from . import metrics
+    from .. import metrics
 
     cfg, data = run_cfg.train, run_cfg.data
     n = len(split.examples) if not cfg.max_eval_examples else min(cfg.max_eval_examples, len(split.examples))
@@ -338,7 +338,7 @@ class GraphSteps:
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward, clipping and the optimizer step for `batch` (accumulating: forward and backward,
         the gradients added to those of the step's earlier micro-batches); returns the loss (on the device)."""
-        from .graphs import graphed_step
+        from ..graphs import graphed_step
 
         n = batch["input_ids"].shape[1]
         step = self.steps.get(n)
@@ -357,7 +357,7 @@ class GraphSteps:
 
     def update(self) -> None:
         """Accumulating: clip the gradients, step the optimizer and zero the gradients (one graph)."""
-        from .graphs import graphed_update
+        from ..graphs import graphed_update
 
         if self._update is None:
             t0 = time.time()
@@ -513,7 +513,7 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
         LoraError subclasses for bad input (data columns, labels, model names, unwritable output,
         a non-finite loss, a missing checkpoint on --resume, a strategy without a launcher).
     """
-    from . import distributed
+    from .. import distributed
 
     ctx = distributed.setup(run_cfg.train.validate().strategy)
     try:
@@ -529,7 +529,7 @@ def _silent(*args, **kwargs) -> None:
 def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from .models import load_model, resolve_model_path
+    from ..models import load_model, resolve_model_path
 
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
     out = Path(cfg.output_dir)
@@ -547,7 +547,7 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     score_fn = None
     train_records = eval_records = None
     if builtin:
-        from . import tasks
+        from .. import tasks
         train_records, eval_records = tasks.builtin_task(int(tasks.DEFAULT_HPARAMS["n_train"]),
                                                          int(tasks.DEFAULT_HPARAMS["n_eval"]), seed=cfg.seed)
         score_fn = tasks.score
