@@ -50,8 +50,8 @@ for argv in full_runs:
     assert main(argv) == 0
 save = T.save_checkpoint
 
-def save_then_stop(out, model, optimizer, scheduler, state, ctx=None):
-    save(out, model, optimizer, scheduler, state, ctx)
+def save_then_stop(out, model, optimizer, scheduler, state, ctx=None, **kwargs):
+    save(out, model, optimizer, scheduler, state, ctx, **kwargs)
     if state["step"] >= stop_step:
         raise KeyboardInterrupt
 

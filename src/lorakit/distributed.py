@@ -211,15 +211,24 @@ class Context:
         byte-for-byte what one process writes; every rank then waits at a barrier.
 
         A collective under "fsdp" and "ddp": every rank must call it.
+
+        Raises:
+            DiskFullError: the disk is full (the adapter's earlier files, if any, are untouched).
         """
         from .io import save_adapter
-        if self.strategy == "fsdp":
-            state = self.trainable_state(model)
-            if self.is_main:
-                with materialized(model, state):
-                    save_adapter(model, path, name=name)
-        elif self.is_main:
-            save_adapter(model, path, name=name)
+        try:
+            if self.strategy == "fsdp":
+                state = self.trainable_state(model)
+                if self.is_main:
+                    with materialized(model, state):
+                        save_adapter(model, path, name=name)
+            elif self.is_main:
+                save_adapter(model, path, name=name)
+        except Exception as exc:
+            from .train.checkpoints import disk_full, disk_full_error
+            if disk_full(exc):
+                raise disk_full_error(path, "the adapter") from exc
+            raise
         self.barrier()
 
     def save_pretrained(self, model: nn.Module, tokenizer, path: str | os.PathLike) -> None:

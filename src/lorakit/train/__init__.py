@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +38,11 @@ from ..data import (DataConfig, LengthGroupedBatchSampler, PadCollator, build_ex
                    resolve_labels)
 from ..errors import ConfigError, GraphError, LoraError
 from ..io import atomic_write
+from .checkpoints import (CheckpointError, check_resume, disk_full, disk_full_error, keep_optimizer_mode,
+                          load_checkpoint, resume_batch, save_checkpoint, saved_run_config)
+from .rundir import MetricsLog, check_output_dir, delete, dir_size, plan_output_dir
+
+_resume_batch = resume_batch  # (the name tests and benchmarks know)
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -92,7 +95,9 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for PyTorch (0: its default). On a busy machine 1 can be much faster than 2."""
     resume: bool = False
-    """Continue from output_dir/checkpoint (optimizer, scheduler, RNG and data position restored)."""
+    """Continue from output_dir/checkpoint (optimizer, scheduler, RNG and data position restored), with the settings the run started with."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds an earlier run: its run files (adapter/, best/, checkpoint/, metrics.jsonl, run_config.yaml, summary.json) are deleted first."""
     strategy: str = "auto"
     """Several processes (torchrun, --nproc): ddp (a model that fits one GPU), fsdp (FSDP2 shards base and adapters), auto (ddp)."""
     cuda_graphs: str = field(default="auto", metadata={"const": "on"})
@@ -379,98 +384,6 @@ def _graphs_off(error: GraphError, cfg: TrainConfig, optimizer, log, keep_grads:
     torch.cuda.empty_cache()  # hand back the memory of the graphs' pool
 
 
-def _keep_optimizer_mode(optimizer, capturable: bool) -> None:
-    """After `load_state_dict`: this run's capturable / fused flags (a checkpoint brings those of the
-    run that wrote it), and each step count where they want it (the GPU when capturable)."""
-    for g in optimizer.param_groups:
-        g["capturable"], g["fused"] = capturable, (True if capturable else None)  # (save_checkpoint stores lr as a number)
-    for p, st in optimizer.state.items():
-        if isinstance(st.get("step"), torch.Tensor):
-            st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)
-
-
-# -- checkpoints ---------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
-                    ctx: Context | None = None) -> None:
-    """Write output_dir/checkpoint atomically: build it beside, then swap directories.
-
-    With several processes every rank calls it: the weights and the optimizer state are gathered
-    in full, rank 0 writes the single-process format (so any world size can resume it), and all
-    ranks wait at a barrier.
-    """
-    from safetensors.torch import save_file
-
-    ctx = ctx or Context()
-    weights = ctx.trainable_state(model)
-    optim_state = ctx.optimizer_state(model, optimizer)
-    if not ctx.is_main:
-        ctx.barrier()
-        return
-    tmp = out / ".checkpoint-tmp"
-    old = out / ".checkpoint-old"
-    final = out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if torch.cuda.is_available():
-        # one rank owns one GPU: its generator stands where a single process keeps device 0's
-        rng["cuda"] = [torch.cuda.get_rng_state()] if ctx.distributed else torch.cuda.get_rng_state_all()
-    # a learning rate held as a tensor (by a captured step) is saved as a number: any run can resume it
-    optim_state = {**optim_state, "param_groups": [{**g, "lr": float(g["lr"])} for g in optim_state["param_groups"]]}
-    sched_state = {k: [float(x) for x in v] if k == "_last_lr" else v for k, v in scheduler.state_dict().items()}
-    torch.save({"optimizer": optim_state, "scheduler": sched_state, "rng": rng},
-               str(tmp / "state.pt"))
-    (tmp / "progress.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
-
-
-def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, ctx: Context | None = None) -> dict[str, Any]:
-    """Restore what save_checkpoint wrote; returns the progress dict (step, epoch, batch, best).
-
-    Every rank reads the files (a shared file system when nodes differ) and loads the full
-    tensors into its own part of the model and optimizer, whatever the world size that wrote them.
-    """
-    from safetensors.torch import load_file
-
-    ctx = ctx or Context()
-
-    ckpt = out / "checkpoint"
-    if not (ckpt / "progress.json").exists() and (out / ".checkpoint-old" / "progress.json").exists():
-        ckpt = out / ".checkpoint-old"  # a crash between the two renames of save_checkpoint
-    if not (ckpt / "progress.json").exists():
-        raise ConfigError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}). Run without "
-                          "--resume to start fresh, or point --output-dir at the run to continue.")
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ConfigError(f"The checkpoint in {ckpt} does not match this model/config (e.g. {missing[0]}); "
-                          "resume with the same settings the run started with.")
-    ctx.load_trainable(model, weights)
-    state = torch.load(str(ckpt / "state.pt"), map_location="cpu", weights_only=True)
-    ctx.load_optimizer(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        if ctx.distributed:
-            torch.cuda.set_rng_state(rng["cuda"][0])
-        else:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "progress.json").read_text())
-
-
 def lr_lambda(schedule: str, warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -482,23 +395,9 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work when the output directory cannot be written."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"The output directory {out} is not writable (no write permission on {probe}). "
-                          "Pass --output-dir with a directory you can write to.")
-
-
 def _head_paths(model: nn.Module) -> list[str]:
     """Newly initialized classification heads that must train and be saved with the adapter."""
     return [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
-
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -518,6 +417,10 @@ def run(run_cfg: RunConfig, log=print) -> dict[str, Any]:
     ctx = distributed.setup(run_cfg.train.validate().strategy)
     try:
         return _run(run_cfg, log if ctx.is_main else _silent, ctx)
+    except Exception as exc:
+        if not isinstance(exc, LoraError) and disk_full(exc):  # (run_config.yaml, metrics.jsonl, summary.json)
+            raise disk_full_error(run_cfg.train.output_dir, "the run's files") from exc
+        raise
     finally:
         ctx.close()
 
@@ -533,7 +436,11 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
 
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
     out = Path(cfg.output_dir)
-    check_writable(out)
+    earlier = plan_output_dir(out, cfg.resume, cfg.overwrite)  # (deleted once the run has started)
+    cfg_text = _yaml_dump(run_cfg.to_dict())
+    if cfg.resume:
+        import yaml
+        check_resume(saved_run_config(out), yaml.safe_load(cfg_text), out)
     if cfg.cuda_graphs == "on" and ctx.distributed:
         raise ConfigError("--cuda-graphs runs in one process; pass --cuda-graphs off, or drop --nproc / torchrun.")
     if cfg.threads > 0:
@@ -634,22 +541,22 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
     collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
 
+    if earlier:
+        ctx.barrier()  # (every process has checked the folder before one deletes)
+        if ctx.is_main:
+            delete(earlier)
+            log(f"--overwrite: deleted the earlier run's {', '.join(p.name for p in earlier)} in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    cfg_text = _yaml_dump(run_cfg.to_dict())
     if ctx.is_main:
         atomic_write(out / "run_config.yaml", lambda f: Path(f).write_text(cfg_text))
     progress = {"step": 0, "epoch": 0, "batch": 0, "best": None}
     if cfg.resume:
         progress = load_checkpoint(out, model, optimizer, scheduler, ctx)
-        _keep_optimizer_mode(optimizer, capturable=graphed)
-        progress["batch"] = _resume_batch(progress, sampler, log)
+        keep_optimizer_mode(optimizer, capturable=graphed)
+        progress["batch"] = resume_batch(progress, sampler, log)
         log(f"Resumed from step {progress['step']} (epoch {progress['epoch']}, batch {progress['batch']}).")
-    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
-
-    def record(event: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(event) + "\n")
-            metrics_file.flush()
+    metrics = MetricsLog(out / "metrics.jsonl", ctx.is_main, resume_step=progress["step"] if cfg.resume else None)
+    record = metrics.write
 
     graphs = None
     if padded:
@@ -748,14 +655,13 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
                     save_checkpoint(out, model, optimizer, scheduler,
                                     {"step": step, "epoch": epoch, "batch": batch_pos, "best": progress["best"],
                                      "global_batch": sampler.global_batch_size, "world_size": ctx.world_size},
-                                    ctx)
+                                    ctx, config_text=cfg_text)
             else:
                 break
             epoch, batch_pos = epoch + 1, 0
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        metrics.close()
     train_time = time.time() - t_start
 
     after = evaluate(model, tokenizer, evals, run_cfg, device, score_fn) if evals else {}
@@ -781,27 +687,6 @@ def _run(run_cfg: RunConfig, log, ctx: Context) -> dict[str, Any]:
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _resume_batch(progress: dict[str, Any], sampler: LengthGroupedBatchSampler, log) -> int:
-    """The batch of the checkpoint's epoch to continue from.
-
-    The position is saved as global batches of `global_batch` examples (batch_size x world size
-    of the run that wrote it). The same global batch size continues with exactly the batches an
-    uninterrupted run would see, whatever the number of processes: 2 processes x batch 4 resume
-    as 1 process x batch 8. Another global batch size regroups the epoch (the batches depend on
-    it), so the run continues at the same fraction of the epoch in the new order: the rest of
-    that epoch may repeat some examples and miss others; later epochs are complete.
-    """
-    saved = int(progress.get("global_batch", sampler.global_batch_size))
-    batch = int(progress["batch"])
-    if saved == sampler.global_batch_size:
-        return batch
-    moved = min(sampler.num_batches, batch * saved // sampler.global_batch_size)
-    log(f"Note: the checkpoint was written with a global batch of {saved} examples, this run has "
-        f"{sampler.global_batch_size} (batch size x processes); continuing at batch {moved} of the epoch in the new "
-        f"batch order. For the exact data order, keep batch size x processes = {saved}.")
-    return moved
 
 
 def _metric_key(result: dict[str, float]) -> tuple[str, bool]:
