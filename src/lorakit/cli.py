@@ -225,8 +225,8 @@ def print_summary(run_cfg, summary) -> None:
     before, after = summary["before"], summary["after"]
     print("\n== lorakit train: done ==")
     if after:
-        from .train import _metric_key
-        key, _ = _metric_key(after)
+        from .train import metric_key
+        key, _ = metric_key(after)
         label = "exact match on held-out examples" if cfg.train_file is None else key
         print(f"{label}: before {before.get(key, float('nan')):.3f} -> after {after[key]:.3f}")
         extra = {k: v for k, v in after.items() if k != key}

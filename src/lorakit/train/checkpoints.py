@@ -51,10 +51,16 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
-def disk_full_error(path: Path | str, what: str) -> DiskFullError:
+def disk_full_error(path: Path | str, what: str, exc: BaseException | None = None) -> DiskFullError:
+    """The error for a write of `what` into `path` that failed on a full disk (`exc`: the failure, whose file
+    is named if it has one)."""
+    while exc is not None and not getattr(exc, "filename", None):
+        exc = exc.__cause__ or exc.__context__
+    where = exc.filename if exc is not None else path
     return DiskFullError(
-        f"No space left on device: writing {what} to {path} failed. Free space on that disk (or pass --output-dir "
-        "on another one); the files written before are untouched, so --resume continues from the last checkpoint.")
+        f"No space left on device: writing {what} to {where} failed. Free space on that disk (or pass --output-dir "
+        "on another one); the files written before are untouched, and --resume continues from the last "
+        "checkpoint if the run wrote one.")
 
 
 # -- write ---------------------------------------------------------------------------------------------
