@@ -179,19 +179,6 @@ def adapter_spec(spec: str) -> tuple[str, str]:
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-def _output_path(path: Path, flag: str) -> Path:
-    """`path` as an output directory that may exist (empty or not) but must not be a file.
-
-    Raises:
-        ConfigError: `path`, or a folder above it, is a file.
-    """
-    probe = path
-    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        what = "is" if probe == path else f"lies under {probe}, which is"
-        raise ConfigError(f"{flag} {path} {what} a file, not a directory. Pass {flag} with a new directory.")
-    return path
 def cmd_train(args) -> int:
     from . import distributed
     from . import train as T
@@ -392,7 +379,9 @@ def cmd_merge(args) -> int:
     from .inject import eject, merge
     from .io import load_adapter
     from .models import load_model
-    out = _output_path(Path(args.output), "--output")
+    from .train.rundir import check_output_dir
+    out = Path(args.output)
+    check_output_dir(out, "--output")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; pick a new --output directory.")
     task = {"causal-lm": "causal-lm", "classification": "sequence-classification"}.get(args.task, args.task)
@@ -430,7 +419,8 @@ def cmd_merge(args) -> int:
 def cmd_convert(args) -> int:
     from .io import load_adapter, save_adapter
     from .models import load_model
-    _output_path(Path(args.output), "--output")
+    from .train.rundir import check_output_dir
+    check_output_dir(Path(args.output), "--output")
     task = {"classification": "sequence-classification"}.get(args.task, args.task)
     model, _ = load_model(args.model, task=task, num_labels=args.num_labels)
     slices = [s.strip().lower() in ("1", "true", "t") for s in args.slices.split(",")] if args.slices else None

@@ -120,20 +120,29 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: di
 
     With several processes every rank calls it: the weights and the optimizer state are gathered
     in full, rank 0 writes the single-process format (so any world size can resume it), and all
-    ranks wait at a barrier. `config_text` (the run's run_config.yaml) is kept with it.
+    ranks wait for it (and stop with it if it fails). `config_text` (the run's run_config.yaml) is kept with it.
 
     Raises:
         DiskFullError: the disk is full; the previous checkpoint is untouched.
         CheckpointError: another failed write; the previous checkpoint is untouched.
     """
-    from safetensors.torch import save as safetensors_bytes
-
     ctx = ctx or Context()
     weights = ctx.trainable_state(model)
     optim_state = ctx.optimizer_state(model, optimizer)
-    if not ctx.is_main:
-        ctx.barrier()
-        return
+    error = None
+    if ctx.is_main:
+        try:
+            _write_checkpoint(out, weights, optim_state, scheduler, state, ctx, config_text)
+        except Exception as exc:
+            error = exc
+    if not ctx.all_ok(error is None):  # (the other ranks stop with rank 0 rather than wait for it)
+        raise error or CheckpointError(f"Rank 0 could not write the checkpoint to {out / 'checkpoint'}; its error "
+                                       "says why.")
+
+
+def _write_checkpoint(out: Path, weights, optim_state, scheduler, state, ctx: Context, config_text) -> None:
+    from safetensors.torch import save as safetensors_bytes
+
     tmp, old, final = out / ".checkpoint-tmp", out / ".checkpoint-old", out / "checkpoint"
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
@@ -164,7 +173,6 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: di
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out)
-    ctx.barrier()
 
 
 # -- read and check ------------------------------------------------------------------------------------

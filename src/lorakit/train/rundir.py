@@ -30,22 +30,22 @@ def _is_run_file(name: str) -> bool:
     return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail before any work when `out` cannot be a writable directory.
+def check_output_dir(out: Path, flag: str = "--output-dir") -> None:
+    """Fail before any work when `out` cannot be a writable directory (`flag`: the option that named it).
 
     Raises:
         ConfigError: `out` (or a folder above it) is a file, or cannot be written.
     """
     probe = out
-    while not probe.exists() and not probe.is_symlink():
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         what = "is" if probe == out else f"lies under {probe}, which is"
-        raise ConfigError(f"The output directory {out} {what} a file, not a directory. Pass --output-dir with a "
+        raise ConfigError(f"The output directory {out} {what} a file, not a directory. Pass {flag} with a "
                           "directory (new or existing).")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"The output directory {out} is not writable (no write permission on {probe}). "
-                          "Pass --output-dir with a directory you can write to.")
+                          f"Pass {flag} with a directory you can write to.")
 
 
 def earlier_run(out: Path) -> list[str]:

@@ -242,7 +242,6 @@ def make_stepper(cfg: TrainConfig, eager: EagerStepper, padded: bool, lengths: l
     which fall back to eager steps when cuda_graphs is auto and stop the run with the error when it is on."""
     if not padded:
         return eager
-    eager.log = log
     graphs = GraphSteps(eager.train_model, eager.optimizer, cfg, eager.ctx.device, lengths, log)
     graphed = GraphedStepper(graphs, eager)
     return graphed if cfg.cuda_graphs == "on" else FallbackStepper(graphed, eager)
