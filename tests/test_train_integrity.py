@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import SHARED, save_tiny_causal_lm, write_sft_file
 
 import lorakit as lk
 from lorakit.cli import main
-from models import SHARED, save_tiny_causal_lm, write_sft_file
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
@@ -206,7 +206,7 @@ class FullDisk:
         self.fail_at, self.opened = fail_at, 0
 
     def __call__(self, path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 (the caller closes it)
         if "w" not in mode and "a" not in mode:
             return f
         self.opened += 1
@@ -234,7 +234,7 @@ class _FullFile:
 @pytest.mark.parametrize("fail_at", [5, 6], ids=["weights", "optimizer-state"])
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tiny_model, sft_file, tmp_path, capsys,
                                                                        monkeypatch, fail_at):
-    import lorakit.train.checkpoints as checkpoints
+    from lorakit.train import checkpoints
 
     out = tmp_path / "run"
     # the first checkpoint writes 4 files; the second fails in its weights (5) or its optimizer state (6,

@@ -31,7 +31,7 @@ class TrainConfig:
     eval_file: str | None = None
     """Held-out data in the same format. None: the built-in task's held-out split, else no eval."""
     output_dir: str = "runs/lorakit"
-    """Where the run writes its config, metrics, checkpoints and the final adapter."""
+    """Where the run writes its config, metrics, checkpoints and the final adapter. One run per folder: a folder that holds an earlier run takes --resume (continue it) or --overwrite (replace it)."""
     full: bool = False
     """Full fine-tuning (every weight trains, no LoRA), for comparison."""
     lr: float = 2e-4
