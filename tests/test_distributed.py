@@ -41,21 +41,21 @@ WORKER = '''
 """torchrun worker: full runs, then a run stopped (as by Ctrl-C) right after a checkpoint."""
 import json, sys
 import torch.distributed as dist
-import lorakit.train as T
+import lorakit.train.checkpoints as C
 from lorakit.cli import main
 
 full_runs, stop_argv, stop_step = json.loads(sys.argv[1])
 dist.init_process_group("gloo")  # one group for all runs: lorakit uses it and leaves it open
 for argv in full_runs:
     assert main(argv) == 0
-save = T.save_checkpoint
+save = C.save_checkpoint
 
-def save_then_stop(out, model, optimizer, scheduler, state, ctx=None):
-    save(out, model, optimizer, scheduler, state, ctx)
+def save_then_stop(out, model, optimizer, scheduler, state, ctx=None, **kwargs):
+    save(out, model, optimizer, scheduler, state, ctx, **kwargs)
     if state["step"] >= stop_step:
         raise KeyboardInterrupt
 
-T.save_checkpoint = save_then_stop
+C.save_checkpoint = save_then_stop
 assert main(stop_argv) == 130
 dist.destroy_process_group()
 '''

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import SHARED
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-MRPC = ROOT.parent / "shared" / "data" / "glue" / "MRPC"
+MRPC = SHARED / "glue" / "MRPC"
 
 
 @pytest.fixture

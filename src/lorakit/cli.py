@@ -18,6 +18,7 @@ import dataclasses
 import json
 import shlex
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -161,6 +162,23 @@ def _merge_yaml(values, path: Path, owner, sections):
 
 
 # -- subcommands ----------------------------------------------------------------------------------------
+def adapter_spec(spec: str) -> tuple[str, str]:
+    """`--adapter DIR` or `--adapter NAME=DIR` -> (name, directory); a bare DIR is adapter "default".
+
+    A value that is an existing path is a directory, whatever it holds (`runs/lr=1e-3/adapter`); otherwise
+    the text before the first `=` is a name if it is a valid adapter name (letters, digits, _ and -).
+    """
+    if Path(spec).exists():
+        return "default", spec
+    name, sep, path = spec.partition("=")
+    if sep and _ADAPTER_NAME.fullmatch(name):
+        return name, path
+    return "default", spec
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
 def cmd_train(args) -> int:
     from . import distributed
     from . import train as T
@@ -194,8 +212,8 @@ def print_summary(run_cfg, summary) -> None:
     before, after = summary["before"], summary["after"]
     print("\n== lorakit train: done ==")
     if after:
-        from .train import _metric_key
-        key, _ = _metric_key(after)
+        from .train import metric_key
+        key, _ = metric_key(after)
         label = "exact match on held-out examples" if cfg.train_file is None else key
         print(f"{label}: before {before.get(key, float('nan')):.3f} -> after {after[key]:.3f}")
         extra = {k: v for k, v in after.items() if k != key}
@@ -250,8 +268,8 @@ def cmd_eval(args) -> int:
         num_labels = len(label_names)
     model, tokenizer = load_model(cfg.model, task=T.model_task(data), num_labels=num_labels)
     for spec in args.adapter or []:
-        name, _, path = spec.rpartition("=")
-        load_adapter(model, path, name=name or "default")
+        name, path = adapter_spec(spec)
+        load_adapter(model, path, name=name)
     model.to(device)
     split = T.read_split(cfg.eval_file, eval_records, tokenizer, data, label_names)
     result = T.evaluate(model, tokenizer, split, run_cfg, device, score_fn)
@@ -288,8 +306,7 @@ def cmd_generate(args) -> int:
     model, tokenizer = load_model(args.model)
     names = []
     for spec in args.adapter or []:
-        name, _, path = spec.rpartition("=")
-        name = name or "default"
+        name, path = adapter_spec(spec)
         load_adapter(model, path, name=name)
         names.append(name)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -319,8 +336,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
+#: the temporary folder `lorakit merge` writes the model into, beside --output: .<output name>.<this>-<host>-<pid>-...
+MERGE_TMP = "lorakit-merge"
+
+
+def _clean_stale_merges(out: Path) -> list[Path]:
+    """Delete the temporary folders that killed `lorakit merge` runs left beside `out`: only folders named
+    by `cmd_merge` for this output, made on this host by a process that no longer runs. Returns them."""
+    import glob
+    import shutil
+    import socket
+
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    prefix = f".{out.name}.{MERGE_TMP}-{host}-"
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.{MERGE_TMP}-*"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0] if tmp.name.startswith(prefix) else ""
+        if not pid.isdigit() or not tmp.is_dir() or tmp.is_symlink() or _running(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def cmd_merge(args) -> int:
     import shutil
+    import socket
     import tempfile
 
     import torch
@@ -328,6 +379,11 @@ def cmd_merge(args) -> int:
     from .inject import eject, merge
     from .io import load_adapter
     from .models import load_model
+    from .train.rundir import check_output_dir
+    out = Path(args.output)
+    check_output_dir(out, "--output")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; pick a new --output directory.")
     task = {"causal-lm": "causal-lm", "classification": "sequence-classification"}.get(args.task, args.task)
     model, tokenizer = load_model(args.model, task=task, num_labels=args.num_labels)
     load_adapter(model, args.adapter)
@@ -339,11 +395,13 @@ def cmd_merge(args) -> int:
         merged = model(**sample).logits.float()
     diff = (merged - unmerged).abs().max().item()
     eject(model, merge=True)
-    out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; pick a new --output directory.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for stale in _clean_stale_merges(out):
+        print(f"removed {stale}, left by an interrupted lorakit merge")
+    host = socket.gethostname().replace("-", "_")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{MERGE_TMP}-{host}-{os.getpid()}-", dir=out.parent))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -361,6 +419,8 @@ def cmd_merge(args) -> int:
 def cmd_convert(args) -> int:
     from .io import load_adapter, save_adapter
     from .models import load_model
+    from .train.rundir import check_output_dir
+    check_output_dir(Path(args.output), "--output")
     task = {"classification": "sequence-classification"}.get(args.task, args.task)
     model, _ = load_model(args.model, task=task, num_labels=args.num_labels)
     slices = [s.strip().lower() in ("1", "true", "t") for s in args.slices.split(",")] if args.slices else None
@@ -480,6 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from .train.checkpoints import disk_full
+        if args.debug or not disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or getattr(args, "output", None) or getattr(args, "output_dir", None)
+        print(f"lorakit {args.command}: error: No space left on device{f' writing {where}' if where else ''}. "
+              "Free space on that disk, or write to another one.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ class Context:
             import torch.distributed as dist
             dist.barrier()
 
+    def all_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (a collective, and a barrier: every rank must call it).
+
+        Lets the other ranks stop with rank 0 when its write fails, instead of waiting for it.
+        """
+        if not self.distributed:
+            return ok
+        import torch.distributed as dist
+        t = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return float(t[0]) == 0.0
+
     def step_stats(self, loss_sum: float, tokens: int) -> tuple[float, int]:
         """(mean of the ranks' losses, total tokens) for one optimizer step; identity on one process.
 
@@ -211,16 +223,30 @@ class Context:
         byte-for-byte what one process writes; every rank then waits at a barrier.
 
         A collective under "fsdp" and "ddp": every rank must call it.
+
+        Raises:
+            DiskFullError: the disk is full (the adapter's earlier files, if any, are untouched).
         """
+        from .errors import LoraError
         from .io import save_adapter
-        if self.strategy == "fsdp":
-            state = self.trainable_state(model)
-            if self.is_main:
-                with materialized(model, state):
+        from .train.checkpoints import disk_full, disk_full_error
+        state = self.trainable_state(model) if self.strategy == "fsdp" else None
+        error = None
+        if self.is_main:
+            try:
+                if state is not None:
+                    with materialized(model, state):
+                        save_adapter(model, path, name=name)
+                else:
                     save_adapter(model, path, name=name)
-        elif self.is_main:
-            save_adapter(model, path, name=name)
-        self.barrier()
+            except Exception as exc:
+                error = exc
+        if not self.all_ok(error is None):  # (the other ranks stop with rank 0 rather than wait for it)
+            if error is None:
+                raise LoraError(f"Rank 0 could not write the adapter to {path}; its error says why.")
+            if disk_full(error):
+                raise disk_full_error(path, "the adapter", error) from error
+            raise error
 
     def save_pretrained(self, model: nn.Module, tokenizer, path: str | os.PathLike) -> None:
         """`model.save_pretrained` + the tokenizer (full fine-tuning), written by rank 0, then a barrier."""

@@ -41,3 +41,7 @@ class MergeError(LoraError):
 
 class GraphError(LoraError, ValueError):
     """A training step that cannot be captured as a CUDA graph, or a batch that does not fit the captured one."""
+
+
+class DiskFullError(LoraError):
+    """A write failed because the disk (or the user's quota) is full."""
