@@ -60,7 +60,9 @@ def host_us(fn, n: int = 200) -> float:
 
 
 def launch() -> None:
-    from lorakit.kernels import _triton, lora_linear, lora_linear_group, new_seed
+    from lorakit.fast import _triton
+    from lorakit.fast.ops import lora_linear, lora_linear_group
+    from lorakit.functional import dropout_seed as new_seed
 
     dev, bf = "cuda", torch.bfloat16
     x = torch.randn(64, 2048, device=dev, dtype=bf)
@@ -314,7 +316,9 @@ def calls() -> None:
     """Host µs of a forward and of a backward of q/k/v (one group), o (one linear) and gate/up: plain F.linear,
     lorakit with bf16 adapters, with float32 adapters under autocast (cast inside the Function), and the
     casts autograd would make for them; then the launches inside one group call."""
-    from lorakit.kernels import _triton, lora_linear, lora_linear_group, new_seed
+    from lorakit.fast import _triton
+    from lorakit.fast.ops import lora_linear, lora_linear_group
+    from lorakit.functional import dropout_seed as new_seed
 
     dev, bf = "cuda", torch.bfloat16
     M = 2048
@@ -405,7 +409,7 @@ def split() -> None:
     """Host microseconds of the parts of one launch, for the kernels a training step and decode launch."""
     import triton
 
-    from lorakit.kernels import _triton as T
+    from lorakit.fast import _triton as T
 
     dev, bf = "cuda", torch.bfloat16
     M, K, r = 1024, 2048, 16
@@ -581,7 +585,7 @@ if __name__ == "__main__":
     if "launch" in parts:
         launch()
     if "launch-triton" in parts:  # Triton's own launch path, then lorakit's direct launches of compiled kernels
-        from lorakit.kernels import _triton
+        from lorakit.fast import _triton
 
         for direct in (False, True):
             _triton._DIRECT["on"] = direct

@@ -12,14 +12,15 @@ from .inject import (active_adapters, adapter_names, count_parameters, delete_ad
 from .decode import Decoder, GreedyDecoder, greedy_decode
 from .graphs import graphed_step, graphed_update
 from .io import load_adapter, save_adapter
-from .layers import set_fast_path
+from .fast import FusionHandle, explain, fuse, set_fast_path, unfuse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "inject", "set_adapter", "disabled", "route", "merge", "unmerge", "eject",
     "save_adapter", "load_adapter", "trainable_parameters", "count_parameters", "delete_adapter",
-    "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "graphed_step", "graphed_update",
+    "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "explain", "fuse", "unfuse", "FusionHandle",
+    "graphed_step", "graphed_update",
     "Decoder", "GreedyDecoder", "greedy_decode",
     "LoraError", "ConfigError", "TargetError", "AdapterNotFoundError", "AdapterFileError",
     "ShapeMismatchError", "StateError", "MergeError", "GraphError",

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from . import fast
 from .config import LoraConfig, name_matches
 from .errors import AdapterNotFoundError, ConfigError, StateError, TargetError
-from .fusion import group_siblings, install_producers, remove_producers, ungroup
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -146,8 +146,6 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
             cfg.slices_for(path))
     configs(model)[name] = cfg
     _freeze_base(model, cfg, paths)
-    group_siblings(model)
-    install_producers(model)
     set_adapter(model, name)
     return model
 
@@ -276,7 +274,7 @@ def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
     finally:
         for _, layer in layers:
             layer.routing, layer._rows_cache = None, None
-            layer.__dict__.pop("_stack_cache", None)  # the stacked adapters live as long as the route
+            fast.release_route(layer)  # the stacked adapters live as long as the route
 
 
 # -- merge / unmerge / eject ------------------------------------------------------------------------
@@ -349,8 +347,7 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge_active(model)
     else:
         unmerge(model)
-    remove_producers(model)
-    ungroup(model)
+    fast.unfuse(model)
     for path, layer in list(lora_layers(model)):
         base = layer.unwrap()
         base.train(layer.training)

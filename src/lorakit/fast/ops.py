@@ -11,7 +11,7 @@ What autograd would do with the plain formula, and what this does instead:
   * saved for backward: x (the same storage the caller holds, so q/k/v share it), the small
     xa = dropout(x) @ A.T (..., r) per group and a 2-number seed per group. Never a mask,
     never dropout(x), never the (..., out) LoRA output.
-  * the dropout mask is regenerated in backward from the seed (`dropout.py`); on CUDA the
+  * the dropout mask is regenerated in backward from the seed (`functional.dropout_keep`); on CUDA the
     Triton kernels make it in registers, so dropout(x) is not even written in forward.
   * no weight gradient for frozen W. The small LoRA terms are computed first (output y and
     input-gradient gx alike) and the large base GEMM adds onto them in place (`addmm_`), which
@@ -20,7 +20,7 @@ What autograd would do with the plain formula, and what this does instead:
     K loop ends with the LoRA product (`_triton.expand_gemm`): no LoRA output is written or read
     back. Elsewhere, without dropout and with many rows (rows > 1.5 * in), the forward runs one GEMM
     on W + s * B @ A formed in a scratch weight. Backward is the same either way.
-  * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
+  * with `recompute=(fn, tensors)` (see `FastState.mark`) not even x is kept: backward
     rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway. For an
     RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
     x tile by tile in registers, bit for bit, so x is never written to memory at all.
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _triton
-from .dropout import apply_dropout, keep_mask, new_seed
+from ..functional import dropout_keep, dropout_seed, seeded_dropout
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _shrink(x2: Tensor, A: Tensor, seed: Tensor | None, p: float, triton: bool) 
         if x2.stride(-1) != 1 or not A.is_contiguous():
             x2, A = x2.contiguous(), A.contiguous()
         return x2, A, _triton.shrink(x2, A, seed, p)
-    return x2, A, torch.mm(apply_dropout(x2, seed, p), A.t())
+    return x2, A, torch.mm(seeded_dropout(x2, seed, p), A.t())
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -185,7 +185,7 @@ class LoraLinearFunction(torch.autograd.Function):
                         gx = torch.empty_like(x2)
                     dA_g = _triton.dropout_backward(x2, gxa, A, gx, seeds[g], p, gx_init=init)
                 else:
-                    keep = keep_mask(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
+                    keep = dropout_keep(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
                     dA_g = gxa.t() @ (x2 * keep * (1.0 / (1.0 - p)))
                     if need_x:
                         gl = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
@@ -227,7 +227,7 @@ def _recompute(fn: Callable, recipe, x_shape) -> Tensor:
 
 def rms_norm_apply(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
     """weight * (h32 * rstd).to(weight.dtype): a Llama-style RMSNorm's output from its float32 input h32
-    and 1/rms, the recipe its producer marks (`lorakit.fusion`). One kernel where Triton runs."""
+    and 1/rms, the recipe its producer notes (`fast.fusion.rms_norm_forward`). One kernel where Triton runs."""
     if _triton.available_for(h32) and weight.dtype in _TRITON_DTYPES:
         return _triton.norm_apply(h32, rstd, weight)
     return weight * (h32 * rstd).to(weight.dtype)
@@ -251,26 +251,6 @@ def _backward_input(ctx, x2: Tensor | None, recipe, dtype: torch.dtype,
         return x2, None
     src = _in_kernel(ctx.fn, recipe, ctx.x_shape, dtype) if ctx.triton and not need_w else None
     return (None, src) if src is not None else (_recompute(ctx.fn, recipe, ctx.x_shape), None)
-
-
-def mark_recomputable(x: Tensor, fn: Callable, *tensors: Tensor) -> Tensor:
-    """Note on x that x == fn(*tensors) exactly (same ops, same inputs), and return x.
-
-    Producers of a LoRA input whose own backward keeps `tensors` anyway (an RMSNorm keeps its
-    float32 input and 1/rms; silu(g) * u keeps silu(g) and u) mark their output, and the layer
-    passes `recompute=recipe_of(x)` to `lora_linear`: backward then rebuilds x from those
-    tensors instead of keeping a second copy of x alive. x must not be modified in place.
-    """
-    x._lorakit_recipe = (fn, tensors, x._version)
-    return x
-
-
-def recipe_of(x: Tensor) -> tuple[Callable, tuple[Tensor, ...]] | None:
-    """The (fn, tensors) recipe `mark_recomputable` put on x, or None (also once x was changed in place)."""
-    recipe = getattr(x, "_lorakit_recipe", None)
-    if recipe is None or recipe[2] != x._version:
-        return None
-    return recipe[0], recipe[1]
 
 
 def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, where: str) -> None:
@@ -330,10 +310,10 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
         shared_dropout: terms with the same dropout probability share one mask on x, so x is
             read once for all their A's (e.g. q, k, v as one group). False gives every term
             with dropout its own mask, as separate `nn.Dropout` modules would.
-        seeds: one seed per dropout group ((2,) int64 tensors, see `dropout.new_seed`), in the
+        seeds: one seed per dropout group ((2,) int64 tensors, see `functional.dropout_seed`), in the
             order groups are formed; default: fresh ones. For tests and exact replays.
         backend: "auto" (Triton where it applies), "torch" or "triton".
-        recompute: (fn, tensors) with fn(*tensors) == x exactly (see `mark_recomputable`):
+        recompute: (fn, tensors) with fn(*tensors) == x exactly (see `FastState.mark`):
             backward rebuilds x from tensors instead of keeping x.
 
     Returns:
@@ -380,7 +360,7 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
     tri = _use_triton(x, backend)
 
     if seeds is None:
-        seeds = [new_seed(x.device) if p > 0 else None for p in group_p]
+        seeds = [dropout_seed(x.device) if p > 0 else None for p in group_p]
     else:
         seeds = list(seeds)
         if len(seeds) != len(groups):
@@ -458,7 +438,7 @@ class LoraLinearSingle(torch.autograd.Function):
             gx = A.new_empty(g2.shape[0], A.shape[1]) if need_x else None
             gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
         else:
-            keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
+            keep = dropout_keep(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
             gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
             if need_x:
                 gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
@@ -503,9 +483,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     x (..., in); weight (out, in) frozen; bias (out,) or None; A (r, in); B (out, r).
     Gradients for x, A, B (and bias / weight only if they require grad). Dropout applies when
     `training` and `dropout > 0`; its mask is a function of `seed` ((2,) int64, default: a
-    fresh one), the same in forward and backward (see `dropout.keep_mask`). `recompute`:
+    fresh one), the same in forward and backward (see `functional.dropout_keep`). `recompute`:
     (fn, tensors) with fn(*tensors) == x exactly, so that backward rebuilds x instead of
-    keeping it (see `mark_recomputable`).
+    keeping it (see `FastState.mark`).
 
     Raises:
         ValueError: mismatched shapes or a dropout outside [0, 1).
@@ -560,29 +540,6 @@ def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if not _small_ok(x2, A, B, bias):
         return None
     return _triton.small_plan(x, weight, bias, A, B, float(scale))
-
-
-def decode_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], As: Sequence[Tensor],
-                 Bs: Sequence[Tensor], scales: Sequence[float]) -> list[Tensor] | None:
-    """`lora_linear(x, weights[j], biases[j], As[j], Bs[j], scales[j])` for 2 or 3 linears reading x (q/k/v,
-    gate/up), inference with few rows: one launch (`_triton.lora_small_group`) instead of one per linear.
-    None where that kernel does not serve (then call `lora_linear` per linear)."""
-    dt = x.dtype
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _lean_dtypes(x, weights, biases) \
-            or any(A.dtype != dt for A in As) or any(B.dtype != dt for B in Bs) \
-            or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return None
-    x2 = x.reshape(-1, x.shape[-1])
-    if not (_small_ok(x2, As[0], Bs[0], biases[0]) and _triton.small_group_ok(x2, weights, biases, As, Bs)):
-        return None
-    lead = x.shape[:-1]
-    return [y.view(*lead, y.shape[-1]) for y in _triton.lora_small_group(x2, weights, biases, As, Bs, scales)]
-
-
-def decode_group_plan(x: Tensor, weights, biases, As, Bs, scales):
-    """A `_triton.SmallGroupPlan` that repeats what `decode_group(x, ...)` just did (call it after a call that
-    did not return None), or None where the direct launch does not serve."""
-    return _triton.small_group_plan(x, weights, biases, As, Bs, [float(s) for s in scales])
 
 
 def _on_merged_weight(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
@@ -655,7 +612,7 @@ def _seed_and_kernels(x: Tensor, drop: bool, p: float, seed: Tensor | None, back
     if not drop:
         return None, triton
     _check_p(p, where)
-    seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
+    seed = dropout_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
     return seed, triton
 
 
@@ -816,7 +773,7 @@ class LoraLinearShared(torch.autograd.Function):
             gx = A.new_empty(M, A.shape[1]) if need_x else None
             dA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
         else:
-            keep = keep_mask(seed, M, x2.shape[1], p, x2.device).to(x2.dtype)
+            keep = dropout_keep(seed, M, x2.shape[1], p, x2.device).to(x2.dtype)
             dA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
             if need_x:
                 gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
