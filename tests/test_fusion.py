@@ -345,4 +345,4 @@ def test_bf16_base_with_float32_adapters_under_autocast_runs_the_same_dtype_path
             elif nxt not in seen:
                 seen.add(nxt)
                 todo.append(nxt)
-    assert parents == {"LoraLinearSharedBackward", "LoraLinearSingleBackward"}, parents
+    assert parents == {"LoraLinearGroupBackward"}, parents

@@ -57,7 +57,7 @@ def test_dropout_mask_and_lora_linear(dtype, tol):
         ref = LF.lora_linear(L[0], W.double(), None, L[1], L[2], 1.5, p, seed)
         gy = torch.randn_like(ref, dtype=dtype)
         want = torch.autograd.grad(ref, L, gy.double())
-        # backend="triton": the general Function; "auto": the one-adapter Function (LoraLinearSingle)
+        # backend="triton": the general Function; "auto": the lean Function (LoraLinearGroup)
         for backend in ("triton", "auto"):
             y = lora_linear(x, W, None, A, B, 1.5, p, True, seed=seed, backend=backend)
             assert rel(y, ref) < tol, (backend, dtype, shape, r, p, rel(y, ref))
@@ -195,7 +195,7 @@ def test_qkv_group_through_the_fused_kernels(dtype, tol):
             for W, a, b, s in zip(Ws, A64, B64, [2.0, 1.0, 0.5])]
     gys = [torch.randn_like(r, dtype=dtype) for r in refs]
     want = torch.autograd.grad(refs, [x64, *A64, *B64], [g.double() for g in gys])
-    # "triton": the general Function; "auto": the group Function (LoraLinearShared)
+    # "triton": the general Function; "auto": the lean Function (LoraLinearGroup)
     for backend in ("triton", "auto"):
         ys = lora_linear_group(x, Ws, [None] * 3, As, Bs, [2.0, 1.0, 0.5], 0.2, True, seed=seed, backend=backend)
         got = torch.autograd.grad(ys, [x, *As, *Bs], gys)
@@ -211,7 +211,7 @@ def test_qkv_group_through_the_fused_kernels(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype, tol", CASES, ids=[str(d).removeprefix("torch.") for d, _ in CASES])
-def test_forward_gemm_with_the_lora_product_in_its_k_loop(dtype, tol):
+def test_forward_gemm_with_the_lora_product_in_its_k_loop(dtype, tol, monkeypatch):
     # the forward GEMM with the LoRA product in its K loop: 1-3 linears of one x, ranks 8 and 16 (B narrower
     # than the tile: its missing columns come in as zeros), outputs and rows not multiples of the tiles
     if dtype == torch.float32:
@@ -251,7 +251,7 @@ def test_forward_gemm_with_the_lora_product_in_its_k_loop(dtype, tol):
         # the training Functions take it from 1024 rows on, with and without dropout, alone and in groups
         calls = []
         expand = _triton.expand_gemm
-        _triton.expand_gemm = lambda *a, **k: calls.append(1) or expand(*a, **k)
+        monkeypatch.setattr(_triton, "expand_gemm", lambda *a, **k: calls.append(1) or expand(*a, **k))
         x = torch.randn(1030, 64, device=dev, dtype=dtype, requires_grad=True)
         Ws = [(torch.randn(o, 64, device=dev) / 8).to(dtype) for o in (64, 16)]
         As = [(torch.randn(16, 64, device=dev) / 8).to(dtype).requires_grad_(True) for _ in range(2)]
@@ -277,7 +277,7 @@ def test_forward_gemm_with_the_lora_product_in_its_k_loop(dtype, tol):
             y = lora_linear(x[:1000], Ws[0], None, As[0], Bs[0], 2.0, p, True, seed=seed)
             torch.autograd.grad(y.sum(), [x])
             assert len(calls) == n + 2  # fewer rows: the LoRA output beside the base GEMM
-        _triton.expand_gemm = expand
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("dtype, tol", CASES, ids=[str(d).removeprefix("torch.") for d, _ in CASES])
@@ -314,11 +314,11 @@ def test_routed_mixed_ranks(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype, tol", CASES, ids=[str(d).removeprefix("torch.") for d, _ in CASES])
-def test_routed_inference_with_few_tokens(dtype, tol):
+def test_routed_inference_with_few_tokens(dtype, tol, monkeypatch):
     # routed inference with few tokens (decode): `_triton.routed_small` (half precision), else three launches
     calls = []
     routed_small = _triton.routed_small
-    _triton.routed_small = lambda *a, **k: calls.append(1) or routed_small(*a, **k)
+    monkeypatch.setattr(_triton, "routed_small", lambda *a, **k: calls.append(1) or routed_small(*a, **k))
     for shape, transposed in [((6, 80), False), ((6, 3, 80), True), ((6, 20, 80), False)]:
         x = torch.randn(*shape, device=dev, dtype=dtype)
         W = (torch.randn(56, 80, device=dev) / 9).to(dtype)
@@ -336,15 +336,15 @@ def test_routed_inference_with_few_tokens(dtype, tol):
         assert rel(y, ref) < tol, (dtype, shape, rel(y, ref))
         small = dtype != torch.float32 and x.numel() // 80 <= _triton.SMALL_MAX_ROWS
         assert len(calls) - n == small, (dtype, shape)
-    _triton.routed_small = routed_small
+    monkeypatch.undo()
 
 
 @pytest.mark.parametrize("dtype, tol", CASES, ids=[str(d).removeprefix("torch.") for d, _ in CASES])
-def test_inference_with_few_rows(dtype, tol):
+def test_inference_with_few_rows(dtype, tol, monkeypatch):
     # inference with few rows (decode): one fused kernel (`_triton.lora_small`); more rows: three ops
     calls = []
     small = _triton.lora_small
-    _triton.lora_small = lambda *a, **k: calls.append(1) or small(*a, **k)
+    monkeypatch.setattr(_triton, "lora_small", lambda *a, **k: calls.append(1) or small(*a, **k))
     for shape, bias, transposed in [((1, 1, 80), True, False), ((7, 80), False, True), ((2, 32, 80), True, True),
                                     ((65, 80), True, False), ((2, 0, 80), True, False)]:
         x = torch.randn(*shape, device=dev, dtype=dtype)
@@ -362,7 +362,7 @@ def test_inference_with_few_rows(dtype, tol):
         rows = x.shape[:-1].numel()
         assert len(calls) - n == (1 if rows <= 64 and (dtype != torch.float32 or rows == 1) else 0), shape
         assert y.shape == ref.shape and y.dtype == dtype and (y.numel() == 0 or rel(y, ref) < tol), (dtype, shape)
-    _triton.lora_small = small
+    monkeypatch.undo()
 
 
 @pytest.mark.parametrize("dtype, tol", CASES, ids=[str(d).removeprefix("torch.") for d, _ in CASES])
@@ -397,18 +397,18 @@ def test_split_over_k(dtype, tol):
             assert rel(got, ref32) < tol, (rows, rel(got, ref32))
 
 
-def test_fused_inference_kernel_under_torch_compile():
+def test_fused_inference_kernel_under_torch_compile(monkeypatch):
     # under torch.compile the fused inference kernel is one opaque op of the graph (lorakit::lora_small)
     calls = []
     small = _triton.lora_small
-    _triton.lora_small = lambda *a, **k: calls.append(1) or small(*a, **k)
+    monkeypatch.setattr(_triton, "lora_small", lambda *a, **k: calls.append(1) or small(*a, **k))
     x = torch.randn(1, 1, 80, device=dev)  # float32 takes the fused kernel at one row only
     W, b, A = torch.randn(72, 80, device=dev) / 9, torch.randn(72, device=dev), torch.randn(16, 80, device=dev) / 9
     B = torch.randn(72, 16, device=dev)
     compiled = torch.compile(lambda x: lora_linear(x, W, b, A, B, 2.0), fullgraph=True)
     with torch.no_grad():
         y = compiled(x)
-    _triton.lora_small = small
+    monkeypatch.undo()
     ref = LF.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0)
     assert calls and rel(y, ref) < 1e-4, (len(calls), rel(y, ref))
 
