@@ -489,3 +489,24 @@ def test_autotuned_launch_without_gx():
     Bs = [torch.randn(64, 16, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
     ys = [lora_linear(x, W, None, A, B, 2.0, 0.1, True) for A, B in zip(As, Bs)]
     torch.autograd.grad(ys, [*As, *Bs], [torch.randn_like(y) for y in ys])
+
+
+def test_explain_names_the_backend_and_set_fast_path_can_turn_triton_off():
+    import lorakit as lk
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48)).to(dev)
+    lk.inject(model, lk.LoraConfig(r=8, alpha=16, targets="all-linear"))
+    with torch.no_grad():
+        model[0].adapters["default"].lora_B.normal_()
+    x = torch.randn(4, 64, device=dev)
+    want = LF.lora_linear(x.double(), model[0].weight.double(), model[0].bias.double(),
+                          model[0].adapters["default"].lora_A.double(), model[0].adapters["default"].lora_B.double(),
+                          2.0)
+    try:
+        lk.set_fast_path("on")
+        assert lk.explain(model[0], x).endswith("[triton]")
+        lk.set_fast_path("on", triton=False)
+        assert lk.explain(model[0], x).endswith("[torch]")
+        assert rel(model(x), want) < 1e-4
+    finally:
+        lk.set_fast_path("auto", triton=True)
