@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import fast
 from . import functional as LF
-from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError
+from .errors import AdapterNotFoundError, MergeError, StateError
 
 # The forward passes below read what they need from the modules' own `_parameters` / `_modules` dicts
 # (`_param`): an attribute read that nn.Module.__getattr__ answers costs as much as the decode step's

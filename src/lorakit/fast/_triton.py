@@ -22,6 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from ..functional import dropout_threshold  # its hash constants (HASH_MUL1, HASH_MUL2) are written out in _keep_tile
+
 try:  # Triton is optional: the PyTorch path computes the same function everywhere.
     import triton
     import triton.language as tl
@@ -29,8 +31,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-# the hash constants (functional.HASH_MUL1, HASH_MUL2) are written out in _keep_tile
-from ..functional import dropout_threshold
 
 
 # Read once, at import, as Triton reads TRITON_INTERPRET when it decorates the kernels below.
