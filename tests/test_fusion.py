@@ -103,7 +103,7 @@ def test_fused_model_matches_reference_and_takes_the_group_path():
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     x = torch.randn(2, 3, 32, dtype=torch.float64)
     assert lk.explain(attn.q_proj, x).startswith("group:") and lk.explain(mlp.up_proj, x).startswith("group:")
-    assert lk.explain(attn.o_proj, x).startswith("multi:") and lk.explain(mlp.down_proj, x).startswith("multi:")
+    assert lk.explain(attn.o_proj, x).startswith("linear:") and lk.explain(mlp.down_proj, x).startswith("linear:")
     with torch.no_grad():
         assert lk.explain(attn.q_proj, x).startswith("infer:")
     lk.set_fast_path("off")

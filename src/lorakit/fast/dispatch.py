@@ -47,10 +47,10 @@ def choose(layer, x: Tensor) -> str:
             return "reference"  # one dropout mask serves the routed adapters only if they share p
         return "routed"
     if not torch.is_grad_enabled():
-        return "infer" if len(layer.active) == 1 and not layer.merged else "multi"
+        return "infer" if len(layer.active) == 1 and not layer.merged else "linear"
     if layer in state_of(layer).groups and not torch.compiler.is_compiling():
         return "group"
-    return "multi"
+    return "linear"
 
 
 def _reference(layer, x: Tensor) -> Tensor:
@@ -129,7 +129,7 @@ def _routed_pinned(layer, x: Tensor) -> Tensor:
 
 PATHS: dict[str, Callable[..., Tensor]] = {
     "reference": _reference,
-    "multi": _adapters,
+    "linear": _adapters,
     "group": _group,
     "infer": _infer,
     "routed": _routed,
