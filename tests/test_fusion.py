@@ -91,6 +91,13 @@ def test_fuse_reports_what_it_changed_and_undo_restores_every_forward():
     assert instance_forwards(model) == []
 
 
+def test_fuse_before_inject_is_refused_and_changes_nothing():
+    model = llama()
+    with pytest.raises(lk.StateError, match="lk.inject"):
+        lk.fuse(model)
+    assert instance_forwards(model) == []
+
+
 def test_fused_model_matches_reference_and_takes_the_group_path():
     model = adapted_llama()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -252,11 +252,19 @@ def fuse(model: nn.Module, groups: dict[type, Iterable[tuple[str, ...]]] | None 
 
     Returns:
         The `FusionHandle`: `report()` lists what changed, `undo()` restores every forward.
+
+    Raises:
+        StateError: the model has no adapted linear yet (nothing changed).
     """
+    from ..errors import StateError
+    from ..layers import LoraLinear
+
+    if not any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise StateError(f"lk.fuse: {type(model).__name__} has no adapted linear layer; call lk.inject(model, cfg) "
+                         "first, then lk.fuse(model).")
     state = model_state(model)
     if state.handle is not None and state.handle.active:
         return state.handle
-    from ..layers import LoraLinear
 
     table: dict[type, list[tuple[str, ...]]] = {}
     for fam in families():
