@@ -25,10 +25,6 @@ that, for the base model and with an adapter, the same way:
           calls), three rounds
   compiled: `generate(cache_implementation="static")`, which transformers runs through torch.compile
           (CUDA graphs), base and unmerged (not in the default parts: it compiles four times).
-  tiles:  `lk.Decoder` (captured), unmerged, batch 32, with `lora_small`'s tiles for more than one row set
-          several ways (the column block of outputs wider than 512, programs per SM): each checked against
-          float64 on the 1.1B linears at 32 rows, then ms per new token (the slope between 16 and 16 + new
-          tokens, fastest of 3 calls) in two alternating rounds, against the base model before and after
 
     PYTHONPATH=src python benchmarks/bench_decode.py [--part linear,model] [--layers 22]
 """
@@ -86,8 +82,8 @@ def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
 
 
 def part_linear(shapes: list[str], sweep: bool) -> None:
-    from lorakit.kernels import _triton
-    from lorakit.kernels.linear import _lora_out
+    from lorakit.fast import _triton
+    from lorakit.fast.ops import _lora_out
 
     dev, dt = "cuda", torch.bfloat16
     print("\n# one linear, CUDA graphs, µs per call (bf16, r=16)")
@@ -202,7 +198,7 @@ def part_routed(shapes: list[str], sweep: bool) -> None:
     """One linear whose batch rows each use their own adapter (of 32 or 4, r=16; one row base only), few
     tokens: the base F.linear, the three-launch routed path (shrink, base GEMM, expand) and
     `_triton.routed_small`, each as CUDA graphs of 20 calls, checked against a float64 reference first."""
-    from lorakit.kernels import _triton, routed
+    from lorakit.fast import _triton, routed
 
     dev, dt = "cuda", torch.bfloat16
     print("\n# routed decode, one linear, CUDA graphs, µs per call (bf16, r=16; M tokens, one per batch row)")
@@ -354,75 +350,6 @@ def part_sample(layers: int | None, new: int) -> None:
               f"{[round(x, 3) for x in per['sample']]}, sampling / greedy {ratio:.3f}", flush=True)
 
 
-# (BN of outputs wider than 512, programs per SM) for `lora_small` at more than one row; the first is the default
-TILES = ((64, 1), (64, 2), (64, 3), (32, 1), (32, 2))
-
-
-@contextlib.contextmanager
-def small_tiles(bn: int, per_sm: int):
-    """`lora_small` (more than one row) with column block `bn` for outputs wider than 512 and about `per_sm`
-    programs per SM (K splits), everywhere it runs inside the block."""
-    from lorakit.kernels import _triton
-
-    default = _triton._small_config
-
-    def config(M, N, K, device):
-        c = dict(default(M, N, K, device))
-        if M > 1:
-            c["BN"] = 16 if N <= 512 else bn
-            blocks = _triton._cdiv(N, c["BN"])
-            c["SPLIT"] = max(1, min(per_sm * _triton._sm_count(device) // blocks, K // (2 * c["BK"])))
-        return c
-
-    _triton._small_config = config
-    _triton._SMALL_CFGS.clear()
-    try:
-        yield
-    finally:
-        _triton._small_config = default
-        _triton._SMALL_CFGS.clear()
-
-
-
-
-def part_tiles(layers: int | None, new: int) -> None:
-    import lorakit as lk
-    from lorakit.kernels import _triton
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    worst = 0.0
-    for N, K in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
-        x, W, A = (torch.randn(n, K, device="cuda", generator=g).bfloat16() for n in (32, N, 16))
-        W, A = W / K ** 0.5, A / K ** 0.5
-        B = (torch.randn(N, 16, device="cuda", generator=g) * 0.1).bfloat16()
-        ref = x.double() @ W.double().T + 2.0 * (x.double() @ A.double().T) @ B.double().T
-        for tiles in TILES:
-            with small_tiles(*tiles):
-                y = _triton.lora_small(x, W, None, A, B, 2.0, fresh_counters=True)
-            err = float((y.double() - ref).abs().max() / ref.abs().max())
-            worst = max(worst, err)
-            if err > 2e-2:
-                raise SystemExit(f"lora_small with tiles {tiles} on {N} x {K}: relative error {err:.2e}")
-    print(f"\n# lora_small at 32 rows, every tile setting against float64: worst relative error {worst:.1e}")
-    model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, model.config.vocab_size, (32, 16), device="cuda", generator=g)
-    base = [decoder_ms(lk.Decoder(model, cuda_graphs="on"), ids, new)]
-    adapt(model)
-    per: dict[tuple, list[float]] = {}
-    for _ in range(2):
-        for tiles in TILES:
-            with small_tiles(*tiles):
-                per.setdefault(tiles, []).append(decoder_ms(lk.Decoder(model, cuda_graphs="on"), ids, new))
-    with lk.disabled(model):
-        base.append(decoder_ms(lk.Decoder(model, cuda_graphs="on"), ids, new))
-    b = statistics.mean(base)
-    print(f"# lk.Decoder, batch 32, ms per new token: base {base[0]:.3f} before, {base[1]:.3f} after; unmerged by "
-          f"tiles (BN, programs per SM; the first is the default), two rounds")
-    for tiles, ms in per.items():
-        print(f"  {tiles}: {' / '.join(f'{m:.3f}' for m in ms)}  x base {' / '.join(f'{m / b:.3f}' for m in ms)}",
-              flush=True)
-
-
 def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
     """`generate` with a static cache, which transformers serves by compiling the forward with
     torch.compile ("reduce-overhead": CUDA graphs); the fused kernel is one custom op in that graph."""
@@ -490,7 +417,7 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
 
 def part_model(layers: int | None, new: int) -> None:
     import lorakit as lk
-    from lorakit.kernels import _triton
+    from lorakit.fast import _triton
 
     model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
     rows = []
@@ -551,8 +478,6 @@ def main() -> None:
         part_sample(args.layers, args.new_tokens)
     if "compiled" in parts:
         part_compiled(args.layers, args.new_tokens, args.profile)
-    if "tiles" in parts:
-        part_tiles(args.layers, args.new_tokens)
 
 
 if __name__ == "__main__":

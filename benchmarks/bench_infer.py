@@ -21,7 +21,8 @@ import time
 import torch
 from torch import Tensor, nn
 
-from lorakit.kernels import lora_linear, lora_linear_routed, stack_adapters
+from lorakit.fast.ops import lora_linear
+from lorakit.fast.routed import lora_linear_routed, stack_adapters
 from bench_train import SHAPES, build
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -170,7 +171,6 @@ def main() -> None:
     # -- lorakit's layers (lk.inject, lk.route) ------------------------------------------------------------
     if not args.no_lorakit:
         import lorakit as lk
-        from lorakit.fusion import ungroup
 
         model = build(shape, args.layers, dev, dtype).eval()
         names = [f"a{i}" for i in range(32)]
@@ -194,11 +194,6 @@ def main() -> None:
             with lk.route(model, names):
                 report(f"forward 32x{args.seq // 4} lorakit route, 32 adapters",
                        time_fn(lambda: model(input_ids=ids32), dev, args.reps), base32)
-            ungroup(model)  # per-linear calls, no sibling grouping
-            report(f"forward 8x{args.seq} lorakit unmerged, ungrouped", time_fn(fwd8_of(model), dev, args.reps), base8)
-            if not args.no_decode:
-                report("decode batch 32 lorakit unmerged, ungrouped",
-                       decode_ms(model, ids32[:, :16], args.new_tokens, dev, 3), dec32)
             lk.merge(model, "a0")
             report(f"forward 8x{args.seq} lorakit merged", time_fn(fwd8_of(model), dev, args.reps), base8)
         del model

@@ -22,8 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels import lora_linear, lora_linear_group, reference_lora_linear
-from lorakit.kernels import _triton
+from lorakit.fast.ops import lora_linear, lora_linear_group
+from lorakit.functional import lora_linear as reference_lora_linear
+from lorakit.fast import _triton
 
 SHAPES = {"q/o 2048->2048": (2048, [2048]), "k/v 2048->256": (2048, [256]), "gate/up 2048->5632": (2048, [5632]),
           "down 5632->2048": (5632, [2048]),

@@ -9,14 +9,10 @@ All cases run in one process on the same model weights, batch and seed:
                 output requires grad so the backward runs through every layer)
   peft-all      PEFT LoRA on all 7 linears, dropout 0.05 (and peft-all-p0: dropout 0)
   peft-qv       PEFT LoRA on q_proj, v_proj, dropout 0.05
-  kernels       "kernels only": each linear swapped for a module calling lorakit.kernels.lora_linear
-                (benchmarks/kernel_lora.py), dropout 0.05 (kernels-p0: dropout 0)
-  kernels-group the same with q/k/v and gate/up as one lora_linear_group call each
-  kernels-group-rc  ... and the RMSNorm / MLP outputs marked rebuildable (no extra copy of x kept)
-  lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear")), the
-                layers' fast path with lorakit.fusion (q/k/v and gate/up in one call, LoRA inputs
-                rebuilt from the RMSNorm / MLP tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
-                lorakit-unfused: the fast path per linear, without lorakit.fusion; lorakit-routed4(-p0):
+  lorakit       lk.inject(model, lk.LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear")), then
+                lk.fuse(model) (q/k/v and gate/up in one call, LoRA inputs rebuilt from the RMSNorm / MLP
+                tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
+                lorakit-unfused: the fast path per linear, without lk.fuse; lorakit-routed4(-p0):
                 4 adapters trained at once, the batch rows dealt round-robin (`lk.route`)
 
     PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
@@ -44,8 +40,7 @@ SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, batch=2, seq=1024),
 }
-CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "kernels", "kernels-p0", "kernels-group",
-         "kernels-group-p0", "kernels-group-rc", "kernels-group-rc-p0", "lorakit", "lorakit-p0", "lorakit-qv",
+CASES = ["full", "floor", "peft-all", "peft-all-p0", "peft-qv", "lorakit", "lorakit-p0", "lorakit-qv",
          "lorakit-unfused", "lorakit-routed4", "lorakit-routed4-p0"]
 ROUTED = 4  # lorakit-routed4: this many adapters trained at once, batch rows dealt round-robin (`lk.route`)
 
@@ -118,23 +113,15 @@ def prepare(case: str, model, r: int, alpha: float):
                                                            target_modules=targets))
         randomize_lora_B(model)
         return model, [q for q in model.parameters() if q.requires_grad], f"peft {peft.__version__}"
-    if case.startswith("kernels"):
-        from kernel_lora import apply_kernel_lora
-
-        p = 0.0 if case.endswith("-p0") else 0.05
-        apply_kernel_lora(model, r, alpha, p, group=case.startswith("kernels-group"), recompute="-rc" in case)
-        return model, [q for q in model.parameters() if q.requires_grad], "kernels only"
     if case.startswith("lorakit"):
         import lorakit as lk
-        from lorakit.fusion import remove_producers, ungroup
 
         targets = ["q_proj", "v_proj"] if case == "lorakit-qv" else "all-linear"
         p = 0.0 if case.endswith("-p0") else 0.05
         for name in [f"r{i}" for i in range(ROUTED)] if "routed" in case else ["default"]:
             lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=p, targets=targets), name=name)
-        if case == "lorakit-unfused":
-            ungroup(model)
-            remove_producers(model)
+        if case != "lorakit-unfused":
+            lk.fuse(model)
         randomize_lora_B(model)
         return model, list(lk.trainable_parameters(model)), "lk.inject"
     raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
@@ -241,7 +228,7 @@ def run_case(case: str, args, shape: dict) -> dict:
         for _ in range(2):
             step()
     else:
-        for _ in range(args.warmup):  # lorakit.fusion learns its groups in the first passes
+        for _ in range(args.warmup):
             step()
         saved = float("nan") if args.compile else saved_activation_bytes(model, ids)
         if cuda:

@@ -123,12 +123,12 @@ def write_sft_file(path):
     return path
 
 
-def run_under_interpreter(script: str, done: str) -> None:
-    """Run `script` (with DEVICE set to "cpu") in a fresh Python under TRITON_INTERPRET=1, which Triton reads
-    when it compiles a kernel, and check that it printed `done`."""
+def run_under_interpreter(test_module: str) -> None:
+    """Run the pytest module `test_module` (a path from the repository root) in a fresh pytest process under
+    TRITON_INTERPRET=1, which Triton reads when it first compiles a kernel, and check that it passed."""
+    root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script.replace("DEVICE", '"cpu"')], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and done in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env["PYTHONPATH"] = str(root / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", test_module]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,6 @@
-"""Contract tests over a table of tiny models x configs (see STYLE.md, principle 8)."""
+"""Contract tests over a table of tiny models x configs (see STYLE.md, principle 8), each run three ways: the
+reference path ("off"), the fast path's fused Functions ("on", which run on CPU too), and the fast path after
+`lk.fuse` ("fused": sibling groups and rebuilt inputs)."""
 
 from __future__ import annotations
 
@@ -25,23 +27,32 @@ CASES = [
 IDS = [f"{k}-{i}" for i, (k, _) in enumerate(CASES)]
 
 
-def adapted(kind, kwargs, seed=0):
+@pytest.fixture(autouse=True, params=["off", "on", "fused"])
+def fast_path(request):
+    lk.set_fast_path("off" if request.param == "off" else "on")
+    yield request.param
+    lk.set_fast_path("auto")
+
+
+def adapted(kind, kwargs, seed=0, fast_path="off"):
     model = make(kind, seed)
     base = clone(model)
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, **kwargs))
+    if fast_path == "fused":
+        lk.fuse(model)
     return model, base
 
 
 @pytest.mark.parametrize("kind,kwargs", CASES, ids=IDS)
-def test_fresh_adapter_gives_base_output(kind, kwargs):
-    model, base = adapted(kind, kwargs)
+def test_fresh_adapter_gives_base_output(kind, kwargs, fast_path):
+    model, base = adapted(kind, kwargs, fast_path=fast_path)
     x = example_input(kind)
     torch.testing.assert_close(run(model, kind, x), run(base, kind, x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind,kwargs", CASES, ids=IDS)
-def test_merged_equals_unmerged_and_unmerge_restores(kind, kwargs):
-    model, base = adapted(kind, kwargs)
+def test_merged_equals_unmerged_and_unmerge_restores(kind, kwargs, fast_path):
+    model, base = adapted(kind, kwargs, fast_path=fast_path)
     randomize(model, std=0.2)
     x = example_input(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -57,8 +68,8 @@ def test_merged_equals_unmerged_and_unmerge_restores(kind, kwargs):
 
 
 @pytest.mark.parametrize("kind,kwargs", CASES, ids=IDS)
-def test_disabled_is_base_and_only_adapters_get_gradients(kind, kwargs):
-    model, base = adapted(kind, kwargs)
+def test_disabled_is_base_and_only_adapters_get_gradients(kind, kwargs, fast_path):
+    model, base = adapted(kind, kwargs, fast_path=fast_path)
     randomize(model, std=0.2)
     x = example_input(kind)
     with lk.disabled(model):
@@ -81,8 +92,8 @@ def test_disabled_is_base_and_only_adapters_get_gradients(kind, kwargs):
 
 
 @pytest.mark.parametrize("kind,kwargs", CASES, ids=IDS)
-def test_save_load_round_trip(kind, kwargs, tmp_path):
-    model, base = adapted(kind, kwargs)
+def test_save_load_round_trip(kind, kwargs, tmp_path, fast_path):
+    model, base = adapted(kind, kwargs, fast_path=fast_path)
     randomize(model, std=0.2)
     if kwargs.get("modules_to_save") or kwargs.get("bias"):  # trained extras travel with the adapter
         with torch.no_grad():
@@ -99,8 +110,8 @@ def test_save_load_round_trip(kind, kwargs, tmp_path):
 
 
 @pytest.mark.parametrize("kind,kwargs", CASES, ids=IDS)
-def test_eject_merge_gives_plain_model(kind, kwargs):
-    model, _ = adapted(kind, kwargs)
+def test_eject_merge_gives_plain_model(kind, kwargs, fast_path):
+    model, _ = adapted(kind, kwargs, fast_path=fast_path)
     randomize(model, std=0.2)
     x = example_input(kind)
     expected = run(model, kind, x)
@@ -108,6 +119,7 @@ def test_eject_merge_gives_plain_model(kind, kwargs):
     assert not list(lk.lora_layers(plain))
     reference_types = {type(m).__name__ for m in make(kind).modules()}
     assert {type(m).__name__ for m in plain.modules()} == reference_types
+    assert not any("forward" in m.__dict__ for m in plain.modules())  # nothing left patched (`lk.fuse`)
     torch.testing.assert_close(run(plain, kind, x), expected, rtol=1e-4, atol=1e-4)
     assert set(plain.state_dict()) == set(make(kind).state_dict())
 

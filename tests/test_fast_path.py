@@ -83,8 +83,8 @@ def test_fast_path_with_dropout_trains_and_merges_exactly():
         assert torch.equal(v, before[k]), k
 
 
-def test_routed_serving_stacks_once_and_sees_weight_changes(monkeypatch):
-    from lorakit import kernels
+def test_routed_serving_stacks_once_and_sees_weight_changes():
+    from lorakit.fast import state_of
 
     torch.manual_seed(0)
     model = make("llama")
@@ -94,20 +94,17 @@ def test_routed_serving_stacks_once_and_sees_weight_changes(monkeypatch):
     model.eval()
     x = example_input("llama", batch=4)
     names = ["a", None, "b", "a"]
-    calls = []
-    real = kernels.stack_adapters
-    monkeypatch.setattr(kernels, "stack_adapters", lambda As, Bs: calls.append(1) or real(As, Bs))
-    n_layers = len(list(lk.lora_layers(model)))
+    q = model.model.layers[0].self_attn.q_proj
     lk.set_fast_path("on")
     with torch.no_grad(), lk.route(model, names):
         first = run(model, "llama", x)
+        stacks = state_of(q).stacks[q][1]
         run(model, "llama", x)
-        assert len(calls) == n_layers  # stacked once per layer, reused by the second forward
-        q = model.model.layers[0].self_attn.q_proj
+        assert state_of(q).stacks[q][1] is stacks  # stacked once, reused by the second forward
         q.adapters["a"].lora_B.add_(1.0)  # an in-place change is seen
         changed = run(model, "llama", x)
-        assert len(calls) == n_layers + 1
-    assert not any("_stack_cache" in layer.__dict__ for _, layer in lk.lora_layers(model))
+        assert state_of(q).stacks[q][1] is not stacks
+    assert all(layer not in state_of(layer).stacks for _, layer in lk.lora_layers(model))  # gone with the route
     with torch.no_grad(), lk.route(model, names):
         lk.set_fast_path("off")
         ref = run(model, "llama", x)
@@ -117,7 +114,7 @@ def test_routed_serving_stacks_once_and_sees_weight_changes(monkeypatch):
 
 def test_routed_training_sees_a_changed_scale():
     """The fused routed path keeps the scales on the device between calls; a changed scale is used at once."""
-    from lorakit.kernels import reference_lora_linear_routed
+    from lorakit import functional as LF
 
     model = torch.nn.Sequential(torch.nn.Linear(24, 16))
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
@@ -129,16 +126,16 @@ def test_routed_training_sees_a_changed_scale():
     rows = torch.tensor([1, 0, -1])
     lk.set_fast_path("on")
     with lk.route(model, ["b", "a", None]):
+        assert lk.explain(layer, x).startswith("routed:")
         for scale in (a.scale, 7.0, 7.0, 0.5):
             a.scale = scale
-            ref = reference_lora_linear_routed(x, layer.weight, layer.bias, [a.lora_A, b.lora_A],
-                                               [a.lora_B, b.lora_B], [a.scale, b.scale], rows)
+            ref = LF.lora_linear_routed(x, layer.weight, layer.bias, [a.lora_A, b.lora_A],
+                                        [a.lora_B, b.lora_B], [a.scale, b.scale], rows)
             torch.testing.assert_close(model(x), ref)
 
 
-def test_routed_training_with_dropout_takes_the_fused_path_with_the_seeds_mask(monkeypatch):
-    from lorakit.kernels import keep_mask, new_seed, reference_lora_linear_routed
-    from lorakit.layers import LoraLayer
+def test_routed_training_with_dropout_takes_the_fused_path_with_the_seeds_mask():
+    from lorakit import functional as LF
 
     model = torch.nn.Sequential(torch.nn.Linear(24, 16))
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear", dropout=0.25), name="a")
@@ -149,17 +146,15 @@ def test_routed_training_with_dropout_takes_the_fused_path_with_the_seeds_mask(m
     x = torch.randn(4, 3, 24)
     names = ["b", None, "a", "a"]
     lk.set_fast_path("on")
-    reference_calls = []
-    monkeypatch.setattr(LoraLayer, "_routed_forward", lambda self, x: reference_calls.append(1))
     torch.manual_seed(3)
     with lk.route(model, names):
+        assert lk.explain(layer, x).startswith("routed:")
         y = model(x)
-    assert not reference_calls
     torch.manual_seed(3)
-    keep = keep_mask(new_seed("cpu"), 12, 24, 0.25).view(x.shape)
+    seed = LF.dropout_seed("cpu")  # the seed the fused call drew
     a, b = layer.adapters["a"], layer.adapters["b"]
-    ref = reference_lora_linear_routed(x, layer.weight, layer.bias, [a.lora_A, b.lora_A], [a.lora_B, b.lora_B],
-                                       [a.scale, b.scale], torch.tensor([1, -1, 0, 0]), 0.25, keep)
+    ref = LF.lora_linear_routed(x, layer.weight, layer.bias, [a.lora_A, b.lora_A], [a.lora_B, b.lora_B],
+                                [a.scale, b.scale], torch.tensor([1, -1, 0, 0]), 0.25, seed)
     torch.testing.assert_close(y, ref)
     y.square().sum().backward()
     got = [t.grad.clone() for t in (a.lora_A, a.lora_B, b.lora_A, b.lora_B)]
@@ -168,11 +163,7 @@ def test_routed_training_with_dropout_takes_the_fused_path_with_the_seeds_mask(m
     ref.square().sum().backward()
     for g, t in zip(got, (a.lora_A, a.lora_B, b.lora_A, b.lora_B)):
         torch.testing.assert_close(g, t.grad)
-    monkeypatch.undo()
     b.dropout.p = 0.1  # adapters with different dropout share no mask: the per-adapter reference path
-    calls = []
-    real = LoraLayer._routed_forward
-    monkeypatch.setattr(LoraLayer, "_routed_forward", lambda self, x: calls.append(1) or real(self, x))
     with lk.route(model, names):
+        assert lk.explain(layer, x).startswith("reference:")
         model(x).sum().backward()
-    assert calls == [1]

@@ -1,5 +1,5 @@
-"""Fusion across modules (lorakit.fusion): sibling linears in one call and LoRA inputs rebuilt in backward
-give the plain per-module result, keep less for backward, and step aside when the pattern breaks."""
+"""Fusion across modules (`lk.fuse`): only on request, reported and undone; sibling linears in one call and
+LoRA inputs rebuilt in backward give the plain per-module result and keep less for backward."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.fusion import install_producers, remove_producers
-from lorakit.kernels import mark_recomputable, recipe_of
+from lorakit.fast import FastState
+from lorakit.fast.fusion import families, producers
 from models import llama
 
 
@@ -19,14 +19,16 @@ def restore_mode():
     lk.set_fast_path("auto")
 
 
-def adapted_llama(dropout=0.0, seed=0):
+def adapted_llama(dropout=0.0, seed=0, fused=True, targets="all-linear"):
     torch.manual_seed(seed)
     model = llama().double()
-    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear", dropout=dropout))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=targets, dropout=dropout))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.3)
+    if fused:
+        lk.fuse(model)
     return model
 
 
@@ -38,13 +40,8 @@ def loss_and_grads(model, ids, mode):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def groups(model):
-    seen = []
-    for m in model.modules():
-        g = getattr(m, "siblings", None)
-        if g is not None and all(g is not s for s in seen):
-            seen.append(g)
-    return seen
+def instance_forwards(model):
+    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
 
 
 def saved_bytes(fn):
@@ -62,48 +59,68 @@ def saved_bytes(fn):
     return sum(storages.values()), out
 
 
-def test_fused_model_matches_reference_and_learns_the_groups():
+def test_inject_changes_only_the_modules_it_targets():
+    model = llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    lk.inject(model, lk.LoraConfig(r=4, targets=["q_proj"]))
+    after = {n: type(m) for n, m in model.named_modules() if ".adapters" not in n and not n.endswith(".dropout")}
+    changed = {n for n in after if after[n] is not before.get(n)}
+    assert changed == {f"model.layers.{i}.self_attn.q_proj" for i in range(len(model.model.layers))}
+    assert instance_forwards(model) == []
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_fuse_reports_what_it_changed_and_undo_restores_every_forward():
+    model = adapted_llama(fused=False, targets=["q_proj", "v_proj", "gate_proj"])
+    handle = lk.fuse(model)
+    report = str(handle)
+    n_layers = len(model.model.layers)
+    assert len(handle.groups) == n_layers  # q and v of each layer; gate_proj alone is no group
+    assert "group    model.layers.0.self_attn: q_proj, v_proj\n" in report
+    assert len(handle.skipped) == n_layers and "only ['gate_proj'] adapted" in report
+    producers_set = {n for n in instance_forwards(model)}
+    assert producers_set == {n for n, m in model.named_modules() if type(m).__name__ in ("LlamaRMSNorm", "LlamaMLP")}
+    assert all(n in report for n in producers_set)
+    assert lk.fuse(model) is handle  # fusing twice fuses once
+    handle.undo()
+    assert instance_forwards(model) == [] and "undone" in str(handle)
+    handle.undo()
+    lk.unfuse(model)  # idempotent
+    assert lk.fuse(model) is not handle and instance_forwards(model)
+    lk.unfuse(model)
+    assert instance_forwards(model) == []
+
+
+def test_fuse_before_inject_is_refused_and_changes_nothing():
+    model = llama()
+    with pytest.raises(lk.StateError, match="lk.inject"):
+        lk.fuse(model)
+    assert instance_forwards(model) == []
+
+
+def test_fused_model_matches_reference_and_takes_the_group_path():
     model = adapted_llama()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     ref_loss, ref_grads = loss_and_grads(model, ids, "off")
-    for _ in range(3):  # the first forward learns which siblings read one tensor, later ones use it
-        loss, grads = loss_and_grads(model, ids, "on")
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-        assert grads.keys() == ref_grads.keys()
-        for n in grads:
-            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-10, atol=1e-12)
-    attn = model.model.layers[0].self_attn
-    g = attn.q_proj.siblings
-    assert g is attn.k_proj.siblings is attn.v_proj.siblings
-    names = [n for n, m in attn.named_children() if m in [g.members[i] for i in g.learned]]
-    assert names == ["q_proj", "k_proj", "v_proj"]  # o_proj has the same input size but reads another tensor
-    mlp = model.model.layers[0].mlp
-    assert mlp.gate_proj.siblings.learned is not None and mlp.down_proj.siblings is None
-    assert all(g.hits > 0 and g.misses == 0 for g in groups(model))
+    loss, grads = loss_and_grads(model, ids, "on")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-10, atol=1e-12)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    assert lk.explain(attn.q_proj, x).startswith("group:") and lk.explain(mlp.up_proj, x).startswith("group:")
+    assert lk.explain(attn.o_proj, x).startswith("linear:") and lk.explain(mlp.down_proj, x).startswith("linear:")
+    with torch.no_grad():
+        assert lk.explain(attn.q_proj, x).startswith("infer:")
+    lk.set_fast_path("off")
+    assert lk.explain(attn.q_proj, x).startswith("reference:")
 
 
-def test_grouped_call_runs_one_fused_function_per_group(monkeypatch):
-    from lorakit import fusion
-
-    model = adapted_llama()
-    ids = torch.randint(0, 96, (2, 8))
-    lk.set_fast_path("on")
-    model(ids)  # learn
-    calls = []
-    real = fusion.SiblingGroup._run
-    monkeypatch.setattr(fusion.SiblingGroup, "_run", lambda self, x: calls.append(self) or real(self, x))
-    model(ids)
-    assert len(calls) == 2 * len(model.model.layers)  # q/k/v and gate/up in every layer
-
-
-def test_a_broken_pattern_computes_alone():
+def test_a_call_off_the_pattern_computes_alone():
     model = adapted_llama()
     lk.set_fast_path("on")
     attn = model.model.layers[0].self_attn
-    ids = torch.randint(0, 96, (2, 5))
-    model(ids), model(ids)  # learn q/k/v, then use it
-    g = attn.q_proj.siblings
-    assert g.learned is not None and g.hits > 0
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     other = torch.randn_like(x)
 
@@ -121,7 +138,9 @@ def test_a_broken_pattern_computes_alone():
     x.mul_(2)  # changed in place after q: v must see the new values
     torch.testing.assert_close(attn.v_proj(x), ref(attn.v_proj, x))
     torch.testing.assert_close(q, ref(attn.q_proj, x / 2))
-    assert g.misses == 2
+    k = attn.k_proj(x)  # called first this time: it computes the group, q picks its output up
+    torch.testing.assert_close(attn.q_proj(x), ref(attn.q_proj, x))
+    torch.testing.assert_close(k, ref(attn.k_proj, x))
     lk.set_adapter(model, None)
     assert torch.equal(attn.q_proj(x), nn.functional.linear(x, attn.q_proj.weight))
 
@@ -130,71 +149,70 @@ def test_rebuilt_inputs_keep_less_and_give_the_same_gradients():
     model = adapted_llama()
     ids = torch.randint(0, 96, (2, 16))
     lk.set_fast_path("on")
-    model(ids)  # first calls: RMSNorms check themselves, siblings learn
     kept_with, loss = saved_bytes(lambda: model(ids, labels=ids).loss)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    remove_producers(model)
+    lk.unfuse(model)
     kept_without, loss2 = saved_bytes(lambda: model(ids, labels=ids).loss)
     loss2.backward()
     # Each layer no longer keeps its two norm outputs (32 wide) and its MLP product (48), 2 x 16
     # float64 tokens each, except the first norm: its input (the frozen embedding) needs no gradient.
-    assert kept_without - kept_with == 2 * 16 * 8 * (2 * (32 + 32 + 48) - 32)
+    # The groups keep their concatenated A's instead ((3 + 2) x r=4 rows of 32 per layer).
+    assert kept_without - kept_with == 2 * 16 * 8 * (2 * (32 + 32 + 48) - 32) - 2 * 5 * 4 * 32 * 8
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-10, atol=1e-12)
 
 
-def test_producers_fall_back_when_the_norm_is_not_the_llama_formula():
-    class OffsetRMSNorm(nn.Module):  # Gemma-style (1 + weight): looks like an RMSNorm, computes another thing
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(8))
-            self.variance_epsilon = 1e-6
+def test_every_registered_producer_computes_its_class_forward_bit_exactly():
+    import sys
 
-        def forward(self, h):
-            h32 = h.float()
-            return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-                    * (1.0 + self.weight.float())).to(h.dtype)
+    from transformers import PretrainedConfig
 
-    norm = OffsetRMSNorm()
-    assert install_producers(norm) == 1
-    x = torch.randn(3, 8, requires_grad=True)
-    expected = OffsetRMSNorm.forward(norm, x)
-    assert torch.equal(norm(x), expected)
-    assert "forward" in norm.__dict__ and norm.forward.__func__ is OffsetRMSNorm.forward  # checked once, for good
-    assert recipe_of(norm(x)) is None
+    def config_of(cls):  # the family's own config class, from the module that defines cls
+        kinds = [v for v in vars(sys.modules[cls.__module__]).values()
+                 if isinstance(v, type) and issubclass(v, PretrainedConfig) and v is not PretrainedConfig]
+        return kinds[0](hidden_size=32, intermediate_size=48)
 
-
-def test_producers_mark_llama_norm_and_mlp_outputs_bit_exactly():
-    model = llama()
-    install_producers(model)
-    layer = model.model.layers[0]
-    h = torch.randn(2, 3, 32, requires_grad=True)
-    out = layer.input_layernorm(h)
-    fn, tensors = recipe_of(layer.input_layernorm(h))
-    assert torch.equal(fn(*tensors), out)
-    assert torch.equal(out, type(layer.input_layernorm).forward(layer.input_layernorm, h))
-    with torch.no_grad():
-        assert recipe_of(layer.input_layernorm(h)) is None  # nothing to rebuild without a graph
+    table = producers()
+    assert {f.name for f in families()} >= {"llama", "mistral", "qwen2"}
+    for cls, fn in table.items():
+        torch.manual_seed(0)
+        module = cls(32, eps=1e-6) if cls.__name__.endswith("RMSNorm") else cls(config_of(cls))
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_()
+        for dtype in (torch.float32, torch.bfloat16):
+            module.to(dtype)
+            h = torch.randn(2, 3, 32, dtype=dtype, requires_grad=True)
+            state = FastState()
+            out = fn(module, state, h)
+            assert torch.equal(out, cls.forward(module, h)), cls
+            if cls.__name__.endswith("RMSNorm"):
+                rebuild, tensors = state.recipe(out)
+                assert torch.equal(rebuild(*tensors), out), cls
+            with torch.no_grad():
+                assert state.recipe(fn(module, FastState(), h)) is None  # nothing to rebuild without a graph
 
 
 def test_recipe_is_dropped_once_the_tensor_changes_in_place():
     a = torch.randn(4, requires_grad=True)
-    x = mark_recomputable(a * 2, torch.mul, a, torch.tensor(2.0))
-    assert recipe_of(x) is not None
+    state = FastState()
+    x = a * 2
+    state.mark(x, torch.mul, a, torch.tensor(2.0))
+    assert state.recipe(x) is not None and not hasattr(x, "_lorakit_recipe")
     with torch.no_grad():
         x.add_(1)
-    assert recipe_of(x) is None
+    assert state.recipe(x) is None
 
 
-def test_eject_removes_producers_and_groups():
+def test_eject_undoes_the_fusion():
     model = adapted_llama()
-    assert any("forward" in m.__dict__ for m in model.modules())
+    assert instance_forwards(model)
     lk.eject(model, merge=False)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not any(getattr(m, "siblings", None) for m in model.modules())
+    assert instance_forwards(model) == []
+    assert all(type(m).__name__ != "LoraLinear" for m in model.modules())
 
 
 def test_gradient_checkpointing_and_dropout_run_through_the_groups():
@@ -203,12 +221,9 @@ def test_gradient_checkpointing_and_dropout_run_through_the_groups():
     assert model.model.gradient_checkpointing
     model.train()
     ids = torch.randint(0, 96, (2, 12))
-    lk.set_fast_path("on")
-    for _ in range(3):
-        torch.manual_seed(5)
-        loss, grads = loss_and_grads(model, ids, "on")
+    torch.manual_seed(5)
+    loss, grads = loss_and_grads(model, ids, "on")
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
-    assert all(g.hits > 0 for g in groups(model))
     # Checkpointing recomputes the same masks: its gradients equal the plain run's with the same seed.
     model.gradient_checkpointing_disable()
     torch.manual_seed(5)
@@ -230,9 +245,8 @@ def test_fused_model_on_cuda_matches_reference(dtype):
                 p.normal_(std=0.3)
     ids = torch.randint(0, 96, (2, 64), device="cuda")
     ref_loss, ref_grads = loss_and_grads(model, ids, "off")
-    for _ in range(3):
-        loss, grads = loss_and_grads(model, ids, "auto")
-    assert all(g.hits > 0 for g in groups(model))
+    lk.fuse(model)
+    loss, grads = loss_and_grads(model, ids, "auto")
     if dtype == torch.float32:
         tol = dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loss, ref_loss, **tol)
@@ -257,10 +271,11 @@ def test_fused_model_on_cuda_matches_reference(dtype):
 
 def test_torch_compile_of_an_adapted_model_matches_eager():
     # The fused Functions trace into one graph (no graph break); dropout masks come from the same
-    # seeds, so compiled and eager runs give the same loss and gradients.
+    # seeds, so compiled and eager runs give the same loss and gradients. (Sibling groups, which share
+    # one mask, step aside under torch.compile: the eager run here is unfused too.)
     import torch._dynamo
 
-    model = adapted_llama(dropout=0.1)
+    model = adapted_llama(dropout=0.1, fused=False)
     model.train()
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(2))
     lk.set_fast_path("on")
@@ -271,7 +286,7 @@ def test_torch_compile_of_an_adapted_model_matches_eager():
     compiled = torch.compile(model, backend="aot_eager")
     torch.manual_seed(7)
     loss, grads = loss_and_grads(compiled, ids, "on")
-    assert not torch._dynamo.utils.counters["graph_break"]
+    assert not torch._dynamo.utils.counters["graph_break"], list(torch._dynamo.utils.counters["graph_break"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     grads = {n.removeprefix("_orig_mod."): g for n, g in grads.items()}
     assert grads.keys() == ref_grads.keys()
@@ -297,13 +312,12 @@ def _check_against_float64(model, ids):
     def err(grads, n):
         return ((grads[n].double() - want[n]).norm() / want[n].norm()).item()
 
-    for _ in range(2):  # the second call runs the learned groups
-        loss, got = _autocast_run(model, ids, "on")
-        assert got.keys() == want.keys() and len(got) == 2 * 7 * len(model.model.layers)
-        assert abs(loss.double() - want_loss) <= 2 * abs(ref_loss.double() - want_loss) + 1e-3
-        for n in got:
-            assert got[n].dtype == torch.float32
-            assert err(got, n) <= 2 * err(ref, n) + 5e-3, (n, err(got, n), err(ref, n))
+    loss, got = _autocast_run(model, ids, "on")
+    assert got.keys() == want.keys() and len(got) == 2 * 7 * len(model.model.layers)
+    assert abs(loss.double() - want_loss) <= 2 * abs(ref_loss.double() - want_loss) + 1e-3
+    for n in got:
+        assert got[n].dtype == torch.float32
+        assert err(got, n) <= 2 * err(ref, n) + 5e-3, (n, err(got, n), err(ref, n))
 
 
 def test_autocast_over_float32_weights_matches_reference():
@@ -313,22 +327,16 @@ def test_autocast_over_float32_weights_matches_reference():
     _check_against_float64(adapted_llama().float(), ids)
 
 
-def test_bf16_base_with_float32_adapters_under_autocast_runs_the_same_dtype_path(monkeypatch):
+def test_bf16_base_with_float32_adapters_under_autocast_runs_the_same_dtype_path():
     """The mixed precision `lorakit train` uses on a GPU: frozen weights in bfloat16, adapters in float32
     (they train), autocast. The calls take the same-dtype Functions, which cast the adapters inside (no
     autograd node for the casts); the adapters' gradients come back in float32."""
-    from lorakit.kernels import linear
-
     model = adapted_llama().to(torch.bfloat16)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    general = []
-    real = linear.LoraLinearFunction.apply
-    monkeypatch.setattr(linear.LoraLinearFunction, "apply", lambda *a: general.append(1) or real(*a))
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     _check_against_float64(model, ids)
-    assert not general  # every call took the same-dtype Functions
     # the adapters are cast inside those Functions: no cast node of autograd's between them and their gradients
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels=ids).loss
@@ -344,4 +352,4 @@ def test_bf16_base_with_float32_adapters_under_autocast_runs_the_same_dtype_path
             elif nxt not in seen:
                 seen.add(nxt)
                 todo.append(nxt)
-    assert parents == {"LoraLinearSharedBackward", "LoraLinearSingleBackward"}, parents
+    assert parents == {"LoraLinearGroupBackward"}, parents

@@ -16,7 +16,7 @@ from .errors import (AdapterFileError, AdapterNotFoundError, ConfigError, GraphE
 from .inject import (active_adapters, adapter_names, count_parameters, delete_adapter, disabled, eject,
                      inject, lora_layers, merge, route, set_adapter, trainable_parameters, unmerge)
 from .io import load_adapter, save_adapter
-from .layers import set_fast_path
+from .fast import FusionHandle, explain, fuse, set_fast_path, unfuse
 
 __version__ = "0.1.0"
 
@@ -46,7 +46,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "LoraConfig", "inject", "set_adapter", "disabled", "route", "merge", "unmerge", "eject",
     "save_adapter", "load_adapter", "trainable_parameters", "count_parameters", "delete_adapter",
-    "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "graphed_step", "graphed_update",
+    "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "explain", "fuse", "unfuse", "FusionHandle",
+    "graphed_step", "graphed_update",
     "Decoder", "GreedyDecoder", "greedy_decode",
     "LoraError", "ConfigError", "TargetError", "AdapterNotFoundError", "AdapterFileError",
     "ShapeMismatchError", "StateError", "MergeError", "GraphError",

@@ -110,6 +110,9 @@ class _Pins:
 
     def pin(self, names: list[str | None], device: torch.device) -> None:
         """Point every adapted linear at its stack and at the rows of this batch's `names` (written here)."""
+        from .fast import state_of
+        from .fast.dispatch import stack
+
         batch, wanted = len(names), {}
         for layer in self.layers:
             adapters = list(layer.adapters.values())
@@ -120,7 +123,7 @@ class _Pins:
             if entry is None or entry[0] != adapters or any(a is not b for a, b in zip(entry[1], tensors)) \
                     or [t._version for t in tensors] != entry[2]:
                 entry = self.stacks[id(layer)] = (adapters, tensors, [t._version for t in tensors],
-                                                  layer.stacked(adapters))
+                                                  stack(layer, adapters))
                 self.generation += 1
             key = (tuple(layer.adapters), batch)
             rows = self.rows.get(key)
@@ -128,13 +131,15 @@ class _Pins:
                 rows = self.rows[key] = torch.empty(batch, dtype=torch.long, device=device)
                 self.generation += 1
             wanted[key] = rows
-            layer._pinned = (rows, entry[3])
+            state_of(layer).pins[layer] = (rows, entry[3])
         for (order, _), rows in wanted.items():
             rows.copy_(torch.tensor([order.index(n) if n in order else -1 for n in names], dtype=torch.long))
 
     def unpin(self) -> None:
+        from .fast import state_of
+
         for layer in self.layers:
-            layer.__dict__.pop("_pinned", None)
+            state_of(layer).pins.pop(layer, None)
 
 
 class _Session:

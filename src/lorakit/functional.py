@@ -1,13 +1,17 @@
-"""Pure tensor math of LoRA: the update, its merge into a weight, and the exact unmerge.
+"""Pure tensor math of LoRA: the update, its merge into a weight, the exact unmerge, and the
+adapted linear in each form the fast path computes (one adapter, several summed, routed per
+example, dropout as a function of a seed and the element's position).
 
 One definition of "what LoRA computes", shared by the layers, the offline merge and the
-fast kernels. Shapes follow nn.Linear: A is (r, in), B is (out, r), and the update of a
-weight W (out, in) is dW = scale * B @ A.
+fast kernels (`lorakit.fast`), which are tested against these functions. Shapes follow
+nn.Linear: A is (r, in), B is (out, r), and the update of a weight W (out, in) is
+dW = scale * B @ A.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,3 +107,113 @@ def pissa_factors(weight: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor,
     B = U[:, :r] * root[None, :]
     residual = w - scale * (B @ A)
     return A, B, residual
+
+
+# -- dropout as a pure function of (seed, row, column) ---------------------------------------------
+# The fast path keeps a seed (two int64 numbers) instead of a mask and regenerates the mask in
+# backward. The mask is a counter-based hash, computed identically by `dropout_keep` (PyTorch
+# integer ops, any device) and by the Triton kernels (`lorakit.fast._triton`):
+#
+#     pair   j = (row * ceil(cols / 2) + col // 2)  mod 2**32
+#     h      = lowbias32((j * (seed[1] | 1) + seed[0])  mod 2**32)
+#     u      = low 16 bits of h for even columns, high 16 bits for odd columns
+#     keep   = u >= round(p * 65536)
+#
+# `lowbias32` is a 32-bit integer finalizer (xorshift-multiply, C. Wellons' constants). One hash feeds
+# two elements. The drop probability is quantized to 1/65536 and kept values are scaled by 1 / (1 - p),
+# as `torch.nn.functional.dropout` does. An input (..., cols) counts its rows as x.reshape(-1, cols).
+
+_M32 = 0xFFFFFFFF
+HASH_MUL1 = 0x7FEB352D
+HASH_MUL2 = 0x846CA68B
+
+
+def dropout_threshold(p: float) -> int:
+    """The 16-bit threshold of drop probability p: an element is kept when its 16 random bits are >= this."""
+    return min(65536, max(0, int(round(p * 65536.0))))
+
+
+def dropout_seed(device: torch.device | str) -> Tensor:
+    """A fresh seed, (2,) int64 in [0, 2**32), drawn from the device's default generator.
+
+    Drawn on the device (no host sync, traceable by torch.compile) and from the generator that
+    `torch.utils.checkpoint` saves and restores, so a recomputed forward draws the same mask.
+    """
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64, device=device)
+
+
+def _lowbias32(h: Tensor) -> Tensor:
+    # h holds values in [0, 2**32) in int64; products wrap in int64 but their low 32 bits are right.
+    h = h ^ (h >> 16)
+    h = (h * HASH_MUL1) & _M32
+    h = h ^ (h >> 15)
+    h = (h * HASH_MUL2) & _M32
+    return h ^ (h >> 16)
+
+
+def dropout_keep(seed: Tensor, rows: int, cols: int, p: float, device: torch.device | str | None = None) -> Tensor:
+    """The (rows, cols) bool keep-mask of seed (2,) int64 and drop probability p (see the formula above)."""
+    device = seed.device if device is None else torch.device(device)
+    seed = seed.to(device=device, dtype=torch.int64)
+    half = (cols + 1) // 2
+    r = torch.arange(rows, dtype=torch.int64, device=device)
+    c = torch.arange(cols, dtype=torch.int64, device=device)
+    j = (r[:, None] * half + (c >> 1)[None, :]) & _M32
+    h = _lowbias32((j * (seed[1] | 1) + seed[0]) & _M32)
+    u = (h >> ((c & 1) * 16)[None, :]) & 0xFFFF
+    return u >= dropout_threshold(p)
+
+
+def seeded_dropout(x: Tensor, seed: Tensor | None, p: float) -> Tensor:
+    """dropout(x) with the mask `dropout_keep(seed, ...)` over x as (-1, cols); x itself when seed is None
+    or p == 0. A new tensor; x is untouched."""
+    if seed is None or p == 0:
+        return x
+    cols = x.shape[-1]
+    keep = dropout_keep(seed, x.numel() // cols if cols else 0, cols, p, x.device).view(x.shape)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+# -- the adapted linear ---------------------------------------------------------------------------
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                dropout: float = 0.0, seed: Tensor | None = None) -> Tensor:
+    """y = F.linear(x, weight, bias) + scale * (dropout(x) @ A.T) @ B.T.
+
+    x (..., in), weight (out, in), bias (out,) or None, A (r, in), B (out, r). Dropout applies when
+    `seed` is given and dropout > 0, with the mask `dropout_keep(seed, ...)`. Differentiated by autograd.
+    """
+    return F.linear(x, weight, bias) + lora_delta_out(seeded_dropout(x, seed, dropout), A, B, scale)
+
+
+def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequence[Tensor], Bs: Sequence[Tensor],
+                      scales: Sequence[float], dropouts: Sequence[float] | float = 0.0,
+                      seeds: Sequence[Tensor | None] | None = None) -> Tensor:
+    """Several adapters on one linear, summed: F.linear(x, weight, bias) + sum_k lora_delta_out(dropout_k(x), ...).
+
+    Adapter k drops out with probability dropouts[k] and mask `dropout_keep(seeds[k], ...)` (None: no dropout).
+    """
+    n = len(As)
+    ps = [float(dropouts)] * n if isinstance(dropouts, (int, float)) else list(dropouts)
+    seeds = list(seeds) if seeds is not None else [None] * n
+    y = F.linear(x, weight, bias)
+    for A, B, s, p, seed in zip(As, Bs, scales, ps, seeds):
+        y = y + lora_delta_out(seeded_dropout(x, seed, p), A, B, s)
+    return y
+
+
+def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Sequence[Tensor], Bs: Sequence[Tensor],
+                       scales: Sequence[float], rows: Tensor, dropout: float = 0.0,
+                       seed: Tensor | None = None) -> Tensor:
+    """Per-example adapters: batch row b of x (batch, ..., in) gets adapter rows[b]; rows[b] = -1: the base only.
+
+    Dropout (with `seed`) is one mask over the whole of x, as `seeded_dropout(x, seed, dropout)`.
+    """
+    xd = seeded_dropout(x, seed, dropout)
+    ys = []
+    for b in range(x.shape[0]):
+        a = int(rows[b])
+        yb = F.linear(x[b], weight, bias)
+        if a >= 0:
+            yb = yb + lora_delta_out(xd[b], As[a], Bs[a], scales[a])
+        ys.append(yb)
+    return torch.stack(ys, 0)

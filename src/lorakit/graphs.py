@@ -26,7 +26,7 @@ micro-batch's gradients into fixed gradient tensors, and `graphed_update(opt)` c
 zeroes them (see `graphed_update`).
 
 Capturing needs a few warm-up steps on the example batch (kernels compile and tune, lorakit
-groups sibling linears). They change nothing the caller sees: the trainable parameters, the
+makes its launch plans). They change nothing the caller sees: the trainable parameters, the
 optimizer state and the CUDA random state are put back as they were, so a run resumed from a
 checkpoint draws the same dropout masks as one never stopped. (A copy of the trainable parameters
 is held meanwhile: small for adapters, a second model for full fine-tuning.) Off CUDA, `graphed_step` returns the same
@@ -126,7 +126,7 @@ class GraphedStep:
         saved = _snapshot(self._params, self.optimizer)
         rng = torch.cuda.get_rng_state(device)  # the warm-up's dropout seeds must not move the caller's stream
 
-        def warm_step() -> None:  # compile, tune, let lorakit learn its sibling groups
+        def warm_step() -> None:  # compile and tune the kernels
             self._zero_grad()
             self._step(self._static_batch())
 

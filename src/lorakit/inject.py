@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from . import fast
 from .config import LoraConfig, name_matches
 from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
-from .fusion import group_siblings, install_producers, remove_producers, ungroup
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -162,8 +162,6 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
         raise
     configs(model)[name] = cfg
     _freeze_base(model, cfg, paths)
-    group_siblings(model)
-    install_producers(model)
     merged = {n for _, layer in lora_layers(model) for n in layer.merged}
     set_adapter(model, [n for n in active_adapters(model) if n in merged] + [name])
     return model
@@ -327,14 +325,14 @@ def route(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
         outer = [(layer.routing, layer.__dict__.get("_route_owner")) for _, layer in layers]
         for _, layer in layers:
             layer.routing, layer._rows_cache, layer._route_owner = names, None, me
-            layer.__dict__.pop("_stack_cache", None)
+            fast.release_route(layer)
     try:
         yield model
     finally:
         with _route_lock:
             for (_, layer), (routing, owner) in zip(layers, outer):
                 layer.routing, layer._rows_cache, layer._route_owner = routing, None, owner
-                layer.__dict__.pop("_stack_cache", None)  # the stacked adapters live as long as the route
+                fast.release_route(layer)  # the stacked adapters live as long as the route
 
 
 def _refuse_routed(model: nn.Module, name: str) -> None:
@@ -452,8 +450,7 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         layer.rewrite(drop=drop, drop_residuals=gone, module_name=path)
     if not merge:
         restore_replaced(model)
-    remove_producers(model)
-    ungroup(model)
+    fast.unfuse(model)
     for path, layer in list(lora_layers(model)):
         base = layer.unwrap()
         base.train(layer.training)

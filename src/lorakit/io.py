@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from .config import LoraConfig, scaling
 from .errors import AdapterFileError, ConfigError, LoraError, ShapeMismatchError
-from .fusion import group_siblings, remove_producers, ungroup
 from .inject import _NAME_RE, _require, configs, inject, lora_layers, saved_module_paths
 from .layers import LoraEmbedding, LoraLayer, is_linear_like, supported
 
@@ -833,11 +832,6 @@ class _Undo:
         for key in ("_lorakit_active", "_lorakit_configs"):
             model.__dict__.pop(key, None)
         model.__dict__.update(self.state)  # set_adapter replaced the active list, so this is the old one
-        ungroup(model)
-        if self.wrapped:
-            group_siblings(model)
-        else:
-            remove_producers(model)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key, value in replaced.items():

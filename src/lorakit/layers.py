@@ -14,56 +14,19 @@ made through the free functions in `lorakit.inject`; nothing changes behind the 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast
 from . import functional as LF
-from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError
+from .errors import AdapterNotFoundError, MergeError, StateError
 
-# "auto": the fused kernels (lorakit.kernels) on CUDA, the plain reference path elsewhere;
-# "on": the fused autograd Functions everywhere (they are tested on CPU too); "off": reference only.
-_FAST_PATH = os.environ.get("LORAKIT_FAST_PATH", "auto")
-
-
-def set_fast_path(mode: str) -> None:
-    """Choose how LoRA linears compute: "auto" (fused on CUDA), "on" (fused everywhere) or "off".
-
-    Both paths compute the same function (tests/test_kernels.py, tests/test_contract.py).
-
-    Raises:
-        ConfigError: an unknown mode.
-    """
-    global _FAST_PATH
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"fast path mode must be 'auto', 'on' or 'off', got {mode!r}.")
-    _FAST_PATH = mode
-
-
-def fast_path_for(x: Tensor) -> bool:
-    """Whether the fused path handles input x under the current mode."""
-    return _FAST_PATH == "on" or (_FAST_PATH == "auto" and x.is_cuda)
-
-
-# Decode runs every adapted linear once per token, and there the Python around the three tensor
-# ops is the cost: an attribute read that nn.Module.__getattr__ answers (`self.weight`,
-# `a.lora_A`) takes about 1 µs on a CPU, and a call used to make eight. The forward passes below
-# read what they need from the modules' own `_parameters` / `_modules` dicts instead: live
-# state, no cache that could go stale (tests/test_host_overhead.py).
-_kernels = None  # lorakit.kernels (which imports Triton), imported on the first fast-path call
-
-
-def _import_kernels():
-    global _kernels
-    from . import kernels
-
-    _kernels = kernels
-    return kernels
-
-
+# The forward passes below read what they need from the modules' own `_parameters` / `_modules` dicts
+# (`_param`): an attribute read that nn.Module.__getattr__ answers costs as much as the decode step's
+# tensor ops around it.
 def _param(module: nn.Module, name: str) -> Tensor | None:
     """`getattr(module, name)` for a tensor that is usually a registered parameter, without __getattr__."""
     params = module._parameters
@@ -347,9 +310,9 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear (weight (out, in)) or Hugging Face's Conv1D (weight (in, out), `fan_in_fan_out`)."""
 
-    #: linears of the same parent and input size; on the fast path those that read one tensor
-    #: are computed in one fused call (`lorakit.fusion`, set up by `lk.inject`)
-    siblings = None
+    #: the `lorakit.fast.FastState` of the model this layer belongs to (plans, stacks, fusion), set by the
+    #: fast path on first use; None until then
+    fast_state = None
 
     def __init__(self, base: nn.Module, fan_in_fan_out: bool = False) -> None:
         self.fan_in_fan_out = fan_in_fan_out
@@ -358,105 +321,14 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled or not fast_path_for(x):
-            return super().forward(x)
-        kernels = _kernels or _import_kernels()
-        if self.routing is None and not self.merged and len(self.active) == 1 and not torch.is_grad_enabled():
-            # Inference with one adapter (decode): what the general path below does in this case, without
-            # what only autograd needs (recompute recipes). The launches are repeated from plans (below).
-            a = self._modules["adapters"]._modules.get(self.active[0])
-            if a is not None:
-                A, B, scale, p = a.operands()
-                weight, bias = _param(self, "weight"), _param(self, "bias")
-                if self.fan_in_fan_out or (p > 0 and self.training) or torch.compiler.is_compiling():
-                    return kernels.lora_linear(x, self._weight_out_in(), bias, A, B, scale, p, self.training)
-                siblings = self.siblings
-                if siblings is not None:  # q/k/v or gate/up in one launch (`SiblingGroup._decode`) where it serves
-                    y = siblings.forward(self, x)
-                    if y is not None:
-                        return y
-                if not x.is_cuda:
-                    return kernels.lora_linear(x, weight, bias, A, B, scale)
-                # Eager decode: the launch worked out on the first token is repeated for the next ones
-                # (`SmallPlan`), skipping most of the per-call Python; None where it does not serve.
-                plan = self.__dict__.get("_small_plan")
-                y = plan(x, weight, bias, A, B, scale) if plan is not None else None
-                if y is None:
-                    y = kernels.lora_linear(x, weight, bias, A, B, scale)
-                    self._small_plan = kernels.decode_plan(x, weight, bias, A, B, scale)
-                return y
-        weight, bias = self._weight_out_in(), _param(self, "bias")
-        if self.routing is not None:
-            if x.shape[0] != len(self.routing):
-                return super().forward(x)  # the reference path raises the explanatory error
-            pinned = self.__dict__.get("_pinned")
-            if pinned is not None and not torch.is_grad_enabled() and pinned[0].shape[0] == x.shape[0]:
-                # a decoder's routed step (`lorakit.decode`): its own stacks of every adapter of this layer and
-                # a rows tensor it rewrites in place for each batch, so that one captured step serves them all
-                return kernels.routed.routed_prepared(x, weight, bias, *pinned[1], pinned[0])
-            rows, _, routed = self._route_rows(x.device)
-            p = routed[0].dropout_p if routed and self.training else 0.0
-            if not routed or (self.training and any(a.dropout_p != p for a in routed)):
-                return super().forward(x)  # one dropout mask serves the routed adapters only if they share p
-            stacks = self._served_stacks(routed)
-            if stacks is not None and p == 0:  # serving: stacks checked once, no per-call validation
-                return kernels.routed.routed_prepared(x, weight, bias, *stacks, rows)
-            A, B = kernels.stack_adapters([a.lora_A for a in routed], [a.full_B() for a in routed])
-            return kernels.lora_linear_routed(x, weight, bias, A, B, self._scales(routed, x.device), rows,
-                                              dropout=p, training=p > 0)
-        grad = torch.is_grad_enabled()  # without autograd a sibling group computes only decode calls
-        if grad and self.siblings is not None and not torch.compiler.is_compiling():
-            y = self.siblings.forward(self, x)
-            if y is not None:
-                return y
-        active = self._unmerged_active()
-        if not active:
-            return self._base_forward(x)
-        if len(active) == 1:
-            A, B, scale, p = active[0].operands()
-            # a recipe only changes what backward keeps: none without autograd
-            return kernels.lora_linear(x, weight, bias, A, B, scale, p, self.training,
-                                       recompute=kernels.recipe_of(x) if grad else None)
-        return kernels.lora_linear_multi(x, weight, bias, [a.lora_A for a in active], [a.full_B() for a in active],
-                                         [a.scale for a in active], [a.dropout_p for a in active], self.training)
+        if self.disabled or not fast.enabled_for(x):
+            return super().forward(x)  # the reference path: `lorakit.functional` per adapter
+        return fast.linear_forward(self, x)  # one of `lorakit.fast.dispatch.PATHS`; `lk.explain(self, x)` says which
 
-    def _weight_out_in(self) -> Tensor:
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (out, in): Hugging Face's Conv1D stores it (in, out)."""
         weight = _param(self, "weight")
-        return weight.t() if self.fan_in_fan_out else weight  # Conv1D stores (in, out)
-
-    def _scales(self, adapters: list[LoraAdapter], device: torch.device) -> Tensor:
-        """The adapters' scales as a float32 tensor on `device`, made again only when one changes: a copy
-        from the host on every call would stop a training step from being captured as a CUDA graph."""
-        key = (device, *(a.scale for a in adapters))
-        cache = self.__dict__.get("_scales_cache")
-        if cache is None or cache[0] != key:
-            cache = self._scales_cache = (key, torch.tensor(key[1:], dtype=torch.float32, device=device))
-        return cache[1]
-
-    def _served_stacks(self, routed: list[LoraAdapter]) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(A_stack, B_stack, scales) for serving (no autograd): stacked once per route block and
-        reused while every adapter tensor keeps its version (a cheap check: no lookups, no ids).
-        None when autograd needs the adapters: then they are stacked on every call, so that
-        gradients reach each of them."""
-        if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in routed):
-            return None
-        cache = self.__dict__.get("_stack_cache")
-        if cache is not None and cache[0] is routed and [t._version for t in cache[1]] == cache[2]:
-            return cache[3]
-        tensors = [t for a in routed for t in (a.lora_A, a.lora_B)]
-        stacks = self.stacked(routed)
-        self._stack_cache = (routed, tensors, [t._version for t in tensors], stacks)
-        return stacks
-
-    def stacked(self, adapters: list[LoraAdapter]) -> tuple[Tensor, Tensor, Tensor]:
-        """(A_stack, B_stack, scales) of these adapters for the routed kernels, in the weight's dtype (a copy,
-        no autograd)."""
-        from . import kernels
-
-        with torch.no_grad():
-            A, B = kernels.stack_adapters([a.lora_A for a in adapters], [a.full_B() for a in adapters])
-            return (A.to(self.weight.dtype).contiguous(), B.to(self.weight.dtype).contiguous(),
-                    torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=self.weight.device))
+        return weight.t() if self.fan_in_fan_out else weight
 
     def _base_forward(self, x: Tensor) -> Tensor:
         weight, bias = _param(self, "weight"), _param(self, "bias")

@@ -238,5 +238,15 @@ def prepare_for_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, 
     wrapped for several processes or its steps are captured: cross-module fusion (an explicit call that
     returns a handle reporting what it changed) belongs here, with its report logged.
 
-    Today the fast path's fusion happens inside `inject`, so nothing is left to do here.
+    `lk.fuse` runs where the fast path computes (on CUDA by default, see `lk.set_fast_path`): there sibling
+    linears share one call and LoRA inputs are rebuilt in backward instead of kept.
     """
+    from .. import fast
+    from ..layers import LoraLinear
+
+    if not any(isinstance(m, LoraLinear) for m in model.modules()):
+        return  # full fine-tuning, or adapters on no linear layer: nothing to fuse
+    if not fast.enabled_for(torch.empty(0, device=device)):
+        log(f"Fusion across modules: off (the fast path is {fast.fast_path_mode()!r} and does not run on {device.type}).")
+        return
+    log(f"Fusion across modules: {fast.fuse(model)}")

@@ -5,13 +5,14 @@
 One input x feeds one or more frozen linears j (q, k and v read the same x) and one or more
 LoRA terms t (several adapters on one linear). Terms are put in dropout groups g: the terms
 of a group share one mask on x, so a group's A's are concatenated and x is read once for all
-of them. `lora_linear` is one linear with one term, served by the leaner `LoraLinearSingle`.
+of them. `lora_linear` (one linear, one term) and `lora_linear_group` (linears sharing x, one term each) take
+the leaner `LoraLinearGroup`, whose backward is a sequence of named steps (`STEPS`).
 
 What autograd would do with the plain formula, and what this does instead:
   * saved for backward: x (the same storage the caller holds, so q/k/v share it), the small
     xa = dropout(x) @ A.T (..., r) per group and a 2-number seed per group. Never a mask,
     never dropout(x), never the (..., out) LoRA output.
-  * the dropout mask is regenerated in backward from the seed (`dropout.py`); on CUDA the
+  * the dropout mask is regenerated in backward from the seed (`functional.dropout_keep`); on CUDA the
     Triton kernels make it in registers, so dropout(x) is not even written in forward.
   * no weight gradient for frozen W. The small LoRA terms are computed first (output y and
     input-gradient gx alike) and the large base GEMM adds onto them in place (`addmm_`), which
@@ -20,7 +21,7 @@ What autograd would do with the plain formula, and what this does instead:
     K loop ends with the LoRA product (`_triton.expand_gemm`): no LoRA output is written or read
     back. Elsewhere, without dropout and with many rows (rows > 1.5 * in), the forward runs one GEMM
     on W + s * B @ A formed in a scratch weight. Backward is the same either way.
-  * with `recompute=(fn, tensors)` (see `mark_recomputable`) not even x is kept: backward
+  * with `recompute=(fn, tensors)` (see `FastState.mark`) not even x is kept: backward
     rebuilds it as fn(*tensors) from tensors that the ops which made x keep anyway. For an
     RMSNorm output (`rms_norm_apply`) or a product (`torch.mul`) the Triton backward rebuilds
     x tile by tile in registers, bit for bit, so x is never written to memory at all.
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _triton
-from .dropout import apply_dropout, keep_mask, new_seed
+from ..functional import dropout_keep, dropout_seed, seeded_dropout
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _shrink(x2: Tensor, A: Tensor, seed: Tensor | None, p: float, triton: bool) 
         if x2.stride(-1) != 1 or not A.is_contiguous():
             x2, A = x2.contiguous(), A.contiguous()
         return x2, A, _triton.shrink(x2, A, seed, p)
-    return x2, A, torch.mm(apply_dropout(x2, seed, p), A.t())
+    return x2, A, torch.mm(seeded_dropout(x2, seed, p), A.t())
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -185,7 +186,7 @@ class LoraLinearFunction(torch.autograd.Function):
                         gx = torch.empty_like(x2)
                     dA_g = _triton.dropout_backward(x2, gxa, A, gx, seeds[g], p, gx_init=init)
                 else:
-                    keep = keep_mask(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
+                    keep = dropout_keep(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
                     dA_g = gxa.t() @ (x2 * keep * (1.0 / (1.0 - p)))
                     if need_x:
                         gl = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
@@ -227,7 +228,7 @@ def _recompute(fn: Callable, recipe, x_shape) -> Tensor:
 
 def rms_norm_apply(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
     """weight * (h32 * rstd).to(weight.dtype): a Llama-style RMSNorm's output from its float32 input h32
-    and 1/rms, the recipe its producer marks (`lorakit.fusion`). One kernel where Triton runs."""
+    and 1/rms, the recipe its producer notes (`fast.fusion.rms_norm_forward`). One kernel where Triton runs."""
     if _triton.available_for(h32) and weight.dtype in _TRITON_DTYPES:
         return _triton.norm_apply(h32, rstd, weight)
     return weight * (h32 * rstd).to(weight.dtype)
@@ -251,26 +252,6 @@ def _backward_input(ctx, x2: Tensor | None, recipe, dtype: torch.dtype,
         return x2, None
     src = _in_kernel(ctx.fn, recipe, ctx.x_shape, dtype) if ctx.triton and not need_w else None
     return (None, src) if src is not None else (_recompute(ctx.fn, recipe, ctx.x_shape), None)
-
-
-def mark_recomputable(x: Tensor, fn: Callable, *tensors: Tensor) -> Tensor:
-    """Note on x that x == fn(*tensors) exactly (same ops, same inputs), and return x.
-
-    Producers of a LoRA input whose own backward keeps `tensors` anyway (an RMSNorm keeps its
-    float32 input and 1/rms; silu(g) * u keeps silu(g) and u) mark their output, and the layer
-    passes `recompute=recipe_of(x)` to `lora_linear`: backward then rebuilds x from those
-    tensors instead of keeping a second copy of x alive. x must not be modified in place.
-    """
-    x._lorakit_recipe = (fn, tensors, x._version)
-    return x
-
-
-def recipe_of(x: Tensor) -> tuple[Callable, tuple[Tensor, ...]] | None:
-    """The (fn, tensors) recipe `mark_recomputable` put on x, or None (also once x was changed in place)."""
-    recipe = getattr(x, "_lorakit_recipe", None)
-    if recipe is None or recipe[2] != x._version:
-        return None
-    return recipe[0], recipe[1]
 
 
 def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, where: str) -> None:
@@ -330,10 +311,10 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
         shared_dropout: terms with the same dropout probability share one mask on x, so x is
             read once for all their A's (e.g. q, k, v as one group). False gives every term
             with dropout its own mask, as separate `nn.Dropout` modules would.
-        seeds: one seed per dropout group ((2,) int64 tensors, see `dropout.new_seed`), in the
+        seeds: one seed per dropout group ((2,) int64 tensors, see `functional.dropout_seed`), in the
             order groups are formed; default: fresh ones. For tests and exact replays.
         backend: "auto" (Triton where it applies), "torch" or "triton".
-        recompute: (fn, tensors) with fn(*tensors) == x exactly (see `mark_recomputable`):
+        recompute: (fn, tensors) with fn(*tensors) == x exactly (see `FastState.mark`):
             backward rebuilds x from tensors instead of keeping x.
 
     Returns:
@@ -380,7 +361,7 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
     tri = _use_triton(x, backend)
 
     if seeds is None:
-        seeds = [new_seed(x.device) if p > 0 else None for p in group_p]
+        seeds = [dropout_seed(x.device) if p > 0 else None for p in group_p]
     else:
         seeds = list(seeds)
         if len(seeds) != len(groups):
@@ -404,68 +385,6 @@ class _NoCtx:
 
     def save_for_backward(self, *tensors) -> None:
         pass
-
-
-class LoraLinearSingle(torch.autograd.Function):
-    """One linear, one adapter: the common case, with as little per-call Python as possible.
-
-    apply(x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe) -> y
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, seed, scale, p, triton, recompute_fn, *recipe):
-        ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype  # the gradients' dtypes; the products run in x's
-        A, B = _to_dtype(A, x.dtype), _to_dtype(B, x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        x2, A, xa = _shrink(x2, A, seed, p, triton)
-        fused = _expanded(x2, (weight,), (bias,), xa, (B,), (scale,), triton)
-        if fused is not None:
-            y = fused[0]
-        elif seed is None and _merge_pays_training(x2.shape[0], x2.shape[1]):
-            y = _on_merged_weight(x2, weight, bias, A, B, scale)
-        else:
-            y = _lora_out(bias, xa, B, scale)
-            y.addmm_(x2, weight.t())  # the base GEMM adds onto the small LoRA output in its epilogue
-        ctx.scale, ctx.p, ctx.triton, ctx.fn, ctx.x_shape = scale, p, triton, recompute_fn, x.shape
-        ctx.bias_grad = bias is not None and bias.requires_grad
-        ctx.save_for_backward(None if recompute_fn is not None else x2, weight, A, B, xa, seed, *recipe)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, gy):
-        x2, weight, A, B, xa, seed, *recipe = ctx.saved_tensors
-        x2, src = _backward_input(ctx, x2, recipe, A.dtype, ctx.needs_input_grad[1])
-        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-        s, p = ctx.scale, ctx.p
-        g2 = gy.reshape(-1, gy.shape[-1])
-        gW = g2.t() @ x2 if need_w else None
-        gb = g2.sum(0) if ctx.bias_grad else None
-        if ctx.triton and need_b and B.shape[1] <= _ONE_READ_MAX_RANK:  # g read once for both of its products
-            gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
-            gB = _triton.lora_grads(_unit_last(g2), _unit_last(B), xa, s, gxa, db_dtype=ctx.b_dtype)
-        else:
-            z = _zero(g2)
-            gB = _to_dtype(torch.addmm(z, g2.t(), xa, beta=0, alpha=s), ctx.b_dtype) if need_b else None
-            gxa = torch.addmm(z, g2, B, beta=0, alpha=s)
-        # gx: the small LoRA term first, then the base GEMM adds onto it in its epilogue.
-        gA = gx = None
-        if seed is None and src is None:
-            if need_a:
-                gA = torch.mm(gxa.t(), x2)
-            if need_x:
-                gx = torch.mm(gxa, A)
-        elif ctx.triton:
-            gx = A.new_empty(g2.shape[0], A.shape[1]) if need_x else None
-            gA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
-        else:
-            keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
-            gA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
-            if need_x:
-                gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
-        if need_x:
-            gx = gx.addmm_(g2, weight).view(ctx.x_shape)
-        gA = _to_dtype(gA, ctx.a_dtype) if need_a else None
-        return (gx, gW, gb, gA, gB, None, None, None, None, None, *([None] * len(recipe)))
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -503,9 +422,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     x (..., in); weight (out, in) frozen; bias (out,) or None; A (r, in); B (out, r).
     Gradients for x, A, B (and bias / weight only if they require grad). Dropout applies when
     `training` and `dropout > 0`; its mask is a function of `seed` ((2,) int64, default: a
-    fresh one), the same in forward and backward (see `dropout.keep_mask`). `recompute`:
+    fresh one), the same in forward and backward (see `functional.dropout_keep`). `recompute`:
     (fn, tensors) with fn(*tensors) == x exactly, so that backward rebuilds x instead of
-    keeping it (see `mark_recomputable`).
+    keeping it (see `FastState.mark`).
 
     Raises:
         ValueError: mismatched shapes or a dropout outside [0, 1).
@@ -543,11 +462,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         return y.view(*x.shape[:-1], y.shape[-1])
     seed, triton = _seed_and_kernels(x, drop, dropout, seed, backend, "lora_linear")
     fn, recipe = recompute if recompute is not None else (None, ())
+    args = ((A.shape[0],), (float(scale),), float(dropout), triton)
     if not _needs_graph(x, weight, bias, A, B):
         with torch.no_grad():
-            return LoraLinearSingle.forward(_NoCtx(), x, weight, bias, A, B, seed, float(scale), float(dropout),
-                                            triton, None)
-    return LoraLinearSingle.apply(x, weight, bias, A, B, seed, float(scale), float(dropout), triton, fn, *recipe)
+            return LoraLinearGroup.forward(_NoCtx(), x, 1, *args, None, weight, bias, A, B, seed)[0]
+    return LoraLinearGroup.apply(x, 1, *args, fn, weight, bias, A, B, seed, *recipe)[0]
 
 
 def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
@@ -560,29 +479,6 @@ def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if not _small_ok(x2, A, B, bias):
         return None
     return _triton.small_plan(x, weight, bias, A, B, float(scale))
-
-
-def decode_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], As: Sequence[Tensor],
-                 Bs: Sequence[Tensor], scales: Sequence[float]) -> list[Tensor] | None:
-    """`lora_linear(x, weights[j], biases[j], As[j], Bs[j], scales[j])` for 2 or 3 linears reading x (q/k/v,
-    gate/up), inference with few rows: one launch (`_triton.lora_small_group`) instead of one per linear.
-    None where that kernel does not serve (then call `lora_linear` per linear)."""
-    dt = x.dtype
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _lean_dtypes(x, weights, biases) \
-            or any(A.dtype != dt for A in As) or any(B.dtype != dt for B in Bs) \
-            or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return None
-    x2 = x.reshape(-1, x.shape[-1])
-    if not (_small_ok(x2, As[0], Bs[0], biases[0]) and _triton.small_group_ok(x2, weights, biases, As, Bs)):
-        return None
-    lead = x.shape[:-1]
-    return [y.view(*lead, y.shape[-1]) for y in _triton.lora_small_group(x2, weights, biases, As, Bs, scales)]
-
-
-def decode_group_plan(x: Tensor, weights, biases, As, Bs, scales):
-    """A `_triton.SmallGroupPlan` that repeats what `decode_group(x, ...)` just did (call it after a call that
-    did not return None), or None where the direct launch does not serve."""
-    return _triton.small_group_plan(x, weights, biases, As, Bs, [float(s) for s in scales])
 
 
 def _on_merged_weight(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
@@ -655,7 +551,7 @@ def _seed_and_kernels(x: Tensor, drop: bool, p: float, seed: Tensor | None, back
     if not drop:
         return None, triton
     _check_p(p, where)
-    seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
+    seed = dropout_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
     return seed, triton
 
 
@@ -724,8 +620,8 @@ def lora_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
     args = (tuple(A.shape[0] for A in As), tuple(float(s) for s in scales), float(dropout), triton)
     if not _needs_graph_any(x, weights, biases, As, Bs):
         with torch.no_grad():
-            return LoraLinearShared.forward(_NoCtx(), x, J, *args, None, *weights, *biases, *As, *Bs, seed)
-    return LoraLinearShared.apply(x, J, *args, fn, *weights, *biases, *As, *Bs, seed, *recipe)
+            return LoraLinearGroup.forward(_NoCtx(), x, J, *args, None, *weights, *biases, *As, *Bs, seed)
+    return LoraLinearGroup.apply(x, J, *args, fn, *weights, *biases, *As, *Bs, seed, *recipe)
 
 
 def _needs_graph_any(x, weights, biases, As, Bs) -> bool:
@@ -734,11 +630,15 @@ def _needs_graph_any(x, weights, biases, As, Bs) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for ts in (weights, biases, As, Bs) for t in ts)
 
 
-class LoraLinearShared(torch.autograd.Function):
-    """J linears reading one x, one adapter each, one dropout mask on x: `lora_linear_group`'s
-    common case (q/k/v, gate/up), with less per-call Python than the general `LoraLinearFunction`.
+class LoraLinearGroup(torch.autograd.Function):
+    """J >= 1 linears reading one x, one adapter each, one dropout mask on x: `lora_linear` (J = 1) and
+    `lora_linear_group` (q/k/v, gate/up) when the frozen weights are in x's dtype.
 
     apply(x, J, ranks, scales, p, triton, recompute_fn, W_0.., b_0.., A_0.., B_0.., seed, *recipe) -> y_0..y_{J-1}
+
+    Backward is a sequence of named steps, each with a PyTorch and a Triton implementation (`STEPS`):
+    "rebuild" x (kept, or rebuilt from its recipe), "lora_grads" (gxa = s * g @ B and dB = s * g.T @ xa),
+    "input_grads" (dA = gxa.T @ dropout(x) and the LoRA part of gx), then the base GEMMs add g @ W onto gx.
     """
 
     @staticmethod
@@ -774,60 +674,77 @@ class LoraLinearShared(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        J, ranks, scales, p = ctx.J, ctx.ranks, ctx.scales, ctx.p
+        J = ctx.J
         x2, A, xa, seed, *rest = ctx.saved_tensors
         Ws, Bs, recipe = rest[:J], rest[J:2 * J], rest[2 * J:]
         need = ctx.needs_input_grad  # (x, J, ranks, scales, p, triton, fn, W.., b.., A.., B.., seed, recipe..)
-        x2, src = _backward_input(ctx, x2, recipe, A.dtype, any(need[7:7 + J]))
-        need_x = need[0]
+        need_x, need_w, need_b = need[0], need[7:7 + J], need[7 + 3 * J:7 + 4 * J]
+        x2, src = _backward_input(ctx, x2, recipe, A.dtype, any(need_w))  # "rebuild"
         M = xa.shape[0]
         g2 = [g.reshape(M, g.shape[-1]) for g in grads]
-        z = _zero(xa)
-        dW = [g2[j].t() @ x2 if need[7 + j] else None for j in range(J)]
+        dW = [g2[j].t() @ x2 if need_w[j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
-        dB, off = [], 0
-        if ctx.triton and all(need[7 + 3 * J:7 + 4 * J]) and max(ranks) <= _ONE_READ_MAX_RANK:
-            # each g read once for both of its products
-            gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
-            if min(ranks) == max(ranks):  # the group in one launch (and one summing launch)
-                dB = _triton.lora_grads_group([_unit_last(g) for g in g2], [_unit_last(B) for B in Bs], xa,
-                                              scales, gxa, db_dtype=ctx.b_dtype)
-            else:
-                for j in range(J):
-                    dB.append(_triton.lora_grads(_unit_last(g2[j]), _unit_last(Bs[j]), xa, scales[j], gxa, col=off,
-                                                 db_dtype=ctx.b_dtype))
-                    off += ranks[j]
-        else:
-            gxas = []
-            for j in range(J):
-                r, s = ranks[j], scales[j]
-                dB.append(_to_dtype(torch.addmm(z, g2[j].t(), xa[:, off:off + r], beta=0, alpha=s), ctx.b_dtype)
-                          if need[7 + 3 * J + j] else None)
-                gxas.append(torch.addmm(z, g2[j], Bs[j], beta=0, alpha=s))
-                off += r
-            gxa = torch.cat(gxas, 1) if J > 1 else gxas[0]
-        # gx: the small LoRA term first, then the base GEMMs add onto it in their epilogues.
-        gx = None
-        if seed is None and src is None:
-            dA = torch.mm(gxa.t(), x2)
-            if need_x:
-                gx = torch.mm(gxa, A)
-        elif ctx.triton:
-            gx = A.new_empty(M, A.shape[1]) if need_x else None
-            dA = _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src)
-        else:
-            keep = keep_mask(seed, M, x2.shape[1], p, x2.device).to(x2.dtype)
-            dA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
-            if need_x:
-                gx = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
-        if need_x:
+        lora_grads = STEPS["lora_grads"][ctx.triton and all(need_b) and max(ctx.ranks) <= _ONE_READ_MAX_RANK]
+        gxa, dB = lora_grads(g2, Bs, xa, ctx.ranks, ctx.scales, need_b, ctx.b_dtype)
+        input_grads = STEPS["input_grads"][ctx.triton and (seed is not None or src is not None)]
+        dA, gx = input_grads(x2, src, gxa, A, seed, ctx.p, need_x)
+        if need_x:  # the base GEMMs add onto the LoRA term in their epilogues
             for j in range(J):
                 gx.addmm_(g2[j], Ws[j])
             gx = gx.view(ctx.x_shape)
         dA = _to_dtype(dA, ctx.a_dtype)  # one cast for the group, then views
         dAs, off = [], 0
         for j in range(J):
-            r = ranks[j]
+            r = ctx.ranks[j]
             dAs.append(dA[off:off + r] if need[7 + 2 * J + j] else None)
             off += r
         return (gx, None, None, None, None, None, None, *dW, *db, *dAs, *dB, None, *([None] * len(recipe)))
+
+
+# -- the named backward steps: (PyTorch, Triton) implementations of each -----------------------------
+def _lora_grads_torch(g2, Bs, xa, ranks, scales, need_b, b_dtype):
+    """gxa (M, sum r) = [s_j * g_j @ B_j] side by side, and dB_j = s_j * g_j.T @ xa_j: two GEMMs per linear."""
+    z, gxas, dB, off = _zero(xa), [], [], 0
+    for g, B, r, s, nb in zip(g2, Bs, ranks, scales, need_b):
+        dB.append(_to_dtype(torch.addmm(z, g.t(), xa[:, off:off + r], beta=0, alpha=s), b_dtype) if nb else None)
+        gxas.append(torch.addmm(z, g, B, beta=0, alpha=s))
+        off += r
+    return (torch.cat(gxas, 1) if len(gxas) > 1 else gxas[0]), dB
+
+
+def _lora_grads_triton(g2, Bs, xa, ranks, scales, need_b, b_dtype):
+    """The same, each g read once for both of its products (`_triton.lora_grads_group`); one launch for a
+    group of one rank."""
+    gxa = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
+    if min(ranks) == max(ranks):
+        dB = _triton.lora_grads_group([_unit_last(g) for g in g2], [_unit_last(B) for B in Bs], xa, scales, gxa,
+                                      db_dtype=b_dtype)
+    else:
+        dB, off = [], 0
+        for g, B, r, s in zip(g2, Bs, ranks, scales):
+            dB.append(_triton.lora_grads(_unit_last(g), _unit_last(B), xa, s, gxa, col=off, db_dtype=b_dtype))
+            off += r
+    return gxa, dB
+
+
+def _input_grads_torch(x2, src, gxa, A, seed, p, need_x):
+    """dA = gxa.T @ dropout(x2) and gx = dropout'(gxa @ A) (None without need_x), the mask from the seed."""
+    if seed is None:
+        return torch.mm(gxa.t(), x2), (torch.mm(gxa, A) if need_x else None)
+    keep = dropout_keep(seed, x2.shape[0], x2.shape[1], p, x2.device).to(x2.dtype)
+    dA = torch.mm(gxa.t(), x2 * keep).mul_(1.0 / (1.0 - p))
+    return dA, ((gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p)) if need_x else None)
+
+
+def _input_grads_triton(x2, src, gxa, A, seed, p, need_x):
+    """The same in one pass over x2, the mask made in registers (`_triton.dropout_backward`); x2 may be None,
+    rebuilt tile by tile from `src` inside the kernel."""
+    gx = A.new_empty(gxa.shape[0], A.shape[1]) if need_x else None
+    return _triton.dropout_backward(x2, gxa, A, gx, seed, p, gx_init=True, src=src), gx
+
+
+#: step name -> (PyTorch implementation, Triton implementation), indexed by whether Triton runs it
+STEPS = {
+    "lora_grads": (_lora_grads_torch, _lora_grads_triton),
+    "input_grads": (_input_grads_torch, _input_grads_triton),
+}

@@ -8,7 +8,7 @@ so are their gradients), and lets one kernel serve any mix of ranks. `stack_adap
 it with differentiable ops, so gradients reach each A_i and B_i; a caller that serves many
 batches (inference) can stack once and pass the stacks.
 
-Dropout (training): one mask on x, a pure function of a seed (`dropout.keep_mask`), applied before
+Dropout (training): one mask on x, a pure function of a seed (`functional.dropout_keep`), applied before
 each row's A; backward regenerates it from the seed instead of keeping it.
 
 Two paths compute the same function:
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _triton
-from .dropout import apply_dropout, new_seed
-from .linear import _check_p
+from ..functional import dropout_seed, seeded_dropout
+from .ops import _check_p
 
 
 def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -112,7 +112,7 @@ def _routed_torch(x3: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None,
     # x3 (batch, T, in). Gather each row's adapter (a BGMV in batched matmuls); -1 rows get a zero factor.
     idx = rows.clamp(min=0)
     on = (rows >= 0).to(x3.dtype) * scales.to(x3.dtype)[idx]
-    xd = x3 if seed is None else apply_dropout(x3.reshape(-1, x3.shape[-1]), seed, p).view(x3.shape)
+    xd = x3 if seed is None else seeded_dropout(x3.reshape(-1, x3.shape[-1]), seed, p).view(x3.shape)
     xa = torch.bmm(xd, A_stack[idx].transpose(1, 2))                            # (batch, T, R)
     delta = torch.bmm(xa, B_stack[idx].transpose(1, 2)) * on.view(-1, 1, 1)    # (batch, T, out)
     return F.linear(x3, weight, bias) + delta
@@ -128,7 +128,7 @@ def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Seque
     (A_stack (n, R, in), B_stack (n, out, R), see `stack_adapters`). scales: floats or an (n,)
     tensor. Gradients for x and every A_i, B_i (and weight / bias if they require grad).
     Dropout applies to x before A when `training` and `dropout > 0`, one mask for every row, a
-    function of `seed` ((2,) int64, default: a fresh one; see `dropout.keep_mask` for x as
+    function of `seed` ((2,) int64, default: a fresh one; see `functional.dropout_keep` for x as
     (tokens, in)).
 
     Raises:
@@ -161,7 +161,7 @@ def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Seque
         raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU).")
     _check_p(dropout, "lora_linear_routed")
     if training and dropout > 0:
-        seed = new_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
+        seed = dropout_seed(x.device) if seed is None else seed.to(device=x.device, dtype=torch.int64)
     else:
         seed = None
     return routed_prepared(x, weight, bias, A_stack.contiguous(), B_stack.contiguous(), scales, rows, use_triton,

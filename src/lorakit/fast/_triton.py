@@ -4,7 +4,7 @@ Two families:
   * dropout-fused LoRA input kernels, so that dropout(x) is never written to memory:
       shrink:   xa = dropout(x) @ A.T                            (reads x once)
       backward: dA = gxa.T @ dropout(x);  gx += dropout'(gxa @ A)  (reads x once, gx in place)
-    with the mask regenerated in registers from the seed (see `dropout.py`).
+    with the mask regenerated in registers from the seed (see `functional.dropout_keep`).
   * routed (per-example adapter) kernels in the style of Punica's SGMV: every program
     handles a block of tokens of one batch row, looks the row's adapter up, and multiplies
     by that adapter's stacked matrix. No host sync, no sorting, any mix of ranks (ranks are
@@ -22,6 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from ..functional import dropout_threshold  # its hash constants (HASH_MUL1, HASH_MUL2) are written out in _keep_tile
+
 try:  # Triton is optional: the PyTorch path computes the same function everywhere.
     import triton
     import triton.language as tl
@@ -29,12 +31,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-from .dropout import threshold  # the hash constants (dropout.MUL1, MUL2) are written out in _keep_tile
 
 
 # Read once, at import, as Triton reads TRITON_INTERPRET when it decorates the kernels below.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_OFF = triton is None or os.environ.get("LORAKIT_NO_TRITON", "0") == "1"
+# Whether the kernels may run at all: `lk.set_fast_path(..., triton=False)` keeps the fused Functions on
+# their PyTorch steps.
+ENABLED = {"on": triton is not None}
 
 
 def interpreting() -> bool:
@@ -43,7 +46,7 @@ def interpreting() -> bool:
 
 def available_for(t: Tensor) -> bool:
     """Whether the Triton kernels can run on tensors like `t` (CUDA, or CPU under the interpreter)."""
-    if _OFF:
+    if not ENABLED["on"]:
         return False
     if t.is_cuda:
         return not _INTERPRET
@@ -474,38 +477,6 @@ if triton is not None:
                    SPLIT, HAS_BIAS, BN, BK, BR)
 
     @triton.jit
-    def _lora_small_group_kernel(x_ptr, w0, w1, w2, bias0, bias1, bias2, a0, a1, a2, b0, b1, b2, out0, out1, out2,
-                                 ws_ptr, cnt_ptr, M, N0, N1, N2, NB0, NB1, K, R, s0, s1, s2, KC,
-                                 stride_xm, stride_wn, stride_wk, stride_am, stride_bn,
-                                 J: tl.constexpr, GEMV: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                 BK: tl.constexpr, BR: tl.constexpr):
-        # J <= 3 linears reading one x (q/k/v, gate/up) in one launch: the column blocks of y_0 (NB0 of them),
-        # then y_1's (NB1), then y_2's; each program computes its block's share as the one-linear kernels do.
-        # Linear j's split-K partial sums sit in the workspace after those of the linears before it; its tile
-        # counters are the launch's (one per program column). Each y_j is its own (M, N_j) tensor.
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        zero = pid_n * 0  # the selected values are run-time integers in every branch (Triton may pass 0 / 1 as constants)
-        w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, N, scale = w0, bias0, a0, b0, out0, N0 + zero, s0
-        blk, ws_off = pid_n, zero.to(tl.int64)
-        if J > 1:
-            if pid_n >= NB0:
-                w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, N, scale = w1, bias1, a1, b1, out1, N1 + zero, s1
-                blk, ws_off = pid_n - NB0, (zero + N0).to(tl.int64) * SPLIT * M
-                if J > 2:
-                    if pid_n >= NB0 + NB1:
-                        w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, N, scale = w2, bias2, a2, b2, out2, N2 + zero, s2
-                        blk, ws_off = pid_n - NB0 - NB1, (zero + N0 + N1).to(tl.int64) * SPLIT * M
-        if GEMV:
-            _gemv_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr + ws_off, cnt_ptr, N, K, R, scale, KC,
-                       stride_wn, stride_wk, stride_am, stride_bn, N, blk, pid_n, pid_s, SPLIT, HAS_BIAS, BN, BK, BR)
-        else:
-            _small_tile(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ws_ptr + ws_off, cnt_ptr, M, N, K, R, scale,
-                        KC, stride_xm, stride_wn, stride_wk, stride_am, stride_bn, N, blk, pid_n, pid_s,
-                        tl.program_id(2), SPLIT, HAS_BIAS, PREC, UPCAST, BM, BN, BK, BR)
-
-    @triton.jit
     def _routed_shrink_small_kernel(x_ptr, a_ptr, rows_ptr, xa_ptr, M, K, R, T, KC, stride_xm, stride_aa, stride_ar,
                                     BR: tl.constexpr, BK: tl.constexpr):
         # xa[s, m, :R] = x[m, s*KC : s*KC+KC] @ A_a[:, the same columns].T in float32, a = rows[m // T]; zero
@@ -708,7 +679,7 @@ def _same_as_from_tensor() -> bool:
 
 if _DESC_FIELDS is not None and not _same_as_from_tensor():  # pragma: no cover - depends on the Triton version
     _DESC_FIELDS = None
-_DIRECT = {"on": os.environ.get("LORAKIT_TRITON_DIRECT", "1") != "0"}
+_DIRECT = {"on": True}  # False: every launch through Triton's own launcher (kernels under a debugger)
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -830,7 +801,7 @@ def _tuned(tuner, kernel, key: tuple, grid, args: tuple, consts: dict, fallback)
 # -- wrappers -------------------------------------------------------------------------------------
 
 def _dropout_args(cols: int, p: float) -> tuple[int, int, float]:
-    return (cols + 1) // 2, threshold(p), 1.0 / (1.0 - p)
+    return (cols + 1) // 2, dropout_threshold(p), 1.0 / (1.0 - p)
 
 
 def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
@@ -839,7 +810,7 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device
 
 
 def dropout_apply(x2: Tensor, seed: Tensor, p: float) -> Tensor:
-    """`dropout.apply_dropout(x2, seed, p)` in one pass (the same mask; a kept value x / (1 - p) is rounded once from
+    """`functional.seeded_dropout(x2, seed, p)` in one pass (the same mask; a kept value x / (1 - p) is rounded once from
     float32): a new tensor, x2 (M, K) with unit stride in K. The routed Function uses it where the dropped input has
     to exist as a tensor."""
     M, K = x2.shape
@@ -1212,128 +1183,6 @@ def small_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Ten
     return plan
 
 
-def small_group_ok(x2: Tensor, weights, biases, As, Bs) -> bool:
-    """Whether `lora_small_group` serves these operands: 2 or 3 linears whose weights share their strides,
-    dtype and input size, one rank, and biases on all or none (of one dtype); unit last strides as
-    `lora_small` needs them. Float32 serves one row only (as `lora_small`)."""
-    J = len(weights)
-    if not 2 <= J <= 3 or x2.stride(-1) != 1 or (x2.dtype == torch.float32 and x2.shape[0] != 1):
-        return False
-    W0, A0, B0, b0 = weights[0], As[0], Bs[0], biases[0]
-    K, R = x2.shape[1], A0.shape[0]
-    for W, b, A, B in zip(weights, biases, As, Bs):
-        if not (W.dtype == W0.dtype and W.stride() == W0.stride() and W.shape[1] == K and A.shape == (R, K)
-                and A.dtype == A0.dtype and A.stride() == A0.stride() and A.stride(-1) == 1
-                and B.shape == (W.shape[0], R) and B.dtype == B0.dtype and B.stride(0) == B0.stride(0)
-                and B.stride(-1) == 1 and (b is None) == (b0 is None)
-                and (b is None or (b.dtype == b0.dtype and b.stride(0) == 1 and b.shape == (W.shape[0],)))):
-            return False
-    return True
-
-
-def _small_group_setup(x2: Tensor, weights, biases, As, Bs, scales, cfg: dict | None = None):
-    """(kernel, grid, split, consts, args(outs, ws, cnt)) of one `lora_small_group` launch."""
-    M, K = x2.shape
-    J = len(weights)
-    Ns = [W.shape[0] for W in weights]
-    R = As[0].shape[0]
-    BM = min(_pow2(M), 64)
-    c = {**_small_config(M, max(Ns), K, x2.device), **(cfg or {})}  # tiles as for the widest linear
-    BN, BK = c["BN"], min(c["BK"], _pow2(K))
-    nbs = [_cdiv(n, BN) for n in Ns]
-    blocks = sum(nbs)
-    split = c["SPLIT"] if cfg and "SPLIT" in cfg else _small_split(M, blocks, K, BK, x2.device)
-    KC, split = _k_chunks(K, BK, split)
-    grid = (blocks, split, _cdiv(M, BM))
-    gemv = M == 1 and c.get("GEMV", True)
-    consts = dict(J=J, GEMV=gemv, SPLIT=split, HAS_BIAS=biases[0] is not None, PREC=_prec(x2.dtype),
-                  UPCAST=interpreting(), BM=BM, BN=BN, BK=BK, BR=_pow2(R), num_warps=c["num_warps"],
-                  num_stages=c["num_stages"])
-    pad = (None,) * (3 - J)
-    bias_args = tuple(biases) if biases[0] is not None else (x2,) * J
-    fixed = (M, *Ns, *(0,) * (3 - J), nbs[0], nbs[1] if J > 1 else 0, K, R,
-             *(float(s) for s in scales), *(0.0,) * (3 - J), KC, x2.stride(0), weights[0].stride(0),
-             weights[0].stride(1), As[0].stride(0), Bs[0].stride(0))
-
-    def args(outs, ws, cnt):
-        return (x2, *weights, *pad, *bias_args, *pad, *As, *pad, *Bs, *pad, *outs, *pad, ws, cnt, *fixed)
-    return _lora_small_group_kernel, grid, split, consts, args
-
-
-def lora_small_group(x2: Tensor, weights, biases, As, Bs, scales, cfg: dict | None = None) -> list[Tensor]:
-    """`lora_small` for 2 or 3 linears that read the same x2 (q/k/v, gate/up) in one launch: a new (M, N_j)
-    tensor y_j = x2 @ weights[j].T + biases[j] + scales[j] * (x2 @ As[j].T) @ Bs[j].T for each. The operands
-    must pass `small_group_ok`. `cfg` overrides the tile sizes (tests, benchmarks)."""
-    M = x2.shape[0]
-    outs = [torch.empty(M, W.shape[0], dtype=x2.dtype, device=x2.device) for W in weights]
-    if M == 0:
-        return outs
-    kernel, grid, split, consts, args = _small_group_setup(x2, weights, biases, As, Bs, scales, cfg)
-    if split > 1:
-        ws = torch.empty(split * M * sum(W.shape[0] for W in weights), dtype=torch.float32, device=x2.device)
-        cnt = _counters(x2.device, grid[0] * grid[2])
-    else:
-        ws = cnt = outs[0]
-    _launch(kernel, grid, args(outs, ws, cnt), consts)
-    return outs
-
-
-class SmallGroupPlan:
-    """`lora_small_group` for one sibling group in eager decode, worked out once: what `SmallPlan` is to
-    `lora_small`, with the same rule (operands of the layout it was made for, the same scales and stream,
-    outside capture and autocast; else None). It holds no reference to the operands."""
-
-    __slots__ = ("shape", "stride", "dtype", "aligned", "index", "layout", "scales", "stream", "device",
-                 "out_shapes", "grid", "split", "has_bias", "pad", "fixed_args", "compiled", "tail", "ws", "cnt")
-
-    def __call__(self, x: Tensor, weights, biases, As, Bs, scales) -> list[Tensor] | None:
-        if not (scales == self.scales and _fits(self, x)
-                and self.layout == tuple(map(_layout, weights, biases, As, Bs))):
-            return None
-        dtype, device, pad = self.dtype, self.device, self.pad
-        outs = [torch.empty(shape, dtype=dtype, device=device) for shape in self.out_shapes]
-        ws, cnt = (self.ws, self.cnt) if self.split > 1 else (outs[0], outs[0])
-        _run(self.compiled, self.grid, (x, *weights, *pad, *(biases if self.has_bias else (x,) * len(weights)), *pad,
-                                        *As, *pad, *Bs, *pad, *outs, *pad, ws, cnt, *self.fixed_args, *self.tail))
-        return outs
-
-    def __reduce__(self):
-        return _none, ()
-
-    def __deepcopy__(self, memo):
-        return None
-
-
-def small_group_plan(x: Tensor, weights, biases, As, Bs, scales) -> SmallGroupPlan | None:
-    """A `SmallGroupPlan` for calls like `lora_small_group(x.reshape(-1, in), weights, biases, As, Bs, scales)`,
-    once that call has run (compiled the kernel), or None where the direct launch does not serve."""
-    if not (_DIRECT["on"] and _RUNTIME and x.is_cuda and x.is_contiguous()):
-        return None
-    x2 = x.view(-1, x.shape[-1])
-    M, Ns = x2.shape[0], [W.shape[0] for W in weights]
-    if M == 0 or torch.cuda.is_current_stream_capturing():
-        return None
-    kernel, grid, split, consts, args = _small_group_setup(x2, weights, biases, As, Bs, scales)
-    device = x.device
-    ws = _workspace(device, split * M * sum(Ns)) if split > 1 else None
-    cnt = _counters(device, grid[0] * grid[2]) if split > 1 else None
-    outs = [torch.empty(M, n, dtype=x.dtype, device=device) for n in Ns]
-    full = args(outs, ws if ws is not None else outs[0], cnt if cnt is not None else outs[0])
-    hit = _COMPILED.get(_key(kernel, device, full, consts))
-    if hit is None:
-        return None
-    plan = _plan_for(SmallGroupPlan(), x)
-    plan.layout = tuple(map(_layout, weights, biases, As, Bs))
-    plan.scales = list(scales)
-    plan.out_shapes = [(*x.shape[:-1], n) for n in Ns]
-    plan.grid = grid
-    plan.split, plan.ws, plan.cnt = split, ws, cnt
-    plan.has_bias, plan.pad = biases[0] is not None, (None,) * (3 - len(weights))
-    plan.fixed_args = full[18:]  # after x, 3 weights, 3 biases, 3 A, 3 B, 3 outputs, ws, cnt
-    plan.compiled, plan.tail = hit
-    return plan
-
-
 def routed_small_ok(x2: Tensor, A_stack: Tensor, B_stack: Tensor, bias: Tensor | None) -> bool:
     """Whether `routed_small` serves this inference call: at most SMALL_MAX_ROWS tokens of float16 / bfloat16
     (tensor-core dots), contiguous stacks, a rank (padded to a power of two) times the row block of at most
@@ -1575,7 +1424,7 @@ def routed_outer(u: Tensor, v: Tensor, rows: Tensor) -> Tensor:
 def norm_apply(h32: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
     """weight * (h32 * rstd).to(weight.dtype), bit for bit, in one kernel (h32 (..., N) float32, rstd (..., 1)).
 
-    The recomputation of a Llama-style RMSNorm's output (`lorakit.fusion`): PyTorch's three
+    The recomputation of a Llama-style RMSNorm's output (`fast.fusion.rms_norm_forward`): PyTorch's three
     elementwise kernels move 18 bytes per element, this one 6.
     """
     N = h32.shape[-1]
