@@ -309,8 +309,9 @@ def test_cuda_graphs_pads_to_its_lengths_and_trains_as_the_plain_loop(tiny_model
     shapes = _watch_training_shapes(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # fp32 and dropout 0: padding is the only difference between the runs
+    # constant schedule: the resumed runs stop at other --max-steps
     common = ["--epochs", "1", "--batch-size", "5", "--dropout", "0", "--eval-generate", "false",
-              "--precision", "fp32", "--max-grad-norm", "0.5", "--schedule", "constant"]  # constant: the resumed runs stop at other --max-steps
+              "--precision", "fp32", "--max-grad-norm", "0.5", "--schedule", "constant"]
     assert main(train_args(tiny_model, data, tmp_path / "plain", *common, "--cuda-graphs", "off")) == 0
     plain_shapes = list(shapes)
     shapes.clear()

@@ -79,7 +79,8 @@ def test_disabled_is_base_and_only_adapters_get_gradients(kind, kwargs, fast_pat
     cfg = lk.LoraConfig(r=4, alpha=8, **kwargs)
     for name, p in model.named_parameters():
         is_lora = ".adapters." in name
-        is_bias = cfg.bias == "lora_only" and name.endswith(".bias") and name.rsplit(".", 1)[0] in dict(lk.lora_layers(model))
+        wrapped = dict(lk.lora_layers(model))
+        is_bias = cfg.bias == "lora_only" and name.endswith(".bias") and name.rsplit(".", 1)[0] in wrapped
         is_saved = bool(cfg.modules_to_save) and any(f".{m}." in f".{name}" for m in cfg.modules_to_save)
         should_train = is_lora or is_bias or is_saved
         assert p.requires_grad == should_train, name
@@ -134,7 +135,7 @@ def test_unmerge_bit_exact_after_many_cycles(dtype):
         lk.merge(model)
         lk.unmerge(model)
     for k, v in model.state_dict().items():
-        assert torch.equal(v.view(torch.int16) if v.dtype in (torch.bfloat16, torch.float16) else v, 
+        assert torch.equal(v.view(torch.int16) if v.dtype in (torch.bfloat16, torch.float16) else v,
                            before[k].view(torch.int16) if v.dtype in (torch.bfloat16, torch.float16) else before[k]), k
 
 

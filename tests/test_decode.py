@@ -156,8 +156,9 @@ def test_what_it_does_not_decode_is_named():
         assert "route" in decode_unsupported(model)
     assert "not a Hugging Face" in decode_unsupported(torch.nn.Linear(2, 2))
     from transformers import MistralConfig, MistralForCausalLM
-    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=8))
     assert "SlidingWindow" in decode_unsupported(windowed)  # its cache keeps a write position on the host
 
 

@@ -231,7 +231,8 @@ def run_accumulating(model, opt, groups, max_grad_norm):
 
 def accumulation_groups(device):
     short = {k: v[:, :6] for k, v in batch(device, seed=9).items()}  # a second shape, first met mid-group
-    return [[batch(device, seed=1), short], [batch(device, seed=2), batch(device, seed=3)], [short, batch(device, seed=4)]]
+    return [[batch(device, seed=1), short], [batch(device, seed=2), batch(device, seed=3)],
+            [short, batch(device, seed=4)]]
 
 
 def test_accumulating_steps_and_graphed_update_off_cuda_are_the_plain_loop():

@@ -576,7 +576,8 @@ def test_hostile_pattern_keys_do_not_hang(tmp_path, pattern):
     for field in ("rank_pattern", "alpha_pattern"):
         rewrite(tmp_path, config={**config, field: {pattern: 2}}, metadata=None)
         start = time.perf_counter()
-        fails_cleanly("llama", lambda m: lk.load_adapter(m, tmp_path), f"adapter_config.json: {field} key .* is refused")
+        fails_cleanly("llama", lambda m: lk.load_adapter(m, tmp_path),
+                      f"adapter_config.json: {field} key .* is refused")
         assert time.perf_counter() - start < 2.0
 
 

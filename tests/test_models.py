@@ -234,10 +234,11 @@ def test_bundled_name_uses_the_cache(monkeypatch, private_cache):
     calls = []
 
     def locate() -> Path:
-        return models.build_cached_dir(models.cache_dir() / "models" / "fake", lambda out: (calls.append(1), _save_tiny_llama(out)))
+        return models.build_cached_dir(models.cache_dir() / "models" / "fake",
+                                       lambda out: (calls.append(1), _save_tiny_llama(out)))
 
-    monkeypatch.setitem(models._BUNDLED, "fake", models._Bundled("a tiny test model", "fake-pkg", "fake_pkg", "pip install fake-pkg",
-                                                               ("causal-lm",), locate))
+    monkeypatch.setitem(models._BUNDLED, "fake", models._Bundled("a tiny test model", "fake-pkg", "fake_pkg",
+                                                               "pip install fake-pkg", ("causal-lm",), locate))
     first = models.resolve_model_path("fake")
     assert models.resolve_model_path("fake") == first
     assert first.parent.parent == private_cache and calls == [1]

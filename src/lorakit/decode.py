@@ -355,7 +355,8 @@ class Decoder:
         device = input_ids.device
         eos, pad = self._special_tokens(eos_token_id, pad_token_id, device)
         cache_len = -(-(P + max_new_tokens) // self.cache_multiple) * self.cache_multiple
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        config = self.model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if limit:
             cache_len = max(min(cache_len, limit), P + max_new_tokens)
         session = self._session(batch, cache_len, P + max_new_tokens, device, routed, sampling is not None)

@@ -335,7 +335,8 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Union[Path, str]
     if path.is_dir():
         return path
     if path.exists():
-        raise ConfigError(f"model path {raw!r} is a file; expected a Hugging Face model directory (config.json + weights)")
+        raise ConfigError(f"model path {raw!r} is a file; expected a Hugging Face model directory "
+                          "(config.json + weights)")
     if _HUB_ID.match(raw):
         return raw
     close = difflib.get_close_matches(raw, list(_BUNDLED), n=1)
@@ -402,7 +403,8 @@ def load_model(
                           "it takes a positive count, and only for sequence-classification or regression")
     raw = os.fspath(name_or_path)
     if raw in _BUNDLED and task not in _BUNDLED[raw].tasks:
-        raise ConfigError(f"model {raw!r} cannot be loaded for task {task!r}; it supports {', '.join(_BUNDLED[raw].tasks)}")
+        raise ConfigError(f"model {raw!r} cannot be loaded for task {task!r}; "
+                          f"it supports {', '.join(_BUNDLED[raw].tasks)}")
     torch_dtype = _parse_dtype(dtype)
     source = resolve_model_path(raw)
 
@@ -439,7 +441,8 @@ def _prepare_for_batching(model: "PreTrainedModel", tokenizer: "PreTrainedTokeni
     """Set the pad token (EOS if the tokenizer has none), right padding, and a finite max length."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before batching")
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token; "
+                              "set tokenizer.pad_token before batching")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     # Sequence-classification heads on decoders find each row's last token by the pad id.

@@ -135,7 +135,8 @@ def builtin_task(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[Record]
         raise ConfigError(f"n_train and n_eval must be >= 0, got n_train={n_train}, n_eval={n_eval}")
     capacity = 4 * (_LAST_YEAR - _FIRST_YEAR + 1) * 365
     if n_train + n_eval > capacity // 2:  # far below the limit, rejection sampling stays fast
-        raise ConfigError(f"n_train + n_eval = {n_train + n_eval} is too large; at most {capacity // 2} distinct records")
+        raise ConfigError(f"n_train + n_eval = {n_train + n_eval} is too large; "
+                          f"at most {capacity // 2} distinct records")
     # Held-out records come first from their own stream, then training records from another
     # stream skip every held-out prompt: so eval is fixed by (n_eval, seed) and disjoint.
     eval_rng, train_rng = random.Random(f"{seed}:eval"), random.Random(f"{seed}:train")

@@ -216,7 +216,8 @@ if triton is not None:
         # elements after gp (one buffer). Summed over blocks / slices by _sum_parts_kernel (deterministic).
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
-        zero = pid_n * 0  # the selected values are run-time integers in every branch (Triton may pass 0 / 1 as constants)
+        # the selected values are run-time integers in every branch (Triton may pass 0 / 1 as constants)
+        zero = pid_n * 0
         g_ptr, b_ptr, N, stride_gm, stride_bn, scale = g0, b0, N0 + zero, sg0 + zero, sb0 + zero, s0
         blk, noff, col = pid_n, zero, xa_col + zero
         if J > 1:
@@ -810,9 +811,9 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device
 
 
 def dropout_apply(x2: Tensor, seed: Tensor, p: float) -> Tensor:
-    """`functional.seeded_dropout(x2, seed, p)` in one pass (the same mask; a kept value x / (1 - p) is rounded once from
-    float32): a new tensor, x2 (M, K) with unit stride in K. The routed Function uses it where the dropped input has
-    to exist as a tensor."""
+    """`functional.seeded_dropout(x2, seed, p)` in one pass (the same mask; a kept value x / (1 - p) is rounded
+    once from float32): a new tensor, x2 (M, K) with unit stride in K. The routed Function uses it where the
+    dropped input has to exist as a tensor."""
     M, K = x2.shape
     out = torch.empty(M, K, dtype=x2.dtype, device=x2.device)
     half, thresh, inv_keep = _dropout_args(K, p)
@@ -1055,7 +1056,8 @@ def _small_setup(x2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: 
         kernel, consts = _lora_small_kernel, dict(
             SPLIT=split, HAS_BIAS=bias is not None, PREC=_prec(x2.dtype), UPCAST=interpreting(), BM=BM, BN=c["BN"],
             BK=BK, BR=_pow2(R), num_warps=c["num_warps"], num_stages=c["num_stages"])
-    fixed = (M, N, K, R, float(scale), KC, x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0), N)
+    fixed = (M, N, K, R, float(scale), KC, x2.stride(0), weight.stride(0), weight.stride(1), A.stride(0), B.stride(0),
+             N)
 
     def args(out, ws, cnt):
         return (x2, weight, x2 if bias is None else bias, A, B, out, ws, cnt, *fixed)

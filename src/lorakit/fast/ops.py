@@ -370,8 +370,9 @@ def lora_linears(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
                  for s, p in zip(seeds, group_p)]
 
     fn, recipe = (None, ()) if recompute is None else (recompute[0], tuple(recompute[1]))
+    cast = dtype if fn is not None and x_dtype != dtype else None
     plan = _Plan(J, term_out, tuple(float(s) for s in scales), tuple(tuple(m) for m in groups),
-                 tuple(group_p), "triton" if tri else "torch", fn, dtype if fn is not None and x_dtype != dtype else None)
+                 tuple(group_p), "triton" if tri else "torch", fn, cast)
     if _no_grad_needed([x, *weights, *biases, *As, *Bs]):
         with torch.no_grad():
             return LoraLinearFunction.forward(_NoCtx(), x, plan, *weights, *biases, *As, *Bs, *seeds, *recipe)

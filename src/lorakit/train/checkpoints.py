@@ -334,7 +334,8 @@ def keep_optimizer_mode(optimizer, capturable: bool) -> None:
     """After `load_state_dict`: this run's capturable / fused flags (a checkpoint brings those of the
     run that wrote it), and each step count where they want it (the GPU when capturable)."""
     for g in optimizer.param_groups:
-        g["capturable"], g["fused"] = capturable, (True if capturable else None)  # (save_checkpoint stores lr as a number)
+        # (save_checkpoint stores lr as a number)
+        g["capturable"], g["fused"] = capturable, (True if capturable else None)
     for p, st in optimizer.state.items():
         if isinstance(st.get("step"), torch.Tensor):
             st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)

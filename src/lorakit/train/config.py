@@ -90,7 +90,8 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         mode = self.cuda_graphs
-        mode = ("on" if mode else "off") if isinstance(mode, bool) else _SWITCH.get(str(mode).lower(), str(mode).lower())
+        text = str(mode).lower()
+        mode = ("on" if mode else "off") if isinstance(mode, bool) else _SWITCH.get(text, text)
         if mode not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}.")
         self.cuda_graphs = mode

@@ -46,7 +46,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             if decoder is not None:
-                out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens, pad_token_id=kwargs["pad_token_id"],
+                out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                              pad_token_id=kwargs["pad_token_id"],
                               adapters=None if adapters is None else adapters[start:start + batch_size], **sampling)
             elif adapters is not None:
                 names = [n for n in adapters[start:start + batch_size] for _ in range(beams)]

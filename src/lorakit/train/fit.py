@@ -31,7 +31,8 @@ def fit(t: Training) -> dict[str, Any]:
     cfg, ctx, progress = t.cfg, t.ctx, t.progress
     t.model.train()
     step, epoch, batch_pos = progress["step"], progress["epoch"], progress["batch"]
-    bar = tqdm(total=t.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
+    bar = tqdm(total=t.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not ctx.is_main)
     if ctx.is_main:
         t.stepper.log = bar.write  # (lines printed under the progress bar, not into it)
     tokens_seen, t_start, window_loss, window_n = 0, time.time(), 0.0, 0

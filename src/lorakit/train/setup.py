@@ -136,8 +136,8 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     params = [p for p in model.parameters() if p.requires_grad]
     graphed, why = cfg.graphs_for(device, ctx.distributed)
     padded = graphed or cfg.cuda_graphs == "on"  # (on without CUDA: eager steps on the graphs' batches, for tests)
-    log(f"CUDA graphs: {why}" + ("; the steps run eagerly on batches padded as for the graphs." if padded and not graphed
-                                 else "."))
+    eager_note = "; the steps run eagerly on batches padded as for the graphs." if padded and not graphed else "."
+    log(f"CUDA graphs: {why}{eager_note}")
     # a captured step needs an optimizer whose step count lives on the GPU (capturable); fused is the fastest such AdamW
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **({"capturable": True, "fused": True} if graphed else {}))
@@ -247,6 +247,7 @@ def prepare_for_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, 
     if not any(isinstance(m, LoraLinear) for m in model.modules()):
         return  # full fine-tuning, or adapters on no linear layer: nothing to fuse
     if not fast.enabled_for(torch.empty(0, device=device)):
-        log(f"Fusion across modules: off (the fast path is {fast.fast_path_mode()!r} and does not run on {device.type}).")
+        log(f"Fusion across modules: off (the fast path is {fast.fast_path_mode()!r} "
+            f"and does not run on {device.type}).")
         return
     log(f"Fusion across modules: {fast.fuse(model)}")
