@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.fast.ops import lora_linear, lora_linear_group
+from lorakit.functional import dropout_seed
 from lorakit.functional import lora_linear as reference_lora_linear
 from lorakit.fast import _triton
 
@@ -81,7 +82,8 @@ def run(args) -> list[dict]:
             return [F.linear(x, W) for W in Ws]
 
         def fwd_ref(p):
-            return lambda: [reference_lora_linear(x, W, None, A, B, s, p, True) for W, A, B in zip(Ws, As, Bs)]
+            seed = dropout_seed(x.device) if p > 0 else None
+            return lambda: [reference_lora_linear(x, W, None, A, B, s, p, seed) for W, A, B in zip(Ws, As, Bs)]
 
         def fwd_fast(p, backend):
             return lambda: [lora_linear(x, W, None, A, B, s, p, True, backend=backend) for W, A, B in zip(Ws, As, Bs)]

@@ -15,7 +15,7 @@ All cases run in one process on the same model weights, batch and seed:
                 lorakit-unfused: the fast path per linear, without lk.fuse; lorakit-routed4(-p0):
                 4 adapters trained at once, the batch rows dealt round-robin (`lk.route`)
 
-    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,kernels]
+    PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,lorakit]
         [--compile] [--graphs] [--attn sdpa|causal] [--profile CASES] [--cprofile CASES]
 
 --graphs captures each case's whole step (forward, backward, AdamW with capturable=True) as one

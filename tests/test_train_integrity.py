@@ -250,15 +250,9 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tiny_mod
 
 
 def test_a_full_disk_while_saving_the_adapter_says_so(tiny_model, sft_file, tmp_path, capsys, monkeypatch):
-    import safetensors.torch
-    from safetensors import SafetensorError
+    import lorakit.io
 
-    def full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 16)
-        # what safetensors raises when the disk fills (seen on a 256 KiB tmpfs)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(lorakit.io, "open", FullDisk(1), raising=False)  # the adapter's first file fills the disk
     out = tmp_path / "run"
     fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1"), "No space left on device",
                   str(out / "adapter"))
