@@ -43,7 +43,7 @@ def check_supported(module: nn.Module, path: str) -> None:
     Raises:
         TargetError: `module` holds an integer weight and is not one of `SUPPORTED`.
     """
-    if is_quantized(module) and not is_bnb_linear(module):
+    if is_quantized(module) and not (is_bnb_linear(module) or isinstance(module, LoraLinear)):
         raise TargetError(
             f"{path} is a {type(module).__module__}.{type(module).__name__} with a quantized "
             f"{module.weight.dtype} weight, which LoRA cannot adapt here (supported quantized layers: {SUPPORTED}, "
