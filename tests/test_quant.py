@@ -199,3 +199,12 @@ def test_pissa_on_a_quantized_layer_is_refused(base_dir):
     with pytest.raises(lk.StateError, match="pissa"):
         lk.inject(model, lk.LoraConfig(r=2, targets=["q_proj"], init="pissa"))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_peft_loads_an_adapter_made_on_a_4bit_base_with_the_same_outputs(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = adapted(base_dir, "nf4")
+    want = model(TOKENS).logits
+    lk.save_adapter(model, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(load(base_dir, "nf4"), tmp_path / "a").eval()
+    torch.testing.assert_close(theirs(TOKENS).logits, want, rtol=1e-5, atol=1e-5)
