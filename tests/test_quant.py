@@ -208,3 +208,16 @@ def test_peft_loads_an_adapter_made_on_a_4bit_base_with_the_same_outputs(base_di
     lk.save_adapter(model, tmp_path / "a")
     theirs = peft.PeftModel.from_pretrained(load(base_dir, "nf4"), tmp_path / "a").eval()
     torch.testing.assert_close(theirs(TOKENS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_leaves_quantized_siblings_ungrouped(base_dir):
+    model = adapted(base_dir, "nf4")
+    want = model(TOKENS).logits
+    lk.set_fast_path("on")
+    try:
+        handle = lk.fuse(model)
+        assert not handle.groups and any("quantized" in why for _, why in handle.skipped)
+        assert torch.equal(model(TOKENS).logits, want)
+    finally:
+        lk.unfuse(model)
+        lk.set_fast_path("auto")
