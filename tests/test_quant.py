@@ -221,3 +221,36 @@ def test_fuse_leaves_quantized_siblings_ungrouped(base_dir):
     finally:
         lk.unfuse(model)
         lk.set_fast_path("auto")
+
+
+@pytest.fixture(scope="module")
+def model_dir(base_dir):
+    """base_dir with a word-level tokenizer of the model's 64 tokens, as `load_model` needs one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                         eos_token="</s>").save_pretrained(base_dir)
+    return base_dir
+
+
+@pytest.mark.parametrize("kind,cls", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_load_model_quantizes_at_load(model_dir, kind, cls):
+    from lorakit.models import load_model
+
+    model, _ = load_model(model_dir, quantize=kind)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == cls
+    lk.inject(model, lk.LoraConfig(r=2, targets="all-linear"))
+    assert model(TOKENS).logits.shape == (2, 5, 64)
+
+
+def test_load_model_refuses_unknown_or_double_quantization(model_dir, tmp_path):
+    from lorakit.models import load_model
+
+    with pytest.raises(lk.ConfigError, match="nf4, fp4, int8"):
+        load_model(model_dir, quantize="int4")
+    load(model_dir, "nf4").save_pretrained(tmp_path)
+    with pytest.raises(lk.ConfigError, match="quantized already"):
+        load_model(tmp_path, quantize="nf4")

@@ -142,3 +142,34 @@ class LoraQuantLinear(LoraLinear):
         twin.active = list(self.active)
         twin.train(self.training)
         return twin
+
+
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def bnb_config(kind: str, compute_dtype: torch.dtype | None = None):
+    """transformers' BitsAndBytesConfig for `kind`: "nf4" / "fp4" (4 bits, double quantization, compute in
+    `compute_dtype`, default float32) or "int8" (8 bits).
+
+    Raises:
+        ConfigError: an unknown kind, or bitsandbytes missing or older than 0.45.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .errors import ConfigError
+
+    if kind not in QUANTIZE:
+        raise ConfigError(f"quantize={kind!r} is not a quantization lorakit knows; use one of {', '.join(QUANTIZE)}.")
+    try:
+        have = version("bitsandbytes")
+    except PackageNotFoundError:
+        have = None
+    if have is None or tuple(int(p) for p in have.split(".")[:2] if p.isdigit()) < (0, 45):
+        raise ConfigError(f"quantize={kind!r} needs bitsandbytes >= 0.45 ({'not installed' if have is None else have} "
+                          "here): pip install 'bitsandbytes>=0.45', or load the model without quantizing.")
+    import transformers
+
+    if kind == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=compute_dtype or torch.float32)
