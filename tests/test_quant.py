@@ -254,3 +254,25 @@ def test_load_model_refuses_unknown_or_double_quantization(model_dir, tmp_path):
     load(model_dir, "nf4").save_pretrained(tmp_path)
     with pytest.raises(lk.ConfigError, match="quantized already"):
         load_model(tmp_path, quantize="nf4")
+
+
+def test_cli_merge_quantize_writes_dequantized_plus_update(model_dir, tmp_path):
+    from lorakit import cli, quant
+    from lorakit.models import load_model
+
+    assert cli.QUANTIZE == quant.QUANTIZE
+    model, _ = load_model(model_dir, quantize="nf4")
+    adapted(model_dir, "nf4", model=model)
+    want = {}
+    for path, layer in lk.lora_layers(model):
+        a = layer.adapters["default"]
+        w = dequantize(layer._base)
+        want[path] = (w.float() + a.scale * (a.lora_B.detach() @ a.lora_A.detach())).to(w.dtype)
+    lk.save_adapter(model, tmp_path / "a")
+    assert cli.main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "a"),
+                     "--output", str(tmp_path / "out"), "--quantize", "nf4"]) == 0
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert getattr(merged.config, "quantization_config", None) is None
+    for path, w in want.items():
+        assert torch.equal(merged.get_submodule(path).weight, w)
+    torch.testing.assert_close(merged(TOKENS).logits, model(TOKENS).logits, rtol=1e-4, atol=1e-4)

@@ -173,3 +173,12 @@ def bnb_config(kind: str, compute_dtype: torch.dtype | None = None):
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
                                            bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """A transformers model loaded with bitsandbytes, with every remaining quantized linear dequantized and the
+    quantization config removed (what `lorakit merge --quantize` writes after `eject(model, merge=True)`)."""
+    if any(is_bnb_linear(m) for m in model.modules()):
+        return model.dequantize()
+    model.hf_quantizer.remove_quantization_config(model)  # transformers' dequantize needs a quantized layer
+    return model
