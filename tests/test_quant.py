@@ -276,3 +276,19 @@ def test_cli_merge_quantize_writes_dequantized_plus_update(model_dir, tmp_path):
     for path, w in want.items():
         assert torch.equal(merged.get_submodule(path).weight, w)
     torch.testing.assert_close(merged(TOKENS).logits, model(TOKENS).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("installed", [None, "0.42.0"])
+def test_bitsandbytes_missing_or_too_old_is_a_clear_error(monkeypatch, installed):
+    import importlib.metadata
+
+    from lorakit import quant
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(lk.ConfigError, match=r"needs bitsandbytes >= 0\.45 .*pip install"):
+        quant.bnb_config("nf4")
