@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 
 # The packages of the extras (train, eval, plots, gpu, models): none may be needed by the core.
 EXTRAS = ["transformers", "tqdm", "yaml", "sklearn", "scipy", "sacrebleu", "nltk", "pycocoevalcap",
-          "matplotlib", "triton", "datasets", "gguf", "peft"]
+          "matplotlib", "triton", "datasets", "gguf", "peft", "bitsandbytes"]
 ALLOWED = {"torch", "safetensors", "lorakit"}
 
 

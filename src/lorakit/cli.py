@@ -27,6 +27,8 @@ from typing import Any
 from .config import LoraConfig
 from .errors import ConfigError, LoraError
 
+QUANTIZE = ("nf4", "fp4", "int8")  # lorakit.quant.QUANTIZE, named here so that --help imports no torch
+
 SECTIONS = {"train": "TrainConfig", "data": "DataConfig", "lora": "LoraConfig"}
 
 
@@ -304,13 +306,14 @@ def cmd_generate(args) -> int:
     from .io import load_adapter
     from .models import load_model
     from .train import generate_texts
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, quantize=args.quantize)
     names = []
     for spec in args.adapter or []:
         name, path = adapter_spec(spec)
         load_adapter(model, path, name=name)
         names.append(name)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quantize is None:  # a quantized model was loaded onto its device
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
     prompts = list(args.prompt or [])
     if args.input_file:
         prompts += [line.rstrip("\n") for line in Path(args.input_file).read_text().splitlines() if line.strip()]
@@ -380,19 +383,24 @@ def cmd_merge(args) -> int:
     from .inject import eject, merge
     from .io import load_adapter
     from .models import load_model
+    from .quant import dequantize_model
     from .train.rundir import check_output_dir
     out = Path(args.output)
     check_output_dir(out, "--output")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; pick a new --output directory.")
     task = {"causal-lm": "causal-lm", "classification": "sequence-classification"}.get(args.task, args.task)
-    model, tokenizer = load_model(args.model, task=task, num_labels=args.num_labels)
+    model, tokenizer = load_model(args.model, task=task, num_labels=args.num_labels, quantize=args.quantize)
     load_adapter(model, args.adapter)
     model.eval()
-    sample = tokenizer(["The quick brown fox jumps over the lazy dog."] * 2, return_tensors="pt")
+    sample = tokenizer(["The quick brown fox jumps over the lazy dog."] * 2, return_tensors="pt").to(model.device)
     with torch.no_grad():
         unmerged = model(**sample).logits.float()
-        merge(model)
+        if args.quantize:  # nothing merges into a quantized layer: dequantize(Wq) + s*B@A, then the rest dequantized
+            eject(model, merge=True)
+            model = dequantize_model(model)
+        else:
+            merge(model)
         merged = model(**sample).logits.float()
     diff = (merged - unmerged).abs().max().item()
     eject(model, merge=True)
@@ -493,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="greedy decoding and sampling on a GPU: each token one CUDA graph replay "
                         "(auto: where it can be captured)")
+    g.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="load the base quantized with bitsandbytes (adapters stay unmerged in float32)")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="merge an adapter into its base: a plain Hugging Face model directory")
@@ -501,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True)
     m.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "regression"])
     m.add_argument("--num-labels", type=int, default=None)
+    m.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="load the base quantized (bitsandbytes), as the adapter was trained on it; the merged model "
+                        "holds dequantize(Wq) + s*B@A in the dequantized dtype")
     m.set_defaults(func=cmd_merge)
 
     a = sub.add_parser("analyze", help="the paper's Section 7: subspace similarity, amplification, spectra")

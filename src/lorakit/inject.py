@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from . import fast
+from . import fast, quant
 from .config import LoraConfig, name_matches
 from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
@@ -89,11 +89,14 @@ def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             continue
         if cfg.targets == "all-linear":
             base = module._base if isinstance(module, LoraLayer) else module
+            if quant.is_quantized(module) and module is not head:
+                quant.check_supported(module, name)
             if is_linear_like(base) and module is not head:
                 chosen.append(name)
             continue
         if not name_matches(cfg.targets, name):
             continue
+        quant.check_supported(module, name)
         if isinstance(module, LoraLayer) or supported(module):
             chosen.append(name)
         elif not any(c.startswith(name + ".") for c in chosen):
@@ -353,7 +356,8 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
         AdapterNotFoundError: an unknown name.
         StateError: a per-example route is active.
         MergeError: an update is NaN/inf, or a merged weight would overflow its dtype (float16 beyond
-            65504); the message names the module and the dtype, and nothing is changed.
+            65504), or an adapter acts on a quantized layer (`lorakit.quant`: eject(merge=True) writes a
+            16-bit model instead); the message names the module, and nothing is changed.
     """
     chosen = active_adapters(model) if names is None else [names] if isinstance(names, str) else list(names)
     _require(model, chosen)
@@ -361,6 +365,9 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     for path, layer in layers:
         if layer.routing is not None:
             raise StateError(f"Cannot merge while a per-example route is active ({path}); leave the route block.")
+        for name in chosen:
+            if layer.quantized and name in layer.adapters and name not in layer.merged:
+                raise quant.merge_refused(path, name)
     _refuse_tied(model, [(path, layer) for path, layer in layers if any(n in layer.adapters for n in chosen)])
     # Check every update first so that a broken adapter leaves the model untouched.
     for name in chosen:
@@ -432,17 +439,27 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
     Either way, what PiSSA took out of a weight for an adapter that is not merged goes back in:
     a weight ends as the original one plus the merged adapters' updates.
 
+    A quantized layer (`lorakit.quant`) comes back as it was with merge=False; with merge=True it
+    becomes an nn.Linear whose weight is dequantize(Wq) + scale * B @ A (float32, rounded once into
+    the dequantized dtype) for the active adapters on it.
+
     Raises:
         MergeError: an update is NaN/inf or would overflow a weight's dtype; nothing is changed.
     """
     active = active_adapters(model) if merge else []
     layers = list(lora_layers(model))
+    # with merge, a quantized layer is replaced by a 16-bit twin holding its dequantized weight, once every
+    # end state has been checked; the twins are then merged and unwrapped like any layer
+    twins = {path: layer.dequantized_twin() for path, layer in layers if merge and layer.quantized}
+    layers = [(path, twins.get(path, layer)) for path, layer in layers]
     plan = [(path, layer, [] if merge else list(layer.merged), [n for n in layer.residuals if n not in active])
             for path, layer in layers]
     for path, layer, drop, gone in plan:  # the end state of every weight, checked before anything changes
         add = [n for n in active if n in layer.adapters]
         layer.rewrite(drop=drop, drop_residuals=gone, add=add, module_name=path, dry_run=True)
     from .io import restore_replaced  # io imports this module
+    for path, twin in twins.items():
+        _set_submodule(model, path, twin)
     if merge:
         _merge_active(model)
         model.__dict__.pop("_lorakit_replaced", None)  # the adapters' saved modules and biases stay

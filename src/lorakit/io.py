@@ -40,6 +40,7 @@ from .config import LoraConfig, scaling
 from .errors import AdapterFileError, ConfigError, LoraError, ShapeMismatchError
 from .inject import _NAME_RE, _require, configs, inject, lora_layers, saved_module_paths
 from .layers import LoraEmbedding, LoraLayer, is_linear_like, supported
+from .quant import is_bnb_linear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -673,10 +674,13 @@ def _plan_module(model: nn.Module, path: str, entry: dict[str, Any], alpha: floa
         raise ShapeMismatchError(f"{source}: module {path!r} is a {type(base).__name__} here but the adapter "
                                  f"holds {'embedding' if entry['embedding'] else 'linear'} LoRA tensors for it.")
     w = module.weight
-    A = _checked_tensor(entry["A"], f"{path} lora_A", source, w.dtype)
-    B = _checked_tensor(entry["B"], f"{path} lora_B", source, w.dtype)
+    quantized = is_bnb_linear(base)  # packed weight; float32 adapters (lorakit.quant)
+    A = _checked_tensor(entry["A"], f"{path} lora_A", source, torch.float32 if quantized else w.dtype)
+    B = _checked_tensor(entry["B"], f"{path} lora_B", source, torch.float32 if quantized else w.dtype)
     kernel: tuple[int, ...] = ()
-    if type(base).__name__ == "Conv1D":
+    if quantized:
+        n_in, n_out = base.in_features, base.out_features
+    elif type(base).__name__ == "Conv1D":
         n_in, n_out = w.shape[0], w.shape[1]
     elif isinstance(base, nn.Embedding):
         n_in, n_out = w.shape

@@ -115,6 +115,8 @@ class LoraLayer(nn.Module):
 
     #: set by subclasses: how the adapter update lands on `weight`
     kind = "linear"
+    #: whether `weight` is quantized (`lorakit.quant`): never merged into, adapters kept in float32
+    quantized = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -145,6 +147,10 @@ class LoraLayer(nn.Module):
         return base
 
     # -- adapters -----------------------------------------------------------------------------------
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype of new adapters' A and B: the weight's."""
+        return self.weight.dtype
+
     def adapter(self, name: str) -> LoraAdapter:
         if name not in self.adapters:
             raise AdapterNotFoundError(
@@ -420,6 +426,10 @@ def supported(module: nn.Module) -> bool:
 
 def wrap(module: nn.Module) -> LoraLayer:
     """The right wrapper for a supported base module."""
+    from .quant import LoraQuantLinear, is_bnb_linear  # quant imports this module
+
+    if is_bnb_linear(module):  # a subclass of nn.Linear whose weight is packed
+        return LoraQuantLinear(module)
     if isinstance(module, nn.Linear):
         return LoraLinear(module)
     if is_conv1d_hf(module):
@@ -439,7 +449,10 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
 
     init='pissa' also rewrites the layer's weight to the residual (see `pissa_init`)."""
     w = layer.weight
-    dev, dt = w.device, w.dtype
+    dev, dt = w.device, layer.adapter_dtype()
+    if init == "pissa" and layer.quantized:
+        raise StateError(f"init='pissa' needs a floating-point weight; {weight_name} is quantized "
+                         f"({type(layer._base).__name__}). Use init='kaiming' or 'gaussian' on a quantized base.")
     if isinstance(layer, LoraEmbedding):
         n_in, n_out, kernel = layer.num_embeddings, layer.embedding_dim, ()
     elif isinstance(layer, LoraConv):

@@ -375,6 +375,7 @@ def load_model(
     dtype: "torch.dtype | str | None" = None,
     *,
     allow_pickle: bool = False,
+    quantize: str | None = None,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a model and its tokenizer for `task`; see `resolve_model_path` for names.
 
@@ -389,6 +390,8 @@ def load_model(
 
     The tokenizer has a pad token, pads on the right, and the model config's
     ``pad_token_id`` equals the tokenizer's (see the module docstring).
+    `quantize` ("nf4" / "fp4" / "int8") quantizes the linear layers with bitsandbytes at load time,
+    onto the GPU if there is one, else the CPU (`lorakit.quant`; `dtype` is then the compute dtype).
     The model is returned in eval mode (as ``from_pretrained`` leaves it).
 
     Raises:
@@ -415,6 +418,18 @@ def load_model(
         kwargs["local_files_only"] = True
     if torch_dtype is not None:
         kwargs[_dtype_kwarg()] = torch_dtype
+    if quantize is not None:
+        import torch
+
+        from . import quant
+
+        kwargs["quantization_config"] = quant.bnb_config(quantize, torch_dtype)
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"  # quantized where it is loaded
+        stored = transformers.AutoConfig.from_pretrained(source, **({"local_files_only": True} if isinstance(
+            source, Path) else {}))
+        if getattr(stored, "quantization_config", None) is not None:
+            raise ConfigError(f"model {raw!r} is quantized already ({stored.quantization_config}); load it without "
+                              "quantize (its quantized layers are adapted as they are).")
     if task == "causal-lm":
         auto = transformers.AutoModelForCausalLM
     elif task == "feature-extraction":

@@ -153,6 +153,9 @@ def explain(layer, x: Tensor) -> str:
     if not isinstance(layer, LoraLinear) or layer.disabled or not enabled_for(x):
         why = "disabled" if getattr(layer, "disabled", False) else f"fast path mode {fast_path_mode()!r} on {x.device}"
         return f"reference: {_reference.__doc__} ({why})"
+    if layer.quantized:
+        return (f"reference: {_reference.__doc__} (quantized base {type(layer._base).__name__}: its own forward "
+                "plus the adapters; no fused dequantizing path yet)")
     name = choose(layer, x)
     from . import _triton
 

@@ -284,6 +284,9 @@ def fuse(model: nn.Module, groups: dict[type, Iterable[tuple[str, ...]]] | None 
                     handle.skipped.append((name, f"group ({', '.join(names)}): only {adapted} adapted; "
                                                  "a group needs 2"))
                 continue
+            if any(m.quantized for m in members):  # they take the reference path (lorakit.quant)
+                handle.skipped.append((name, f"group ({', '.join(names)}): quantized base"))
+                continue
             if len({m.in_features for m in members}) != 1:
                 handle.skipped.append((name, f"group ({', '.join(names)}): input sizes differ"))
                 continue

@@ -1,0 +1,184 @@
+"""LoRA on quantized base layers: bitsandbytes' `Linear4bit` (NF4, FP4) and `Linear8bitLt` (QLoRA).
+
+The quantized weight never changes and never gets gradients; the adapters are float32 and their
+term is the one of `lorakit.functional`; the base term is the quantized layer's own forward:
+
+    y = base_q(x) + sum over active adapters a of  a.scale * B_a @ A_a @ dropout_a(x)
+
+Merging into 4 or 8 bits would round most of an update away, so a quantized layer refuses
+`merge`; `eject(model, merge=True)` instead writes a plain nn.Linear whose weight is
+dequantize(Wq) + scale * B @ A, computed in float32 and rounded once into the dequantized dtype.
+
+bitsandbytes is imported only when a quantized layer is dequantized (it is not a core dependency).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MergeError, TargetError
+from .layers import LoraLinear
+
+# Layer classes of bitsandbytes that LoraQuantLinear adapts, by class name (bitsandbytes is not imported
+# to recognize them: a model holding them has imported it already).
+BNB_LINEARS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+SUPPORTED = "bitsandbytes Linear4bit (NF4, FP4, with or without double quantization) and Linear8bitLt"
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """A bitsandbytes quantized linear layer that LoRA can adapt."""
+    return any(c.__name__ in BNB_LINEARS and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A module whose weight is stored in an integer dtype (quantized by some library)."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, Tensor) and not (w.is_floating_point() or w.is_complex())
+
+
+def check_supported(module: nn.Module, path: str) -> None:
+    """Raises TargetError for a quantized module that is not a supported bitsandbytes layer.
+
+    Raises:
+        TargetError: `module` holds an integer weight and is not one of `SUPPORTED`.
+    """
+    if is_quantized(module) and not (is_bnb_linear(module) or isinstance(module, LoraLinear)):
+        raise TargetError(
+            f"{path} is a {type(module).__module__}.{type(module).__name__} with a quantized "
+            f"{module.weight.dtype} weight, which LoRA cannot adapt here (supported quantized layers: {SUPPORTED}, "
+            "as transformers' BitsAndBytesConfig loads them). Load the model with BitsAndBytesConfig or in 16 bits, "
+            "or exclude this module from the targets."
+        )
+
+
+def merge_refused(path: str, name: str) -> MergeError:
+    """The error of `lk.merge` on a quantized layer."""
+    return MergeError(
+        f"Cannot merge adapter {name!r} into {path}: its weight is quantized (bitsandbytes), and merging into "
+        "4 or 8 bits would round most of the update away; no weight was changed. Keep the adapter unmerged "
+        "(it serves as is), or write a 16-bit model with lk.eject(model, merge=True) or `lorakit merge`, "
+        "whose weights are dequantize(Wq) + scale * B @ A."
+    )
+
+
+def dequantize(layer: nn.Module) -> Tensor:
+    """The weight that a bitsandbytes layer's `weight` stands for: (out, in) in its dequantized dtype
+    (the dtype the model was quantized from for 4 bits; float16 for 8 bits)."""
+    import bitsandbytes.functional as bnb_f
+
+    w = layer.weight
+    if getattr(w, "quant_state", None) is not None:  # Params4bit: packed (out*in/2, 1) uint8
+        return bnb_f.dequantize_4bit(w.data, w.quant_state)
+    # Int8Params: CB (out, in) int8 and one absmax scale per row, SCB (out,)
+    scb = getattr(w, "SCB", None)
+    if scb is None:
+        scb = layer.state.SCB
+    return bnb_f.int8_vectorwise_dequant(w.data, scb).to(torch.float16)
+
+
+class LoraQuantLinear(LoraLinear):
+    """LoRA on a bitsandbytes quantized linear layer (weight packed, not (out, in)).
+
+    The base module keeps its parameters (the wrapper holds the same ones under the same names), so
+    its own forward computes the base term and its own state_dict hook writes the quantization
+    state (absmax, quant_map, ...) under the base model's keys.
+    """
+
+    quantized = True
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        for pname in self._base_params:  # give them back: bitsandbytes' forward reads them there
+            base._parameters[pname] = getattr(self, pname)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super(LoraLinear, self).forward(x)  # the reference path: no fused dequantizing path yet
+
+    def unwrap(self) -> nn.Module:
+        return self._base
+
+    def adapter_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def weight_out_in(self) -> Tensor:
+        return dequantize(self._base)
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return self._base(x)
+
+    def _adapter_forward(self, x: Tensor, a) -> Tensor:
+        # float32 adapters on an input of the compute dtype: the term is computed in the adapter's dtype
+        # and returned in the input's, as the base term is
+        return super()._adapter_forward(x.to(a.lora_A.dtype), a).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._base._save_to_state_dict(destination, prefix, keep_vars)
+
+    def merge(self, name: str, module_name: str = "") -> None:
+        """Refused: see `merge_refused`.
+
+        Raises:
+            MergeError: always, when `name` is an adapter of this layer.
+        """
+        if name in self.adapters:
+            raise merge_refused(module_name or type(self._base).__name__, name)
+
+    def dequantized_twin(self) -> LoraLinear:
+        """A LoraLinear over a new nn.Linear holding dequantize(Wq) (and the bias), sharing this layer's
+        adapters and active set: what merging on a 16-bit copy of this layer starts from."""
+        weight = dequantize(self._base)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(False)
+        twin = LoraLinear(linear)
+        for n, a in self.adapters.items():
+            twin.adapters[n] = a
+        twin.active = list(self.active)
+        twin.train(self.training)
+        return twin
+
+
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def bnb_config(kind: str, compute_dtype: torch.dtype | None = None):
+    """transformers' BitsAndBytesConfig for `kind`: "nf4" / "fp4" (4 bits, double quantization, compute in
+    `compute_dtype`, default float32) or "int8" (8 bits).
+
+    Raises:
+        ConfigError: an unknown kind, or bitsandbytes missing or older than 0.45.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .errors import ConfigError
+
+    if kind not in QUANTIZE:
+        raise ConfigError(f"quantize={kind!r} is not a quantization lorakit knows; use one of {', '.join(QUANTIZE)}.")
+    try:
+        have = version("bitsandbytes")
+    except PackageNotFoundError:
+        have = None
+    if have is None or tuple(int(p) for p in have.split(".")[:2] if p.isdigit()) < (0, 45):
+        raise ConfigError(f"quantize={kind!r} needs bitsandbytes >= 0.45 ({'not installed' if have is None else have} "
+                          "here): pip install 'bitsandbytes>=0.45', or load the model without quantizing.")
+    import transformers
+
+    if kind == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """A transformers model loaded with bitsandbytes, with every remaining quantized linear dequantized and the
+    quantization config removed (what `lorakit merge --quantize` writes after `eject(model, merge=True)`)."""
+    if any(is_bnb_linear(m) for m in model.modules()):
+        return model.dequantize()
+    model.hf_quantizer.remove_quantization_config(model)  # transformers' dequantize needs a quantized layer
+    return model
