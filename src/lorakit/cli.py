@@ -378,7 +378,7 @@ def cmd_merge(args) -> int:
     import torch
 
     from .inject import eject, merge
-    from .io import load_adapter
+    from .io import load_adapter, umask_mode
     from .models import load_model
     from .train.rundir import check_output_dir
     out = Path(args.output)
@@ -404,6 +404,7 @@ def cmd_merge(args) -> int:
     host = socket.gethostname().replace("-", "_")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{MERGE_TMP}-{host}-{os.getpid()}-", dir=out.parent))
     try:
+        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700; it becomes the user's folder
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if out.exists():
