@@ -155,3 +155,23 @@ def test_files_get_the_modes_of_the_umask(umask, place, tmp_path):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
     if place == "new":
         assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_merged_folder_gets_the_modes_of_the_umask(tmp_path, capsys):
+    from lorakit.cli import main
+    from models import GPT2_TOKENIZER, save_tiny_causal_lm
+    if not GPT2_TOKENIZER.is_file():
+        pytest.skip("the shared GPT-2 tokenizer is not available")
+    base = save_tiny_causal_lm(tmp_path / "base")
+    model, _ = lk_models.load_model(base)
+    lk.inject(model, lk.LoraConfig(r=2, targets=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "adapter")
+    old = os.umask(0o022)
+    try:
+        assert main(["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()} == {0o644}

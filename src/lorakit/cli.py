@@ -407,6 +407,9 @@ def cmd_merge(args) -> int:
         os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700; it becomes the user's folder
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        for f in tmp.rglob("*"):  # transformers writes model.safetensors 0600 through a temp file
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, umask_mode())
         if out.exists():
             out.rmdir()
         tmp.rename(out)
