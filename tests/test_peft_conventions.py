@@ -175,3 +175,18 @@ def test_a_merged_folder_gets_the_modes_of_the_umask(tmp_path, capsys):
     capsys.readouterr()
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("place", ["swap", "in_place"])
+def test_an_existing_folder_and_files_keep_their_modes(place, tmp_path):
+    model = _adapted()
+    out = tmp_path / "adapter"
+    lk.save_adapter(model, out)
+    if place == "in_place":
+        (out / "notes.txt").write_text("kept")
+    out.chmod(0o750)
+    (out / CONFIG_NAME).chmod(0o640)
+    lk.save_adapter(model, out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    if place == "in_place":  # rewritten in place like an ordinary write; a swap writes new files
+        assert stat.S_IMODE((out / CONFIG_NAME).stat().st_mode) == 0o640

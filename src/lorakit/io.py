@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -309,6 +310,14 @@ def _is_temp_file(name: str) -> bool:
                for target in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME))
 
 
+def _kept_mode(path: Path) -> int | None:
+    """The permission bits of the existing file or folder `path` (links followed); None if there is none."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+
+
 def umask_mode(directory: bool = False) -> int:
     """The mode a new file (0o666) or folder (0o777) gets under the process umask, e.g. 0o644 / 0o755
     under umask 022; for temp files and folders, which are created private (0o600 / 0o700)."""
@@ -339,7 +348,8 @@ def _save_by_swap(out: Path, files: dict[str, bytes]) -> None:
     _clear_swap_leftovers(out)
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=parent))
     try:
-        os.chmod(new, umask_mode(directory=True))  # mkdtemp makes it 0700; it becomes `out`
+        # mkdtemp makes it 0700; it becomes `out`, so it keeps out's mode (the umask's for a new folder)
+        os.chmod(new, _kept_mode(out) or umask_mode(directory=True))
         for name, data in files.items():
             with open(new / name, "wb") as f:
                 f.write(data)
@@ -404,7 +414,8 @@ def _temp_file(target: Path, write):
     removed on the way out unless it was renamed away."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, umask_mode())  # mkstemp makes it 0600; the file it becomes is an ordinary one
+    # mkstemp makes it 0600: give it the mode an ordinary write gives (the old file's, else the umask's)
+    os.chmod(tmp, _kept_mode(target) or umask_mode())
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
