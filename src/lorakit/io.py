@@ -235,8 +235,10 @@ def model_card(peft_config: dict[str, Any], meta: dict[str, Any]) -> str:
 def _writes_card(out: Path) -> bool:
     """Whether save_adapter may (re)write the model card in `out`: none is there, or lorakit wrote it."""
     card = out / CARD_NAME
-    if not card.is_file() or card.is_symlink():
-        return not card.exists() and not card.is_symlink()
+    if card.is_symlink() or (card.exists() and not card.is_file()):
+        return False
+    if not card.exists():
+        return True
     with open(card, encoding="utf-8", errors="replace") as f:
         return any(line.rstrip("\r\n") == CARD_MARKER for line in f)
 
@@ -250,8 +252,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     *ForCausalLM, which PEFT's AutoPeftModelForCausalLM needs, ...) unless `task_type` names one of
     `TASK_TYPES` or is None. `base_model_name_or_path` names the base portably (see `adapter_state_dict`).
     The README.md is written only where none is, or where the one there is lorakit's (it holds
-    `CARD_MARKER`); a README of the user's is left as it is. Files and folders get the modes that the
-    process umask gives a new file or folder (0644 / 0755 under umask 022).
+    `CARD_MARKER`); a README of the user's is left as it is. As with an ordinary write, new files and
+    folders get the modes of the process umask (0644 / 0755 under umask 022) and existing ones keep theirs.
 
     A PiSSA adapter is written by default as the rank-2r LoRA for the original base weights, so the
     file loads like any other (see `adapter_state_dict`); `pissa_as_lora=False` writes the rank-r
@@ -266,7 +268,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     written in full first, then renamed in, weights first; a kill between those two renames leaves the
     new weights beside the old config, and `load_adapter` refuses that mix (the weights' header holds a
     copy of the config fields that decide the scale, PAIRED_FIELDS). The next save into the same place
-    removes what killed saves left behind, so two processes must not save to one path at once.
+    removes what killed saves left behind, so two processes must not save to one path at once. The model
+    card takes part in the swap; in place it is renamed in last, so a kill can leave only the card stale.
 
     Raises:
         AdapterNotFoundError: the model has no adapter `name`.
@@ -349,7 +352,8 @@ def _save_by_swap(out: Path, files: dict[str, bytes]) -> None:
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=parent))
     try:
         # mkdtemp makes it 0700; it becomes `out`, so it keeps out's mode (the umask's for a new folder)
-        os.chmod(new, _kept_mode(out) or umask_mode(directory=True))
+        kept = _kept_mode(out)
+        os.chmod(new, umask_mode(directory=True) if kept is None else kept)
         for name, data in files.items():
             with open(new / name, "wb") as f:
                 f.write(data)
@@ -415,7 +419,8 @@ def _temp_file(target: Path, write):
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     # mkstemp makes it 0600: give it the mode an ordinary write gives (the old file's, else the umask's)
-    os.chmod(tmp, _kept_mode(target) or umask_mode())
+    kept = _kept_mode(target)
+    os.chmod(tmp, umask_mode() if kept is None else kept)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
