@@ -104,7 +104,8 @@ def test_save_load_round_trip(kind, kwargs, tmp_path, fast_path):
     x = example_input(kind)
     expected = run(model, kind, x)
     lk.save_adapter(model, tmp_path / "ad")
-    assert sorted(f.name for f in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(f.name for f in (tmp_path / "ad").iterdir()) == ["README.md", "adapter_config.json",
+                                                                 "adapter_model.safetensors"]
     fresh = make(kind, 0)
     lk.load_adapter(fresh, tmp_path / "ad")
     torch.testing.assert_close(run(fresh, kind, x), expected, rtol=0, atol=0)

@@ -686,8 +686,9 @@ def test_kill_9_during_saves_leaves_a_consistent_pair(tmp_path, other_files):
         outcomes[which[0]] += 1
     assert outcomes[0] + outcomes[1] > 0, outcomes
     lk.save_adapter(models[1], folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md"] * other_files + ["adapter_config.json",
-                                                                                    "adapter_model.safetensors"]
+    # README.md: lorakit's model card, or in place the user's, which a save keeps
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert ((folder / "README.md").read_text() == "not part of the adapter") == other_files
     assert [p.name for p in tmp_path.iterdir()] == ["ad"]
 
 
@@ -714,10 +715,10 @@ def test_save_flushes_the_directory_and_clears_stale_temp_files(tmp_path, monkey
     (tmp_path / ".ad.new-k1ll3d").mkdir()
     (folder / ".adapter_model.safetensors.abc.tmp").write_text("left by a killed in-place save")
     lk.save_adapter(model, folder)
-    assert [stat.S_ISDIR(st.st_mode) for st in flushed] == [False, False, True, True]
+    assert [stat.S_ISDIR(st.st_mode) for st in flushed] == [False, False, False, True, True]  # + the model card
     assert flushed[-1].st_ino == tmp_path.stat().st_ino
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     # a folder with other files is updated in place: the folder's entries are flushed after the renames
     (folder / "README.md").write_text("mine")
     for name in (".adapter_model.safetensors.abc.tmp", ".adapter_config.json.xyz.tmp"):

@@ -381,7 +381,7 @@ def cmd_merge(args) -> int:
     import torch
 
     from .inject import eject, merge
-    from .io import load_adapter
+    from .io import load_adapter, umask_mode
     from .models import load_model
     from .quant import dequantize_model
     from .train.rundir import check_output_dir
@@ -412,8 +412,12 @@ def cmd_merge(args) -> int:
     host = socket.gethostname().replace("-", "_")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{MERGE_TMP}-{host}-{os.getpid()}-", dir=out.parent))
     try:
+        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700; it becomes the user's folder
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        for f in tmp.rglob("*"):  # transformers writes model.safetensors 0600 through a temp file
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, umask_mode())
         if out.exists():
             out.rmdir()
         tmp.rename(out)

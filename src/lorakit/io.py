@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -44,15 +45,29 @@ from .quant import is_bnb_linear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
+CARD_MARKER = "<!-- written by lorakit's save_adapter and rewritten on every save; delete this line to keep edits -->"
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+"""PEFT's task types, for adapter_config.json's `task_type` (which PEFT's AutoPeftModel* classes need)."""
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
 
 # -- save ---------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: bool = True
+def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: bool = True, *,
+                       task_type: str | None = "auto"
                        ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """The tensors of adapter `name` under PEFT's keys, the adapter_config.json dict, and lorakit's
     own metadata (base fingerprint, slice masks, the LoraConfig), which goes into the safetensors header.
+
+    The config's `task_type` is `task_type` unless that is "auto", which infers it from the model's
+    class (see `infer_task_type`). `base_model_name_or_path` is the name the base was loaded by: the
+    hub id or directory given to `from_pretrained`, or for a bundled model of `lorakit.models` its
+    bundled name (its package and version go into the header's metadata, "base_model").
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter `name`.
+        ConfigError: `task_type` is not "auto", None or one of `TASK_TYPES`.
 
     Sliced adapters (fused projections) are written as an equivalent full-width adapter of rank
     k*r whose B has zero rows for the slices left out, with rank/alpha patterns that keep the scale.
@@ -65,6 +80,11 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
     loading onto the original base, which redoes the PiSSA initialization (lorakit and PEFT both do).
     """
     _require(model, [name])
+    if task_type == "auto":
+        task_type = infer_task_type(model)
+    elif task_type is not None and task_type not in TASK_TYPES:
+        raise ConfigError(f"task_type={task_type!r} is not one of PEFT's task types; pass one of "
+                          f"{', '.join(TASK_TYPES)}, None, or 'auto' to infer it from the model class")
     cfg = configs(model)[name]
     # PiSSA as LoRA: rank 2r; alpha grows so that alpha / r (alpha / sqrt(r) with rslora) is kept
     convert = pissa_as_lora and cfg.init == "pissa"
@@ -113,10 +133,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
         rank_pattern.setdefault(key, value * grow_r)
     for key, value in cfg.alpha_pattern.items():
         alpha_pattern.setdefault(key, value * grow_alpha)
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    from .models import BASE_MODEL_ATTR
+
+    bundled = model.__dict__.get(BASE_MODEL_ATTR)
+    base_name = (bundled["name"] if bundled else
+                 getattr(getattr(model, "config", None), "_name_or_path", None) or None)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_name,
         "r": cfg.r * grow_r,
         "lora_alpha": cfg.alpha * grow_alpha,
@@ -142,12 +166,95 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
         "slices": slices,
         "adapter_config": {key: peft_config[key] for key in PAIRED_FIELDS},
     }
+    if bundled:
+        meta["base_model"] = dict(bundled)
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, peft_config, meta
 
 
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model, from its class as transformers' Auto classes list it:
+    AutoModelForCausalLM's (e.g. LlamaForCausalLM, GPT2LMHeadModel) -> CAUSAL_LM,
+    AutoModelForSequenceClassification's -> SEQ_CLS, AutoModelForTokenClassification's -> TOKEN_CLS,
+    AutoModelForQuestionAnswering's -> QUESTION_ANS, AutoModelForSeq2SeqLM's -> SEQ_2_SEQ_LM, AutoModel's
+    (a model without a head, e.g. BertModel) -> FEATURE_EXTRACTION. A class transformers does not list
+    (e.g. remote code) goes by its name's suffix (*ForCausalLM, ...); anything else (e.g. a plain
+    nn.Module) -> None."""
+    cls = type(model).__name__
+    suffixes = {"CAUSAL_LM": ("ForCausalLM", "LMHeadModel"), "SEQ_CLS": ("ForSequenceClassification",),
+                "TOKEN_CLS": ("ForTokenClassification",), "QUESTION_ANS": ("ForQuestionAnswering",)}
+    try:
+        from transformers import PreTrainedModel
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    listed = {"SEQ_2_SEQ_LM": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+              "CAUSAL_LM": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+              "SEQ_CLS": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+              "TOKEN_CLS": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+              "QUESTION_ANS": auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+              "FEATURE_EXTRACTION": auto.MODEL_MAPPING_NAMES}
+    for task, mapping in listed.items():
+        # values are a class name, or a tuple of them for model types with several classes
+        if any(cls == v or (isinstance(v, (tuple, list)) and cls in v) for v in mapping.values()):
+            return task
+    for task, ends in suffixes.items():
+        if cls.endswith(ends):
+            return task
+    if getattr(model.config, "is_encoder_decoder", False) and cls.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM"
+    return "FEATURE_EXTRACTION" if model.base_model is model else None
+
+
+def model_card(peft_config: dict[str, Any], meta: dict[str, Any]) -> str:
+    """README.md text for a saved adapter, in the layout PEFT writes: a YAML header with the base
+    model and library, then the config's main fields. Starts with `CARD_MARKER`."""
+    from . import __version__
+
+    base = peft_config["base_model_name_or_path"]
+    bundled = meta.get("base_model")
+    header = ["---", f"base_model: {json.dumps(base)}" if base else None, "library_name: lorakit",
+              "tags:", "- lora", "- peft",
+              "pipeline_tag: text-generation" if peft_config["task_type"] == "CAUSAL_LM" else None, "---"]
+    where = (f"`{base}`, bundled with lorakit (package {bundled['package']} {bundled['version']}; "
+             f"`lorakit.models.load_model({base!r})`)" if bundled else f"`{base}`" if base else "not recorded")
+    fields = [("Base model", where), ("Task type", peft_config["task_type"]), ("Rank (r)", peft_config["r"]),
+              ("lora_alpha", peft_config["lora_alpha"]), ("lora_dropout", peft_config["lora_dropout"]),
+              ("use_rslora", peft_config["use_rslora"]), ("bias", peft_config["bias"]),
+              ("Target modules", f"{', '.join(sorted({t.rsplit('.', 1)[-1] for t in peft_config['target_modules']}))}"
+                                 f" ({len(peft_config['target_modules'])} modules)"),
+              ("modules_to_save", peft_config["modules_to_save"])]
+    body = [CARD_MARKER, "", "# LoRA adapter", "",
+            "A LoRA adapter in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`), written by "
+            "lorakit. Load it with `lorakit.load_adapter(model, path)` or PEFT's `PeftModel.from_pretrained`.",
+            "", "## Adapter", "", *(f"- {k}: {v}" for k, v in fields), "",
+            "### Framework versions", "", f"- lorakit {__version__}", f"- torch {torch.__version__}", ""]
+    return "\n".join(line for line in header if line is not None) + "\n" + "\n".join(body)
+
+
+def _writes_card(out: Path) -> bool:
+    """Whether save_adapter may (re)write the model card in `out`: none is there, or lorakit wrote it."""
+    card = out / CARD_NAME
+    if card.is_symlink() or (card.exists() and not card.is_file()):
+        return False
+    if not card.exists():
+        return True
+    with open(card, encoding="utf-8", errors="replace") as f:
+        return any(line.rstrip("\r\n") == CARD_MARKER for line in f)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
-                 pissa_as_lora: bool = True) -> Path:
-    """Write adapter `name` to directory `path` (created if needed) in PEFT's layout. Returns the path.
+                 pissa_as_lora: bool = True, task_type: str | None = "auto") -> Path:
+    """Write adapter `name` to directory `path` (created if needed) in PEFT's layout, with a model card
+    README.md beside it. Returns the path.
+
+    adapter_config.json's `task_type` is inferred from the model class (`infer_task_type`: CAUSAL_LM for
+    *ForCausalLM, which PEFT's AutoPeftModelForCausalLM needs, ...) unless `task_type` names one of
+    `TASK_TYPES` or is None. `base_model_name_or_path` names the base portably (see `adapter_state_dict`).
+    The README.md is written only where none is, or where the one there is lorakit's (it holds
+    `CARD_MARKER`); a README of the user's is left as it is. As with an ordinary write, new files and
+    folders get the modes of the process umask (0644 / 0755 under umask 022) and existing ones keep theirs.
 
     A PiSSA adapter is written by default as the rank-2r LoRA for the original base weights, so the
     file loads like any other (see `adapter_state_dict`); `pissa_as_lora=False` writes the rank-r
@@ -162,16 +269,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     written in full first, then renamed in, weights first; a kill between those two renames leaves the
     new weights beside the old config, and `load_adapter` refuses that mix (the weights' header holds a
     copy of the config fields that decide the scale, PAIRED_FIELDS). The next save into the same place
-    removes what killed saves left behind, so two processes must not save to one path at once.
+    removes what killed saves left behind, so two processes must not save to one path at once. The model
+    card takes part in the swap; in place it is renamed in last, so a kill can leave only the card stale.
 
     Raises:
         AdapterNotFoundError: the model has no adapter `name`.
         AdapterFileError: the directory cannot be created or written (e.g. the disk is full).
+        ConfigError: `task_type` is not "auto", None or one of `TASK_TYPES`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save
 
-    tensors, peft_config, meta = adapter_state_dict(model, name, pissa_as_lora)
+    tensors, peft_config, meta = adapter_state_dict(model, name, pissa_as_lora, task_type=task_type)
     # Shared storage (tied weights) is not allowed by safetensors: give each tensor its own.
     seen: set[int] = set()
     for key, t in tensors.items():
@@ -183,6 +292,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         # Serialized here and written by us: safetensors' save_file would leave temp files of its own when killed.
         files = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt", "lorakit": json.dumps(meta)}),
                  CONFIG_NAME: (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()}
+        if _writes_card(out):
+            files[CARD_NAME] = model_card(peft_config, meta).encode()
         if out.name in ("", ".", "..") or out.is_symlink() or (out.is_dir() and not _holds_only_an_adapter(out)):
             _save_in_place(out, files)
         else:
@@ -194,11 +305,34 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
 
 def _holds_only_an_adapter(directory: Path) -> bool:
-    return all(f.name in (WEIGHTS_NAME, CONFIG_NAME) or _is_temp_file(f.name) for f in directory.iterdir())
+    return all(f.name in (WEIGHTS_NAME, CONFIG_NAME) or _is_temp_file(f.name)
+               or (f.name == CARD_NAME and _writes_card(directory)) for f in directory.iterdir())
 
 
 def _is_temp_file(name: str) -> bool:
-    return any(name.startswith(f".{target}.") and name.endswith(".tmp") for target in (WEIGHTS_NAME, CONFIG_NAME))
+    return any(name.startswith(f".{target}.") and name.endswith(".tmp")
+               for target in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME))
+
+
+def _kept_mode(path: Path) -> int | None:
+    """The permission bits of the existing file or folder `path` (links followed); None if there is none."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or folder (0o777) gets under the process umask, e.g. 0o644 / 0o755
+    under umask 022; for temp files and folders, which are created private (0o600 / 0o700)."""
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:  # read without changing it (Linux 4.7+)
+            mask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def _save_in_place(out: Path, files: dict[str, bytes]) -> None:
@@ -218,6 +352,9 @@ def _save_by_swap(out: Path, files: dict[str, bytes]) -> None:
     _clear_swap_leftovers(out)
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=parent))
     try:
+        # mkdtemp makes it 0700; it becomes `out`, so it keeps out's mode (the umask's for a new folder)
+        kept = _kept_mode(out)
+        os.chmod(new, umask_mode(directory=True) if kept is None else kept)
         for name, data in files.items():
             with open(new / name, "wb") as f:
                 f.write(data)
@@ -282,6 +419,9 @@ def _temp_file(target: Path, write):
     removed on the way out unless it was renamed away."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    # mkstemp makes it 0600: give it the mode an ordinary write gives (the old file's, else the umask's)
+    kept = _kept_mode(target)
+    os.chmod(tmp, umask_mode() if kept is None else kept)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -959,7 +1099,8 @@ def _slice_to_full(B: Tensor, mask: list[bool], r: int, n_out: int) -> Tensor:
 
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_config", "read_weights",
-           "check_fingerprint", "atomic_write", "restore_replaced", "LoraError"]
+           "check_fingerprint", "atomic_write", "restore_replaced", "LoraError", "infer_task_type", "model_card",
+           "umask_mode", "TASK_TYPES"]
 
 
 # -- reading without a model --------------------------------------------------------------------------

