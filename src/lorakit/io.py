@@ -795,7 +795,7 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
                 f"which this {type(model).__name__} does not have. It belongs to another architecture "
                 f"({fingerprint.get('model_class', 'unknown')}); load it into that base model.") from None
         weight = getattr(module, "weight", None)
-        # (a quantized weight's packed storage shape is accepted too: adapters saved before it was recorded as (out, in))
+        # a quantized layer's packed storage shape fits too: adapter files may record it instead of (out, in)
         if not isinstance(weight, Tensor) or list(shape) not in (_weight_shape(module), list(weight.shape)):
             got = tuple(_weight_shape(module)) if isinstance(weight, Tensor) else None
             raise ShapeMismatchError(
