@@ -269,11 +269,12 @@ def cmd_eval(args) -> int:
         _, label_names = resolve_labels([r.get(data.label_column) for r in recs], None, source=cfg.eval_file,
                                         column=data.label_column)
         num_labels = len(label_names)
-    model, tokenizer = load_model(cfg.model, task=T.model_task(data), num_labels=num_labels)
-    for spec in args.adapter or []:
+    model, tokenizer = load_model(cfg.model, task=T.model_task(data), num_labels=num_labels, quantize=cfg.quantize)
+    for spec in args.adapter or []:  # (unmerged: nothing merges into a quantized layer)
         name, path = adapter_spec(spec)
         load_adapter(model, path, name=name)
-    model.to(device)
+    if cfg.quantize is None:  # a quantized model was loaded onto its device
+        model.to(device)
     split = T.read_split(cfg.eval_file, eval_records, tokenizer, data, label_names)
     result = T.evaluate(model, tokenizer, split, run_cfg, device, score_fn)
     if args.generation_metrics and data.task == "sft":

@@ -100,7 +100,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
             continue
         a = layer.adapters[name]
         paths.append(path)
-        fingerprint[path] = list(layer.weight.shape)
+        fingerprint[path] = _weight_shape(layer)
         A, B = a.lora_A, a.full_B()
         if convert:
             A, B = torch.cat([A, a.pissa_A0]), torch.cat([B, -a.pissa_B0], dim=1)  # (2r, in), (out, 2r)
@@ -772,6 +772,17 @@ def _split_keys(tensors: dict[str, Tensor], file: Path) -> tuple[dict[str, dict[
     return pairs, extra
 
 
+def _weight_shape(module: nn.Module) -> list[int]:
+    """The shape of the weight `module` stands for: (out, in) for a quantized linear (bitsandbytes packs its
+    storage, e.g. (out*in/2, 1) uint8 for 4 bits), so that an adapter made on a quantized base fits the
+    16-bit base and the other way round; the weight's own shape otherwise."""
+    from .quant import is_bnb_linear
+
+    if getattr(module, "quantized", False) or is_bnb_linear(module):
+        return [module.out_features, module.in_features]
+    return list(module.weight.shape)
+
+
 def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Path | str) -> None:
     """Raise ShapeMismatchError naming the first adapted module whose base weight differs."""
     modules = fingerprint.get("modules") or {}
@@ -784,8 +795,9 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
                 f"which this {type(model).__name__} does not have. It belongs to another architecture "
                 f"({fingerprint.get('model_class', 'unknown')}); load it into that base model.") from None
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or list(weight.shape) != list(shape):
-            got = tuple(weight.shape) if isinstance(weight, Tensor) else None
+        # a quantized layer's packed storage shape fits too: adapter files may record it instead of (out, in)
+        if not isinstance(weight, Tensor) or list(shape) not in (_weight_shape(module), list(weight.shape)):
+            got = tuple(_weight_shape(module)) if isinstance(weight, Tensor) else None
             raise ShapeMismatchError(
                 f"The adapter at {source} does not fit this model: module {path!r} has weight shape {got} here "
                 f"but {tuple(shape)} in the base the adapter was trained on. Load it into the same base model "

@@ -34,6 +34,8 @@ class TrainConfig:
     """Where the run writes its config, metrics, checkpoints and the final adapter. One run per folder: a folder that holds an earlier run takes --resume (continue it) or --overwrite (replace it)."""
     full: bool = False
     """Full fine-tuning (every weight trains, no LoRA), for comparison."""
+    quantize: str | None = None
+    """nf4, fp4 or int8: load the frozen base quantized with bitsandbytes (QLoRA; the adapters train in float32 and load on the 16-bit base too). None: the stored dtype."""
     lr: float = 2e-4
     weight_decay: float = 0.0
     schedule: str = "linear"
@@ -82,6 +84,14 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+        if self.quantize is not None:
+            from ..quant import QUANTIZE
+            if self.quantize not in QUANTIZE:
+                raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)} (or none), got {self.quantize!r}.")
+            if self.full:
+                raise ConfigError(f"--full trains every weight, but a {self.quantize} base cannot train (its weights "
+                                  "are quantized and frozen); drop --quantize for full fine-tuning, or drop --full "
+                                  "to train LoRA adapters on the quantized base.")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")

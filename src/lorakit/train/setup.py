@@ -90,6 +90,9 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     if cfg.resume:
         import yaml
         check_resume(saved_run_config(out), yaml.safe_load(config_text), out)
+    if cfg.quantize is not None and ctx.distributed:
+        raise ConfigError(f"--quantize {cfg.quantize} trains in one process: bitsandbytes places the whole quantized "
+                          "base on one device as it loads. Drop --nproc / torchrun, or drop --quantize.")
     if cfg.cuda_graphs == "on" and ctx.distributed:
         raise ConfigError("--cuda-graphs runs in one process; pass --cuda-graphs off, or drop --nproc / torchrun.")
     if cfg.threads > 0:
@@ -106,9 +109,11 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     # LoRA in bf16 on one GPU: the frozen base is loaded in bfloat16 (half the memory, no casts of the
     # weights in each step) and the adapters train in float32 under autocast
     base_bf16 = not cfg.full and not ctx.distributed and device.type == "cuda" and uses_bf16(device, cfg.precision)
+    # --quantize: bitsandbytes quantizes the linear layers onto their device as they load (they must not be
+    # moved after); the bfloat16 dtype is then the compute dtype and that of the layers left unquantized
     model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=len(label_names or []) or None,
-                                  dtype=torch.bfloat16 if base_bf16 else None)
-    if ctx.strategy != "fsdp":  # FSDP moves each shard to the GPU itself: the whole model need not fit
+                                  dtype=torch.bfloat16 if base_bf16 else None, quantize=cfg.quantize)
+    if ctx.strategy != "fsdp" and cfg.quantize is None:  # FSDP moves each shard to the GPU itself
         model.to(device)
     log(f"  loaded in {time.time() - t0:.1f} s")
 
@@ -218,9 +223,9 @@ def _adapt(model: nn.Module, run_cfg: RunConfig, base_bf16: bool) -> None:
         if heads and not lora.modules_to_save:
             lora = dataclasses.replace(lora, modules_to_save=heads)
         inject(model, lora)
-        if base_bf16:
+        if base_bf16:  # (the quantized weights are integer storage and frozen: never cast)
             for p in model.parameters():
-                if p.requires_grad:
+                if p.requires_grad and p.is_floating_point():
                     p.data = p.data.float()
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
