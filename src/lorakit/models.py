@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Union
 
 from lorakit.errors import ConfigError
+from lorakit.io import fsync_directory
 
 if TYPE_CHECKING:  # transformers and torch are heavy imports; load them only when loading a model
     import torch
@@ -214,20 +215,6 @@ def _remove_leftovers(dest: Path, min_age_s: float) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """Flush every file under `root` and the directories holding them to disk."""
     for path in sorted(root.rglob("*"), reverse=True):
@@ -235,8 +222,8 @@ def _fsync_tree(root: Path) -> None:
             with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root)
+            fsync_directory(path)
+    fsync_directory(root)
 
 
 def build_cached_dir(dest: str | os.PathLike[str], build: Callable[[Path], None]) -> Path:
@@ -282,7 +269,7 @@ def build_cached_dir(dest: str | os.PathLike[str], build: Callable[[Path], None]
             except OSError:
                 if not _is_complete(dest):  # lost a race against a process without the lock
                     raise
-            _fsync_dir(dest.parent)
+            fsync_directory(dest.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
     return dest

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..distributed import Context
 from ..errors import ConfigError, DiskFullError, LoraError
+from ..io import fsync_directory
 
 #: settings a resumed run may change: how long it runs, how often it logs, evaluates and saves, and how it
 #: computes (processes, graphs, precision); every other setting must be the one the run started with
@@ -100,20 +101,6 @@ def _write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the renames inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
                     ctx: Context | None = None, config_text: str | None = None) -> None:
     """Write output_dir/checkpoint atomically: build it beside, then swap directories.
@@ -172,7 +159,7 @@ def _write_checkpoint(out: Path, weights, optim_state, scheduler, state, ctx: Co
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(out)
+    fsync_directory(out)
 
 
 # -- read and check ------------------------------------------------------------------------------------
