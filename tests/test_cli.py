@@ -16,22 +16,11 @@ import torch
 
 import lorakit as lk
 from lorakit.cli import build_parser, main, resolve_config
-from models import SHARED, save_tiny_causal_lm, write_sft_file
+from models import SHARED
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random Llama with the real GPT-2 tokenizer, saved as a local model directory."""
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory) -> Path:
-    return write_sft_file(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train_args(model, data, out, *extra):

@@ -29,7 +29,7 @@ import lorakit as lk
 from lorakit import distributed
 from lorakit.cli import main
 from lorakit.data import LengthGroupedBatchSampler
-from models import SHARED, save_tiny_causal_lm, write_sft_file
+from models import SHARED
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists() or not torch.distributed.is_available(),
@@ -59,17 +59,6 @@ C.save_checkpoint = save_then_stop
 assert main(stop_argv) == 130
 dist.destroy_process_group()
 '''
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random Llama with the real GPT-2 tokenizer (as in test_cli)."""
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory) -> Path:
-    return write_sft_file(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train_args(model, data, out, batch_size, *extra):

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from models import SHARED, save_tiny_causal_lm, write_sft_file  # noqa: E402
+from models import SHARED  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit import models  # noqa: E402
@@ -18,16 +18,6 @@ from lorakit.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SHARED / "gpt2-tokenizer" / "tokenizer.json").exists(),
                                 reason="../shared/data (GPT-2 tokenizer) not present")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory) -> Path:
-    return write_sft_file(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train_args(model, data, out, *extra):

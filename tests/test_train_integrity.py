@@ -15,23 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import SHARED, save_tiny_causal_lm, write_sft_file
+from models import SHARED
 
 import lorakit as lk
 from lorakit.cli import main
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory) -> Path:
-    return write_sft_file(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train_args(model, data, out, *extra):
