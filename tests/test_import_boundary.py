@@ -27,7 +27,7 @@ def core_modules() -> list[Path]:
     modules excepted, which import triton under a guard)."""
     files = [SRC / f"{name}.py" for name in ("__init__", "config", "errors", "functional", "layers", "inject", "io")]
     for package in ("kernels", "fast"):
-        files += [p for p in sorted((SRC / package).rglob("*.py")) if "triton" not in p.name]
+        files += [p for p in sorted((SRC / package).rglob("*.py")) if "triton" not in p.relative_to(SRC).parts]
     return [p for p in files if p.exists()]
 
 
