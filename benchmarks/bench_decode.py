@@ -82,7 +82,7 @@ def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
 
 
 def part_linear(shapes: list[str], sweep: bool) -> None:
-    from lorakit.fast import _triton
+    from lorakit.fast import triton as _triton
     from lorakit.fast.ops import _lora_out
 
     dev, dt = "cuda", torch.bfloat16
@@ -198,7 +198,8 @@ def part_routed(shapes: list[str], sweep: bool) -> None:
     """One linear whose batch rows each use their own adapter (of 32 or 4, r=16; one row base only), few
     tokens: the base F.linear, the three-launch routed path (shrink, base GEMM, expand) and
     `_triton.routed_small`, each as CUDA graphs of 20 calls, checked against a float64 reference first."""
-    from lorakit.fast import _triton, routed
+    from lorakit.fast import routed
+    from lorakit.fast import triton as _triton
 
     dev, dt = "cuda", torch.bfloat16
     print("\n# routed decode, one linear, CUDA graphs, µs per call (bf16, r=16; M tokens, one per batch row)")
@@ -417,7 +418,7 @@ def part_compiled(layers: int | None, new: int, profile: bool = False) -> None:
 
 def part_model(layers: int | None, new: int) -> None:
     import lorakit as lk
-    from lorakit.fast import _triton
+    from lorakit.fast import triton as _triton
 
     model = build(SHAPES["1b"], layers, "cuda", torch.bfloat16).eval()
     rows = []

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from lorakit.fast import _triton
+from lorakit.fast import triton as _triton
 
 R = 16
 SCALE = 2.0

@@ -19,7 +19,7 @@ import itertools
 import torch
 from triton.testing import do_bench
 
-from lorakit.fast import _triton
+from lorakit.fast import triton as _triton
 
 # group -> (in features, out features of each linear, where x comes from in backward)
 GROUPS = {"q,k,v": (2048, [2048, 256, 256], "norm"), "o": (2048, [2048], "x"),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lorakit.fast.ops import lora_linear, lora_linear_group
 from lorakit.functional import dropout_seed
 from lorakit.functional import lora_linear as reference_lora_linear
-from lorakit.fast import _triton
+from lorakit.fast import triton as _triton
 
 SHAPES = {"q/o 2048->2048": (2048, [2048]), "k/v 2048->256": (2048, [256]), "gate/up 2048->5632": (2048, [5632]),
           "down 5632->2048": (5632, [2048]),

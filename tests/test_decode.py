@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.decode import decode_unsupported
+from lorakit.fast.decode import decode_unsupported
 from lorakit.fast import state_of
 from models import make, randomize
 
@@ -224,7 +224,7 @@ def generates_probs(logits, temperature, top_k, top_p, min_p=0.0):
     (1.0, 50, 1.0, 0.0), (0.7, 10, 0.9, 0.0), (1.3, 0, 0.5, 0.0), (0.5, 3, 1.0, 0.0), (1.0, 0, 0.05, 0.0),
     (2.0, 20, 0.97, 0.0), (1.0, 0, 1.0, 0.1), (0.8, 40, 0.95, 0.05), (1.5, 0, 0.9, 0.3)])
 def test_sampling_keeps_what_generates_warpers_keep(temperature, top_k, top_p, min_p):
-    from lorakit.decode import sampling_probs
+    from lorakit.fast.decode import sampling_probs
 
     logits = torch.randn(16, 80, generator=torch.Generator().manual_seed(1)) * 3
     want = generates_probs(logits, temperature, top_k, top_p, min_p)
@@ -240,7 +240,7 @@ def test_sampling_keeps_what_generates_warpers_keep(temperature, top_k, top_p, m
 
 
 def test_draws_follow_the_filtered_distribution():
-    from lorakit.decode import sample_tokens
+    from lorakit.fast.decode import sample_tokens
 
     n = 40000
     logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, 3.0, 0.0]).expand(n, 8)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from lorakit import functional as LF
-from lorakit.fast import _triton
+from lorakit.fast import triton as _triton
+from lorakit.fast.triton import launch
 from lorakit.fast.ops import lora_linear, lora_linear_group, lora_linear_multi
 from lorakit.fast.routed import lora_linear_routed
 from models import run_under_interpreter
@@ -52,17 +53,17 @@ def rows_of(x: torch.Tensor) -> int:
 
 # -- the dropout mask -----------------------------------------------------------------------------
 
-@pytest.mark.skipif(_triton._DESCRIPTOR is None, reason="this Triton has no host-side tensor descriptors")
+@pytest.mark.skipif(launch._DESCRIPTOR is None, reason="this Triton has no host-side tensor descriptors")
 def test_descriptors_built_without_checks_equal_from_tensor():
     # `expand_gemm` builds its copy-engine descriptors field by field (its own checks ran before):
     # every field must be what Triton's `from_tensor` would have set
     base = torch.zeros(40, 64, dtype=torch.bfloat16)
     for t, block in [(base, [16, 32]), (base[:, 16:48], [8, 16]), (base[8:], [32, 64])]:
-        mine, theirs = _triton._descriptor(t, block), _triton._DESCRIPTOR.from_tensor(t, block)
+        mine, theirs = launch._descriptor(t, block), launch._DESCRIPTOR.from_tensor(t, block)
         assert type(mine) is type(theirs) and vars(mine).keys() == vars(theirs).keys()
         for k, v in vars(theirs).items():
             assert getattr(mine, k) is v if k == "base" else getattr(mine, k) == v, k
-        assert _triton._specs((mine,)) == _triton._specs((theirs,))
+        assert launch._specs((mine,)) == launch._specs((theirs,))
 
 
 @pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed")
@@ -70,12 +71,12 @@ def test_direct_launch_key_separates_what_triton_specializes_on():
     # `_launch` reuses a compiled kernel only for arguments with the same key: it must tell apart
     # everything Triton compiles differently for (dtype, 16-byte alignment, ints 0 / 1 / %16 / 64-bit).
     t = torch.zeros(64)
-    key = _triton._specs
+    key = launch._specs
     for a, b in [((t, 32, 2.0), (torch.ones(64), 48, 3.5)), ((2 ** 31,), (2 ** 35 + 48,))]:
         assert key(a) == key(b)
     for a, b in [(t, t.half()), (t, t[1:]), (1, 2), (0, 16), (16, 17), (2 ** 31, 32), (True, 1)]:
         assert key((a,)) != key((b,)), (a, b)
-    desc = _triton._DESCRIPTOR
+    desc = launch._DESCRIPTOR
     if desc is not None:  # copy-engine descriptors: compiled for their dtype and tile, not for their sizes
         m = torch.zeros(64, 32)
         assert key((desc.from_tensor(m, [16, 16]),)) == key((desc.from_tensor(torch.zeros(128, 48), [16, 16]),))

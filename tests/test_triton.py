@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from lorakit import functional as LF
-from lorakit.fast import _triton
+from lorakit.fast import triton as _triton
+from lorakit.fast.triton import decode as tdecode
+from lorakit.fast.triton import launch
+from lorakit.fast.triton import train as ttrain
 from lorakit.fast.ops import lora_linear, lora_linear_group, rms_norm_apply
 from lorakit.fast.routed import lora_linear_routed
 
@@ -419,22 +422,22 @@ def test_direct_launches_equal_tritons_own():
     x = torch.randn(300, 96, device=dev, dtype=torch.bfloat16)
     A = (torch.randn(8, 96, device=dev) / 8).bfloat16()
     seed = LF.dropout_seed(dev)
-    _triton._DIRECT["on"] = False
+    launch._DIRECT["on"] = False
     want = _triton.shrink(x, A, seed, 0.1)
-    _triton._DIRECT["on"] = True
+    launch._DIRECT["on"] = True
     got = [_triton.shrink(x, A, seed, 0.1) for _ in range(2)]
-    assert _triton._COMPILED and all(torch.equal(g, want) for g in got)
+    assert launch._COMPILED and all(torch.equal(g, want) for g in got)
     # and for a kernel that reads its tiles through copy-engine descriptors (Hopper)
     Ws = [(torch.randn(o, 96, device=dev) / 10).bfloat16() for o in (64, 32)]
     Bs = [torch.randn(o, 16, device=dev, dtype=torch.bfloat16) for o in (64, 32)]
     xa = torch.randn(300, 32, device=dev, dtype=torch.bfloat16)
     if _triton.expand_gemm_ok(x, Ws, [None, None], xa, Bs):
-        _triton._DIRECT["on"] = False
+        launch._DIRECT["on"] = False
         want = _triton.expand_gemm(x, Ws, [None, None], xa, Bs, [2.0, 0.5])
-        _triton._DIRECT["on"] = True
+        launch._DIRECT["on"] = True
         got = [_triton.expand_gemm(x, Ws, [None, None], xa, Bs, [2.0, 0.5]) for _ in range(2)]
         assert all(torch.equal(g[j], want[j]) for g in got for j in range(2))
-        assert any(k[0] is _triton._expand_gemm_kernel for k in _triton._COMPILED)
+        assert any(k[0] is ttrain._expand_gemm_kernel for k in launch._COMPILED)
 
 
 @only_cuda
@@ -446,7 +449,7 @@ def test_lora_small_replayed_in_a_cuda_graph():
     b = torch.randn(2048, device=dev, dtype=torch.bfloat16)
     for rows in (1, 8):
         x = torch.randn(rows, 1024, device=dev, dtype=torch.bfloat16)
-        assert _triton._small_config(rows, 2048, 1024, x.device)["SPLIT"] > 1
+        assert tdecode._small_config(rows, 2048, 1024, x.device)["SPLIT"] > 1
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -23,11 +23,11 @@ __version__ = "0.1.0"
 # name -> module that defines it, imported by __getattr__ on first access: these parts of the fast path
 # reach for transformers (the decoder's cache) or capture CUDA graphs, which the core does not need.
 _LAZY = {
-    "Decoder": ".decode",
-    "GreedyDecoder": ".decode",
-    "greedy_decode": ".decode",
-    "graphed_step": ".graphs",
-    "graphed_update": ".graphs",
+    "Decoder": ".fast.decode",
+    "GreedyDecoder": ".fast.decode",
+    "greedy_decode": ".fast.decode",
+    "graphed_step": ".fast.graphs",
+    "graphed_update": ".fast.graphs",
 }
 
 

@@ -112,7 +112,7 @@ def pissa_factors(weight: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor,
 # -- dropout as a pure function of (seed, row, column) ---------------------------------------------
 # The fast path keeps a seed (two int64 numbers) instead of a mask and regenerates the mask in
 # backward. The mask is a counter-based hash, computed identically by `dropout_keep` (PyTorch
-# integer ops, any device) and by the Triton kernels (`lorakit.fast._triton`):
+# integer ops, any device) and by the Triton kernels (`lorakit.fast.triton`):
 #
 #     pair   j = (row * ceil(cols / 2) + col // 2)  mod 2**32
 #     h      = lowbias32((j * (seed[1] | 1) + seed[0])  mod 2**32)

@@ -11,9 +11,12 @@ Modules:
     ops.py       the entry points and their autograd Functions: one linear (`lora_linear`), several
                  adapters on one linear (`lora_linear_multi`), linears sharing an input (`lora_linear_group`)
     routed.py    per-example adapters (`lora_linear_routed`)
-    _triton.py   the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)
+    triton/      the Triton kernels by family (CUDA, or CPU under TRITON_INTERPRET=1)
+    graphs.py    `lk.graphed_step` / `lk.graphed_update`: a training step as CUDA graphs
+    decode.py    `lk.Decoder` / `lk.greedy_decode`: the static-cache decoder, a CUDA graph per token
 
-This package imports torch only; ops.py, routed.py and _triton.py (Triton) load on the first fast-path call.
+This package imports torch only; ops.py, routed.py and triton/ (Triton) load on the first fast-path call,
+graphs.py and decode.py on first use of their names.
 """
 
 from .dispatch import explain

@@ -157,7 +157,7 @@ def explain(layer, x: Tensor) -> str:
         return (f"reference: {_reference.__doc__} (quantized base {type(layer._base).__name__}: its own forward "
                 "plus the adapters; no fused dequantizing path yet)")
     name = choose(layer, x)
-    from . import _triton
+    from . import triton as _triton
 
     backend = "triton" if _triton.available_for(x) and not torch.compiler.is_compiling() else "torch"
     return f"{name}: {PATHS[name].__doc__} [{backend}]"

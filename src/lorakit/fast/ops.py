@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _triton
+from . import triton as _triton
 from ..functional import dropout_keep, dropout_seed, seeded_dropout
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _triton
+from . import triton as _triton
 from ..functional import dropout_seed, seeded_dropout
 from .ops import _check_p
 

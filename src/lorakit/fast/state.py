@@ -40,7 +40,7 @@ def set_fast_path(mode: str, *, triton: bool | None = None) -> None:
         raise ConfigError(f"fast path mode must be 'auto', 'on' or 'off', got {mode!r}.")
     _MODE["mode"] = mode
     if triton is not None:
-        from . import _triton
+        from . import triton as _triton
 
         _triton.ENABLED["on"] = bool(triton) and _triton.triton is not None
 

@@ -25,7 +25,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     `adapters` included) unless cuda_graphs is "off"; the rest (beams, other settings, CPU) through
     `model.generate`.
     """
-    from ..decode import Decoder, decode_unsupported
+    from ..fast.decode import Decoder, decode_unsupported
     from ..inject import route
 
     model.eval()

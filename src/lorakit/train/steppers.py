@@ -119,7 +119,7 @@ class GraphSteps:
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward, backward, clipping and the optimizer step for `batch` (accumulating: forward and backward,
         the gradients added to those of the step's earlier micro-batches); returns the loss (on the device)."""
-        from ..graphs import graphed_step
+        from ..fast.graphs import graphed_step
 
         n = batch["input_ids"].shape[1]
         step = self.steps.get(n)
@@ -138,7 +138,7 @@ class GraphSteps:
 
     def update(self) -> None:
         """Accumulating: clip the gradients, step the optimizer and zero the gradients (one graph)."""
-        from ..graphs import graphed_update
+        from ..fast.graphs import graphed_update
 
         if self._update is None:
             t0 = time.time()

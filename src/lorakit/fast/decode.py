@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, GraphError
+from ..errors import ConfigError, GraphError
 
 # Generation settings that do not change a greedy pick (or that the call sets itself).
 _NEUTRAL = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
@@ -101,7 +101,7 @@ class _Pins:
     made anew: the steps captured before it read tensors that are no longer used."""
 
     def __init__(self, model: nn.Module) -> None:
-        from .layers import LoraLinear
+        from ..layers import LoraLinear
 
         self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
         self.stacks: dict[int, tuple[list, list[Tensor], list[int], tuple[Tensor, Tensor, Tensor]]] = {}
@@ -110,8 +110,8 @@ class _Pins:
 
     def pin(self, names: list[str | None], device: torch.device) -> None:
         """Point every adapted linear at its stack and at the rows of this batch's `names` (written here)."""
-        from .fast import state_of
-        from .fast.dispatch import stack
+        from . import state_of
+        from .dispatch import stack
 
         batch, wanted = len(names), {}
         for layer in self.layers:
@@ -136,7 +136,7 @@ class _Pins:
             rows.copy_(torch.tensor([order.index(n) if n in order else -1 for n in names], dtype=torch.long))
 
     def unpin(self) -> None:
-        from .fast import state_of
+        from . import state_of
 
         for layer in self.layers:
             state_of(layer).pins.pop(layer, None)
@@ -296,14 +296,14 @@ class Decoder:
         `model.generate` takes them, None for the model's generation config (else 1.0, 50, 1.0, none). One
         step is captured per batch size for all settings.
         """
-        from .layers import LoraLayer
+        from ..layers import LoraLayer
 
         if any(m.routing is not None for m in self.model.modules() if isinstance(m, LoraLayer)):
             raise ConfigError(f"{type(self).__name__} was called inside lk.route(...): pass the names as "
                               "adapters=[...] instead (a captured step must not outlive the routing it recorded).")
         sampling = self._sampling(temperature, top_k, top_p, min_p) if do_sample else None
         if adapters is not None:
-            from .inject import route
+            from ..inject import route
 
             if len(adapters) != input_ids.shape[0]:
                 raise ConfigError(f"adapters= names {len(adapters)} adapters for {input_ids.shape[0]} prompts; "

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import GraphError
+from ..errors import GraphError
 
 Batch = Mapping[str, Tensor] | Sequence[Tensor]
 
