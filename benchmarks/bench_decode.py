@@ -436,11 +436,11 @@ def part_model(layers: int | None, new: int) -> None:
     adapt(model)
     for b in (1, 32):
         report(f"graphed decode batch {b}, unmerged (fused kernel)", decode_graph_ms(model, b, 16, new), base[b])
-    limit = _triton.SMALL_MAX_ROWS
-    _triton.SMALL_MAX_ROWS = 0
+    limit = _triton.decode.SMALL_MAX_ROWS
+    _triton.decode.SMALL_MAX_ROWS = 0
     for b in (1, 32):
         report(f"graphed decode batch {b}, unmerged (three ops)", decode_graph_ms(model, b, 16, new), base[b])
-    _triton.SMALL_MAX_ROWS = limit
+    _triton.decode.SMALL_MAX_ROWS = limit
     for b in (1, 32):
         report(f"eager generate batch {b}, unmerged (fused kernel)", decode_eager_ms(model, b, 16, new), eager[b])
     lk.merge(model)

@@ -443,7 +443,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         # Inference (decode is bound by per-call CPU overhead): one kernel for few rows, one GEMM on a
         # scratch merged weight for many, else three ops.
         x2 = x.reshape(-1, in_f)
-        if x2.shape[0] <= _triton.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
+        if x2.shape[0] <= _triton.decode.SMALL_MAX_ROWS and backend == "auto" and _small_ok(x2, A, B, bias):
             if torch.compiler.is_compiling():
                 # traced by torch.compile as one opaque op (`lorakit::lora_small`), so a compiled (and
                 # CUDA-graphed) decode step runs the same kernel
@@ -474,7 +474,7 @@ def decode_plan(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """A `_triton.SmallPlan` that repeats what `lora_linear(x, weight, bias, A, B, scale)` just did for this
     inference call (one `lora_small` launch), or None where that is not the path it took."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _lean_dtypes(x, (weight,), (bias,)) \
-            or x.numel() > _triton.SMALL_MAX_ROWS * x.shape[-1]:
+            or x.numel() > _triton.decode.SMALL_MAX_ROWS * x.shape[-1]:
         return None
     x2 = x.reshape(-1, x.shape[-1])
     if not _small_ok(x2, A, B, bias):

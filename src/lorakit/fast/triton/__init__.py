@@ -11,14 +11,15 @@ Every wrapper takes 2-D row-major tensors and returns new tensors or writes in p
 its docstring says so. Callers check that Triton applies (`available_for`).
 """
 
-from .decode import SMALL_MAX_ROWS, SmallPlan, compiled_counters, lora_small, small_plan
+from . import decode
+from .decode import SmallPlan, compiled_counters, lora_small, small_plan
 from .dropout import dropout_apply, keep_mask
 from .launch import ENABLED, available_for, interpreting, triton
 from .routed import routed_mm, routed_outer, routed_small, routed_small_ok
 from .train import (dropout_backward, expand_gemm, expand_gemm_ok, lora_grads, lora_grads_group, norm_apply,
                     rebuild_source, shrink)
 
-__all__ = ["ENABLED", "SMALL_MAX_ROWS", "SmallPlan", "available_for", "compiled_counters", "dropout_apply",
+__all__ = ["ENABLED", "decode", "SmallPlan", "available_for", "compiled_counters", "dropout_apply",
            "dropout_backward", "expand_gemm", "expand_gemm_ok", "interpreting", "keep_mask", "lora_grads",
            "lora_grads_group", "lora_small", "norm_apply", "rebuild_source", "routed_mm", "routed_outer",
            "routed_small", "routed_small_ok", "shrink", "small_plan", "triton"]

@@ -140,7 +140,7 @@ if triton is not None:
 
 
 # Few rows (decode): the fused one-launch kernel serves up to this many; above, the base GEMM is
-# compute-bound enough that cuBLAS for it wins.
+# compute-bound enough that cuBLAS for it wins. ops.py and routed.py read it here at call time (one knob).
 SMALL_MAX_ROWS = 64
 _SMALL_CFGS: dict = {}
 _COUNTERS: dict = {}

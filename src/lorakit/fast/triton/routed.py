@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decode import SMALL_MAX_ROWS, _counters, _k_chunks
+from . import decode
+from .decode import _counters, _k_chunks
 from .launch import (_cdiv, _launch, _pow2, _prec, _sm_count, _tune, _tuned, available_for, interpreting,
                      tl, triton)
 
@@ -154,7 +155,7 @@ def routed_small_ok(x2: Tensor, A_stack: Tensor, B_stack: Tensor, bias: Tensor |
     (tensor-core dots), contiguous stacks, a rank (padded to a power of two) times the row block of at most
     1,024 (the B tile each program gathers), and not under torch.compile."""
     M = x2.shape[0]
-    return 0 < M <= SMALL_MAX_ROWS and x2.dtype in (torch.float16, torch.bfloat16) and x2.stride(-1) == 1 \
+    return 0 < M <= decode.SMALL_MAX_ROWS and x2.dtype in (torch.float16, torch.bfloat16) and x2.stride(-1) == 1 \
         and A_stack.is_contiguous() and B_stack.is_contiguous() and (bias is None or bias.stride(0) == 1) \
         and _pow2(M) * _pow2(A_stack.shape[1]) <= 1024 and available_for(x2) and not torch.compiler.is_compiling()
 
