@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,97 @@ def test_bleu_nist_match_mteval_v13a():
     # Expected values from mteval-v13a.pl's scoring subroutines (the E2E scorer's BLEU/NIST),
     # run on these inputs with missing references padded empty as the scorer does.
     assert metrics.bleu(HYPS, REFS) == pytest.approx(61.9745241, abs=1e-6)
-    assert metrics.nist(HYPS, REFS) == pytest.approx(5.8862807283, abs=1e-8)
+    assert metrics.nist(HYPS, REFS) == pytest.approx(4.8900, abs=5e-5)  # mteval prints 4 decimals
+
+
+def _mteval_nist(hyps: list[str], refs: list[list[str]], max_n: int = 5) -> float:
+    """NIST as the E2E scorer runs mteval-v13a, written from the Perl's structure for the tests.
+
+    The scorer pads every input to the largest reference count with empty references;
+    mteval then counts, per segment, only the non-empty ones, and divides all reference
+    words by (non-empty references / segments) for the length penalty. Inputs here are
+    lower-case words without punctuation, so splitting on spaces is mteval's tokenization.
+    """
+    width = max(len(r) for r in refs)
+    padded = [list(r) + [""] * (width - len(r)) for r in refs]
+
+    def grams(words: list[str]) -> Counter:
+        return Counter(
+            " ".join(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1)
+        )
+
+    ref_counts: Counter = Counter()
+    tot_words = 0
+    for rs in padded:
+        for r in rs:
+            ref_counts.update(grams(r.split()))
+            tot_words += len(r.split())
+    info = {}
+    for g, c in ref_counts.items():
+        prefix = " ".join(g.split()[:-1])
+        info[g] = -math.log2(c / (ref_counts[prefix] if prefix else tot_words))
+
+    tst_info = [0.0] * (max_n + 1)
+    tst_cnt = [0] * (max_n + 1)
+    ref_words = nrefs = 0
+    for h, rs in zip(hyps, padded, strict=True):
+        words = h.split()
+        for n in range(1, max_n + 1):
+            tst_cnt[n] += max(len(words) - n + 1, 0)
+        best: dict[str, int] = {}
+        for r in rs:
+            nrefs += r != ""
+            ref_words += len(r.split())
+            for g, c in grams(r.split()).items():
+                best[g] = max(best.get(g, 0), c)
+        for g, c in grams(words).items():
+            if g in best:
+                tst_info[len(g.split())] += info[g] * min(c, best[g])
+    score = sum(tst_info[n] / max(tst_cnt[n], 1) for n in range(1, max_n + 1))
+    ratio = tst_cnt[1] / (ref_words / (nrefs / len(hyps)))
+    if ratio >= 1:
+        return score
+    if ratio <= 0:
+        return 0.0
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    return score * math.exp(-beta * math.log(ratio) ** 2)
+
+
+# mteval-v13a-sig.pl's NIST for the inputs of the next test, written to .sgm files padded
+# with empty references the way the E2E scorer's measure_scores.py writes them
+OFFICIAL_SMALL_NIST = 3.0196
+
+
+def test_nist_length_penalty_counts_only_the_references_an_input_has():
+    # 2, 1, 3 and 2 references, an empty and a one-word hypothesis. Hypothesis words:
+    # 5 + 0 + 1 + 8 = 14; reference words 13 + 3 + 13 + 9 = 38 over 8 references for 4
+    # inputs, so the mean reference length is 38 / 2 = 19 and the ratio 14 / 19 < 1 gets
+    # the penalty. Dividing by the largest count (3) instead would give 12.7, ratio > 1.
+    hyps = ["the eagle is a pub", "", "zizzi", "aromi is a cheap pub near the river"]
+    refs = [
+        ["the eagle is a pub", "the eagle is a cheap pub in town"],
+        ["cotto serves food"],
+        ["zizzi is a french restaurant", "zizzi serves french food", "zizzi by the river"],
+        ["aromi is a pub near the river", "aromi is cheap"],
+    ]
+    expected = _mteval_nist(hyps, refs)
+    ratio = 14 / 19
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    unpenalized = expected / math.exp(-beta * math.log(ratio) ** 2)
+    assert metrics.nist(hyps, refs) == pytest.approx(expected, abs=1e-9)
+    assert metrics.nist(hyps, refs) < unpenalized - 0.1
+    # the same inputs in mteval-v13a-sig.pl as the E2E scorer writes them (4 decimals)
+    assert metrics.nist(hyps, refs) == pytest.approx(OFFICIAL_SMALL_NIST, abs=5e-5)
+
+
+@needs_data
+def test_nist_of_zero_shot_e2e_outputs_matches_the_official_scorer():
+    # results/e2e/zero-shot.predictions.txt has short outputs, so its length penalty depends
+    # on how references are counted; the official E2E scorer prints NIST 3.8314 for it.
+    preds = Path(__file__).resolve().parents[1] / "results/e2e/zero-shot.predictions.txt"
+    groups = metrics.group_references(load_records(DATA / "e2e/testset_w_refs.csv"))
+    hyps = preds.read_text().splitlines()
+    assert metrics.nist(hyps, [r for _, r in groups]) == pytest.approx(3.8314, abs=5e-5)
 
 
 @needs_data
@@ -147,7 +238,7 @@ def test_bleu_nist_match_mteval_on_e2e_dev():
     assert sum(map(len, refs)) == 501
     # mteval-v13a.pl values for this system (see test_bleu_nist_match_mteval_v13a)
     assert metrics.bleu(hyps, refs) == pytest.approx(46.71334038, abs=1e-6)
-    assert metrics.nist(hyps, refs) == pytest.approx(7.2745522018, abs=1e-8)
+    assert metrics.nist(hyps, refs) == pytest.approx(2.7485, abs=5e-5)  # short outputs: penalized
     scores = metrics.generation_scores(hyps, refs, with_meteor=False)
     assert scores.meteor is None and "with_meteor=False" in scores.notes[-1]
     assert 0 < scores.rouge_l < 100 and 0 < scores.cider < 10

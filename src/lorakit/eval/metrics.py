@@ -276,8 +276,9 @@ def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     - score = sum over n <= max_n of (info of matched n-grams / hypothesis n-grams),
       times exp(-beta * log(ratio)^2) when ratio = hypothesis words / mean reference
       words < 1, beta making the penalty 0.5 at ratio 2/3;
-    - the mean reference length is all reference words / the largest reference count,
-      because the E2E scorer pads inputs with fewer references with empty ones.
+    - the mean reference length is all reference words / the mean number of non-empty
+      references per input: the E2E scorer pads inputs with fewer references with empty
+      ones, and its mteval counts only the non-empty references of each input.
 
     Raises:
         ConfigError: different lengths, no inputs, or an input with no reference.
@@ -323,7 +324,9 @@ def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
                     gained[n] += info(gram) * min(c, best[gram])
     score = sum(gained[n] / max(tested[n], 1) for n in range(1, max_n + 1))
 
-    mean_ref = total_ref_words / max(len(rs) for rs in refs)
+    # references that tokenize to nothing are the scorer's padding and do not count
+    nonempty_refs = sum(1 for rs in ref_words for words in rs if words)
+    mean_ref = total_ref_words * len(refs) / nonempty_refs if nonempty_refs else 0.0
     ratio = tested[1] / mean_ref if mean_ref else 0.0
     if ratio >= 1:
         penalty = 1.0
