@@ -123,6 +123,18 @@ def write_sft_file(path):
     return path
 
 
+def cli_fails_cleanly(capsys, argv, *words) -> str:
+    """Run `lorakit argv` in process; it must exit 2 with no traceback and an error naming each of `words`."""
+    from lorakit.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
 def run_under_interpreter(test_module: str) -> None:
     """Run the pytest module `test_module` (a path from the repository root) in a fresh pytest process under
     TRITON_INTERPRET=1, which Triton reads when it first compiles a kernel, and check that it passed."""

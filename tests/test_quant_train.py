@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from models import SHARED  # noqa: E402
+from models import SHARED, cli_fails_cleanly  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit import models  # noqa: E402
@@ -92,18 +92,9 @@ def test_eval_loads_the_qlora_adapter_on_a_quantized_and_a_16bit_base(tiny_model
         assert torch.equal(layers[path].adapters["default"].lora_B, layer.adapters["default"].lora_B.detach())
 
 
-def fails_cleanly(capsys, argv, *words) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
-    return err
-
-
 def test_full_with_quantize_is_refused(tiny_model, sft_file, tmp_path, capsys):
     out = tmp_path / "full"
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--full", "--quantize", "nf4", "--max-steps", "1"),
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--full", "--quantize", "nf4", "--max-steps", "1"),
                   "--full", "--quantize")
     assert not out.exists()
 
@@ -111,5 +102,5 @@ def test_full_with_quantize_is_refused(tiny_model, sft_file, tmp_path, capsys):
 @pytest.mark.parametrize("flags,named", [(["--quantize", "fp4"], "'nf4' -> 'fp4'"), ([], "'nf4' -> None")])
 def test_resume_with_another_quantize_is_refused(tiny_model, sft_file, qlora_run, tmp_path, capsys, flags, named):
     out = Path(shutil.copytree(qlora_run[0], tmp_path / "run"))
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--max-steps", "3", *flags),
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--max-steps", "3", *flags),
                   "--quantize", named)

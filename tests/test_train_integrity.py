@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import SHARED
+from models import SHARED, cli_fails_cleanly
 
 import lorakit as lk
 from lorakit.cli import main
@@ -51,21 +51,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def fails_cleanly(capsys, argv, *words) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
-    return err
-
-
 # -- one run per folder ------------------------------------------------------------------------------
 def test_a_second_run_into_a_run_folder_is_refused_and_overwrite_replaces_it(tiny_model, sft_file, finished_run,
                                                                              tmp_path, capsys):
     out = copy_of(finished_run, tmp_path)
     before = snapshot(out)
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1"), "earlier run", "--resume",
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1"), "earlier run", "--resume",
                   "--overwrite", "checkpoint")
     assert snapshot(out) == before  # nothing mixed in
 
@@ -80,7 +71,7 @@ def test_overwrite_deletes_only_a_runs_own_files(tiny_model, sft_file, finished_
     out = copy_of(finished_run, tmp_path)
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1", "--overwrite"), "notes.txt")
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1", "--overwrite"), "notes.txt")
     assert snapshot(out) == before
 
     # a folder of the user's with an adapter/ in it, not a lorakit run: --overwrite does not empty it
@@ -88,7 +79,7 @@ def test_overwrite_deletes_only_a_runs_own_files(tiny_model, sft_file, finished_
     lk_adapter = mine / "adapter"
     lk_adapter.mkdir(parents=True)
     (lk_adapter / "adapter_config.json").write_text("{}")
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, mine, "--max-steps", "1", "--overwrite"),
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, mine, "--max-steps", "1", "--overwrite"),
                   "no run_config.yaml")
     assert (lk_adapter / "adapter_config.json").read_text() == "{}"
 
@@ -98,15 +89,15 @@ def test_overwrite_deletes_only_a_runs_own_files(tiny_model, sft_file, finished_
     (plain / "notes.txt").write_text("mine")
     assert main(train_args(tiny_model, sft_file, plain, "--max-steps", "1")) == 0
     assert (plain / "notes.txt").read_text() == "mine"
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--overwrite"), "pass one of them")
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--overwrite"), "pass one of them")
 
 
 def test_an_existing_file_as_output_folder_is_a_clean_error(tiny_model, sft_file, tmp_path, capsys):
     file = tmp_path / "taken"
     file.write_text("x")
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, file, "--max-steps", "1"), str(file), "is a file")
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, file / "run", "--max-steps", "1"), "is a file")
-    fails_cleanly(capsys, ["merge", "--model", str(tiny_model), "--adapter", str(tmp_path), "--output", str(file)],
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, file, "--max-steps", "1"), str(file), "is a file")
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, file / "run", "--max-steps", "1"), "is a file")
+    cli_fails_cleanly(capsys, ["merge", "--model", str(tiny_model), "--adapter", str(tmp_path), "--output", str(file)],
                   "--output", "is a file")
     assert file.read_text() == "x"
 
@@ -122,14 +113,14 @@ def test_resume_refuses_settings_that_differ_from_the_checkpoints(tiny_model, sf
                                                                   capsys, flags, named):
     out = copy_of(finished_run, tmp_path)
     before = snapshot(out)
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", *flags), named, "--overwrite")
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", *flags), named, "--overwrite")
     assert snapshot(out) == before
 
 
 def test_resume_with_another_model_is_refused(tiny_model, sft_file, finished_run, tmp_path, capsys):
     other = Path(shutil.copytree(tiny_model, tmp_path / "other-model"))
     out = copy_of(finished_run, tmp_path)
-    fails_cleanly(capsys, train_args(other, sft_file, out, "--resume", "--max-steps", "3"), "--model")
+    cli_fails_cleanly(capsys, train_args(other, sft_file, out, "--resume", "--max-steps", "3"), "--model")
 
 
 def test_resume_may_change_how_long_and_how_it_runs(tiny_model, sft_file, finished_run, tmp_path):
@@ -145,7 +136,7 @@ def test_a_checkpoint_of_other_shapes_is_refused_without_its_run_config(tiny_mod
     out = copy_of(finished_run, tmp_path)
     (out / "checkpoint" / "run_config.yaml").unlink()
     (out / "run_config.yaml").unlink()
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--r", "4"), "does not match",
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--r", "4"), "does not match",
                   "(8, 32) in the checkpoint, (4, 32) here", "--r")
 
 
@@ -168,7 +159,7 @@ def test_resume_on_a_damaged_checkpoint_names_the_file_and_the_fix(tiny_model, s
                                                                    capsys, damage, named):
     out = copy_of(finished_run, tmp_path)
     damage(out / "checkpoint")
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--max-steps", "3"), named,
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--resume", "--max-steps", "3"), named,
                   "--overwrite")
 
 
@@ -230,7 +221,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tiny_mod
     # the first checkpoint writes 4 files; the second fails in its weights (5) or its optimizer state (6,
     # which torch.save writes, and reports only as "unexpected pos" by itself)
     monkeypatch.setattr(checkpoints, "open", FullDisk(fail_at), raising=False)
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "3", "--save-every", "1"),
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "3", "--save-every", "1"),
                   "No space left on device", str(out / "checkpoint"), "--resume")
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 1
     assert not (out / ".checkpoint-tmp").exists()
@@ -244,7 +235,7 @@ def test_a_full_disk_while_saving_the_adapter_says_so(tiny_model, sft_file, tmp_
 
     monkeypatch.setattr(lorakit.io, "open", FullDisk(1), raising=False)  # the adapter's first file fills the disk
     out = tmp_path / "run"
-    fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1"), "No space left on device",
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, out, "--max-steps", "1"), "No space left on device",
                   str(out / "adapter"))
 
 
