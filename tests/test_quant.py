@@ -210,6 +210,24 @@ def test_peft_loads_an_adapter_made_on_a_4bit_base_with_the_same_outputs(base_di
     torch.testing.assert_close(theirs(TOKENS).logits, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quant", ["nf4-dq", "int8"])
+def test_a_peft_qlora_adapter_loads_with_peft_outputs(base_dir, tmp_path, quant):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(load(base_dir, quant), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    theirs.eval()
+    want = theirs(TOKENS).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load(base_dir, quant)
+    lk.load_adapter(ours, tmp_path / "peft")
+    assert sum(1 for _ in lk.lora_layers(ours)) == 7
+    torch.testing.assert_close(ours(TOKENS).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fuse_leaves_quantized_siblings_ungrouped(base_dir):
     model = adapted(base_dir, "nf4")
     want = model(TOKENS).logits
@@ -292,3 +310,50 @@ def test_bitsandbytes_missing_or_too_old_is_a_clear_error(monkeypatch, installed
     monkeypatch.setattr(importlib.metadata, "version", version)
     with pytest.raises(lk.ConfigError, match=r"needs bitsandbytes >= 0\.45 .*pip install"):
         quant.bnb_config("nf4")
+
+
+def test_cli_merge_requantize_writes_the_quantized_merge_and_reports_its_loss(model_dir, tmp_path, capsys):
+    import re
+
+    from lorakit import cli
+    from lorakit.models import load_model
+
+    model, _ = load_model(model_dir, quantize="nf4")
+    adapted(model_dir, "nf4", model=model)
+    lk.save_adapter(model, tmp_path / "a")
+    paths = [p for p, _ in lk.lora_layers(model)]
+    common = ["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "a"), "--quantize", "nf4"]
+    assert cli.main(common + ["--output", str(tmp_path / "m16")]) == 0
+    capsys.readouterr()
+    assert cli.main(common + ["--output", str(tmp_path / "mq"), "--requantize", "nf4"]) == 0
+    printed = capsys.readouterr().out
+    # what was written: the 16-bit merge quantized as transformers quantizes it
+    written, _ = load_model(tmp_path / "mq")
+    want, _ = load_model(tmp_path / "m16", quantize="nf4")
+    merged16 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m16")
+    err, dot, norm = 0.0, 0.0, 0.0
+    for path in paths:
+        wr = dequantize(written.get_submodule(path)).float()
+        assert torch.equal(wr, dequantize(want.get_submodule(path)).float())
+        layer = dict(lk.lora_layers(model))[path]
+        a = layer.adapters["default"]
+        u = a.scale * (a.lora_B.detach() @ a.lora_A.detach())
+        err = max(err, (wr - merged16.get_submodule(path).weight.float()).abs().max().item())
+        dot += ((wr - dequantize(layer._base).float()) * u).sum().item()
+        norm += (u * u).sum().item()
+    found = re.search(r"requantized (\d+) adapted layers: .* max (\S+), mean (\S+); share of the adapter's update "
+                      r"kept (\S+) \(16-bit merge: (\S+)\)", printed)
+    assert found, printed
+    assert int(found[1]) == len(paths)
+    assert float(found[2]) == pytest.approx(err, rel=1e-3)
+    assert float(found[4]) == pytest.approx(dot / norm, abs=1e-3)
+    assert float(found[4]) < float(found[5]) <= 1.001  # requantizing loses more of the update than 16 bits do
+
+
+def test_cli_requantize_needs_quantize(model_dir, tmp_path, capsys):
+    from models import cli_fails_cleanly
+
+    lk.save_adapter(adapted(model_dir, "nf4"), tmp_path / "a")
+    cli_fails_cleanly(capsys, ["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "a"), "--output",
+                               str(tmp_path / "out"), "--requantize", "nf4"], "--requantize needs --quantize")
+    assert not (tmp_path / "out").exists()

@@ -381,7 +381,7 @@ def cmd_merge(args) -> int:
 
     import torch
 
-    from .inject import eject, merge
+    from .inject import active_adapters, eject, lora_layers, merge
     from .io import load_adapter, umask_mode
     from .models import load_model
     from .quant import dequantize_model
@@ -391,9 +391,15 @@ def cmd_merge(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; pick a new --output directory.")
     task = {"causal-lm": "causal-lm", "classification": "sequence-classification"}.get(args.task, args.task)
+    if args.requantize and not args.quantize:
+        raise ConfigError("--requantize needs --quantize: the adapter's update is measured against the quantized "
+                          "base it was trained on. Pass --quantize with the kind the adapter was trained with.")
     model, tokenizer = load_model(args.model, task=task, num_labels=args.num_labels, quantize=args.quantize)
     load_adapter(model, args.adapter)
     model.eval()
+    # the quantized layers as they are before the merge (their packed weights and adapters), for --requantize
+    quantized = {path: layer for path, layer in lora_layers(model) if layer.quantized}
+    active = active_adapters(model)
     sample = tokenizer(["The quick brown fox jumps over the lazy dog."] * 2, return_tensors="pt").to(model.device)
     with torch.no_grad():
         unmerged = model(**sample).logits.float()
@@ -416,6 +422,14 @@ def cmd_merge(args) -> int:
         os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700; it becomes the user's folder
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        if args.requantize:  # quantized again as transformers loads it, then saved in its quantized form
+            from .quant import requantize_loss
+            requantized, _ = load_model(str(tmp), task=task, num_labels=args.num_labels, quantize=args.requantize)
+            loss = requantize_loss(quantized, active, model, requantized)
+            for f in list(tmp.iterdir()):
+                if f.name.startswith("model") and f.suffix in (".safetensors", ".json") and f.name != "config.json":
+                    f.unlink()
+            requantized.save_pretrained(str(tmp), safe_serialization=True)
         for f in tmp.rglob("*"):  # transformers writes model.safetensors 0600 through a temp file
             if f.is_file() and not f.is_symlink():
                 os.chmod(f, umask_mode())
@@ -425,8 +439,12 @@ def cmd_merge(args) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"merged model written to {out}")
+    print(f"merged model written to {out}" + (f", quantized again ({args.requantize})" if args.requantize else ""))
     print(f"max |merged - unmerged| logit difference on a sample: {diff:.3e}")
+    if args.requantize:
+        print(f"requantized {loss['layers']} adapted layers: weight error against the 16-bit merge max "
+              f"{loss['max_abs_error']:.3e}, mean {loss['mean_abs_error']:.3e}; share of the adapter's update kept "
+              f"{loss['update_kept']:.3f} (16-bit merge: {loss['update_kept_16bit']:.3f})")
     return 0
 
 
@@ -518,7 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-labels", type=int, default=None)
     m.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="load the base quantized (bitsandbytes), as the adapter was trained on it; the merged model "
-                        "holds dequantize(Wq) + s*B@A in the dequantized dtype")
+                        "holds dequantize(Wq) + s*B@A in the dequantized dtype (without --quantize, the same "
+                        "update goes onto the original 16-bit weights)")
+    m.add_argument("--requantize", choices=QUANTIZE, default=None,
+                   help="with --quantize: write the merged model quantized again, and report what that loses "
+                        "(weight error, share of the adapter's update kept)")
     m.set_defaults(func=cmd_merge)
 
     a = sub.add_parser("analyze", help="the paper's Section 7: subspace similarity, amplification, spectra")

@@ -182,3 +182,49 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         return model.dequantize()
     model.hf_quantizer.remove_quantization_config(model)  # transformers' dequantize needs a quantized layer
     return model
+
+
+def update_of(layer: LoraLinear, names: list[str]) -> Tensor:
+    """sum over `names` of scale * B @ A on `layer`, float32 (out, in): the update a merge adds."""
+    device = next(iter(layer.adapters.values())).lora_A.device
+    out = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=device)
+    for n in names:
+        a = layer.adapters[n]
+        out += a.scale * (a.lora_B.float() @ a.lora_A.float())
+    return out
+
+
+def requantize_loss(layers: dict[str, LoraLinear], active: list[str], merged: nn.Module,
+                    requantized: nn.Module) -> dict[str, float]:
+    """What quantizing a merged model again costs, over the layers that carried an update.
+
+    `layers` are the quantized LoRA layers of the model before its merge (path -> layer; each still holds
+    its quantized base and its adapters), `merged` the 16-bit model whose weights are dequantize(Wq) + U
+    (U = the active adapters' update), `requantized` the same model loaded quantized again. Returns the max
+    and mean absolute error of the requantized weights against the merged ones, and the fraction of U
+    that survives each way, <W - dequantize(Wq), U> / <U, U> summed over layers, for the requantized
+    weights (`update_kept`) and for the 16-bit merged ones (`update_kept_16bit`, below 1 only by the one
+    rounding into 16 bits).
+    """
+    err_max, err_sum, count, dot_q, dot_m, norm = 0.0, 0.0, 0, 0.0, 0.0, 0.0
+    for path, layer in layers.items():
+        names = [n for n in active if n in layer.adapters]
+        if not names:
+            continue
+        u = update_of(layer, names)
+        w0 = dequantize(layer._base).float().to(u.device)
+        wm = merged.get_submodule(path).weight.detach().float().to(u.device)
+        wr = dequantize(requantized.get_submodule(path)).float().to(u.device)
+        err = (wr - wm).abs()
+        err_max = max(err_max, err.max().item())
+        err_sum += err.sum().item()
+        count += err.numel()
+        dot_q += ((wr - w0) * u).sum().item()
+        dot_m += ((wm - w0) * u).sum().item()
+        norm += (u * u).sum().item()
+    if count == 0:
+        return {"layers": 0}
+    return {"layers": sum(1 for p, la in layers.items() if any(n in la.adapters for n in active)),
+            "max_abs_error": err_max, "mean_abs_error": err_sum / count,
+            "update_kept": dot_q / norm if norm else float("nan"),
+            "update_kept_16bit": dot_m / norm if norm else float("nan")}
