@@ -5,6 +5,7 @@ quantized base: `from_pretrained(..., quantization_config=lorakit.quant.bnb_conf
 quantization, bf16 compute; the embedding and lm_head stay bf16). Every case loads its own copy, so each peak
 is its own. Batch and sequence as bench_train (1.1B: 8 x 1024), AdamW, LoRA r=16 alpha=32 on all linears.
 
+  floor16    the same model loaded in bf16, nothing trains (the 16-bit frozen floor)
   floor4     nothing trains; forward + backward through the frozen 4-bit model (embedding output requires
              grad so the backward runs through every layer)
   lorakit4   lk.inject(model, LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
@@ -29,24 +30,24 @@ import torch
 
 from bench_train import SHAPES, build, randomize_lora_B
 
-CASES = ["floor4", "lorakit4", "peft4"]
+CASES = ["floor16", "floor4", "lorakit4", "peft4"]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, batch=2, seq=32)
 
 
-def load(path: str, device: str):
+def load(path: str, device: str, quantize: bool = True):
     from transformers import AutoModelForCausalLM
 
     from lorakit.quant import bnb_config
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config("nf4", torch.bfloat16),
-                                                dtype=torch.bfloat16, device_map=device)
+    q = dict(quantization_config=bnb_config("nf4", torch.bfloat16)) if quantize else {}
+    return AutoModelForCausalLM.from_pretrained(path, **q, dtype=torch.bfloat16, device_map=device)
 
 
 def prepare(case: str, model, r: int, alpha: float):
     for p in model.parameters():
         p.requires_grad_(False)
-    if case == "floor4":
+    if case in ("floor4", "floor16"):
         model.enable_input_require_grads()
         return model, [], ""
     if case == "peft4":
@@ -84,7 +85,7 @@ def run_case(case: str, path: str, args, shape: dict) -> dict:
     if dev == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, params, note = prepare(case, load(path, dev), args.rank, args.alpha)
+    model, params, note = prepare(case, load(path, dev, case != "floor16"), args.rank, args.alpha)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -163,6 +164,10 @@ def main() -> None:
             if r is not f:
                 print(f"{r['case']:10s} / floor4: step {r['ms'] / f['ms']:.3f}x  "
                       f"peak {r['peak_gib'] / f['peak_gib']:.3f}x  decode {r['decode_ms'] / f['decode_ms']:.3f}x")
+    if "floor16" in by:
+        for r in rows:
+            if r["case"] != "floor16":
+                print(f"{r['case']:10s} / floor16: step {r['ms'] / by['floor16']['ms']:.3f}x")
     if "lorakit4" in by and "peft4" in by:
         print(f"peft4 / lorakit4 step time: {by['peft4']['ms'] / by['lorakit4']['ms']:.2f}x")
 

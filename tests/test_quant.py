@@ -158,15 +158,25 @@ def test_eject_without_merge_gives_the_quantized_layers_back(base_dir):
     assert torch.equal(model(TOKENS).logits, want)
 
 
-def test_fast_path_takes_the_reference_path_and_explain_says_why(base_dir):
+def test_explain_names_the_fused_path_and_why_the_reference_runs_elsewhere(base_dir):
     model = adapted(base_dir, "nf4")
+    lk.inject(model, lk.LoraConfig(r=2, targets="all-linear"), name="other")
     _, layer = next(iter(lk.lora_layers(model)))
     x = torch.randn(2, 3, layer.in_features)
-    want = layer(x)
     lk.set_fast_path("on")
     try:
-        assert lk.explain(layer, x).startswith("reference") and "quantized" in lk.explain(layer, x)
-        assert torch.equal(layer(x), want)
+        assert lk.explain(layer, x).startswith("quantized: the 4-bit base dequantized")
+        with lk.route(model, ["default", "other"]):
+            assert lk.explain(layer, x).startswith("reference") and "unrouted" in lk.explain(layer, x)
+        lk.set_adapter(model, ["default", "other"])
+        assert lk.explain(layer, x).startswith("reference") and "one unmerged" in lk.explain(layer, x)
+    finally:
+        lk.set_fast_path("auto")
+    int8 = adapted(base_dir, "int8")
+    _, layer = next(iter(lk.lora_layers(int8)))
+    lk.set_fast_path("on")
+    try:
+        assert "4-bit bases" in lk.explain(layer, x)
     finally:
         lk.set_fast_path("auto")
 
@@ -357,3 +367,112 @@ def test_cli_requantize_needs_quantize(model_dir, tmp_path, capsys):
     cli_fails_cleanly(capsys, ["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "a"), "--output",
                                str(tmp_path / "out"), "--requantize", "nf4"], "--requantize needs --quantize")
     assert not (tmp_path / "out").exists()
+
+
+# -- the fused path (lk.set_fast_path("on") here; on CUDA it is the default) ------------------------------
+
+@pytest.fixture
+def fast_on():
+    lk.set_fast_path("on")
+    yield
+    lk.set_fast_path("auto")
+
+
+def reference64(layer, x, seed, p):
+    """base(x) + scale * (dropout(x) @ A.T) @ B.T in float64 on the dequantized weight, with the mask of `seed`."""
+    a = layer.adapters["default"]
+    w = dequantize(layer._base).double()
+    x64 = x.double()
+    xd = LF.seeded_dropout(x64, seed, p) if seed is not None else x64
+    return F.linear(x64, w) + a.scale * (xd @ a.lora_A.double().t()) @ a.lora_B.double().t()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4-dq"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_fused_training_path_equals_the_float64_reference(base_dir, fast_on, quant, p):
+    model = load(base_dir, quant)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, dropout=p, targets=["down_proj"]))
+    layer = model.model.layers[0].mlp.down_proj
+    torch.manual_seed(4)
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.normal_(std=0.1)
+    layer.train()
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    torch.manual_seed(11)
+    y = layer(x)
+    torch.manual_seed(11)  # the same draw as the layer's: its dropout seed
+    seed = LF.dropout_seed("cpu") if p > 0 else None
+    x64 = x.detach().double().requires_grad_(True)
+    a = layer.adapters["default"]
+    A64, B64 = a.lora_A.detach().double().requires_grad_(True), a.lora_B.detach().double().requires_grad_(True)
+    w = dequantize(layer._base).double()
+    xd = LF.seeded_dropout(x64, seed, p) if seed is not None else x64
+    want = F.linear(x64, w) + a.scale * (xd @ A64.t()) @ B64.t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad(y, (x, a.lora_A, a.lora_B), g)
+    wx, wA, wB = torch.autograd.grad(want, (x64, A64, B64), g.double())
+    for got, ref in ((gx, wx), (gA, wA), (gB, wB)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_training_keeps_no_16bit_weight_for_backward(base_dir, fast_on):
+    model = adapted(base_dir, "nf4")
+    model.train()
+    shapes = []
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+
+    def pack(t):  # saved tensors other than the model's own parameters (lm_head keeps its weight)
+        if t.untyped_storage().data_ptr() not in params:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(TOKENS, labels=TOKENS).loss
+    weights = {tuple(layer.weight_out_in().shape) for _, layer in lk.lora_layers(model)}
+    assert shapes and not weights & set(shapes)
+    before = packed(model)
+    loss.backward()
+    opt = torch.optim.SGD(lk.trainable_parameters(model), lr=0.1)
+    opt.step()
+    assert all(torch.equal(before[n], t) for n, t in packed(model).items())
+
+
+def test_fused_paths_equal_the_reference_path(base_dir, fast_on):
+    model = adapted(base_dir, "nf4")
+    with torch.no_grad():  # inference: bitsandbytes' own base kernel, then the adapter term; 1 and 5 tokens
+        fused = [model(TOKENS).logits, model(TOKENS[:1, :1]).logits]
+    lk.set_fast_path("off")
+    with torch.no_grad():
+        ref = [model(TOKENS).logits, model(TOKENS[:1, :1]).logits]
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # training, dropout 0: the same loss and gradients as the reference path
+    lk.set_fast_path("on")
+    model.train()
+    grads = []
+    for mode in ("on", "off"):
+        lk.set_fast_path(mode)
+        model.zero_grad()
+        model(TOKENS, labels=TOKENS).loss.backward()
+        grads.append([p.grad.clone() for p in lk.trainable_parameters(model)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_training_under_gradient_checkpointing(base_dir, fast_on):
+    from torch.utils.checkpoint import checkpoint
+
+    model = load(base_dir, "nf4")
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, dropout=0.3, targets=["up_proj"]))
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.normal_(std=0.1)
+    layer.train()
+    x = torch.randn(4, layer.in_features)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        y = checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
+        grads.append(torch.autograd.grad(y.square().sum(), layer.adapters["default"].lora_A)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)  # the recomputed forward draws the same mask

@@ -15,8 +15,11 @@ bitsandbytes is imported only when a quantized layer is dequantized (it is not a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast
+from . import functional as LF
 from .errors import MergeError, TargetError
 from .layers import LoraLinear
 
@@ -94,7 +97,46 @@ class LoraQuantLinear(LoraLinear):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return super(LoraLinear, self).forward(x)  # the reference path: no fused dequantizing path yet
+        adapter = self._fused_adapter(x)
+        if adapter is None:
+            return super(LoraLinear, self).forward(x)  # the reference path: base_q(x) + each adapter's term
+        A, B, scale, p = adapter.operands()
+        dtype = getattr(self._base, "compute_dtype", None) or x.dtype
+        if not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
+            # inference: bitsandbytes' own kernel for the base term (a matrix-vector kernel on packed
+            # weights for one token), then the adapter term added in place in the compute dtype
+            y = self._base(x)
+            A, B = self._cast_operands(A, B, dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            y2 = y.view(-1, y.shape[-1])
+            y2.addmm_((x2 @ A.t()).to(y2.dtype), B.t().to(y2.dtype), alpha=scale)
+            return y
+        seed = LF.dropout_seed(x.device) if p > 0 and adapter.training else None
+        return _QuantLoraFunction.apply(x, A, B, self.bias, self._base, scale, p if seed is not None else 0.0,
+                                        seed, dtype)
+
+    def _fused_adapter(self, x: Tensor):
+        """The one adapter the fused path computes for `x`, or None where the reference path runs: the fast
+        path off for x, the layer disabled or routed, not exactly one unmerged active adapter, a base that
+        is not 4-bit, a trainable bias, or a sliced adapter."""
+        if self.disabled or self.routing is not None or not fast.enabled_for(x):
+            return None
+        if getattr(self._base.weight, "quant_state", None) is None:  # 8 bits: its own int8 kernels
+            return None
+        adapters = self._unmerged_active()
+        if len(adapters) != 1 or adapters[0].slices is not None:
+            return None
+        if self.bias is not None and self.bias.requires_grad:
+            return None
+        return adapters[0]
+
+    def _cast_operands(self, A: Tensor, B: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """A and B in `dtype`, cast once per change of either (keyed on their version counters)."""
+        key = (dtype, A.data_ptr(), A._version, B.data_ptr(), B._version)
+        cache = self.__dict__.get("_cast")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_cast"] = (key, A.detach().to(dtype), B.detach().to(dtype))
+        return cache[1], cache[2]
 
     def unwrap(self) -> nn.Module:
         return self._base
@@ -142,6 +184,48 @@ class LoraQuantLinear(LoraLinear):
         twin.active = list(self.active)
         twin.train(self.training)
         return twin
+
+
+class _QuantLoraFunction(torch.autograd.Function):
+    """y = x @ dequantize(Wq).T + bias + scale * (dropout(x) @ A.T) @ B.T for a 4-bit base, in training.
+
+    The 16-bit weight exists only inside forward and inside backward (dequantized again there), never
+    across the step. Saved for backward: x (the same storage as the layer's input, so siblings reading one
+    input share it), xa = dropout(x) @ A.T (rows, r) and the dropout seed; the mask is drawn again from the
+    seed (`lorakit.functional.dropout_keep`), so no dropped copy of x is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, bias, base, scale, p, seed, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        weight = dequantize(base).to(dtype)
+        y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
+        del weight
+        xa = LF.seeded_dropout(x2, seed, p) @ A.to(dtype).t()
+        y.addmm_(xa, B.to(dtype).t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, A, B, seed)
+        ctx.base, ctx.scale, ctx.p, ctx.dtype, ctx.x_shape, ctx.x_dtype = base, scale, p, dtype, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, xa, A, B, seed = ctx.saved_tensors
+        dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
+        g2 = gy.reshape(-1, gy.shape[-1]).to(dtype)
+        gxa = (g2 @ B.to(dtype)).mul_(scale)  # (rows, r)
+        gx = gA = gB = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize(ctx.base).to(dtype)
+            gx = g2 @ weight
+            del weight
+            # dropout's backward is dropout with the same mask and the same 1 / (1 - p)
+            gx += LF.seeded_dropout(gxa @ A.to(dtype), seed, p)
+            gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            gA = (gxa.t() @ LF.seeded_dropout(x2, seed, p)).to(A.dtype)
+        if ctx.needs_input_grad[2]:
+            gB = (g2.t() @ xa).mul_(scale).to(B.dtype)
+        return gx, gA, gB, None, None, None, None, None, None
 
 
 QUANTIZE = ("nf4", "fp4", "int8")

@@ -154,8 +154,12 @@ def explain(layer, x: Tensor) -> str:
         why = "disabled" if getattr(layer, "disabled", False) else f"fast path mode {fast_path_mode()!r} on {x.device}"
         return f"reference: {_reference.__doc__} ({why})"
     if layer.quantized:
-        return (f"reference: {_reference.__doc__} (quantized base {type(layer._base).__name__}: its own forward "
-                "plus the adapters; no fused dequantizing path yet)")
+        base = type(layer._base).__name__
+        if layer._fused_adapter(x) is not None:
+            return (f"quantized: the 4-bit base dequantized inside forward and again inside backward, the adapter "
+                    f"term added in the compute dtype, one autograd function ({base}) [torch]")
+        return (f"reference: {_reference.__doc__} (quantized base {base}: its own forward plus the adapters; the "
+                "fused path takes 4-bit bases with one unmerged, unrouted adapter)")
     name = choose(layer, x)
     from . import triton as _triton
 
