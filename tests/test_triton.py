@@ -513,3 +513,30 @@ def test_explain_names_the_backend_and_set_fast_path_can_turn_triton_off():
         assert rel(model(x), want) < 1e-4
     finally:
         lk.set_fast_path("auto", triton=True)
+
+
+@pytest.mark.parametrize("dtype, tol", CASES[:2], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_quantized_base_function_on_its_triton_path(dtype, tol, p):
+    bnb = pytest.importorskip("bitsandbytes")
+    from lorakit.quant import _QuantLoraFunction, _triton_for, dequantize
+
+    K, N, R, scale = 96, 80, 8, 2.0
+    base = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(N, K, dtype=dtype) * 0.1, requires_grad=False, quant_type="nf4")
+    base = base.to(dev)
+    x = torch.randn(3, 7, K, device=dev, dtype=dtype, requires_grad=True)
+    A = (torch.randn(R, K, device=dev) * 0.1).requires_grad_(True)
+    B = (torch.randn(N, R, device=dev) * 0.1).requires_grad_(True)
+    assert _triton_for(x.detach().reshape(-1, K)) is not None
+    seed = LF.dropout_seed(dev) if p else None
+    y = _QuantLoraFunction.apply(x, A, B, None, base, scale, p, seed, dtype)
+    w64 = dequantize(base).double()
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    want = x64 @ w64.t() + scale * (LF.seeded_dropout(x64, seed, p) @ A64.t()) @ B64.t()
+    assert rel(y, want) < tol
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B), g)
+    ref = torch.autograd.grad(want, (x64, A64, B64), g.double())
+    for a, b in zip(got, ref):
+        assert rel(a, b) < tol

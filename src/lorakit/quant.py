@@ -197,21 +197,28 @@ class _QuantLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, bias, base, scale, p, seed, dtype):
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
         weight = dequantize(base).to(dtype)
         y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
         del weight
-        xa = LF.seeded_dropout(x2, seed, p) @ A.to(dtype).t()
+        triton = _triton_for(x2)
+        if triton is not None:  # the mask drawn in registers: no dropped copy of x2 is written
+            xa = triton.shrink(x2, A.to(dtype), seed, p)
+        else:
+            xa = LF.seeded_dropout(x2, seed, p) @ A.to(dtype).t()
         y.addmm_(xa, B.to(dtype).t(), alpha=scale)
         ctx.save_for_backward(x2, xa, A, B, seed)
         ctx.base, ctx.scale, ctx.p, ctx.dtype, ctx.x_shape, ctx.x_dtype = base, scale, p, dtype, x.shape, x.dtype
+        ctx.triton = triton is not None
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
         x2, xa, A, B, seed = ctx.saved_tensors
         dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
-        g2 = gy.reshape(-1, gy.shape[-1]).to(dtype)
+        g2 = gy.reshape(-1, gy.shape[-1]).to(dtype).contiguous()
+        if ctx.triton:
+            return _QuantLoraFunction._backward_triton(ctx, g2, x2, xa, A, B, seed)
         gxa = (g2 @ B.to(dtype)).mul_(scale)  # (rows, r)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
@@ -226,6 +233,34 @@ class _QuantLoraFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gB = (g2.t() @ xa).mul_(scale).to(B.dtype)
         return gx, gA, gB, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_triton(ctx, g2, x2, xa, A, B, seed):
+        """The backward with the fast path's kernels: g read once for scale * g @ B and dB, then one pass for
+        dA and the adapter's share of gx (the mask regenerated in registers), added onto g @ W."""
+        from .fast import triton as _triton
+
+        dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
+        gxa = torch.empty(g2.shape[0], B.shape[1], dtype=dtype, device=g2.device)
+        gB = _triton.lora_grads(g2, B.to(dtype), xa, scale, gxa, db_dtype=B.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize(ctx.base).to(dtype)
+            gx = g2 @ weight
+            del weight
+        gA = _triton.dropout_backward(x2, gxa, A.to(dtype).contiguous(), gx, seed, p).to(A.dtype)
+        if gx is not None:
+            gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
+        return (gx, gA if ctx.needs_input_grad[1] else None, gB if ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None)
+
+
+def _triton_for(x2: Tensor):
+    """The fast path's Triton kernels where they run on x2 (CUDA, or the CPU under the interpreter) and
+    the mode allows them, else None."""
+    from .fast import triton as _triton
+
+    return _triton if _triton.available_for(x2) and not torch.compiler.is_compiling() else None
 
 
 QUANTIZE = ("nf4", "fp4", "int8")
