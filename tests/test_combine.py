@@ -237,6 +237,7 @@ ERRORS = [
     (dict(method="ties", density=0.5, majority_sign_method="mean"), lk.ConfigError, ["'mean'", "frequency"]),
     (dict(method="svd", svd_rank=0), lk.ConfigError, ["svd_rank", "0"]),
     (dict(method="svd", svd_clamp=2), lk.ConfigError, ["svd_clamp", "2"]),
+    (dict(method="svd", svd_driver="gesdd"), lk.ConfigError, ["svd_driver", "'gesdd'", "gesvdj"]),
     (dict(weights={}), lk.ConfigError, ["{}", "{'a': 0.7"]),
     (dict(weights={"t1": float("nan"), "t2": 1.0}), lk.ConfigError, ["'t1'", "nan", "finite"]),
     (dict(weights={"t1": 1.0, "q_only": 1.0}), lk.ShapeMismatchError, ["v_proj", "['q_only']", "same target"]),
@@ -259,15 +260,21 @@ def test_errors_name_the_problem_and_leave_the_model_as_it_was(kwargs, error, wo
     assert same(snapshot(model), before)
 
 
-def test_dora_and_pissa_adapters_are_refused(monkeypatch):
-    model = carrying(("t1", 4, QV), ("t2", 4, QV))
+def test_adapters_that_are_more_than_lora_factors_are_refused(monkeypatch):
+    model = carrying(("t1", 4, QV), ("t2", 4, QV), ("t3", 4, QV))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=QV, bias="lora_only"), name="biased")
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=QV, init="pissa"), name="pissa")
     before = snapshot(model)
-    with pytest.raises(lk.ConfigError, match=r"'pissa' is initialized by PiSSA.*saved"):
+    with pytest.raises(lk.ConfigError, match=r"'pissa' was initialized by PiSSA.*Save it"):
         lk.combine(model, {"t1": 1.0, "pissa": 1.0}, name="mix")
+    with pytest.raises(lk.ConfigError, match=r"'biased' trains biases too \(bias='lora_only'\)"):
+        lk.combine(model, {"biased": 1.0, "t1": 1.0}, name="mix", method="cat")
     monkeypatch.setattr(configs(model)["t2"], "dora", True, raising=False)
     with pytest.raises(lk.ConfigError, match=r"'t2' is DoRA"):
         lk.combine(model, {"t1": 1.0, "t2": 1.0}, name="mix", method="svd")
+    monkeypatch.setattr(configs(model)["t3"], "target_parameters", ["mlp.experts.gate_up_proj"], raising=False)
+    with pytest.raises(lk.ConfigError, match=r"'t3' adapts parameters"):
+        lk.combine(model, {"t1": 1.0, "t3": 1.0}, name="mix")
     assert same(snapshot(model), before)
 
 

@@ -43,6 +43,7 @@ PRUNING_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_
 #: the methods that elect a sign per entry
 SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
 SIGN_RULES = ("total", "frequency")
+SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
 
 def combine(model: nn.Module, weights: Mapping[str, float], name: str, method: str = "linear", *,
@@ -60,7 +61,9 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, method: s
     "total" (the sign of the sum) or "frequency" (the sign most adapters have). The svd methods keep
     `svd_rank` directions (default: the largest rank among the sources; at most min(out, in) at a module),
     clamp both factors to +-q where q is the `svd_clamp` quantile of their entries (when it is given), and
-    pass `svd_full_matrices` / `svd_driver` to `torch.linalg.svd`.
+    pass `svd_full_matrices` / `svd_driver` to `torch.linalg.svd` (the full SVD is PEFT's default; the
+    reduced one, `svd_full_matrices=False`, gives the same factors in far less memory for large modules
+    such as embeddings).
 
     DARE's draw is reproducible: the same `seed`, adapters and device give the same adapter. Each module
     draws from a generator seeded by (`seed`, module path), so it cannot equal PEFT's draw from torch's
@@ -70,7 +73,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, method: s
     Raises:
         ConfigError: an unknown method or sign rule; `weights` empty or not finite numbers; `name` taken or
             not a plain name; `density` missing for a pruning method, given for one that does not prune,
-            or outside (0, 1]; a bad svd_rank or svd_clamp; a source adapter that is DoRA, PiSSA
+            or outside (0, 1]; a bad svd_rank, svd_clamp or svd_driver; a source adapter that is DoRA, PiSSA
             (initialized from the weights), targets parameters, or trains biases or modules_to_save.
         AdapterNotFoundError: a name in `weights` that the model does not have.
         ShapeMismatchError: the adapters adapt different modules, or (for the methods that mix factors)
@@ -78,7 +81,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, method: s
     Nothing is changed when it raises.
     """
     sources = _check_arguments(model, weights, name, method, density, seed, svd_rank, svd_clamp,
-                               svd_full_matrices, majority_sign_method)
+                               svd_full_matrices, svd_driver, majority_sign_method)
     if len(sources) == 1:  # PEFT's rule: one adapter is only weighted, and exactly so by `linear`
         method = "linear"
     modules = _modules(model, sources, method)
@@ -102,7 +105,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, method: s
 
 # -- checks -----------------------------------------------------------------------------------------------
 def _check_arguments(model, weights, name, method, density, seed, svd_rank, svd_clamp, svd_full_matrices,
-                     majority_sign_method) -> list[str]:
+                     svd_driver, majority_sign_method) -> list[str]:
     """The source adapters' names, in the order given, once every argument has been checked."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"combine expects a torch.nn.Module as model, got {type(model).__name__}.")
@@ -137,26 +140,33 @@ def _check_arguments(model, weights, name, method, density, seed, svd_rank, svd_
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}.")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ConfigError(f"svd_rank must be a positive integer (or None for the largest source rank), got {svd_rank!r}.")
+        raise ConfigError(f"svd_rank must be a positive integer (or None for the largest source rank), "
+                          f"got {svd_rank!r}.")
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
                                   or not 0 <= svd_clamp <= 1):
         raise ConfigError(f"svd_clamp must be a quantile in [0, 1] (e.g. 0.99), or None; got {svd_clamp!r}.")
     if not isinstance(svd_full_matrices, bool):
         raise ConfigError(f"svd_full_matrices must be True or False, got {svd_full_matrices!r}.")
+    if svd_driver not in SVD_DRIVERS:
+        raise ConfigError(f"svd_driver must be one of {SVD_DRIVERS} (the drivers other than None are CUDA's), "
+                          f"got {svd_driver!r}.")
     for adapter in sources:
         cfg = configs(model)[adapter]
-        refused = [what for what, on in (
-            ("DoRA (dora=True)", getattr(cfg, "dora", False)),
-            ("initialized by PiSSA (init='pissa'; its factors act on the residual weight)", cfg.init == "pissa"),
-            (f"on parameters (target_parameters={getattr(cfg, 'target_parameters', None)!r})",
-             getattr(cfg, "target_parameters", None)),
-            (f"trains biases (bias={cfg.bias!r})", cfg.bias != "none"),
-            (f"trains whole modules (modules_to_save={cfg.modules_to_save!r})", cfg.modules_to_save)) if on]
+        leave_out = "Leave it out of the combination."
+        refused = [(what, fix) for what, fix, on in (
+            ("is DoRA (dora=True), whose magnitudes cannot be mixed as LoRA factors", leave_out,
+             getattr(cfg, "dora", False)),
+            ("was initialized by PiSSA (init='pissa'), so its factors act on the residual weight",
+             "Save it (it is written as a plain LoRA of the original weights), load it back under another name and "
+             "combine that.", cfg.init == "pissa"),
+            (f"adapts parameters (target_parameters={getattr(cfg, 'target_parameters', None)!r}), not modules",
+             leave_out, getattr(cfg, "target_parameters", None)),
+            (f"trains biases too (bias={cfg.bias!r}), which combine does not mix", leave_out, cfg.bias != "none"),
+            (f"trains whole modules too (modules_to_save={cfg.modules_to_save!r}), which combine does not mix",
+             leave_out, cfg.modules_to_save)) if on]
         if refused:
-            raise ConfigError(
-                f"Adapter {adapter!r} is {refused[0]}, which combine does not mix: it combines LoRA factors "
-                "only. Leave it out; a PiSSA adapter can be saved (as a plain LoRA of the original weights) and "
-                "loaded back first.")
+            what, fix = refused[0]
+            raise ConfigError(f"Adapter {adapter!r} {what}; combine mixes LoRA factors only. {fix}")
     return sources
 
 
