@@ -164,6 +164,30 @@ def test_svd_at_full_rank_is_the_weighted_sum_and_saves_as_a_peft_adapter(tmp_pa
         torch.testing.assert_close(theirs(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_sliced_fused_projections_combine_and_the_fast_path_computes_the_same():
+    model = make("gpt2")  # c_attn: Conv1D (stored (in, out)) fusing q, k, v; adapters on q and v only
+    for name, r in (("t1", 4), ("t2", 2)):
+        lk.inject(model, lk.LoraConfig(r=r, alpha=2 * r, targets=["c_attn", "c_fc"],
+                                       slices={"c_attn": [True, False, True]}), name=name)
+    randomize(model, std=0.3)
+    lk.combine(model, WEIGHTS, name="mix", method="cat")
+    lk.combine(model, WEIGHTS, name="mix_svd", method="svd", svd_rank=12)  # 2*4 + 2*2: the whole sum
+    for path, layer in lk.lora_layers(model):
+        want = 0.7 * layer.delta_weight("t1") - 0.3 * layer.delta_weight("t2")
+        torch.testing.assert_close(layer.delta_weight("mix"), want)
+        torch.testing.assert_close(layer.delta_weight("mix_svd"), want, rtol=1e-4, atol=1e-5)
+    x = example_input("gpt2")
+    outs = {}
+    try:
+        for mode in ("off", "on"):
+            lk.set_fast_path(mode)
+            with lk.route(model, ["mix", None, "t1", "mix_svd"]), torch.no_grad():
+                outs[mode] = run(model, "gpt2", x)
+    finally:
+        lk.set_fast_path("auto")
+    torch.testing.assert_close(outs["on"], outs["off"], rtol=1e-5, atol=1e-5)
+
+
 def mixed_factors(model, name):
     return {path: (layer.adapters[name].lora_A.detach().clone(), layer.adapters[name].lora_B.detach().clone())
             for path, layer in lk.lora_layers(model)}
