@@ -40,8 +40,7 @@ FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune
 #: the methods that prune, and so need a density
 PRUNING_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
                    "magnitude_prune", "magnitude_prune_svd")
-#: the methods that elect a sign per entry
-SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
+#: how ties and dare_ties elect the sign of an entry
 SIGN_RULES = ("total", "frequency")
 SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
