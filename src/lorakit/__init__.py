@@ -10,6 +10,7 @@ command line need the extras named in pyproject.toml.
 
 import importlib
 
+from .combine import combine
 from .config import LoraConfig
 from .errors import (AdapterFileError, AdapterNotFoundError, ConfigError, GraphError, LoraError, MergeError,
                      ShapeMismatchError, StateError, TargetError)
@@ -45,7 +46,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "LoraConfig", "inject", "set_adapter", "disabled", "route", "merge", "unmerge", "eject",
-    "save_adapter", "load_adapter", "trainable_parameters", "count_parameters", "delete_adapter",
+    "save_adapter", "load_adapter", "combine", "trainable_parameters", "count_parameters", "delete_adapter",
     "adapter_names", "active_adapters", "lora_layers", "set_fast_path", "explain", "fuse", "unfuse", "FusionHandle",
     "graphed_step", "graphed_update",
     "Decoder", "GreedyDecoder", "greedy_decode",

@@ -24,6 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from . import combine_cli
 from .config import LoraConfig
 from .errors import ConfigError, LoraError
 
@@ -559,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-labels", type=int, default=None)
     c.add_argument("--slices", help="MergedLinear enabled slices, e.g. true,false,true")
     c.set_defaults(func=cmd_convert)
+    combine_cli.add_parser(sub)
     return p
 
 
