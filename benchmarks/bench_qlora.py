@@ -9,6 +9,7 @@ is its own. Batch and sequence as bench_train (1.1B: 8 x 1024), AdamW, LoRA r=16
   floor4     nothing trains; forward + backward through the frozen 4-bit model (embedding output requires
              grad so the backward runs through every layer)
   lorakit4   lk.inject(model, LoraConfig(r=16, alpha=32, dropout=0.05, targets="all-linear"))
+  lorakit4-graphed  the same, the whole step captured as one CUDA graph (`lk.graphed_step`)
   peft4      peft.get_peft_model with the same LoRA settings (PEFT's bitsandbytes layers)
 
 and one decode row per case: eager `generate`, greedy, batch 1, ms per new token (the slope between 8 and 8 +
@@ -57,7 +58,7 @@ def prepare(case: str, model, r: int, alpha: float):
                                                            target_modules="all-linear"))
         randomize_lora_B(model)
         return model, [q for q in model.parameters() if q.requires_grad], f"peft {peft.__version__}"
-    if case == "lorakit4":
+    if case.startswith("lorakit4"):
         import lorakit as lk
 
         lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=0.05, targets="all-linear"))
@@ -97,6 +98,13 @@ def run_case(case: str, path: str, args, shape: dict) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    if case.endswith("-graphed"):  # forward, backward and AdamW as one CUDA graph (`lk.graphed_step`)
+        import lorakit as lk
+
+        opt = torch.optim.AdamW(params, lr=1e-4, capturable=True, fused=True)
+        batch = {"input_ids": ids, "labels": ids}
+        graphed = lk.graphed_step(model, opt, batch, warmup=args.warmup)
+        step = lambda: graphed(batch)  # noqa: E731
     for _ in range(args.warmup):
         step()
     if dev == "cuda":
