@@ -24,7 +24,8 @@ from lorakit.data import (
 )
 from lorakit.errors import ConfigError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from models import SHARED as DATA  # ../shared/data, or $LORAKIT_SHARED_DATA
+
 TOKENIZER_FILE = DATA / "gpt2-tokenizer" / "tokenizer.json"
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
@@ -175,7 +176,9 @@ def test_reader_errors_name_the_file(tmp_path):
     gz.write_bytes(b"not gzip at all")
     with pytest.raises(ConfigError, match="broken.csv.gz"):
         load_records(gz)
-    with pytest.raises(ConfigError, match="extension '.parquet'"):
+    with pytest.raises(ConfigError, match="extension '.xml'"):
+        load_records(write(tmp_path / "x.xml", "x"))
+    with pytest.raises(ConfigError, match="Cannot read .*x.parquet as parquet"):
         load_records(write(tmp_path / "x.parquet", "x"))
     with pytest.raises(ConfigError, match="Unknown data format 'xml'"):
         load_records(bad, format="xml")
