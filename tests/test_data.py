@@ -289,12 +289,14 @@ def test_chat_errors(tok):
 def test_missing_column_lists_existing_columns(tok):
     recs = [{"mr": "x", "ref": "y"}]
     with pytest.raises(
-        ConfigError, match=r"no column 'prompt' \(DataConfig.prompt_column\).*'mr', 'ref'"
+        ConfigError, match=r"e2e.csv is in no layout the sft task reads.*--prompt-column.*'mr', 'ref'"
     ):
         build_examples(recs, tok, DataConfig(), source="e2e.csv")
+    with pytest.raises(ConfigError, match=r"no column 'completion' \(--completion-column\).*'prompt', 'ref'"):
+        build_examples([{"prompt": "x", "ref": "y"}], tok, DataConfig(), source="e2e.csv")
     with pytest.raises(ConfigError, match=r"no column 'text'.*'mr', 'ref'"):
         build_examples(recs, tok, DataConfig(task="lm"))
-    with pytest.raises(ConfigError, match=r"no column 'label' \(DataConfig.label_column\).*'text'"):
+    with pytest.raises(ConfigError, match=r"no column 'label' \(--label-column\).*'text'"):
         build_examples([{"text": "a"}], tok, DataConfig(task="classification"))
     with pytest.raises(ConfigError, match="has no records"):
         build_examples([], tok, DataConfig())
@@ -375,9 +377,9 @@ def test_regression(tok):
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="Unknown data task 'chat'"):
+    with pytest.raises(ConfigError, match="Unknown --task .chat."):
         DataConfig(task="chat").validate()
-    with pytest.raises(ConfigError, match="max_length must be at least 2"):
+    with pytest.raises(ConfigError, match="--max-length must be at least 2"):
         DataConfig(max_length=1).validate()
 
 
