@@ -10,10 +10,10 @@ Supported formats (``format=`` names; ``"auto"`` picks one from the extension an
 | `csv`      | `.csv`                               | one dict per row, keyed by the header (or by `columns=`) |
 | `tsv`      | `.tsv`                               | as `csv`, tab-separated                         |
 | `glue`     | the GLUE tasks' TSVs (`GLUE_TASKS`)  | canonical columns `text`, `text_pair`, `label`, `idx` |
-| `e2e`      | E2E NLG challenge CSVs               | canonical columns `prompt` (the MR), `completion` (the reference) |
-| `parquet`  | `.parquet`, `.pq`                    | one dict per row, read with the `datasets` library |
-| `arrow`    | `.arrow` (a `datasets` cache file or an Arrow IPC file) | as `parquet`                   |
-| `datasets` | a folder written by `Dataset.save_to_disk` | as `parquet`; a `DatasetDict` folder needs its split named (`folder/train`) |
+| `e2e`      | E2E NLG challenge CSVs               | `prompt` (the MR), `completion` (the reference) |
+| `parquet`  | `.parquet`, `.pq`                    | one dict per row, read with `datasets`          |
+| `arrow`    | `.arrow`: a `datasets` cache file or an Arrow IPC file | as `parquet`                  |
+| `datasets` | a `save_to_disk` folder (of a `DatasetDict`: one split's folder, `dir/train`) | as `parquet` |
 
 Any text file may end in `.gz`; the extension before it decides the format. With ``"auto"``,
 a `.tsv` whose header (or, for CoLA, whose header-less first row) is a known GLUE layout
