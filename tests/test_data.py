@@ -490,3 +490,73 @@ def test_dataloader_end_to_end(tok):
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) == sum(
         sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples
     )
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _random_examples(n: int, seed: int, vocab: int = 96) -> list[dict]:
+    """sft-like examples: 1-5 prompt tokens out of the loss, then 1-9 completion tokens in it."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        p, c = (int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g)))
+        ids = torch.randint(0, vocab, (p + c,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
+    return examples
+
+
+def test_pack_examples_fills_rows_with_whole_examples():
+    from lorakit.data import pack_examples
+
+    examples = _random_examples(40, seed=0)
+    rows = pack_examples(examples, max_length=24)
+    assert all(len(r["input_ids"]) <= 24 for r in rows)
+    assert len(rows) == -(-sum(len(e["input_ids"]) for e in examples) // 24)  # best fit: no row wasted here
+    seen = []
+    for row in rows:
+        starts = [k for k, pos in enumerate(row["position_ids"]) if pos == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            (i,) = [i for i, e in enumerate(examples) if e["input_ids"] == row["input_ids"][a:b] and i not in seen]
+            seen.append(i)
+            assert row["position_ids"][a:b] == list(range(b - a))
+            assert row["labels"][a:b] == [IGNORE_INDEX, *examples[i]["labels"][1:]]
+    assert sorted(seen) == list(range(40))  # every example once, never split
+    assert pack_examples(examples, max_length=24) == rows  # deterministic
+    with pytest.raises(ConfigError, match="Example 0 has no per-token labels.*sft and lm tasks only"):
+        pack_examples([{"input_ids": [1, 2], "labels": 1}], 8)
+    with pytest.raises(ConfigError, match="Example 0 has 3 tokens, more than the packed row length 2"):
+        pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 2)
+    with pytest.raises(ConfigError, match="--packing .*task 'classification'"):
+        DataConfig(task="classification", packing=True).validate()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_the_examples_loss_alone(attn):
+    """A packed batch's loss is the token-weighted mean of each example's loss computed alone."""
+    from models import llama
+
+    from lorakit.data import pack_examples
+
+    torch.manual_seed(0)
+    model = llama().double().eval()
+    model.config._attn_implementation = attn
+    examples = _random_examples(9, seed=1)
+    rows = pack_examples(examples, max_length=20)
+    assert len(rows) < len(examples)
+    batch = PadCollator(0, mask_dtype=torch.float64)(rows)
+    assert batch["attention_mask"].shape == (len(rows), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    with torch.no_grad():
+        packed = model(**batch).loss
+        total, count = 0.0, 0
+        for ex in examples:
+            n = sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX)  # tokens the shifted loss counts
+            alone = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
+            total, count = total + float(alone) * n, count + n
+        # (the loss is computed in float32 by transformers, whatever the model dtype)
+        torch.testing.assert_close(packed.item(), total / count, rtol=1e-6, atol=0)
+
+        # restarting position_ids with a plain padding mask (what transformers would otherwise get)
+        # let examples attend across their boundaries: the loss changes
+        leaky = dict(batch, attention_mask=(batch["input_ids"] != -1).long())
+        assert abs(model(**leaky).loss.item() - total / count) > 1e-4
