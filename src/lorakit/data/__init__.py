@@ -12,7 +12,14 @@ from lorakit.data.chat import detect_chat_format, to_messages
 from lorakit.data.config import CHAT_FORMATS, TASKS, DataConfig
 from lorakit.data.examples import IGNORE_INDEX, DataStats, build_examples, resolve_labels
 from lorakit.data.packing import block_causal_mask, pack_examples
-from lorakit.data.readers import FORMATS, GLUE_TASKS, detect_format, group_references, load_records
+from lorakit.data.readers import (
+    FORMATS,
+    GLUE_TASKS,
+    detect_format,
+    group_references,
+    load_records,
+    read_records,
+)
 from lorakit.data.sampler import LengthGroupedBatchSampler
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "group_references",
     "load_records",
     "pack_examples",
+    "read_records",
     "resolve_labels",
     "to_messages",
 ]

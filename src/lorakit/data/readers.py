@@ -242,6 +242,15 @@ def load_records(
     return records
 
 
+def read_records(path: str | Path, config: Any) -> list[dict[str, Any]]:
+    """`load_records` with a `DataConfig`'s reading settings (format, text_unit, columns).
+
+    Raises:
+        ConfigError: as `load_records`.
+    """
+    return load_records(path, format=config.format, text_unit=config.text_unit, columns=config.columns)
+
+
 def detect_format(path: str | Path, text: str | None = None) -> str:
     """The format `load_records(path, "auto")` would use.
 
