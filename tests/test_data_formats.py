@@ -364,3 +364,57 @@ def test_chat_format_override_and_errors(chat_tok, tok):
     with pytest.raises(ConfigError, match=r"no layout the sft task reads.*'conversations' list \(ShareGPT\).*"
                                           r"'instruction' and 'output' columns \(Alpaca\).*present: 'question'"):
         build_examples([{"question": "q"}], chat_tok, DataConfig())
+
+
+# ------------------------------------------------------------------ through `lorakit train`
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model, tmp_path_factory):
+    """The tiny Llama of conftest with a chat template, as a model directory."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chat-llama") / "model"
+    shutil.copytree(tiny_model, path)
+    t = AutoTokenizer.from_pretrained(path)
+    t.chat_template = CHAT_TEMPLATE
+    t.save_pretrained(path)
+    return path
+
+
+def _train(model, data, out, *extra) -> str:
+    import contextlib
+    import io
+
+    from lorakit.cli import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out),
+                     "--targets", "all-linear", "--batch-size", "2", "--max-steps", "3", "--log-every", "1",
+                     "--warmup-ratio", "0", "--eval-generate", "false", *extra])
+    assert code == 0, buffer.getvalue()
+    return buffer.getvalue()
+
+
+def test_train_on_sharegpt_parquet_packed(chat_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = ["red", "green", "blue", "cat", "dog", "sun"]
+    rows = [{"conversations": [{"from": "human", "value": f"Say {w}"}, {"from": "gpt", "value": f"{w} {w}"}]}
+            for w in words for _ in range(2)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    printed = _train(chat_model, tmp_path / "chat.parquet", tmp_path / "run", "--packing", "--max-length", "36")
+    assert "Train data: 12 examples, longest 17 tokens" in printed  # every conversation is 17 tokens
+    assert "packed into 6 rows of up to 36 tokens" in printed  # two to a row
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e["event"] == "train"]) == 3
+
+
+def test_train_on_a_headerless_tsv_with_columns(tiny_model, tmp_path):
+    data = write(tmp_path / "pairs.tsv", "".join(f"Say {w}:\t {w} {w}\n" for w in ["red", "cat", "sun", "dog"]))
+    printed = _train(tiny_model, data, tmp_path / "run", "--columns", "prompt,completion")
+    assert "Train data: 4 examples" in printed
