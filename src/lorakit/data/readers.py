@@ -389,9 +389,10 @@ def _is_datasets_folder(path: Path) -> bool:
 
 
 def _read_columnar(path: Path, fmt: str, limit: int | None) -> list[dict[str, Any]]:
-    """Records of a Parquet file, an Arrow file or a `save_to_disk` folder, via `datasets`.
+    """Records of a Parquet file, an Arrow file or a `save_to_disk` folder, read with `datasets`.
 
-    The files are memory-mapped or read in memory: nothing is written to the `datasets` cache.
+    Files are streamed (`load_dataset(..., streaming=True)`) and folders memory-mapped: no copy
+    of the data is written to the `datasets` cache (only its lock files).
     """
     try:
         import datasets
@@ -400,23 +401,16 @@ def _read_columnar(path: Path, fmt: str, limit: int | None) -> list[dict[str, An
             f"Reading {path} ({fmt}) needs the datasets library: pip install 'lorakit[train]' "
             f"(or pip install datasets)."
         ) from e
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not path.exists():
         raise ConfigError(f"Data path {path} does not exist. Check the path.")
+    if fmt == "datasets" and not (path.is_dir() and _is_datasets_folder(path)):
+        raise ConfigError(
+            f"{path} is not a folder written by datasets' save_to_disk (no state.json or "
+            f"dataset_dict.json in it)."
+        )
     try:
-        if fmt == "parquet":
-            dataset = datasets.Dataset(pq.read_table(path))
-        elif fmt == "arrow":
-            dataset = _read_arrow(datasets, pa, path)
-        else:
-            if not path.is_dir() or not _is_datasets_folder(path):
-                raise ConfigError(
-                    f"{path} is not a folder written by datasets' save_to_disk (no state.json or "
-                    f"dataset_dict.json in it)."
-                )
-            dataset = datasets.load_from_disk(str(path), keep_in_memory=False)
+        if fmt == "datasets":
+            dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
                 splits = list(dataset)
                 if len(splits) != 1:
@@ -425,22 +419,18 @@ def _read_columnar(path: Path, fmt: str, limit: int | None) -> list[dict[str, An
                         f"split's folder, e.g. {path / splits[0]}."
                     )
                 dataset = dataset[splits[0]]
+            if limit is not None:
+                dataset = dataset.select(range(min(limit, len(dataset))))
+            return dataset.to_list()
+        # the "arrow" builder reads both Arrow IPC streams (datasets' own files) and IPC files
+        stream = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True)
+        if limit is not None:
+            stream = stream.take(limit)
+        return list(stream)
     except ConfigError:
         raise
-    except (OSError, ValueError, pa.ArrowException) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the Arrow / Parquet readers raise on a bad file
         raise ConfigError(f"Cannot read {path} as {fmt}: {e}. Check the file or pass --format.") from e
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return dataset.to_list()
-
-
-def _read_arrow(datasets: Any, pa: Any, path: Path) -> Any:
-    """An Arrow file: `datasets`' own cache format (an IPC stream), else an IPC (Feather) file."""
-    try:
-        return datasets.Dataset.from_file(str(path), in_memory=True)
-    except (OSError, ValueError, pa.ArrowException):
-        with pa.memory_map(str(path)) as source:
-            return datasets.Dataset(pa.ipc.open_file(source).read_all())
 
 
 # ---------------------------------------------------------------------- text formats
