@@ -61,6 +61,9 @@ def test_parquet_equals_the_tsv_row_for_row():
             t["text"], t["text_pair"], int(t["label"]), int(t["idx"])
         )
     assert len(load_records(RTE / "train.parquet", limit=5)) == 5
+    # --format glue: the Hugging Face glue files' columns become the canonical ones
+    assert load_records(RTE / "validation.parquet", format="glue") == [
+        {**t, "label": int(t["label"]), "idx": int(t["idx"])} for t in tsv]
 
 
 @needs_data
@@ -83,6 +86,10 @@ def test_save_to_disk_folders_and_arrow_files(tmp_path):
     assert load_records(arrow) == expected
     feather.write_feather(pa.Table.from_pylist(expected), str(tmp_path / "x.arrow"))  # an Arrow IPC file
     assert load_records(tmp_path / "x.arrow", limit=4) == expected[:4]
+
+    datasets.Dataset.from_list([{"a": 1, "b": "x"}]).save_to_disk(str(tmp_path / "ab"))
+    with pytest.raises(ConfigError, match=r"columns a, b are not a Hugging Face GLUE layout.*Drop --format glue"):
+        load_records(tmp_path / "ab", format="glue")
 
     (tmp_path / "plain").mkdir()
     with pytest.raises(ConfigError, match="plain is a folder but not one written by datasets' save_to_disk"):

@@ -19,7 +19,9 @@ Any text file may end in `.gz`; the extension before it decides the format. With
 a `.tsv` whose header (or, for CoLA, whose header-less first row) is a known GLUE layout
 reads as `glue`, and a `.csv` whose header is `mr,ref` (or `MR` alone, the unreferenced test
 set) reads as `e2e`; pass `format="tsv"` or `"csv"` to keep the file's own column names
-instead. A CSV/TSV without a header row is read with `columns=` naming its columns.
+instead. A CSV/TSV without a header row is read with `columns=` naming its columns. Parquet and
+Arrow files keep their own columns; `format="glue"` maps those of the Hugging Face `glue`
+dataset's files (e.g. `sentence1`, `sentence2`, `label`, `idx`) to the canonical ones.
 """
 
 from __future__ import annotations
@@ -212,6 +214,8 @@ def load_records(
 
     if fmt in _COLUMNAR:
         records = _read_columnar(path, fmt, limit)
+    elif fmt == "glue" and (path.is_dir() or _ext(path) in (".parquet", ".pq", ".arrow", ".feather")):
+        records = _glue_columns(_read_columnar(path, detect_format(path), limit), path)
     else:
         text = _read_text(path, encoding)
         if fmt == "jsonl":
@@ -554,6 +558,23 @@ def _parse_glue(text: str, path: Path) -> list[dict[str, str]]:
             f"--text-pair-column and --label-column instead."
         )
     return [{mapping[k.lower()]: v for k, v in row.items() if k.lower() in mapping} for row in rows]
+
+
+def _glue_columns(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Records of a Hugging Face `glue` Parquet / Arrow file renamed to the canonical columns."""
+    if not records:
+        return records
+    header = tuple(k.lower() for k in records[0])
+    layout = _GLUE_LAYOUTS.get(header)
+    if layout is None:
+        hf = "; ".join(f"{name}: {', '.join(h)}" for h, (name, _, quoted) in _GLUE_LAYOUTS.items() if quoted)
+        raise ConfigError(
+            f"{path}: columns {', '.join(records[0])} are not a Hugging Face GLUE layout ({hf}). "
+            f"Drop --format glue to keep the file's own columns, and name them with --text-column, "
+            f"--text-pair-column and --label-column."
+        )
+    mapping = layout[1]
+    return [{mapping[k.lower()]: v for k, v in r.items() if k.lower() in mapping} for r in records]
 
 
 def _parse_e2e(text: str, path: Path) -> list[dict[str, str]]:
