@@ -18,7 +18,9 @@ The mask is explicit because a Hugging Face model does not isolate examples from
 `position_ids` alone under the sdpa and eager attention implementations: transformers infers
 packed sequences from `position_ids` only when no attention mask and no cache is given, and a
 causal LM creates a cache whenever its config says `use_cache` (the default). A 4-D mask is
-used as given by every attention implementation that takes a mask.
+used as given by the eager and sdpa implementations (the flash-attention ones take no 4-D
+mask: for them, packed rows go without `attention_mask`, isolated by `position_ids` alone).
+The mask costs B * T * T elements per batch: 32 MiB in float32 for 8 rows of 1024 tokens.
 
 `PadCollator` builds the mask for examples that carry `position_ids`.
 """
