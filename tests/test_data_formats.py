@@ -366,6 +366,10 @@ def test_chat_format_override_and_errors(chat_tok, tok):
     assert _in_loss(chat_tok, chat) == "a<|endoftext|>"
     with pytest.raises(ConfigError, match=r"the tokenizer has no chat template"):
         build_examples([rec], tok, DataConfig(chat_format="sharegpt"))
+    # one entry point for every layout (what evaluation and generation read conversations with)
+    assert to_messages({"chat": _CONVERSATION}, "messages", 0, "x", messages_column="chat") == _CONVERSATION
+    with pytest.raises(ConfigError, match=r"Record 3 of x has no column 'messages' \(--messages-column\)"):
+        to_messages({"chat": _CONVERSATION}, "messages", 3, "x")
     with pytest.raises(ConfigError, match=r"Unknown --chat-format 'vicuna'.*sharegpt, alpaca"):
         DataConfig(chat_format="vicuna").validate()
     with pytest.raises(ConfigError, match=r"no layout the sft task reads.*'conversations' list \(ShareGPT\).*"

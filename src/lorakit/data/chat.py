@@ -58,18 +58,32 @@ def detect_chat_format(record: Mapping[str, Any], messages_column: str, prompt_c
     return None
 
 
-def to_messages(record: Mapping[str, Any], chat_format: str, i: int, source: str) -> list[dict[str, str]]:
-    """Record `i` of `source` in the ShareGPT or Alpaca layout as a list of role/content turns.
+def to_messages(
+    record: Mapping[str, Any], chat_format: str, i: int, source: str, messages_column: str = "messages"
+) -> list[dict[str, str]]:
+    """Record `i` of `source` as a list of role/content turns, whatever its chat layout.
+
+    `chat_format` is "messages" (the list in `messages_column`, returned as it is), "sharegpt"
+    or "alpaca"; `detect_chat_format` names it for a record. Every command that takes chat
+    data (training, evaluation, generation from a file) reads conversations through here.
 
     Raises:
         ConfigError: the record lacks the layout's columns, a turn is not a `from`/`value`
             object, a speaker name is not in `SHAREGPT_ROLES`, or a text is not a string.
     """
+    if chat_format == "messages":
+        if messages_column not in record:
+            have = ", ".join(repr(k) for k in record) or "(none)"
+            raise ConfigError(
+                f"Record {i} of {source} has no column {messages_column!r} (--messages-column). "
+                f"Columns present: {have}."
+            )
+        return record[messages_column]
     if chat_format == "sharegpt":
         return _sharegpt(record, i, source)
     if chat_format == "alpaca":
         return _alpaca(record, i, source)
-    raise ValueError(f"to_messages converts sharegpt or alpaca records, not {chat_format!r}")
+    raise ValueError(f"to_messages reads messages, sharegpt or alpaca records, not {chat_format!r}")
 
 
 def _sharegpt(record: Mapping[str, Any], i: int, source: str) -> list[dict[str, str]]:

@@ -112,7 +112,7 @@ def build_examples(
                 if layout == "messages":
                     messages = _column(rec, config.messages_column, "messages_column", i, source)
                 else:
-                    messages = to_messages(rec, layout, i, source)
+                    messages = to_messages(rec, layout, i, source, config.messages_column)
                 segments, every = _chat_segments(tokenizer, messages, i, source)
                 all_turns = all_turns and every
             else:
