@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorakit.data import (
     IGNORE_INDEX,
@@ -529,6 +531,28 @@ def test_pack_examples_fills_rows_with_whole_examples():
         pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 2)
     with pytest.raises(ConfigError, match="--packing .*task 'classification'"):
         DataConfig(task="classification", packing=True).validate()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.integers(1, 16), min_size=1, max_size=30), st.integers(16, 40))
+def test_packed_rows_and_mask_keep_examples_apart(lengths, max_length):
+    from lorakit.data import block_causal_mask, pack_examples
+
+    examples = [{"input_ids": [k] * n, "labels": [k] * n} for k, n in enumerate(lengths)]
+    rows = pack_examples(examples, max_length)
+    assert all(len(r["input_ids"]) <= max_length for r in rows)
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for e in examples for t in e["input_ids"])
+    # no two rows could be one: best fit leaves no pair of rows that fits together
+    sizes = sorted(len(r["input_ids"]) for r in rows)
+    assert len(sizes) < 2 or sizes[0] + sizes[1] > max_length
+    batch = PadCollator(-1)(rows)
+    assert torch.equal(batch["attention_mask"], block_causal_mask(batch["position_ids"]))
+    mask = batch["attention_mask"][:, 0] == 0  # (B, T, T): True where attention is open
+    ids = batch["input_ids"]
+    same = ids[:, :, None] == ids[:, None, :]  # tokens of one example share its id; padding is -1
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    real = (ids != -1)[:, :, None]
+    assert torch.equal(mask & real, same & causal & real)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
