@@ -25,8 +25,7 @@ class DataConfig:
     "regression" (text [+ text_pair] -> float score)."""
 
     format: str = "auto"
-    """File format: auto (from the extension and header), jsonl, json, text, csv, tsv, glue, e2e,
-    parquet, arrow or datasets (a save_to_disk folder)."""
+    """File format: auto, jsonl, json, text, csv, tsv, glue, e2e, parquet, arrow or datasets (save_to_disk folder)."""
 
     columns: list[str] | None = None
     """Column names of a CSV/TSV file without a header row, comma-separated (e.g. text,label)."""
@@ -45,8 +44,7 @@ class DataConfig:
     Used instead of prompt/completion when the records have it."""
 
     chat_format: str = "auto"
-    """sft record layout: auto (detected from the first record), messages, sharegpt
-    (conversations of from/value turns), alpaca (instruction/input/output) or prompt-completion."""
+    """File format: auto, jsonl, json, text, csv, tsv, glue, e2e, parquet, arrow or datasets (save_to_disk dir)."""
 
     text_column: str = "text"
     """lm / classification / regression: the text."""
@@ -71,8 +69,7 @@ class DataConfig:
     """Longest sequence in tokens; longer ones are truncated and counted in the stats."""
 
     packing: bool = False
-    """sft / lm: pack several examples into each row of up to max_length tokens; attention and loss
-    never cross an example's boundary."""
+    """sft / lm: pack examples into rows of up to max_length tokens, no attention or loss across examples."""
 
     def validate(self) -> DataConfig:
         """Check the fields; returns self.
