@@ -44,7 +44,7 @@ class DataConfig:
     Used instead of prompt/completion when the records have it."""
 
     chat_format: str = "auto"
-    """File format: auto, jsonl, json, text, csv, tsv, glue, e2e, parquet, arrow or datasets (save_to_disk dir)."""
+    """sft record layout: auto (detected), messages, sharegpt, alpaca (instruction/input/output), prompt-completion."""
 
     text_column: str = "text"
     """lm / classification / regression: the text."""
