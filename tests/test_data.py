@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorakit.data import (
     IGNORE_INDEX,
@@ -24,7 +26,8 @@ from lorakit.data import (
 )
 from lorakit.errors import ConfigError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from models import SHARED as DATA  # ../shared/data, or $LORAKIT_SHARED_DATA
+
 TOKENIZER_FILE = DATA / "gpt2-tokenizer" / "tokenizer.json"
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
@@ -175,7 +178,9 @@ def test_reader_errors_name_the_file(tmp_path):
     gz.write_bytes(b"not gzip at all")
     with pytest.raises(ConfigError, match="broken.csv.gz"):
         load_records(gz)
-    with pytest.raises(ConfigError, match="extension '.parquet'"):
+    with pytest.raises(ConfigError, match="extension '.xml'"):
+        load_records(write(tmp_path / "x.xml", "x"))
+    with pytest.raises(ConfigError, match="Cannot read .*x.parquet as parquet"):
         load_records(write(tmp_path / "x.parquet", "x"))
     with pytest.raises(ConfigError, match="Unknown data format 'xml'"):
         load_records(bad, format="xml")
@@ -286,12 +291,14 @@ def test_chat_errors(tok):
 def test_missing_column_lists_existing_columns(tok):
     recs = [{"mr": "x", "ref": "y"}]
     with pytest.raises(
-        ConfigError, match=r"no column 'prompt' \(DataConfig.prompt_column\).*'mr', 'ref'"
+        ConfigError, match=r"e2e.csv is in no layout the sft task reads.*--prompt-column.*'mr', 'ref'"
     ):
         build_examples(recs, tok, DataConfig(), source="e2e.csv")
+    with pytest.raises(ConfigError, match=r"no column 'completion' \(--completion-column\).*'prompt', 'ref'"):
+        build_examples([{"prompt": "x", "ref": "y"}], tok, DataConfig(), source="e2e.csv")
     with pytest.raises(ConfigError, match=r"no column 'text'.*'mr', 'ref'"):
         build_examples(recs, tok, DataConfig(task="lm"))
-    with pytest.raises(ConfigError, match=r"no column 'label' \(DataConfig.label_column\).*'text'"):
+    with pytest.raises(ConfigError, match=r"no column 'label' \(--label-column\).*'text'"):
         build_examples([{"text": "a"}], tok, DataConfig(task="classification"))
     with pytest.raises(ConfigError, match="has no records"):
         build_examples([], tok, DataConfig())
@@ -372,9 +379,9 @@ def test_regression(tok):
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="Unknown data task 'chat'"):
+    with pytest.raises(ConfigError, match="Unknown --task .chat."):
         DataConfig(task="chat").validate()
-    with pytest.raises(ConfigError, match="max_length must be at least 2"):
+    with pytest.raises(ConfigError, match="--max-length must be at least 2"):
         DataConfig(max_length=1).validate()
 
 
@@ -485,3 +492,95 @@ def test_dataloader_end_to_end(tok):
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) == sum(
         sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples
     )
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _random_examples(n: int, seed: int, vocab: int = 96) -> list[dict]:
+    """sft-like examples: 1-5 prompt tokens out of the loss, then 1-9 completion tokens in it."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        p, c = (int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g)))
+        ids = torch.randint(0, vocab, (p + c,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
+    return examples
+
+
+def test_pack_examples_fills_rows_with_whole_examples():
+    from lorakit.data import pack_examples
+
+    examples = _random_examples(40, seed=0)
+    rows = pack_examples(examples, max_length=24)
+    assert all(len(r["input_ids"]) <= 24 for r in rows)
+    assert len(rows) == -(-sum(len(e["input_ids"]) for e in examples) // 24)  # best fit: no row wasted here
+    seen = []
+    for row in rows:
+        starts = [k for k, pos in enumerate(row["position_ids"]) if pos == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            (i,) = [i for i, e in enumerate(examples) if e["input_ids"] == row["input_ids"][a:b] and i not in seen]
+            seen.append(i)
+            assert row["position_ids"][a:b] == list(range(b - a))
+            assert row["labels"][a:b] == [IGNORE_INDEX, *examples[i]["labels"][1:]]
+    assert sorted(seen) == list(range(40))  # every example once, never split
+    assert pack_examples(examples, max_length=24) == rows  # deterministic
+    with pytest.raises(ConfigError, match="Example 0 has no per-token labels.*sft and lm tasks only"):
+        pack_examples([{"input_ids": [1, 2], "labels": 1}], 8)
+    with pytest.raises(ConfigError, match="Example 0 has 3 tokens, more than the packed row length 2"):
+        pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 2)
+    with pytest.raises(ConfigError, match="--packing .*task 'classification'"):
+        DataConfig(task="classification", packing=True).validate()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.integers(1, 16), min_size=1, max_size=30), st.integers(16, 40))
+def test_packed_rows_and_mask_keep_examples_apart(lengths, max_length):
+    from lorakit.data import block_causal_mask, pack_examples
+
+    examples = [{"input_ids": [k] * n, "labels": [k] * n} for k, n in enumerate(lengths)]
+    rows = pack_examples(examples, max_length)
+    assert all(len(r["input_ids"]) <= max_length for r in rows)
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for e in examples for t in e["input_ids"])
+    # no two rows could be one: best fit leaves no pair of rows that fits together
+    sizes = sorted(len(r["input_ids"]) for r in rows)
+    assert len(sizes) < 2 or sizes[0] + sizes[1] > max_length
+    batch = PadCollator(-1)(rows)
+    assert torch.equal(batch["attention_mask"], block_causal_mask(batch["position_ids"]))
+    mask = batch["attention_mask"][:, 0] == 0  # (B, T, T): True where attention is open
+    ids = batch["input_ids"]
+    same = ids[:, :, None] == ids[:, None, :]  # tokens of one example share its id; padding is -1
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    real = (ids != -1)[:, :, None]
+    assert torch.equal(mask & real, same & causal & real)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_the_examples_loss_alone(attn):
+    """A packed batch's loss is the token-weighted mean of each example's loss computed alone."""
+    from models import llama
+
+    from lorakit.data import pack_examples
+
+    torch.manual_seed(0)
+    model = llama().double().eval()
+    model.config._attn_implementation = attn
+    examples = _random_examples(9, seed=1)
+    rows = pack_examples(examples, max_length=20)
+    assert len(rows) < len(examples)
+    batch = PadCollator(0, mask_dtype=torch.float64)(rows)
+    assert batch["attention_mask"].shape == (len(rows), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    with torch.no_grad():
+        packed = model(**batch).loss
+        total, count = 0.0, 0
+        for ex in examples:
+            n = sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX)  # tokens the shifted loss counts
+            alone = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
+            total, count = total + float(alone) * n, count + n
+        # (the loss is computed in float32 by transformers, whatever the model dtype)
+        torch.testing.assert_close(packed.item(), total / count, rtol=1e-6, atol=0)
+
+        # restarting position_ids with a plain padding mask (what transformers would otherwise get)
+        # let examples attend across their boundaries: the loss changes
+        leaky = dict(batch, attention_mask=(batch["input_ids"] != -1).long())
+        assert abs(model(**leaky).loss.item() - total / count) > 1e-4

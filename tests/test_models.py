@@ -312,3 +312,65 @@ def test_smollm2_conversion_matches_gguf(private_cache):
         assert torch.equal(model(ids).logits, reference(ids).logits)  # float32 cache is exact
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert "5" in tok.decode(out[0, ids.shape[1]:])
+
+
+# --------------------------------------------------------------------------- default LoRA targets
+
+
+def _meta_model(model_type: str):
+    """A model of the family's default config, built on the meta device (no memory, no init)."""
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    cfg = CONFIG_MAPPING[model_type]()
+    for depth in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+                  "num_decoder_layers"):
+        if hasattr(cfg, depth):
+            setattr(cfg, depth, 1)
+    with torch.device("meta"):
+        return AutoModel.from_config(cfg)
+
+
+def test_every_family_default_targets_are_linear_layers_of_that_family():
+    from lorakit import LoraConfig
+    from lorakit.inject import match_targets
+
+    for model_type, targets in models.DEFAULT_TARGETS.items():
+        model = _meta_model(model_type)
+        linear = models.linear_module_names(model)
+        assert set(targets) <= set(linear), (model_type, targets, linear)
+        assert models.default_targets(model) == targets
+        assert match_targets(model, LoraConfig(targets=models.default_targets(model)))
+
+
+def test_bert_family_gets_query_value_where_q_proj_v_proj_fail():
+    from models import bert, gpt2, llama
+
+    import lorakit as lk
+    from lorakit.errors import TargetError
+
+    with pytest.raises(TargetError, match="matched no module"):
+        lk.inject(bert(), lk.LoraConfig())  # the built-in default, q_proj / v_proj
+    model = bert()
+    assert models.default_targets(model) == ["query", "value"]
+    lk.inject(model, lk.LoraConfig(targets=models.default_targets(model)))
+    adapted = {n for n, _ in model.named_modules() if n.endswith((".query", ".value"))}
+    assert adapted and all(isinstance(model.get_submodule(n), lk.layers.LoraLinear) for n in adapted)
+    assert models.default_targets(gpt2()) == ["c_attn"]
+    assert models.default_targets(llama()) == ["q_proj", "v_proj"]
+
+
+def test_unknown_family_lists_the_linear_layer_names():
+    from models import MLP
+
+    from lorakit.errors import TargetError
+
+    with pytest.raises(TargetError, match=r"MLP \(no Hugging Face model type\): lorakit has no default targets "
+                                          r"for it\. Pass --targets with some of its linear layer names \(.*fc"):
+        models.default_targets(MLP())
+    model = _meta_model("llama")
+    model.config.model_type = "my-llama"  # an unknown family with the usual names
+    assert models.default_targets(model) == ["q_proj", "v_proj"]
+    model = _meta_model("bert")
+    model.config.model_type = "llama"  # a family whose names this model lacks
+    with pytest.raises(TargetError, match=r"default targets q_proj, v_proj match none of its linear layers.*query"):
+        models.default_targets(model)

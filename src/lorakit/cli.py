@@ -265,8 +265,8 @@ def cmd_eval(args) -> int:
     label_names = data.labels
     num_labels = len(label_names) if label_names else None
     if data.task == "classification" and label_names is None:
-        from .data import load_records, resolve_labels
-        recs = load_records(cfg.eval_file, format=data.format)
+        from .data import read_records, resolve_labels
+        recs = read_records(cfg.eval_file, data)
         _, label_names = resolve_labels([r.get(data.label_column) for r in recs], None, source=cfg.eval_file,
                                         column=data.label_column)
         num_labels = len(label_names)

@@ -47,14 +47,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Union
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, TargetError
 from lorakit.io import fsync_directory
 
 if TYPE_CHECKING:  # transformers and torch are heavy imports; load them only when loading a model
     import torch
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["KNOWN_MODELS", "Task", "build_cached_dir", "cache_dir", "load_model", "resolve_model_path"]
+__all__ = ["DEFAULT_TARGETS", "KNOWN_MODELS", "Task", "build_cached_dir", "cache_dir", "default_targets",
+           "linear_module_names", "load_model", "resolve_model_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -463,3 +465,89 @@ def _prepare_for_batching(model: "PreTrainedModel", tokenizer: "PreTrainedTokeni
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and tokenizer.model_max_length > 10**9:
         tokenizer.model_max_length = limit
+
+
+# --------------------------------------------------------------------------- default LoRA targets
+
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    # decoders with separate q/k/v projections
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    # decoders with one fused q/k/v projection (the whole projection is adapted, as PEFT does)
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
+    # encoders
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    # encoder-decoders
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+}
+"""LoRA targets per architecture family (a Hugging Face config's `model_type`), as PEFT picks them
+when no target is given (its `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`): the query
+and value projections, the fused attention projection where a family has one; "distilbert" is
+lorakit's addition. Names match as `LoraConfig.targets` lists do (a module's name ends with one)."""
+
+
+def linear_module_names(model: "nn.Module") -> list[str]:
+    """Sorted distinct last names of the model's linear layers (nn.Linear, GPT-2's Conv1D), the
+    names a `LoraConfig.targets` list can use; the output head is included."""
+    from torch import nn
+
+    names = set()
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(path.rsplit(".", 1)[-1])
+    return sorted(n for n in names if n)
+
+
+def default_targets(model: "nn.Module") -> list[str]:
+    """The LoRA targets for `model` when the user names none: its family's `DEFAULT_TARGETS`.
+
+    The family is `model.config.model_type`. A family not in the table gets `["q_proj",
+    "v_proj"]` where the model has both (the names most decoders use).
+
+    Raises:
+        TargetError: the family is unknown and the model has no q_proj / v_proj, or the
+            family's names match none of its linear layers (a custom variant); the message
+            lists the model's linear layer names to pass as --targets.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    linear = linear_module_names(model)
+    targets = DEFAULT_TARGETS.get(str(model_type))
+    if targets is None and {"q_proj", "v_proj"} <= set(linear):
+        targets = ["q_proj", "v_proj"]
+    if targets is not None and set(targets) & set(linear):
+        return list(targets)
+    family = f"model type {model_type!r}" if model_type else "no Hugging Face model type"
+    why = (f"its family's default targets {', '.join(targets)} match none of its linear layers"
+           if targets is not None else "lorakit has no default targets for it")
+    shown = ", ".join(linear[:30]) + (" ..." if len(linear) > 30 else "")
+    raise TargetError(
+        f"{type(model).__name__} ({family}): {why}. Pass --targets with some of its linear layer "
+        f"names ({shown or 'none found'}), a regex over full module paths, or all-linear."
+    )

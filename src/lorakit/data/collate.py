@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lorakit.data.examples import IGNORE_INDEX
+from lorakit.data.packing import block_causal_mask
 from lorakit.errors import ConfigError
 
 
@@ -18,6 +19,9 @@ class PadCollator:
         input_ids      (B, T) long, `pad_token_id` in the padding
         attention_mask (B, T) long, 1 on real tokens, 0 on padding
         token_type_ids (B, T) long, 0 in the padding (only if the examples have them)
+        position_ids   (B, T) long, 0 in the padding (only for packed rows, from
+                       `pack_examples`); their attention_mask is then the 4-D block-diagonal
+                       causal mask (B, 1, T, T) of `block_causal_mask`, in `mask_dtype`
         labels         (B, T) long with -100 in the padding for sft / lm examples;
                        (B,) long for classification; (B,) float32 for regression
         Any other key is dropped.
@@ -29,6 +33,7 @@ class PadCollator:
             pads to the longest only.
         padding_side: "right" (training) or "left" (batched generation, so every prompt
             ends at the last position).
+        mask_dtype: dtype of the 4-D mask of packed rows (autocast casts it for attention).
 
     Raises:
         ConfigError: pad_token_id is None, or an unknown padding_side / bad multiple.
@@ -39,6 +44,7 @@ class PadCollator:
         pad_token_id: int | None,
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
+        mask_dtype: torch.dtype = torch.float32,
     ) -> None:
         if pad_token_id is None:
             raise ConfigError(
@@ -53,6 +59,7 @@ class PadCollator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
+        self.mask_dtype = mask_dtype
 
     def __call__(self, examples: Sequence[Mapping[str, Any]], pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Collate `examples`; `pad_to` pads to exactly that length instead (fixed shapes, e.g. for a
@@ -71,6 +78,10 @@ class PadCollator:
             "input_ids": self._pad([ex["input_ids"] for ex in examples], width, self.pad_token_id),
             "attention_mask": self._pad([[1] * len(ex["input_ids"]) for ex in examples], width, 0),
         }
+        if "position_ids" in examples[0]:
+            positions = self._pad([ex["position_ids"] for ex in examples], width, 0)
+            batch["position_ids"] = positions
+            batch["attention_mask"] = block_causal_mask(positions, self.mask_dtype)
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = self._pad([ex["token_type_ids"] for ex in examples], width, 0)
         if "labels" in examples[0]:

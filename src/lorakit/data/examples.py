@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.data.chat import detect_chat_format, to_messages
 from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError
 
@@ -100,14 +101,18 @@ def build_examples(
     task = config.task
 
     if task == "sft":
-        chat = config.messages_column in records[0]
+        layout = _sft_layout(records[0], config, source)
+        chat = layout != "prompt-completion"
         if chat:
-            _check_chat_tokenizer(tokenizer)
+            _check_chat_tokenizer(tokenizer, layout)
         per_record: list[list[tuple[str, bool]]] = []
         all_turns = True
         for i, rec in enumerate(records):
             if chat:
-                messages = _column(rec, config.messages_column, "messages_column", i, source)
+                if layout == "messages":
+                    messages = _column(rec, config.messages_column, "messages_column", i, source)
+                else:
+                    messages = to_messages(rec, layout, i, source, config.messages_column)
                 segments, every = _chat_segments(tokenizer, messages, i, source)
                 all_turns = all_turns and every
             else:
@@ -193,12 +198,12 @@ def resolve_labels(
                 raise ConfigError(
                     f"Label {iv} of record {i} in {source} is out of range for {len(names)} "
                     f"classes ({', '.join(names)}): ids must be 0..{len(names) - 1}. Fix the "
-                    f"labels or the class list (DataConfig.labels)."
+                    f"labels or the class list (--labels)."
                 )
             else:
                 raise ConfigError(
                     f"Unknown label {key!r} in record {i} of {source}; the known classes are: "
-                    f"{', '.join(names)}. Add it to the class list (DataConfig.labels) or fix "
+                    f"{', '.join(names)}. Add it to the class list (--labels) or fix "
                     f"the data."
                 )
         return ids, names
@@ -222,14 +227,26 @@ def resolve_labels(
 # ---------------------------------------------------------------------------- internals
 
 
+def _flag(field: str) -> str:
+    """The command-line flag that sets DataConfig.`field`."""
+    return "--" + field.replace("_", "-")
+
+
+def _headerless_hint(rec: Mapping[str, Any]) -> str:
+    """A hint for records read from a CSV/TSV whose first row was data, not a header."""
+    if rec and all(isinstance(v, str) for v in rec.values()):
+        return " If the file has no header row, name its columns with --columns (e.g. --columns text,label)."
+    return ""
+
+
 def _column(rec: Mapping[str, Any], column: str, field: str, i: int, source: str) -> Any:
     if column not in rec:
         have = ", ".join(repr(k) for k in rec) or "(none)"
         raise ConfigError(
-            f"Record {i} of {source} has no column {column!r} (DataConfig.{field}). Columns "
-            f"present: {have}. Set {field} to one of them, or pick another task (sft needs "
-            f"prompt/completion or messages, lm needs text, classification and regression "
-            f"need text and label)."
+            f"Record {i} of {source} has no column {column!r} ({_flag(field)}). Columns "
+            f"present: {have}. Pass {_flag(field)} naming one of them, or pick another --task "
+            f"(sft needs prompt/completion or chat data, lm needs text, classification and "
+            f"regression need text and label).{_headerless_hint(rec)}"
         )
     return rec[column]
 
@@ -239,9 +256,27 @@ def _text(rec: Mapping[str, Any], column: str, field: str, i: int, source: str) 
     if not isinstance(value, str):
         raise ConfigError(
             f"Column {column!r} of record {i} in {source} is a {type(value).__name__}, "
-            f"expected text. Point DataConfig.{field} at a text column."
+            f"expected text. Point {_flag(field)} at a text column."
         )
     return value
+
+
+def _sft_layout(rec: Mapping[str, Any], config: DataConfig, source: str) -> str:
+    """The chat format of the data: `config.chat_format`, or detected from its first record."""
+    if config.chat_format != "auto":
+        return config.chat_format
+    layout = detect_chat_format(rec, config.messages_column, config.prompt_column)
+    if layout is None:
+        have = ", ".join(repr(k) for k in rec) or "(none)"
+        raise ConfigError(
+            f"Record 0 of {source} is in no layout the sft task reads. It needs a "
+            f"{config.messages_column!r} list of role/content turns (--messages-column), "
+            f"{config.prompt_column!r} and {config.completion_column!r} columns (--prompt-column, "
+            f"--completion-column), a 'conversations' list (ShareGPT) or 'instruction' and "
+            f"'output' columns (Alpaca). Columns present: {have}. Name the columns with those "
+            f"flags, or pick another --task (lm trains on a text column).{_headerless_hint(rec)}"
+        )
+    return layout
 
 
 def _as_int(v: Any) -> int | None:
@@ -323,14 +358,14 @@ def _sft_example_from_ids(
     return {"input_ids": ids, "labels": labels}
 
 
-def _check_chat_tokenizer(tokenizer: Any) -> None:
+def _check_chat_tokenizer(tokenizer: Any, layout: str) -> None:
     if not hasattr(tokenizer, "apply_chat_template") or not getattr(
         tokenizer, "chat_template", None
     ):
         raise ConfigError(
-            "The data has chat 'messages' but the tokenizer has no chat template. Use the "
-            "tokenizer of an instruct/chat model, set tokenizer.chat_template to a Jinja "
-            "template, or convert the data to prompt/completion columns."
+            f"The data is a chat ({layout} records) but the tokenizer has no chat template. Use "
+            f"the tokenizer of an instruct/chat model, set tokenizer.chat_template to a Jinja "
+            f"template, or convert the data to prompt/completion columns."
         )
 
 

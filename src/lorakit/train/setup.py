@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import LengthGroupedBatchSampler, PadCollator, load_records, resolve_labels
+from ..data import LengthGroupedBatchSampler, PadCollator, pack_examples, read_records, resolve_labels
 from ..distributed import Context
 from ..errors import ConfigError
 from ..inject import count_parameters, inject
@@ -119,6 +119,9 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
 
     train = read_split(cfg.train_file, train_records, tokenizer, data, label_names)
     log(f"Train data: {train.stats.describe()}")
+    if data.packing:
+        train.examples = pack_examples(train.examples, data.max_length)
+        log(f"  packed into {len(train.examples)} rows of up to {data.max_length} tokens")
     evals = None
     if eval_records is not None or cfg.eval_file:
         evals = read_split(cfg.eval_file, eval_records, tokenizer, data, train.stats.label_names)
@@ -200,7 +203,7 @@ def _records(cfg: TrainConfig, data) -> tuple[list[dict] | None, list[dict] | No
     if data.task == "classification":
         if cfg.train_file is None:
             raise ConfigError("Classification needs --train-file (a CSV/TSV/JSONL/GLUE file with a label column).")
-        train_records = load_records(cfg.train_file, format=data.format, text_unit=data.text_unit)
+        train_records = read_records(cfg.train_file, data)
         missing = [i for i, r in enumerate(train_records) if data.label_column not in r]
         if missing:
             raise ConfigError(f"Record {missing[0]} of {cfg.train_file} has no column {data.label_column!r}; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import DataConfig, build_examples, load_records
+from ..data import DataConfig, build_examples, read_records
 
 
 @dataclass
@@ -22,6 +22,6 @@ def model_task(data: DataConfig) -> str:
 def read_split(path: str | None, records: list[dict] | None, tokenizer, data: DataConfig,
                label_names=None) -> Split:
     if records is None:
-        records = load_records(path, format=data.format, text_unit=data.text_unit) if path else []
+        records = read_records(path, data) if path else []
     examples, stats = build_examples(records, tokenizer, data, label_names=label_names, source=str(path or "data"))
     return Split(records, examples, stats)

@@ -50,7 +50,8 @@ class EagerStepper:
         device = self.ctx.device
         for j, idx in enumerate(micro):
             host_batch = self.collate([self.examples[i] for i in idx])
-            tokens += int(host_batch["attention_mask"].sum())  # (counted before the batch moves: no sync)
+            # real tokens, from the examples (no sync; a packed batch's attention_mask is 4-D)
+            tokens += sum(len(self.examples[i]["input_ids"]) for i in idx)
             batch = {k: v.to(device) for k, v in host_batch.items()}
             with self.ctx.accumulating(self.train_model, sync=j == len(micro) - 1):
                 with autocast(device, self.cfg.precision):
@@ -177,7 +178,7 @@ class GraphedStepper:
                 continue
             host_batch = graphs.collate([eager.examples[i] for i in idx], eager.collate)
             part = graphs.step({k: v.to(eager.ctx.device, non_blocking=True) for k, v in host_batch.items()})
-            tokens += int(host_batch["attention_mask"].sum())
+            tokens += sum(len(eager.examples[i]["input_ids"]) for i in idx)
             loss_acc = part if loss_acc is None else loss_acc + part
         self._stepped = not graphs.accumulate and len(short) < len(micro)
         if not graphs.accumulate and not self._stepped:
