@@ -506,33 +506,32 @@ def read_prompts(path: str) -> list[str | list[dict]]:
     "prompt" is that text, any other line is a prompt as it stands (blank lines skipped).
 
     Raises:
-        ConfigError: a missing file, or a .jsonl line that is not such a JSON object.
+        ConfigError: a missing file, or a line that looks like a JSON object (starts with "{") but is not valid
+            JSON or holds neither "messages" nor "prompt".
     """
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         raise ConfigError(f"--input-file {path}: no such file.") from None
     prompts: list[str | list[dict]] = []
-    jsonl = path.endswith(".jsonl")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = None
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
+        if not line.lstrip().startswith("{"):
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
         if isinstance(record, dict) and isinstance(record.get("messages"), list):
             prompts.append(record["messages"])
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
-        elif jsonl:
-            raise ConfigError(f"--input-file {path}, line {number}: expected a JSON object with \"messages\" "
-                              "(a list of {\"role\", \"content\"}) or \"prompt\"; got "
-                              f"{line[:80]!r}. Use a .txt file for one plain prompt per line.")
         else:
-            prompts.append(line.rstrip("\n"))
+            raise ConfigError(f"--input-file {path}, line {number}: expected a JSON object with \"messages\" "
+                              "(a list of {\"role\", \"content\"}) or \"prompt\", or a plain-text prompt; got "
+                              f"{line[:80]!r}.")
     return prompts
 
 
