@@ -855,7 +855,8 @@ def flag_words(message: str) -> str:
     message = re.sub(r"\b(format|source|target)= ", lambda m: "--format " if m.group(1) == "format" else m.group(0),
                      message)
     named = sorted((f for f in fields if "_" in f), key=len, reverse=True)
-    return re.sub(r"(?<![-\w'\"`])(" + "|".join(named) + r")\b(=?)",
+    # (not inside a path, a quoted column name or a flag already)
+    return re.sub(r"(?<![-\w'\"`/.])(" + "|".join(named) + r")\b(=?)",
                   lambda m: flag(m.group(1)) + (" " if m.group(2) else ""), message)
 
 

@@ -84,24 +84,24 @@ def _left_padded(tokenizer, prompts: list[str | list[int]]) -> dict[str, torch.T
 def generation_pairs(records: list[dict], tokenizer, data: DataConfig,
                      source: str = "the data") -> tuple[list[str | list[int]], list[str]]:
     """(prompts, references) for generating sft completions: a conversation's prompt is the token ids training
-    saw before its last assistant turn, and that turn's text is the reference; a prompt/completion record gives
-    `prompt + separator` and the completion.
+    saw before its last assistant turn (turns after it are left out), and that turn's text is the reference; a
+    prompt/completion record gives `prompt + separator` and the completion.
 
     Raises:
-        ConfigError: a conversation that does not end with an assistant turn, or a record without the columns.
+        ConfigError: a conversation without an assistant turn, or a record without the columns.
     """
     prompts: list[str | list[int]] = []
     refs: list[str] = []
     for i, rec in enumerate(records):
         messages = rec.get(data.messages_column)
         if messages is not None:
-            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                    and messages[-1].get("role") == "assistant"):
-                raise ConfigError(f"Record {i} of {source}: the conversation does not end with an assistant turn, "
-                                  "so there is no reply to score. End each conversation with the expected "
-                                  "{'role': 'assistant', 'content': ...} message.")
-            prompts.append(chat_prompt_ids(tokenizer, messages, source=f"record {i} of {source}"))
-            refs.append(str(messages[-1].get("content", "")))
+            last = max((k for k, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+                       default=None) if isinstance(messages, list) else None
+            if last is None:
+                raise ConfigError(f"Record {i} of {source} has no assistant turn, so there is no reply to score. "
+                                  "Add the expected reply as a {'role': 'assistant', 'content': ...} message.")
+            prompts.append(chat_prompt_ids(tokenizer, messages[:last + 1], source=f"record {i} of {source}"))
+            refs.append(str(messages[last].get("content", "")))
             continue
         missing = [c for c in (data.prompt_column, data.completion_column) if c not in rec]
         if missing:
