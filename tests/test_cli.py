@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +46,10 @@ def test_train_loss_falls_and_adapter_is_saved(tiny_model, sft_file, tmp_path, c
     assert summary["after"]["loss"] < summary["before"]["loss"] - 0.2
     printed = capsys.readouterr().out
     assert "trainable parameters" in printed and "adapter on disk" in printed
+    # the closing hint runs as printed: prompt/completion data was trained on the raw text
+    hint = shlex.split(printed.split("try it:\n", 1)[1].splitlines()[0])
+    assert hint[:2] == ["lorakit", "generate"] and hint[hint.index("--raw") + 1:][:2] == ["--prompt", "Say red:"]
+    assert main(hint[1:]) == 0 and capsys.readouterr().out.startswith("### prompt: Say red:")
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "best" / "adapter_config.json").exists()
     saved = (out / "run_config.yaml").read_text()

@@ -196,6 +196,9 @@ def check_metric_for_best(cfg: TrainConfig, task: str) -> None:
     if cfg.metric_for_best != "auto" and cfg.metric_for_best not in REPORTED[task]:
         raise ConfigError(f"--metric-for-best {cfg.metric_for_best}: the {task} evaluation reports "
                           f"{', '.join(REPORTED[task])}; pick one of them (or auto, the task's official metric).")
+    if cfg.metric_for_best in ("exact_match", "score") and not cfg.eval_generate:
+        raise ConfigError(f"--metric-for-best {cfg.metric_for_best} is a generation metric, but --eval-generate is "
+                          "false: drop --eval-generate false, or pick loss or perplexity.")
 
 
 def _records(cfg: TrainConfig, data) -> tuple[list[dict] | None, list[dict] | None, Callable | None, list | None]:
