@@ -155,7 +155,7 @@ def test_eval_generation_metrics_score_the_last_assistant_turn(chat_model, chat_
                  "--generation-metrics", "--max-new-tokens", "1", "--max-eval-examples", "2"]) == 0
     assert seen["refs"] == [[" blue"], [" yellow"]]
     assert seen_prompts == [trained_prompt(chat_model, ONE_TURN), trained_prompt(chat_model, TWO_TURNS)]
-    text = capsys.readouterr().out
-    assert "scoring 2 of 16 examples" in text
-    result = json.loads(text[text.index("{"):])
+    printed = capsys.readouterr()
+    assert "scoring 2 of 16 examples" in printed.err
+    result = json.loads(printed.out)
     assert result["examples_scored"] == 2 and result["examples_truncated"] == 0 and result["examples_dropped"] == 0

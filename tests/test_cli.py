@@ -443,14 +443,14 @@ def test_eval_resolves_settings_as_train_and_says_what_it_scores(tiny_model, sft
                            "--max-length", "5", "--eval-file", str(sft_file))) == 0
     capsys.readouterr()
     assert main(["eval", "--config", str(out / "run_config.yaml"), "--adapter", str(out / "adapter")]) == 0
-    text = capsys.readouterr().out
-    assert "scoring 32 of 32 examples" in text and "32 truncated to --max-length 5" in text
-    result = json.loads(text[text.index("{"):])
+    printed = capsys.readouterr()
+    assert "scoring 32 of 32 examples" in printed.err and "32 truncated to --max-length 5" in printed.err
+    result = json.loads(printed.out)  # (stdout: the JSON result alone)
     assert result["examples_scored"] == 32 and result["examples_truncated"] == 32 and result["examples_dropped"] == 0
     # flags over --config
     assert main(["eval", "--config", str(out / "run_config.yaml"), "--max-length", "64",
                  "--max-eval-examples", "5"]) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err
     assert "scoring 5 of 32 examples" in text and "0 truncated" in text and "(no adapter)" in text
     # no data: a refusal that says how to ask, not the demo task's examples and settings
     cli_fails_cleanly(capsys, ["eval", "--model", str(tiny_model)], "--eval-file", "--builtin-task")

@@ -449,7 +449,7 @@ def cmd_eval(args) -> int:
     if cfg.quantize is None:  # a quantized model was loaded onto its device
         model.to(device)
     split = T.read_split(cfg.eval_file, eval_records, tokenizer, data, label_names)
-    print(_eval_header(cfg, data, split, adapters))
+    print(_eval_header(cfg, data, split, adapters), file=sys.stderr)  # (stdout holds the JSON result only)
     result = T.evaluate(model, tokenizer, split, run_cfg, device, score_fn)
     if args.generation_metrics and data.task == "sft":
         result.update(_generation_metrics(model, tokenizer, split, cfg, data, args))
@@ -479,6 +479,7 @@ def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, A
 
     References of one prompt are consecutive records, grouped as the official E2E scorer does."""
     from .eval import metrics
+    from .train import generate_texts
     from .train.evaluation import generation_pairs
     prompts, refs = generation_pairs(split.records, tokenizer, data, source=str(cfg.eval_file or "the data"))
     groups: list[tuple[Any, list[str]]] = []
@@ -488,17 +489,12 @@ def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, A
         else:
             groups.append((prompt, [ref]))
     groups = groups[: cfg.max_eval_examples or None]
-    hyps = generate_texts_for(model, tokenizer, [p for p, _ in groups], cfg, args)
+    hyps = generate_texts(model, tokenizer, [p for p, _ in groups], cfg.max_new_tokens, num_beams=args.num_beams,
+                          cuda_graphs=cfg.cuda_graphs)
     scores = metrics.generation_scores(hyps, [r for _, r in groups])
     if args.predictions:
         Path(args.predictions).write_text("\n".join(h.strip() for h in hyps) + "\n")
     return scores.as_dict()
-
-
-def generate_texts_for(model, tokenizer, prompts, cfg, args) -> list[str]:
-    from .train import generate_texts
-    return generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, num_beams=args.num_beams,
-                          cuda_graphs=cfg.cuda_graphs)
 
 
 def read_prompts(path: str) -> list[str | list[dict]]:
