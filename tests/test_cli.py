@@ -515,6 +515,7 @@ def test_config_values_are_checked_as_data_with_flags_and_files(tmp_path, capsys
         cfg.write_text(text)
         # (before the model: an unknown model name would be the error otherwise)
         cli_fails_cleanly(capsys, ["train", "--config", str(cfg), "--model", "no-such-model"], *words)
+    cli_fails_cleanly(capsys, ["train", "--dropout", "2", "--model", "no-such-model"], "--dropout must be")
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--lr", "abc"])
     err = capsys.readouterr().err

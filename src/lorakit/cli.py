@@ -850,6 +850,9 @@ def flag_words(message: str) -> str:
     message = re.sub(r"\bformat=\s*'(\w+)'", r"--format \1", message)
     message = re.sub(r"\b(format|source|target)= ", lambda m: "--format " if m.group(1) == "format" else m.group(0),
                      message)
+    # a field that "must be" something is a setting whatever its name (`dropout must be a number in [0, 1)`)
+    message = re.sub(r"(?<![-\w'\"`/.])(\w+)(?= must )",
+                     lambda m: flag(m.group(1)) if m.group(1) in fields else m.group(0), message)
     named = sorted((f for f in fields if "_" in f), key=len, reverse=True)
     # (not inside a path, a quoted column name or a flag already)
     return re.sub(r"(?<![-\w'\"`/.])(" + "|".join(named) + r")\b(=?)",
