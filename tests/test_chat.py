@@ -65,6 +65,9 @@ def trained_prompt(model_dir: Path, messages: list[dict]) -> list[int]:
     return ex["input_ids"][:last_prompt + 1]
 
 
+EAGER = ["--cuda-graphs", "off"]  # decoding through `model.generate` on a GPU too, where the tests watch it
+
+
 @pytest.fixture
 def seen_prompts(monkeypatch) -> list[list[int]]:
     """The unpadded input ids of every `generate` call (which then returns one new token per prompt)."""
@@ -84,7 +87,7 @@ def test_generate_feeds_the_prompt_training_saw(chat_model, tmp_path, seen_promp
     convo = tmp_path / "convo.jsonl"
     convo.write_text(json.dumps({"messages": TWO_TURNS[:3]}) + "\nWhat about snow?\n")
     assert main(["generate", "--model", str(chat_model), "--system", SYSTEM, "--prompt", "Sky?",
-                 "--input-file", str(convo), "--max-new-tokens", "1"]) == 0
+                 "--input-file", str(convo), "--max-new-tokens", "1", *EAGER]) == 0
     assert seen_prompts[0] == trained_prompt(chat_model, ONE_TURN)
     # a conversation without a system turn gets --system's
     assert seen_prompts[1] == trained_prompt(chat_model, [ONE_TURN[0], *TWO_TURNS])
@@ -96,7 +99,8 @@ def test_generate_feeds_the_prompt_training_saw(chat_model, tmp_path, seen_promp
     # --raw: the text as it stands (prompt/completion training encodes it so)
     from lorakit.models import load_model
     _, tok = load_model(str(chat_model))
-    assert main(["generate", "--model", str(chat_model), "--raw", "--prompt", "Sky?", "--max-new-tokens", "1"]) == 0
+    assert main(["generate", "--model", str(chat_model), "--raw", "--prompt", "Sky?", "--max-new-tokens", "1",
+                 *EAGER]) == 0
     assert seen_prompts[3] == tok("Sky?")["input_ids"]
 
 
@@ -135,7 +139,7 @@ def test_train_on_messages_evaluates_generation_and_prints_a_runnable_hint(chat_
         return real(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "generate", watch)
-    assert main(words[1:]) == 0
+    assert main(words[1:] + EAGER) == 0
     assert seen == [trained_prompt(chat_model, ONE_TURN)]
     assert capsys.readouterr().out.startswith("### prompt: Sky?")
 
@@ -152,7 +156,7 @@ def test_eval_generation_metrics_score_the_last_assistant_turn(chat_model, chat_
 
     monkeypatch.setattr(metrics, "generation_scores", without_meteor)
     assert main(["eval", "--model", str(chat_model), "--eval-file", str(chat_file), "--eval-generate", "false",
-                 "--generation-metrics", "--max-new-tokens", "1", "--max-eval-examples", "2"]) == 0
+                 "--generation-metrics", "--max-new-tokens", "1", "--max-eval-examples", "2", *EAGER]) == 0
     assert seen["refs"] == [[" blue"], [" yellow"]]
     assert seen_prompts == [trained_prompt(chat_model, ONE_TURN), trained_prompt(chat_model, TWO_TURNS)]
     printed = capsys.readouterr()
