@@ -230,7 +230,11 @@ def chat_prompt_ids(tokenizer: Any, messages: Any, *, source: str = "the convers
     Raises:
         ConfigError: no chat template, malformed messages, or a template that cannot render them.
     """
-    _check_chat_tokenizer(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{source} is a conversation, but the tokenizer has no chat template to render it. Use "
+            f"the tokenizer of an instruct/chat model, or give the prompt as plain text."
+        )
     if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping) \
             and messages[-1].get("role") != "assistant":
         # a stand-in reply: only the text before it is kept
