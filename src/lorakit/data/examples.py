@@ -232,8 +232,8 @@ def chat_prompt_ids(tokenizer: Any, messages: Any, *, source: str = "the convers
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
-            f"{source} is a conversation, but the tokenizer has no chat template to render it. Use "
-            f"the tokenizer of an instruct/chat model, or give the prompt as plain text."
+            f"Cannot render {source}: a conversation needs a chat template and the tokenizer has "
+            f"none. Use the tokenizer of an instruct/chat model, or give the prompt as plain text."
         )
     if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping) \
             and messages[-1].get("role") != "assistant":
