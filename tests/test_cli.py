@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 import lorakit as lk
 from lorakit.cli import build_parser, main, resolve_config
-from models import SHARED
+from models import SHARED, cli_fails_cleanly
 
 TOKENIZER = SHARED / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/data (GPT-2 tokenizer) not present")
@@ -45,6 +46,10 @@ def test_train_loss_falls_and_adapter_is_saved(tiny_model, sft_file, tmp_path, c
     assert summary["after"]["loss"] < summary["before"]["loss"] - 0.2
     printed = capsys.readouterr().out
     assert "trainable parameters" in printed and "adapter on disk" in printed
+    # the closing hint runs as printed: prompt/completion data was trained on the raw text
+    hint = shlex.split(printed.split("try it:\n", 1)[1].splitlines()[0])
+    assert hint[:2] == ["lorakit", "generate"] and hint[hint.index("--raw") + 1:][:2] == ["--prompt", "Say red:"]
+    assert main(hint[1:]) == 0 and capsys.readouterr().out.startswith("### prompt: Say red:")
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "best" / "adapter_config.json").exists()
     saved = (out / "run_config.yaml").read_text()
@@ -429,3 +434,129 @@ def test_graph_lengths_follow_the_batches_and_hold_every_batch():
     assert batch["input_ids"].shape == (1, 8) and batch["labels"][0, 3:].eq(-100).all()
     with pytest.raises(lk.ConfigError, match="shorter than the longest"):
         PadCollator(0)([{"input_ids": [1, 2, 3]}], pad_to=2)
+
+
+def test_eval_resolves_settings_as_train_and_says_what_it_scores(tiny_model, sft_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    # max_length 5 cuts the EOS off each 6-token example: the run's setting, not a default nor the demo's 32
+    assert main(train_args(tiny_model, sft_file, out, "--max-steps", "2", "--eval-generate", "false",
+                           "--max-length", "5", "--eval-file", str(sft_file))) == 0
+    capsys.readouterr()
+    assert main(["eval", "--config", str(out / "run_config.yaml"), "--adapter", str(out / "adapter")]) == 0
+    printed = capsys.readouterr()
+    assert "scoring 32 of 32 examples" in printed.err and "32 truncated to --max-length 5" in printed.err
+    result = json.loads(printed.out)  # (stdout: the JSON result alone)
+    assert result["examples_scored"] == 32 and result["examples_truncated"] == 32 and result["examples_dropped"] == 0
+    # flags over --config
+    assert main(["eval", "--config", str(out / "run_config.yaml"), "--max-length", "64",
+                 "--max-eval-examples", "5"]) == 0
+    text = capsys.readouterr().err
+    assert "scoring 5 of 32 examples" in text and "0 truncated" in text and "(no adapter)" in text
+    # no data: a refusal that says how to ask, not the demo task's examples and settings
+    cli_fails_cleanly(capsys, ["eval", "--model", str(tiny_model)], "--eval-file", "--builtin-task")
+    cli_fails_cleanly(capsys, ["eval", "--model", str(tiny_model), "--eval-file", str(sft_file), "--adapter",
+                               f"a={out / 'adapter'}", "--adapter", f"b={out / 'best'}"], "one adapter at a time")
+
+
+def test_metric_for_best_picks_best_and_headline(tiny_model, sft_file, tmp_path, capsys):
+    from lorakit.train import TrainConfig, metric_key
+    from lorakit.train.evaluation import official_metric
+    result = {"loss": 0.4, "accuracy": 0.69, "f1": 0.8, "mcc": 0.0}
+    assert metric_key(result, TrainConfig(metric_for_best="mcc"), "classification") == ("mcc", True)
+    assert metric_key(result, TrainConfig(metric_for_best="loss"), "classification") == ("loss", False)
+    assert metric_key(result, TrainConfig(metric_for_best="f1", greater_is_better=False))[1] is False
+    assert metric_key(result, TrainConfig(eval_file="glue/CoLA/dev.tsv"), "classification") == ("mcc", True)
+    assert metric_key(result, TrainConfig(eval_file="glue/SST-2/dev.tsv"), "classification") == ("accuracy", True)
+    assert official_metric("regression", "data/STS-B/dev.tsv") == "pearson"
+    assert official_metric("classification", "MRPC/dev.tsv") == official_metric("classification", "qqp.tsv") == "f1"
+    with pytest.raises(lk.ConfigError, match="accuracy, f1, mcc"):
+        metric_key(result | {"loss": 1.0}, TrainConfig(metric_for_best="bleu"))
+
+    out = tmp_path / "best"
+    assert main(train_args(tiny_model, sft_file, out, "--max-steps", "2", "--eval-every", "1", "--save-every", "2",
+                           "--eval-file", str(sft_file), "--eval-generate", "false",
+                           "--metric-for-best", "perplexity")) == 0
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    assert progress["best"]["metric"] == "perplexity"
+    assert "perplexity: before" in capsys.readouterr().out
+    # a metric the task never reports: refused before anything loads or is written
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, tmp_path / "no", "--metric-for-best", "mcc"),
+                      "--metric-for-best mcc", "loss, perplexity")
+    assert not (tmp_path / "no").exists()
+
+
+def test_classifier_collapsed_to_one_class_warns():
+    from types import SimpleNamespace
+
+    from lorakit.data import DataConfig, DataStats
+    from lorakit.train import RunConfig, Split, TrainConfig, evaluate
+    from lorakit.train.evaluation import CollapsedPredictions
+
+    class Constant(torch.nn.Module):  # logits (batch, 2) that always favour class 1
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return SimpleNamespace(logits=torch.tensor([[0.0, 1.0]]).expand(len(input_ids), 2))
+
+    examples = [{"input_ids": [5, 6], "labels": i % 2} for i in range(6)]
+    split = Split([{}] * 6, examples, DataStats(label_names=["neg", "pos"]))
+    run_cfg = RunConfig(TrainConfig(batch_size=4), DataConfig(task="classification"))
+    with pytest.warns(CollapsedPredictions, match="class 'pos'.*mcc 0.000"):
+        result = evaluate(Constant(), SimpleNamespace(pad_token_id=0), split, run_cfg, torch.device("cpu"))
+    assert result["accuracy"] == 0.5
+
+
+def test_config_values_are_checked_as_data_with_flags_and_files(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 1e-3\nmax_steps: 10\nlora:\n  alpha: 32\n")  # PyYAML reads 1e-3 as text
+    parts = resolve_config(build_parser().parse_args(["train", "--config", str(cfg), "--train-file", "x.jsonl"]))
+    assert parts["train"].lr == 0.001 and isinstance(parts["lora"].alpha, float)
+    for text, words in (("lr: fast\n", ("--lr", "`lr:`", str(cfg), "a number", "'fast'")),
+                        ("max_steps: ten\n", ("--max-steps", "`max_steps:`", "whole number")),
+                        ("data:\n  max_length: [1]\n", ("--max-length", "whole number"))):
+        cfg.write_text(text)
+        # (before the model: an unknown model name would be the error otherwise)
+        cli_fails_cleanly(capsys, ["train", "--config", str(cfg), "--model", "no-such-model"], *words)
+    cli_fails_cleanly(capsys, ["train", "--dropout", "2", "--model", "no-such-model"], "--dropout must be")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--lr", "abc"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --lr: expected a number, got 'abc'" in err
+    assert "<lambda>" not in err and len(err.strip().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lorakit {lk.__version__}"
+
+
+def test_help_lists_what_applies_and_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and not action.help.startswith("(default"), (name, action.option_strings)
+    for name in ("eval", "generate"):
+        flags = {f for a in commands[name]._actions for f in a.option_strings}
+        assert not flags & {"--lr", "--output-dir", "--resume", "--epochs", "--r", "--targets", "--warmup-ratio"}
+    assert "--metric-for-best" in {f for a in commands["train"]._actions for f in a.option_strings}
+
+
+def test_errors_name_flags_and_two_adapters_are_not_summed_silently(tiny_model, sft_file, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    err = cli_fails_cleanly(capsys, train_args(tiny_model, bad, tmp_path / "o", "--max-steps", "1"),
+                            "--prompt-column")
+    assert "DataConfig" not in err and "prompt_column" not in err
+    model, _ = load_tiny(tiny_model)
+    for name in ("a", "b"):
+        lk.inject(model, lk.LoraConfig(r=2, targets=["q_proj"]), name=name)
+        lk.save_adapter(model, tmp_path / name, name=name)
+    assert main(["generate", "--model", str(tiny_model), "--adapter", f"a={tmp_path / 'a'}",
+                 "--adapter", f"b={tmp_path / 'b'}", "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+    assert "2 adapters (a, b) and no --route" in capsys.readouterr().err
+    cli_fails_cleanly(capsys, ["generate", "--model", str(tiny_model), "--adapter", str(tmp_path / "a"),
+                               "--adapter", str(tmp_path / "b"), "--prompt", "Hi"], "share the name 'default'")
+
+
+def load_tiny(path):
+    from lorakit.models import load_model
+    return load_model(str(path))

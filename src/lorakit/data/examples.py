@@ -224,6 +224,31 @@ def resolve_labels(
     return [index[str(v).strip()] for v in values], names
 
 
+def chat_prompt_ids(tokenizer: Any, messages: Any, *, source: str = "the conversation") -> list[int]:
+    """Token ids of the prompt for the next assistant turn of `messages`, exactly as `build_examples`
+    tokenizes a conversation before its last assistant turn.
+
+    When `messages` ends with an assistant turn, that turn is the one to generate (it is left out,
+    as a reference to score against); otherwise the reply to the last message is. The ids are
+    those training saw: the same chat template, special tokens and segment boundaries.
+
+    Raises:
+        ConfigError: no chat template, malformed messages, or a template that cannot render them.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"Cannot render {source}: a conversation needs a chat template and the tokenizer has "
+            f"none. Use the tokenizer of an instruct/chat model, or give the prompt as plain text."
+        )
+    if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping) \
+            and messages[-1].get("role") != "assistant":
+        # a stand-in reply: only the text before it is kept
+        messages = [*messages, {"role": "assistant", "content": "."}]
+    segments, _ = _chat_segments(tokenizer, messages, 0, source)
+    last = max(k for k, (_, in_loss) in enumerate(segments) if in_loss)
+    return [t for ids in _encode_many(tokenizer, [s for s, _ in segments[:last]], special=False) for t in ids]
+
+
 # ---------------------------------------------------------------------------- internals
 
 

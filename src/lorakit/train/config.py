@@ -29,7 +29,7 @@ class TrainConfig:
     train_file: str | None = None
     """Training data (JSONL, CSV/TSV, GLUE TSV, E2E CSV, .txt). None: the built-in demo task."""
     eval_file: str | None = None
-    """Held-out data in the same format. None: the built-in task's held-out split, else no eval."""
+    """Held-out data in the same format. None: train evaluates on the built-in task's held-out split when it trains on that task, else not at all; eval needs it (or --builtin-task)."""
     output_dir: str = "runs/lorakit"
     """Where the run writes its config, metrics, checkpoints and the final adapter. One run per folder: a folder that holds an earlier run takes --resume (continue it) or --overwrite (replace it)."""
     full: bool = False
@@ -37,15 +37,19 @@ class TrainConfig:
     quantize: str | None = None
     """nf4, fp4 or int8: load the frozen base quantized with bitsandbytes (QLoRA; the adapters train in float32 and load on the 16-bit base too). None: the stored dtype."""
     lr: float = 2e-4
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
+    """AdamW weight decay (decoupled), applied to the trainable weights."""
     schedule: str = "linear"
     """Learning-rate decay after warmup: linear, cosine or constant."""
     warmup_ratio: float = 0.05
     """Fraction of the steps spent warming the learning rate up from 0."""
     epochs: float = 1.0
+    """Passes over the training data (fractions allowed); max_steps overrides it."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means `epochs` passes over the data."""
     batch_size: int = 8
+    """Examples per micro-batch (per process), for training and evaluation."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_grad_norm: float = 1.0
@@ -55,7 +59,9 @@ class TrainConfig:
     save_every: int = 0
     """Write a checkpoint every N optimizer steps (0: no intermediate checkpoints)."""
     log_every: int = 10
+    """Write the mean training loss to metrics.jsonl every N optimizer steps."""
     seed: int = 0
+    """Seed of the LoRA init, the data order and dropout."""
     precision: str = "auto"
     """auto (bf16 on a GPU that has it, else fp32), fp32 or bf16. bf16 is autocast; LoRA on one GPU also loads the frozen base in bfloat16 (the adapters train in float32)."""
     gradient_checkpointing: bool = False
@@ -66,6 +72,10 @@ class TrainConfig:
     """sft: tokens generated per example when the eval generates."""
     eval_generate: bool = True
     """sft: evaluate by generating completions (exact match / BLEU...) besides the loss."""
+    metric_for_best: str = "auto"
+    """The eval metric that picks best/ and heads the summary: any one the evaluation reports (loss, perplexity, exact_match; accuracy, f1, mcc; pearson, spearman, corr). auto: the task's official metric (GLUE CoLA mcc, STS-B pearson, MRPC and QQP f1, other classification accuracy, regression pearson, sft generation exact match, else loss)."""
+    greater_is_better: bool | None = None
+    """Whether a larger metric_for_best is better. None: known per metric (loss and perplexity lower, the others higher)."""
     threads: int = 0
     """CPU threads for PyTorch (0: its default). On a busy machine 1 can be much faster than 2."""
     resume: bool = False
@@ -99,6 +109,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not isinstance(self.metric_for_best, str) or not self.metric_for_best:
+            raise ConfigError(f"metric_for_best must be a metric name or auto, got {self.metric_for_best!r}.")
         mode = self.cuda_graphs
         text = str(mode).lower()
         mode = ("on" if mode else "off") if isinstance(mode, bool) else _SWITCH.get(text, text)

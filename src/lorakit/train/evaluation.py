@@ -8,16 +8,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import PadCollator
+from ..data import DataConfig, PadCollator
+from ..data.examples import chat_prompt_ids
 from ..distributed import Context
+from ..errors import ConfigError
 from .config import RunConfig, autocast
 from .splits import Split
 
 
 @torch.no_grad()
-def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                   adapters: list[str | None] | None = None, cuda_graphs: str = "auto", **gen_kwargs) -> list[str]:
+def generate_texts(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_new_tokens: int,
+                   batch_size: int = 16, adapters: list[str | None] | None = None, cuda_graphs: str = "auto",
+                   **gen_kwargs) -> list[str]:
     """Complete each prompt (greedy unless gen_kwargs say otherwise); returns only the new text.
+
+    A prompt is text (encoded with the tokenizer's special tokens, as training encodes a prompt column)
+    or a list of token ids used as they are (e.g. `chat_prompt_ids` of a conversation).
 
     With `adapters`, prompt i goes through adapter adapters[i] (None = base), all in one batch.
     Greedy decoding and sampling (temperature, top_k, top_p, min_p) on a GPU run through `lk.Decoder` (each token
@@ -44,7 +50,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            enc = {k: v.to(device) for k, v in _left_padded(tokenizer, chunk).items()}
             if decoder is not None:
                 out = decoder(enc["input_ids"], enc["attention_mask"], max_new_tokens,
                               pad_token_id=kwargs["pad_token_id"],
@@ -62,6 +68,50 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     if decoder is not None and decoder.eager_reason:
         warnings.warn(f"decoding ran eagerly: {decoder.eager_reason}", stacklevel=2)
     return outputs
+
+
+def _left_padded(tokenizer, prompts: list[str | list[int]]) -> dict[str, torch.Tensor]:
+    """A batch of prompts (texts or token ids), padded on the left: input_ids, attention_mask (batch, longest)."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(tokenizer(texts)["input_ids"] if texts else [])
+    ids = [list(next(encoded)) if isinstance(p, str) else list(p) for p in prompts]
+    longest = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {"input_ids": torch.tensor([[pad] * (longest - len(x)) + x for x in ids], dtype=torch.long),
+            "attention_mask": torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)}
+
+
+def generation_pairs(records: list[dict], tokenizer, data: DataConfig,
+                     source: str = "the data") -> tuple[list[str | list[int]], list[str]]:
+    """(prompts, references) for generating sft completions: a conversation's prompt is the token ids training
+    saw before its last assistant turn (turns after it are left out), and that turn's text is the reference; a
+    prompt/completion record gives `prompt + separator` and the completion.
+
+    Raises:
+        ConfigError: a conversation without an assistant turn, or a record without the columns.
+    """
+    prompts: list[str | list[int]] = []
+    refs: list[str] = []
+    for i, rec in enumerate(records):
+        messages = rec.get(data.messages_column)
+        if messages is not None:
+            last = max((k for k, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+                       default=None) if isinstance(messages, list) else None
+            if last is None:
+                raise ConfigError(f"Record {i} of {source} has no assistant turn, so there is no reply to score. "
+                                  "Add the expected reply as a {'role': 'assistant', 'content': ...} message.")
+            prompts.append(chat_prompt_ids(tokenizer, messages[:last + 1], source=f"record {i} of {source}"))
+            refs.append(str(messages[last].get("content", "")))
+            continue
+        missing = [c for c in (data.prompt_column, data.completion_column) if c not in rec]
+        if missing:
+            raise ConfigError(f"Record {i} of {source} has no column {missing[0]!r}; it has: "
+                              f"{', '.join(map(str, rec)) or '(none)'}. Name the input and reference columns with "
+                              f"--prompt-column and --completion-column, or give conversations in a "
+                              f"{data.messages_column!r} column (--messages-column).")
+        prompts.append(str(rec[data.prompt_column]) + data.separator)
+        refs.append(str(rec[data.completion_column]))
+    return prompts, refs
 
 
 @torch.no_grad()
@@ -96,10 +146,8 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
     if data.task in ("sft", "lm"):
         result["loss"] = sum(losses) / max(sum(weights), 1)
         result["perplexity"] = metrics.perplexity(result["loss"])
-        if data.task == "sft" and cfg.eval_generate and data.prompt_column in split.records[0]:
-            records = split.records[:n]
-            prompts = [r[data.prompt_column] + data.separator for r in records]
-            refs = [r[data.completion_column] for r in records]
+        if data.task == "sft" and cfg.eval_generate:
+            prompts, refs = generation_pairs(split.records[:n], tokenizer, data)
             # decoding is bound by reading the weights: large batches cost little more than one prompt
             hyps = generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64,
                                   cuda_graphs=cfg.cuda_graphs)
@@ -109,22 +157,69 @@ def evaluate(model: nn.Module, tokenizer, split: Split, run_cfg: RunConfig, devi
                 result["exact_match"] = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(len(refs), 1)
     elif data.task == "classification":
         result.update(metrics.classification_scores(preds, golds))
+        if n > 1 and len(set(preds)) == 1 and len(set(golds)) > 1:
+            names = split.stats.label_names
+            label = names[preds[0]] if names and preds[0] < len(names) else preds[0]
+            warnings.warn(f"every one of the {n} held-out predictions is class {label!r} while the labels hold "
+                          f"{len(set(golds))} classes: the classifier collapsed to one class (accuracy "
+                          f"{result['accuracy']:.3f} is that class's share; mcc {result['mcc']:.3f}). Try another "
+                          "--lr, more steps, or balanced data.", CollapsedPredictions, stacklevel=2)
     else:
         result.update(metrics.regression_scores(preds, golds))
     return result
 
 
 
-def metric_key(result: dict[str, float]) -> tuple[str, bool]:
-    """The headline metric and whether higher is better."""
-    for key in ("score", "exact_match", "accuracy", "pearson"):
+class CollapsedPredictions(UserWarning):
+    """A classifier predicted one class for every held-out example."""
+
+
+#: metrics where lower is better; every other reported metric is better higher
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+#: the official metric of GLUE tasks whose headline is not accuracy, by the task's folder or file name
+GLUE_METRICS = {"cola": "mcc", "sts-b": "pearson", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
+
+#: the metrics `evaluate` reports, by data task (sft also `score` for the built-in task)
+REPORTED = {"sft": ("loss", "perplexity", "exact_match", "score"), "lm": ("loss", "perplexity"),
+            "classification": ("accuracy", "f1", "mcc"), "regression": ("pearson", "spearman", "corr")}
+
+
+def official_metric(task: str, eval_file: str | None) -> str:
+    """The task's official metric: GLUE's for a file under a GLUE task's folder (CoLA: mcc, STS-B: pearson,
+    MRPC and QQP: f1), else accuracy for classification, pearson for regression, loss for lm, and for sft the
+    generation score (exact_match, or the built-in task's score)."""
+    if eval_file:
+        for part in reversed(Path(eval_file).parts):
+            for name, metric in GLUE_METRICS.items():
+                if part.lower() == name or part.lower().startswith(name + "."):
+                    return metric
+    return {"classification": "accuracy", "regression": "pearson", "lm": "loss"}.get(task, "exact_match")
+
+
+def metric_key(result: dict[str, float], cfg=None, task: str | None = None) -> tuple[str, bool]:
+    """The headline metric of `result` and whether higher is better: `cfg.metric_for_best` (a TrainConfig) when
+    set, else the task's official metric (`official_metric`), else the loss.
+
+    Raises:
+        ConfigError: metric_for_best names a metric that `result` does not hold.
+    """
+    chosen = getattr(cfg, "metric_for_best", "auto") if cfg is not None else "auto"
+    if chosen != "auto":
+        if chosen not in result:
+            raise ConfigError(f"--metric-for-best {chosen}: the evaluation reports {', '.join(result)}; "
+                              "pick one of them.")
+        greater = getattr(cfg, "greater_is_better", None)
+        return chosen, (chosen not in LOWER_IS_BETTER) if greater is None else bool(greater)
+    official = official_metric(task or "sft", getattr(cfg, "eval_file", None))
+    for key in (official, "score", "exact_match", "accuracy", "pearson"):
         if key in result:
-            return key, True
+            return key, key not in LOWER_IS_BETTER
     return "loss", False
 
 
-def track_best(model, out: Path, result, best, step, full: bool, ctx: Context | None = None):
-    key, higher = metric_key(result)
+def track_best(model, out: Path, result, best, step, full: bool, ctx: Context | None = None, run_cfg=None):
+    key, higher = metric_key(result, run_cfg and run_cfg.train, run_cfg and run_cfg.data.task)
     value = result[key]
     if best is None or (value > best["value"] if higher else value < best["value"]):
         if not full:

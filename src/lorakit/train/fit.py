@@ -64,7 +64,8 @@ def fit(t: Training) -> dict[str, Any]:
                     t.metrics.write({"event": "eval", "step": step, **result})
                     if ctx.is_main:
                         bar.write(f"step {step}: {fmt(result)}")
-                    progress["best"] = track_best(t.model, t.out, result, progress["best"], step, cfg.full, ctx)
+                    progress["best"] = track_best(t.model, t.out, result, progress["best"], step, cfg.full, ctx,
+                                                   t.run_cfg)
                 if cfg.save_every and step % cfg.save_every == 0:
                     checkpoints.save_checkpoint(
                         t.out, t.model, t.optimizer, t.scheduler,
@@ -98,7 +99,7 @@ def finish(t: Training, fitted: dict[str, Any]) -> dict[str, Any]:
     after = evaluate(t.model, t.tokenizer, t.evals, t.run_cfg, ctx.device, t.score_fn) if t.evals else {}
     if after:
         t.metrics.write({"event": "eval", "step": step, "final": True, **after})
-        track_best(t.model, t.out, after, t.progress["best"], step, cfg.full, ctx)
+        track_best(t.model, t.out, after, t.progress["best"], step, cfg.full, ctx, t.run_cfg)
     final_dir = t.out / ("model" if cfg.full else "adapter")
     if cfg.full:
         ctx.save_pretrained(t.model, t.tokenizer, final_dir)
@@ -111,12 +112,27 @@ def finish(t: Training, fitted: dict[str, Any]) -> dict[str, Any]:
         "trainable_parameters": t.trainable, "total_parameters": t.total,
         "adapter_dir": str(final_dir), "adapter_bytes": dir_size(final_dir),
         "base_bytes": dir_size(base_dir) if isinstance(base_dir, Path) else None,
-        "example_prompt": (t.evals.records[0].get(data.prompt_column) if t.evals and data.task == "sft" else None),
+        **(example_prompt(t.evals or t.train, data) if data.task == "sft" else {}),
         "world_size": ctx.world_size, "strategy": ctx.strategy,
     }
     if ctx.is_main:
         (t.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def example_prompt(split, data) -> dict[str, Any]:
+    """The first record's prompt, for the summary's `lorakit generate` hint: {"example_prompt": prompt + separator}
+    for prompt/completion data, {"example_messages": the turns before the last assistant turn} for conversations,
+    or {} when neither is there."""
+    rec = split.records[0] if split.records else {}
+    messages = rec.get(data.messages_column)
+    if isinstance(messages, list):
+        last = max((k for k, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+                   default=len(messages))
+        return {"example_messages": messages[:last]}
+    if isinstance(rec.get(data.prompt_column), str):
+        return {"example_prompt": rec[data.prompt_column] + data.separator}
+    return {}
 
 
 class NonFiniteLoss(LoraError):

@@ -84,6 +84,7 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     from ..models import load_model, resolve_model_path
 
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
+    check_metric_for_best(cfg, data.task)
     out = Path(cfg.output_dir)
     earlier = plan_output_dir(out, cfg.resume, cfg.overwrite)  # (deleted once the run has started)
     config_text = to_yaml(run_cfg.to_dict())
@@ -186,6 +187,21 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     stepper = make_stepper(cfg, eager, padded, graph_sizes, log)
     return Training(run_cfg, ctx, log, out, model, train_model, tokenizer, train, evals, score_fn, optimizer,
                     scheduler, sampler, stepper, total_steps, progress, metrics, config_text, before, trainable, total)
+
+
+def check_metric_for_best(cfg: TrainConfig, task: str) -> None:
+    """Refuse a metric_for_best that the evaluation of `task` never reports (before anything loads).
+
+    Raises:
+        ConfigError: naming the metrics the task reports.
+    """
+    from .evaluation import REPORTED
+    if cfg.metric_for_best != "auto" and cfg.metric_for_best not in REPORTED[task]:
+        raise ConfigError(f"--metric-for-best {cfg.metric_for_best}: the {task} evaluation reports "
+                          f"{', '.join(REPORTED[task])}; pick one of them (or auto, the task's official metric).")
+    if cfg.metric_for_best in ("exact_match", "score") and not cfg.eval_generate:
+        raise ConfigError(f"--metric-for-best {cfg.metric_for_best} is a generation metric, but --eval-generate is "
+                          "false: drop --eval-generate false, or pick loss or perplexity.")
 
 
 def _records(cfg: TrainConfig, data) -> tuple[list[dict] | None, list[dict] | None, Callable | None, list | None]:
