@@ -29,7 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="an adapter directory under a name (repeatable)")
     p.add_argument("--weights", required=True, metavar="NAME=W,...",
                    help="the weight of each adapter, e.g. a=0.7,b=-0.3")
-    p.add_argument("--method", default="linear", choices=METHODS)
+    p.add_argument("--method", default="linear", choices=METHODS, metavar="METHOD",
+                   help=f"how the adapters combine (default linear): {', '.join(METHODS)}")
     p.add_argument("--density", type=float, default=None,
                    help="fraction of entries each adapter keeps, in (0, 1]: ties, dare_*, magnitude_prune*")
     p.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"),
@@ -40,8 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random pruning")
     p.add_argument("--name", default="combined", help="name of the new adapter (default: combined)")
     p.add_argument("--output-dir", required=True, help="directory to write the new adapter to")
-    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "regression"])
-    p.add_argument("--num-labels", type=int, default=None)
+    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "regression"],
+                   help="the kind of model to load (default causal-lm)")
+    p.add_argument("--num-labels", type=int, default=None, help="classes of a classification model's head")
     p.set_defaults(func=run)
     return p
 
