@@ -104,6 +104,18 @@ def test_generate_feeds_the_prompt_training_saw(chat_model, tmp_path, seen_promp
     assert seen_prompts[3] == tok("Sky?")["input_ids"]
 
 
+def test_generate_reads_sharegpt_and_alpaca_lines_as_conversations(chat_model, tmp_path, seen_prompts):
+    lines = tmp_path / "mixed.jsonl"
+    sharegpt = {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "Sky?"},
+                                  {"from": "gpt", "value": " blue"}]}
+    alpaca = {"instruction": "Sky?", "input": "", "output": " blue"}
+    lines.write_text(json.dumps(sharegpt) + "\n" + json.dumps(alpaca) + "\n")
+    assert main(["generate", "--model", str(chat_model), "--input-file", str(lines), "--max-new-tokens", "1",
+                 *EAGER]) == 0
+    assert seen_prompts[0] == trained_prompt(chat_model, ONE_TURN)
+    assert seen_prompts[1] == trained_prompt(chat_model, ONE_TURN[1:])
+
+
 def test_generate_refuses_chat_input_without_a_template(tiny_model, tmp_path, capsys):
     from models import cli_fails_cleanly
     cli_fails_cleanly(capsys, ["generate", "--model", str(tiny_model), "--system", "Be brief.", "--prompt", "Hi"],
@@ -163,3 +175,16 @@ def test_eval_generation_metrics_score_the_last_assistant_turn(chat_model, chat_
     assert "scoring 2 of 16 examples" in printed.err
     result = json.loads(printed.out)
     assert result["examples_scored"] == 2 and result["examples_truncated"] == 0 and result["examples_dropped"] == 0
+
+
+def test_generation_pairs_read_every_chat_layout(chat_model):
+    from lorakit.data import DataConfig
+    from lorakit.models import load_model
+    from lorakit.train.evaluation import generation_pairs
+
+    _, tok = load_model(str(chat_model))
+    records = [{"messages": ONE_TURN[1:]}, {"instruction": "Sky?", "input": "", "output": " blue"},
+               {"conversations": [{"from": "human", "value": "Sky?"}, {"from": "gpt", "value": " blue"}]}]
+    prompts, refs = generation_pairs(records, tok, DataConfig(task="sft"))
+    assert prompts[0] == prompts[1] == prompts[2] == trained_prompt(chat_model, ONE_TURN[1:])
+    assert refs == [" blue"] * 3

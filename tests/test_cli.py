@@ -536,7 +536,8 @@ def test_help_lists_what_applies_and_explains_every_flag():
             assert action.help and not action.help.startswith("(default"), (name, action.option_strings)
     for name in ("eval", "generate"):
         flags = {f for a in commands[name]._actions for f in a.option_strings}
-        assert not flags & {"--lr", "--output-dir", "--resume", "--epochs", "--r", "--targets", "--warmup-ratio"}
+        assert not flags & {"--lr", "--output-dir", "--resume", "--epochs", "--r", "--targets", "--warmup-ratio",
+                            "--packing"}
     assert "--metric-for-best" in {f for a in commands["train"]._actions for f in a.option_strings}
 
 

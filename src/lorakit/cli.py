@@ -191,6 +191,11 @@ EVAL_TRAIN_FIELDS = ("model", "eval_file", "quantize", "batch_size", "seed", "pr
                      "max_new_tokens", "eval_generate", "threads", "cuda_graphs")
 
 
+def _eval_data_fields() -> tuple[str, ...]:
+    """DataConfig's fields that `eval` takes: all but the training-only ones (packing)."""
+    return tuple(f.name for f in dataclasses.fields(_section_classes()["data"]) if f.name != "packing")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, sections=("train", "data", "lora"),
                      only: dict[str, tuple[str, ...]] | None = None) -> None:
     """One flag per field of each section's dataclass (`--batch-size` sets TrainConfig.batch_size), with the
@@ -499,13 +504,15 @@ def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, A
 
 
 def read_prompts(path: str) -> list[str | list[dict]]:
-    """The prompts of a --input-file: a line holding a JSON object with "messages" is a conversation, one with
-    "prompt" is that text, any other line is a prompt as it stands (blank lines skipped).
+    """The prompts of a --input-file: a line holding a JSON object with "messages" (or a ShareGPT
+    "conversations" list, or Alpaca's "instruction" and "output") is a conversation, one with "prompt" is that
+    text, any other line is a prompt as it stands (blank lines skipped).
 
     Raises:
         ConfigError: a missing file, or a line that looks like a JSON object (starts with "{") but is not valid
             JSON or holds neither "messages" nor "prompt".
     """
+    from .data.chat import detect_chat_format, to_messages
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
@@ -521,8 +528,9 @@ def read_prompts(path: str) -> list[str | list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("messages"), list):
-            prompts.append(record["messages"])
+        layout = detect_chat_format(record, "messages", "prompt") if isinstance(record, dict) else None
+        if layout in ("sharegpt", "alpaca") or (layout == "messages" and isinstance(record["messages"], list)):
+            prompts.append(to_messages(record, layout, number, f"--input-file {path} (line {number})"))
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
             prompts.append(record["prompt"])
         else:
@@ -787,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(conversations: of their last assistant turn)")
     e.add_argument("--num-beams", type=int, default=1, help="beam width for --generation-metrics")
     e.add_argument("--predictions", help="write the generated texts here, one per line")
-    add_config_flags(e, ("train", "data"), only={"train": EVAL_TRAIN_FIELDS})
+    add_config_flags(e, ("train", "data"), only={"train": EVAL_TRAIN_FIELDS, "data": _eval_data_fields()})
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text with a model and adapters",

@@ -92,8 +92,13 @@ def generation_pairs(records: list[dict], tokenizer, data: DataConfig,
     """
     prompts: list[str | list[int]] = []
     refs: list[str] = []
+    from ..data.chat import detect_chat_format, to_messages
+
     for i, rec in enumerate(records):
-        messages = rec.get(data.messages_column)
+        layout = data.chat_format if data.chat_format != "auto" else \
+            detect_chat_format(rec, data.messages_column, data.prompt_column)
+        messages = to_messages(rec, layout, i, source, data.messages_column) \
+            if layout in ("messages", "sharegpt", "alpaca") else None
         if messages is not None:
             last = max((k for k, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
                        default=None) if isinstance(messages, list) else None
