@@ -51,6 +51,8 @@ PEFT_TO_OURS = [
     ("gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True)),
     ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc", "wte"], fan_in_fan_out=True)),
     ("bert", dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
+    # PEFT saves the targeted embedding's own weight beside the adapter (save_embedding_layers="auto")
+    ("llama", dict(target_modules=["q_proj", "embed_tokens"])),
 ]
 
 
@@ -94,3 +96,23 @@ def test_config_fields_peft_understands(tmp_path):
         warnings.simplefilter("error")
         cfg = peft.PeftConfig.from_pretrained(str(tmp_path))
     assert cfg.r == 4 and cfg.use_rslora
+
+
+def test_a_peft_copy_of_changed_embeddings_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+        theirs.save_pretrained(str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("embed_tokens.base_layer.weight"))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, weights)
+    ours = make("llama")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(lk.AdapterFileError, match="changed embeddings.*resize_token_embeddings"):
+        lk.load_adapter(ours, tmp_path)
+    assert not list(lk.lora_layers(ours))
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())

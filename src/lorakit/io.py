@@ -724,6 +724,7 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
     # original one, so the PiSSA initialization is done again to make its residual, and then the factors loaded
     init = "pissa" if str(data.get("init_lora_weights")).lower().startswith("pissa") else "zeros"
     declared = _declared_parameters(model, modules, bias, modules_to_save, str(weights))
+    extra = _without_embedding_copies(model, extra, modules, weights)
     for key in extra:
         if key not in declared:
             raise AdapterFileError(
@@ -733,6 +734,53 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
     _check_extra(model, extra, str(weights))
     return _Plan(str(weights), modules, rslora, float(data.get("lora_dropout") or 0.0), bias, modules_to_save, extra,
                  init)
+
+
+def _without_embedding_copies(model: nn.Module, extra: dict[str, Tensor], modules: dict,
+                              file: Path) -> dict[str, Tensor]:
+    """`extra` less the copies of embedding weights that PEFT saves beside an adapter (`save_embedding_layers`,
+    on by default when an embedding is a target, so that a resized vocabulary travels with it): an adapted
+    module's `base_layer.weight`, or the input / output embedding's `weight`. A copy equal to the model's own
+    weight changes nothing and is dropped.
+
+    Raises:
+        AdapterFileError: a copy that differs from the model's weight (the adapter was trained on changed
+            embeddings), which loading would have to replace.
+    """
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            embeddings.add(id(module))
+    kept = {}
+    for key, t in extra.items():
+        path, _, leaf = key.rpartition(".")
+        if path.endswith(".base_layer") and path[:-len(".base_layer")] in modules:
+            path = path[:-len(".base_layer")]
+        elif not (leaf == "weight" and path and id(_get(model, path)) in embeddings):
+            kept[key] = t
+            continue
+        own = getattr(_get(model, path), "weight", None)
+        if leaf != "weight" or not isinstance(own, Tensor):
+            kept[key] = t
+            continue
+        if own.shape != t.shape or not torch.equal(own.detach().to(device=t.device, dtype=t.dtype), t):
+            raise AdapterFileError(
+                f"{file} holds a copy of {path}.weight {tuple(t.shape)} that differs from this model's "
+                f"{tuple(own.shape)}: the adapter was trained on changed embeddings (often a resized vocabulary). "
+                f"Give the model those embeddings first (model.resize_token_embeddings, then copy {key!r} in), "
+                "or save the adapter without them (PEFT: save_pretrained(..., save_embedding_layers=False)).")
+    return kept
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _check_pair(data: dict[str, Any], copy: dict[str, Any] | None, config: Path, weights: Path) -> None:
