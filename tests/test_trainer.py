@@ -1,0 +1,195 @@
+"""transformers' Trainer and TRL's trainers on an `lk.inject`-ed model, with no subclass and no extra argument:
+checkpoints and save_model hold the adapter in PEFT's format and never the base, resuming ends at the adapter of
+an uninterrupted run, load_best_model_at_end and gradient checkpointing work, and mistakes stop before a step."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.errors import StateError
+from models import make
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+CFG = dict(r=4, alpha=8, targets=["q_proj", "v_proj"])
+
+
+class Tokens(torch.utils.data.Dataset):
+    """`n` random sequences of 12 tokens of the tiny Llama's vocabulary (96), labels = inputs."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.ids = torch.randint(0, 96, (n, 12), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _adapted(seed: int = 0):
+    model = make("llama", seed).train()
+    torch.manual_seed(seed + 1)
+    return lk.inject(model, lk.LoraConfig(**CFG))
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=2, learning_rate=1e-2, max_steps=6, save_steps=3,
+                logging_steps=100, report_to=[], use_cpu=True, seed=7, data_seed=7, lr_scheduler_type="linear",
+                warmup_steps=1, disable_tqdm=True, save_only_model=False)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _train(model, out, resume=None, **kw):
+    trainer = transformers.Trainer(model=model, args=_args(out, **kw), train_dataset=Tokens(10, 0),
+                                   eval_dataset=Tokens(4, 1))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _adapter(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." in k}
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_checkpoints_and_save_model_hold_the_adapter_in_peft_format_not_the_base(tmp_path):
+    model = _adapted()
+    trainer = _train(model, tmp_path / "run")
+    trainer.save_model(str(tmp_path / "final"))
+    x = torch.randint(0, 96, (2, 9))
+    model.eval()
+    for folder in (tmp_path / "run" / "checkpoint-6", tmp_path / "final"):
+        names = _files(folder)
+        assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= set(names), names
+        assert "config.json" not in names
+        from safetensors.torch import load_file
+        kept = load_file(str(folder / "model.safetensors"))
+        assert set(kept) == {k for k, p in model.named_parameters() if p.requires_grad}  # no base weight
+        assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+        fresh = lk.load_adapter(make("llama").eval(), folder)  # lorakit reads it onto a fresh base
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(make("llama").eval(), str(folder))  # and so does PEFT
+        torch.testing.assert_close(theirs(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_on_a_checkpoint_gives_the_base_with_the_adapter(tmp_path):
+    make("llama").save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").train()
+    lk.inject(model, lk.LoraConfig(**CFG))
+    _train(model, tmp_path / "run", max_steps=3)
+    x = torch.randint(0, 96, (2, 9))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-3").eval()
+    assert loaded._hf_peft_config_loaded  # transformers went to the base named in adapter_config.json
+    torch.testing.assert_close(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_from_checkpoint_ends_at_the_adapter_of_an_uninterrupted_run(tmp_path, caplog):
+    whole = _adapted()
+    _train(whole, tmp_path / "whole")
+    resumed = _adapted()
+    assert not torch.equal(_adapter(resumed)[next(iter(_adapter(resumed)))], _adapter(whole)[next(iter(_adapter(whole)))])
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer = _train(resumed, tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert "missing keys" not in caplog.text  # the frozen base is not reported as missing
+    assert trainer.state.global_step == 6
+    ours, theirs = _adapter(resumed), _adapter(whole)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+    # a resume that skipped the optimizer or the data position would not land there
+    fresh = _adapted()
+    _train(fresh, tmp_path / "fresh", max_steps=3)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(_adapter(fresh).values(), theirs.values()))
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    model = _adapted()
+    # "best" is the highest eval loss, so the best checkpoint is an early one, not the last step
+    trainer = _train(model, tmp_path / "run", eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=True)
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-3"), best
+    from safetensors.torch import load_file
+    saved = load_file(f"{best}/model.safetensors")
+    for key, value in _adapter(model).items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    last = load_file(str(tmp_path / "run" / "checkpoint-6" / "model.safetensors"))
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    plain, checkpointed = _adapted(), _adapted()
+    _train(plain, tmp_path / "a", max_steps=3)
+    _train(checkpointed, tmp_path / "b", max_steps=3, activation_checkpointing=True)
+    for a, b in zip(_adapter(plain).values(), _adapter(checkpointed).values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(_adapter(plain).values(), _adapter(_adapted()).values()))
+
+
+def test_eject_takes_back_what_inject_attached(tmp_path):
+    model = make("llama")
+    hooks_before = len(model._load_state_dict_post_hooks), len(model.model.embed_tokens._forward_pre_hooks)
+    lk.inject(model, lk.LoraConfig(**CFG))
+    assert "save_pretrained" in model.__dict__
+    twin = copy.deepcopy(model)
+    assert twin.save_pretrained.__self__ is twin
+    lk.eject(model, merge=False)
+    assert "save_pretrained" not in model.__dict__
+    assert (len(model._load_state_dict_post_hooks), len(model.model.embed_tokens._forward_pre_hooks)) == hooks_before
+    model.save_pretrained(tmp_path / "plain")  # transformers' own again: the whole model
+    assert (tmp_path / "plain" / "config.json").exists() and not (tmp_path / "plain" / "adapter_config.json").exists()
+    twin.save_pretrained(tmp_path / "twin")  # the copy kept its own hooks
+    assert (tmp_path / "twin" / "adapter_config.json").exists()
+
+
+# -- mistakes stop before the first step -----------------------------------------------------------------
+def _refused(model, out, *words):
+    trainer = transformers.Trainer(model=model, args=_args(out), train_dataset=Tokens(10, 0))
+    with pytest.raises(StateError) as info:
+        trainer.train()
+    assert trainer.state.global_step == 0 and not any(out.glob("checkpoint-*"))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_an_adapter_with_nothing_trainable_is_refused_before_a_step(tmp_path):
+    model = _adapted()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _refused(model, tmp_path / "run", "Nothing in LlamaForCausalLM trains", "requires_grad", "q_proj")
+
+
+def test_a_model_whose_adapters_were_all_deleted_is_refused_before_a_step(tmp_path):
+    model = _adapted()
+    lk.delete_adapter(model, "default")
+    _refused(model, tmp_path / "run", "no lorakit adapter", "lk.inject", "lk.eject")
+
+
+def test_peft_adapters_beside_lorakits_are_refused_before_a_step(tmp_path):
+    model = _adapted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    _refused(wrapped, tmp_path / "run", "PEFT", "get_peft_model", "lk.eject")
+
+
+def test_a_plain_model_is_an_ordinary_full_fine_tune(tmp_path):
+    model = make("llama").train()
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    _train(model, tmp_path / "run", max_steps=1, warmup_steps=0)
+    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+    assert (tmp_path / "run" / "checkpoint-1" / "config.json").exists()
