@@ -55,6 +55,7 @@ class _FirstTrainingForward:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    @torch.compiler.disable  # Python over the module tree; runs once, then is gone
     def __call__(self, module: nn.Module, args: Any) -> None:
         if not (self.model.training and torch.is_grad_enabled()):
             return
