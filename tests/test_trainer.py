@@ -194,3 +194,91 @@ def test_a_plain_model_is_an_ordinary_full_fine_tune(tmp_path):
     _train(model, tmp_path / "run", max_steps=1, warmup_steps=0)
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
     assert (tmp_path / "run" / "checkpoint-1" / "config.json").exists()
+
+
+def test_torch_compile_trains_the_same_adapter_and_saves_it(tmp_path):
+    # the "eager" backend runs Dynamo's tracing of lorakit's layers and hooks without compiling kernels (slow on a
+    # small CPU); inductor's kernels are for the GPU benchmark
+    plain, compiled = _adapted(), _adapted()
+    _train(plain, tmp_path / "a", max_steps=1, save_steps=1)
+    trainer = _train(compiled, tmp_path / "b", max_steps=1, save_steps=1, torch_compile=True,
+                     torch_compile_backend="eager")
+    assert trainer.model_wrapped is not compiled  # Trainer trained through the compiled module
+    for a, b in zip(_adapter(plain).values(), _adapter(compiled).values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert "adapter_model.safetensors" in _files(tmp_path / "b" / "checkpoint-1")
+
+
+# -- TRL --------------------------------------------------------------------------------------------------
+def _chat_tokenizer(path):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    return tok
+
+
+def _trl_args(config_class, out, **kw):
+    return config_class(output_dir=str(out), per_device_train_batch_size=2, max_steps=3, save_steps=3, logging_steps=1,
+                        learning_rate=5e-2, report_to=[], use_cpu=True, disable_tqdm=True, max_length=32, **kw)
+
+
+def _check_checkpoint(model, folder, base_dir):
+    from safetensors.torch import load_file
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(_files(folder))
+    assert set(load_file(str(folder / "model.safetensors"))) == {k for k, p in model.named_parameters()
+                                                                 if p.requires_grad}
+    # TRL's configs train under bf16 autocast where the host has it, so the adapters are compared, not logits
+    fresh = lk.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(base_dir), folder)
+    ours, theirs = _adapter(fresh), _adapter(model)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_trl_sft_trainer_saves_the_adapter(tiny_model, tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model)
+    lk.inject(model, lk.LoraConfig(**CFG))
+    chats = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+             for w in ["red", "green", "blue", "cat"] * 2]
+    trainer = trl.SFTTrainer(model=model, args=_trl_args(trl.SFTConfig, tmp_path / "run"),
+                             train_dataset=datasets.Dataset.from_list(chats), processing_class=_chat_tokenizer(tiny_model))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    _check_checkpoint(model, tmp_path / "run" / "checkpoint-3", tiny_model)
+
+
+def test_reference_model_is_the_base_and_shares_the_weights():
+    model = _adapted().eval()
+    base = make("llama").eval()
+    from models import randomize
+    randomize(model, std=0.2)
+    x = torch.randint(0, 96, (2, 9))
+    ref = lk.hf.reference_model(model)
+    assert list(ref.parameters()) == []  # nothing to move, prepare or copy: the weights are the model's
+    torch.testing.assert_close(ref(input_ids=x).logits, base(input_ids=x).logits, rtol=0, atol=0)
+    hidden = ref.base_model(input_ids=x).last_hidden_state
+    torch.testing.assert_close(hidden, base.model(input_ids=x).last_hidden_state, rtol=0, atol=0)
+    assert not torch.allclose(model(input_ids=x).logits, base(input_ids=x).logits)  # the adapters act outside it
+    lk.merge(model)
+    with pytest.raises(StateError, match="unmerge"):
+        lk.hf.reference_model(model)
+
+
+def test_trl_dpo_trainer_with_lorakits_reference_saves_the_adapter(tiny_model, tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model)
+    lk.inject(model, lk.LoraConfig(**CFG))
+    words = ["red", "green", "blue", "cat"]
+    pairs = [{"prompt": f"Say {w}:", "chosen": f" {w}", "rejected": f" {v}"} for w, v in zip(words, words[::-1])] * 2
+    trainer = trl.DPOTrainer(model=model, ref_model=lk.hf.reference_model(model),
+                             args=_trl_args(trl.DPOConfig, tmp_path / "run"),
+                             train_dataset=datasets.Dataset.from_list(pairs), processing_class=_chat_tokenizer(tiny_model))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    # step 1: the policy is the base (B = 0), so the reference agrees; later the adapter moves and the reference
+    # stays the base, so the rewards grow away from zero (a reference that followed the policy keeps them at 0)
+    assert logs[0]["rewards/margins"] == 0 and abs(logs[0]["loss"] - 0.6931) < 1e-3
+    assert logs[-1]["rewards/margins"] > 0
+    _check_checkpoint(model, tmp_path / "run" / "checkpoint-3", tiny_model)
