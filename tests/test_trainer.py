@@ -241,7 +241,8 @@ def test_trl_sft_trainer_saves_the_adapter(tiny_model, tmp_path):
     chats = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
              for w in ["red", "green", "blue", "cat"] * 2]
     trainer = trl.SFTTrainer(model=model, args=_trl_args(trl.SFTConfig, tmp_path / "run"),
-                             train_dataset=datasets.Dataset.from_list(chats), processing_class=_chat_tokenizer(tiny_model))
+                             train_dataset=datasets.Dataset.from_list(chats),
+                             processing_class=_chat_tokenizer(tiny_model))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
@@ -274,7 +275,8 @@ def test_trl_dpo_trainer_with_lorakits_reference_saves_the_adapter(tiny_model, t
     pairs = [{"prompt": f"Say {w}:", "chosen": f" {w}", "rejected": f" {v}"} for w, v in zip(words, words[::-1])] * 2
     trainer = trl.DPOTrainer(model=model, ref_model=lk.hf.reference_model(model),
                              args=_trl_args(trl.DPOConfig, tmp_path / "run"),
-                             train_dataset=datasets.Dataset.from_list(pairs), processing_class=_chat_tokenizer(tiny_model))
+                             train_dataset=datasets.Dataset.from_list(pairs),
+                             processing_class=_chat_tokenizer(tiny_model))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
     # step 1: the policy is the base (B = 0), so the reference agrees; later the adapter moves and the reference
