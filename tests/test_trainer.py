@@ -284,3 +284,15 @@ def test_trl_dpo_trainer_with_lorakits_reference_saves_the_adapter(tiny_model, t
     assert logs[0]["rewards/margins"] == 0 and abs(logs[0]["loss"] - 0.6931) < 1e-3
     assert logs[-1]["rewards/margins"] > 0
     _check_checkpoint(model, tmp_path / "run" / "checkpoint-3", tiny_model)
+
+
+def test_readme_section_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## With Hugging Face Trainer or TRL\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:  # as tests/test_readme.py runs them: each block on its own
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
