@@ -296,3 +296,64 @@ def test_readme_section_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for code in blocks:  # as tests/test_readme.py runs them: each block on its own
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+# -- Liger-style kernels: norms and MLPs of other classes ------------------------------------------------------
+class StandInRMSNorm(torch.nn.Module):
+    """What Liger's LigerRMSNorm is to lorakit: Llama's RMSNorm math and attributes under another class name."""
+
+    def __init__(self, hidden_size, eps=1e-6, **kwargs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        v = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(v + self.variance_epsilon)).to(x.dtype)
+
+
+def _stand_in_mlp_forward(self, x):  # Liger's SwiGLU: the same function, run by another forward
+    return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _outputs_and_grads(model, x):
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("how", ["classes", "instances"])
+def test_fuse_with_norms_and_mlps_replaced_as_liger_does_computes_the_same(how, monkeypatch):
+    # Liger patches transformers' Llama classes (apply_liger_kernel_to_llama: the module's LlamaRMSNorm becomes
+    # LigerRMSNorm), or, under Trainer(use_liger_kernel=True), the forwards of a built model's modules
+    from transformers.models.llama import modeling_llama
+    if how == "classes":
+        monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", StandInRMSNorm)
+    model = make("llama")
+    if how == "instances":
+        for module in model.modules():
+            if type(module).__name__ == "LlamaMLP":
+                module.forward = _stand_in_mlp_forward.__get__(module)
+    torch.manual_seed(1)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    from models import randomize
+    randomize(model, std=0.1)
+    x = torch.randint(0, 96, (2, 10))
+    reference = _outputs_and_grads(model, x)
+    lk.set_fast_path("on", triton=False)  # the fused Functions and the producers' rebuilt inputs, on the CPU
+    try:
+        handle = lk.fuse(model)
+        fused = _outputs_and_grads(model, x)
+    finally:
+        lk.set_fast_path("auto", triton=True)
+    report = handle.report()
+    if how == "instances":  # a forward of the user's (or Liger's) own is kept, and the report says so
+        assert "has an instance forward of its own" in report and "producer model.layers.0.mlp" not in report
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-5)
+    assert fused[1].keys() == reference[1].keys()
+    for name in reference[1]:
+        torch.testing.assert_close(fused[1][name], reference[1][name], rtol=1e-4, atol=1e-5)
+    handle.undo()
