@@ -55,12 +55,21 @@ class _FirstTrainingForward:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    @torch.compiler.disable  # Python over the module tree; runs once, then is gone
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if not (self.model.training and torch.is_grad_enabled()):
-            return
-        check(self.model)
-        _remove_checks(self.model)
+        # the condition first: torch.compile traces it (no graph break for inference), then skips the check
+        if self.model.training and torch.is_grad_enabled():
+            _run_check(self.model)
+
+
+def _check_and_remove(model: nn.Module) -> None:
+    check(model)
+    _remove_checks(model)
+
+
+_run_check = _check_and_remove
+"""What the hook calls; `attach` makes it `torch.compiler.disable(_check_and_remove)`, so that under torch.compile
+the check (Python over the module tree) runs as Python, outside the graph (wrapped there, not here, because
+importing torch's compiler is for models that Trainer may compile, not for every `import lorakit`)."""
 
 
 def _remove_checks(model: nn.Module) -> None:
@@ -78,6 +87,9 @@ def attach(model: nn.Module) -> None:
     """
     if not _is_pretrained_model(model):
         return
+    global _run_check
+    if _run_check is _check_and_remove:
+        _run_check = torch.compiler.disable(_check_and_remove)
     if not model.__dict__.get(STATE):
         model.register_load_state_dict_post_hook(_quiet_frozen_missing_keys)
         model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
