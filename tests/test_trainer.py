@@ -357,3 +357,21 @@ def test_fuse_with_norms_and_mlps_replaced_as_liger_does_computes_the_same(how, 
     for name in reference[1]:
         torch.testing.assert_close(fused[1][name], reference[1][name], rtol=1e-4, atol=1e-5)
     handle.undo()
+
+
+def test_a_quantized_base_trains_under_trainer_and_saves_only_the_adapter(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    make("llama").save_pretrained(tmp_path / "base")
+    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu")
+    lk.inject(model, lk.LoraConfig(**CFG))  # transformers refuses to train "purely quantized models" without its mark
+    before = _adapter(model)
+    _train(model, tmp_path / "run", max_steps=2, save_steps=2, warmup_steps=0)
+    assert any(not torch.equal(a, b) for a, b in zip(before.values(), _adapter(model).values()))
+    folder = tmp_path / "run" / "checkpoint-2"
+    assert sum(f.stat().st_size for f in folder.glob("*.safetensors")) < 100_000  # no packed base weights
+    fresh = lk.load_adapter(make("llama"), folder)  # the adapter loads on the 16-bit base too
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(fresh).values(), _adapter(model).values()))
+    lk.eject(model, merge=False)
+    assert "_hf_peft_config_loaded" not in model.__dict__ and not model._hf_peft_config_loaded

@@ -1,7 +1,7 @@
 """transformers' Trainer and TRL's trainers on a model adapted by `lk.inject`, with no subclass and no argument.
 
 `lk.inject` calls `attach` on a transformers `PreTrainedModel`; `lk.eject` calls `detach`, which takes back
-everything `attach` did. While attached, the model carries three things of its own:
+everything `attach` did. While attached, the model carries these things of its own:
 
 - an instance attribute `save_pretrained` that writes the adapters in PEFT's format (`lk.save_adapter`:
   adapter_config.json + adapter_model.safetensors + model card; adapter "default" at the top, any other
@@ -16,6 +16,9 @@ everything `attach` did. While attached, the model carries three things of its o
   model on its first forward in training mode with gradients on, before any optimizer step, and then
   removes itself: the model must have something to train, and no PEFT adapter beside lorakit's (PEFT's
   `save_pretrained` would write only its own). It raises `lk.LoraError`s that say what to do.
+
+- on a quantized base (bitsandbytes through `BitsAndBytesConfig`), transformers' own mark of a model with
+  adapters attached, `_hf_peft_config_loaded = True`, without which Trainer refuses to train a quantized model.
 
 `reference_model(model)` is TRL's DPO reference for an adapted model: the same weights with the
 adapters off (`lk.disabled`), as TRL uses a PEFT model with its adapter disabled.
@@ -37,7 +40,7 @@ from torch import nn
 from .errors import ConfigError, StateError
 
 STATE = "_lorakit_hf"
-"""model.__dict__ key marking a model that `attach` set up (deep copies keep it and their own hooks)."""
+"""model.__dict__ key of a model that `attach` set up, with what `detach` must undo (deep copies keep it)."""
 TRAINABLE_NAME = "model.safetensors"
 """The file of the parameters that train, the one name Trainer reloads a model from."""
 
@@ -93,7 +96,12 @@ def attach(model: nn.Module) -> None:
     if not model.__dict__.get(STATE):
         model.register_load_state_dict_post_hook(_quiet_frozen_missing_keys)
         model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
-        model.__dict__[STATE] = True
+        # transformers' mark of a model with adapters attached, without which Trainer refuses a quantized base
+        # ("purely quantized models"); set only there, and only where it was not set already
+        marked = bool(getattr(model, "is_quantized", False)) and not getattr(model, "_hf_peft_config_loaded", False)
+        if marked:
+            model.__dict__["_hf_peft_config_loaded"] = True
+        model.__dict__[STATE] = {"marked_adapters_loaded": marked}
     _remove_checks(model)
     try:
         site = model.get_input_embeddings()
@@ -104,8 +112,11 @@ def attach(model: nn.Module) -> None:
 
 def detach(model: nn.Module) -> None:
     """Take back everything `attach` put on `model`; a model it never touched is left alone."""
-    if not model.__dict__.pop(STATE, None):
+    state = model.__dict__.pop(STATE, None)
+    if not state:
         return
+    if state.get("marked_adapters_loaded"):
+        model.__dict__.pop("_hf_peft_config_loaded", None)
     hooks = model._load_state_dict_post_hooks
     for key in [k for k, h in hooks.items() if h is _quiet_frozen_missing_keys]:
         del hooks[key]

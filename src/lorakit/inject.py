@@ -129,7 +129,8 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     On a transformers `PreTrainedModel` it also makes Trainer and TRL save adapters, not the base
     (`lorakit.hf.attach`): an instance attribute `save_pretrained` that writes the adapters in PEFT's
     format, a `load_state_dict` post-hook that does not report frozen weights missing from such a save,
-    and a one-shot check on the first training forward. `eject` removes all three.
+    a one-shot check on the first training forward, and on a quantized base transformers' mark
+    `_hf_peft_config_loaded` (Trainer trains a quantized model only with it). `eject` removes them all.
 
     Raises:
         ConfigError: `name` is taken or not a plain identifier.
