@@ -375,3 +375,18 @@ def test_a_quantized_base_trains_under_trainer_and_saves_only_the_adapter(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(_adapter(fresh).values(), _adapter(model).values()))
     lk.eject(model, merge=False)
     assert "_hf_peft_config_loaded" not in model.__dict__ and not model._hf_peft_config_loaded
+
+
+def test_save_pretrained_lays_out_several_adapters_as_peft_does(tmp_path):
+    model = _adapted()
+    lk.inject(model, lk.LoraConfig(r=2, alpha=4, targets=["o_proj"]), name="other")
+    from models import randomize
+    randomize(model, std=0.1)
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors", "other"} <= set(_files(tmp_path))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(_files(tmp_path / "other"))
+    fresh = lk.load_adapter(make("llama"), tmp_path)
+    lk.load_adapter(fresh, tmp_path / "other", name="other")
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(fresh).values(), _adapter(model).values()))
+    model.save_pretrained(tmp_path / "elsewhere", is_main_process=False)  # other ranks write nothing
+    assert not (tmp_path / "elsewhere").exists()
