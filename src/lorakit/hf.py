@@ -16,7 +16,6 @@ everything `attach` did. While attached, the model carries these things of its o
   model on its first forward in training mode with gradients on, before any optimizer step, and then
   removes itself: the model must have something to train, and no PEFT adapter beside lorakit's (PEFT's
   `save_pretrained` would write only its own). It raises `lk.LoraError`s that say what to do.
-
 - on a quantized base (bitsandbytes through `BitsAndBytesConfig`), transformers' own mark of a model with
   adapters attached, `_hf_peft_config_loaded = True`, without which Trainer refuses to train a quantized model.
 
