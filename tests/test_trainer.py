@@ -110,10 +110,6 @@ def test_resume_from_checkpoint_ends_at_the_adapter_of_an_uninterrupted_run(tmp_
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
-    # a resume that skipped the optimizer or the data position would not land there
-    fresh = _adapted()
-    _train(fresh, tmp_path / "fresh", max_steps=3)
-    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(_adapter(fresh).values(), theirs.values()))
 
 
 def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
