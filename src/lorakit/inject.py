@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from . import fast, quant
+from . import hf  # transformers' Trainer hooks: attach() in inject, detach() in eject
 from .config import LoraConfig, name_matches
 from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
@@ -125,6 +126,12 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     earlier adapters keep their weights. Adapters merged into the weights stay active beside
     `name` (they are part of the weights until `unmerge`). Returns `model`.
 
+    On a transformers `PreTrainedModel` it also makes Trainer and TRL save adapters, not the base
+    (`lorakit.hf.attach`): an instance attribute `save_pretrained` that writes the adapters in PEFT's
+    format, a `load_state_dict` post-hook that does not report frozen weights missing from such a save,
+    a one-shot check on the first training forward, and on a quantized base transformers' mark
+    `_hf_peft_config_loaded` (Trainer trains a quantized model only with it). `eject` removes them all.
+
     Raises:
         ConfigError: `name` is taken or not a plain identifier.
         TargetError: the targets match nothing, or match a module LoRA cannot adapt.
@@ -167,6 +174,7 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
     _freeze_base(model, cfg, paths)
     merged = {n for _, layer in lora_layers(model) for n in layer.merged}
     set_adapter(model, [n for n in active_adapters(model) if n in merged] + [name])
+    hf.attach(model)
     return model
 
 
@@ -443,6 +451,8 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
     becomes an nn.Linear whose weight is dequantize(Wq) + scale * B @ A (float32, rounded once into
     the dequantized dtype) for the active adapters on it.
 
+    What `inject` attached for transformers' Trainer (`lorakit.hf.attach`) is removed too.
+
     Raises:
         MergeError: an update is NaN/inf or would overflow a weight's dtype; nothing is changed.
     """
@@ -474,6 +484,7 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_submodule(model, path, base)
     model.__dict__.pop("_lorakit_configs", None)
     model.__dict__.pop("_lorakit_active", None)
+    hf.detach(model)
     return model
 
 
