@@ -1,0 +1,83 @@
+"""Per-request token choice and text: sampling settings, seeded draws, stop strings, incremental detokenization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..fast.decode import sampling_probs
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for. temperature 0 is greedy (the most likely token, as `lk.greedy_decode`);
+    top_k 0 keeps every token; `seed` makes the draws of one request repeatable."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The request's own generator (its draws do not depend on other requests), None when greedy."""
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    if params.seed is None:
+        g.seed()
+    else:
+        g.manual_seed(params.seed)
+    return g
+
+
+def draw(logits: Tensor, params: SamplingParams, g: torch.Generator) -> int:
+    """One token from `logits` (vocab,), as `lk.Decoder(do_sample=True)` filters them, drawn with `g`."""
+    probs, order = sampling_probs(logits[None], params.temperature, params.top_k, params.top_p)
+    return int(order[0, torch.multinomial(probs[0], 1, generator=g)])
+
+
+class TextStream:
+    """The text of a request's new tokens as it grows, and how much of it is safe to send.
+
+    Text that could still be the start of a stop string, or that ends in an unfinished UTF-8
+    character, is held back until the next token decides it."""
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of `text` already handed out
+
+    def add(self, token: int) -> bool:
+        """Take one token; True when a stop string appeared (the text is cut before it)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return True
+        return False
+
+    def ready(self, final: bool = False) -> str:
+        """The text not handed out yet that no later token can change (all of it when `final`)."""
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            held = 0
+            for s in self.stop:
+                held = max([held] + [k for k in range(1, min(len(s) - 1, end) + 1)
+                                     if self.text.endswith(s[:k], 0, end)])
+            end -= held
+        out = self.text[self.sent:max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return out
