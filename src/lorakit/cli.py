@@ -537,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-labels", type=int, default=None)
     c.add_argument("--slices", help="MergedLinear enabled slices, e.g. true,false,true")
     c.set_defaults(func=cmd_convert)
+    from .serve.cli import add_parser as add_serve_parser  # imports argparse and pathlib only, until run
+    add_serve_parser(sub)
     return p
 
 

@@ -1,0 +1,385 @@
+"""`lorakit serve` end to end: the real `openai` client against a uvicorn server on loopback, a tiny random Llama
+with three adapters of different ranks and targets, each answer checked against lorakit's own greedy decoding."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2", reason="the openai client's HTTP library")
+
+import lorakit as lk  # noqa: E402
+from models import cli_fails_cleanly, save_tiny_causal_lm  # noqa: E402
+
+KEY = "sk-lorakit-test"
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# adapter name -> (targets, rank): different ranks and target sets share one batch
+ADAPTERS = {"a": (["q_proj", "v_proj"], 4), "b": ("all-linear", 8), "c": (["k_proj", "o_proj", "down_proj"], 2)}
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "a", "One two three four five six seven eight nine"]
+
+
+def _save_adapter(base, folder: Path, targets, r: int, seed: int, **cfg) -> None:
+    model = copy.deepcopy(base)
+    lk.inject(model, lk.LoraConfig(r=r, alpha=2 * r, targets=targets, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for a in layer.adapters.values():
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.5)
+    lk.save_adapter(model, folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The base model, its tokenizer, an --adapter-dir holding adapters a, b, c, d, and a reference model that
+    holds them all (for lk.Decoder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = save_tiny_causal_lm(root / "base")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = TEMPLATE
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    adapter_dir = root / "adapters"
+    for i, (name, (targets, r)) in enumerate({**ADAPTERS, "d": (["up_proj"], 4)}.items()):
+        _save_adapter(base, adapter_dir / name, targets, r, seed=i)
+    ref = copy.deepcopy(base)
+    for name in [*ADAPTERS, "d"]:
+        lk.load_adapter(ref, adapter_dir / name, name=name)
+    return {"root": root, "base": base, "tok": tok, "adapter_dir": adapter_dir, "ref": ref,
+            "decoder": lk.Decoder(ref), "refs": {}}
+
+
+def expected(world, ids: list[int], adapter: str | None, n: int) -> str:
+    """lorakit's single-request greedy decoding of `ids` with `adapter`: its new text."""
+    key = (tuple(ids), adapter, n)
+    if key not in world["refs"]:
+        out = world["decoder"](torch.tensor([ids]), max_new_tokens=n, adapters=[adapter])[0, len(ids):].tolist()
+        eos = world["tok"].eos_token_id
+        out = out[:out.index(eos)] if eos in out else out
+        world["refs"][key] = world["tok"].decode(out, skip_special_tokens=True)
+    return world["refs"][key]
+
+
+def chat_ids(world, messages) -> list[int]:
+    text = world["tok"].apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return world["tok"](text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    """The server under test: adapters a and b named at start, c and d only in --adapter-dir; at most two
+    adapters in the model at once, so serving all of them swaps."""
+    from lorakit.serve.cli import build, start
+
+    app = build(copy.deepcopy(world["base"]), {n: str(world["adapter_dir"] / n) for n in ("a", "b")},
+                tokenizer=world["tok"], adapter_dir=str(world["adapter_dir"]), served_name="base", api_key=KEY,
+                max_loras=2, kv_budget=2048, max_batch=6, prefill_chunk=4, max_tokens=64, max_body_bytes=20_000)
+    running = start(app)
+    running.app = app
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={**headers, "Content-Type": "application/json"},
+                      timeout=30, **kw)
+
+
+def assert_error(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    for word in words:
+        assert word in error["message"] or word in (error["param"] or "") or word == error["code"], error
+    return error
+
+
+# -- answers --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["base", "a", "b", "c"])
+def test_completion_is_lorakits_greedy_decoding(world, client, model):
+    ids = world["tok"](PROMPTS[1])["input_ids"]
+    out = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected(world, ids, None if model == "base" else model, 12)
+    assert out.choices[0].finish_reason == "length" and out.model == model
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 12,
+                                                                                              len(ids) + 12)
+
+
+def test_adapters_differ_from_each_other(world):
+    ids = world["tok"](PROMPTS[0])["input_ids"]
+    texts = {m: expected(world, ids, m, 12) for m in [None, *ADAPTERS]}
+    assert len(set(texts.values())) == len(texts), texts  # else the tests above could not tell adapters apart
+
+
+def test_chat_is_lorakits_greedy_decoding_of_the_template(world, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    out = client.chat.completions.create(model="b", messages=messages, max_tokens=10, temperature=0)
+    assert out.choices[0].message.content == expected(world, chat_ids(world, messages), "b", 10)
+    assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
+    assert out.usage.prompt_tokens == len(chat_ids(world, messages))
+
+
+def test_stream_equals_non_stream(world, client):
+    for model in ("base", "a"):
+        whole = client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=16, temperature=0)
+        chunks = list(client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=16, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage.completion_tokens == 16
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(model="c", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model="c", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_concurrent_requests_over_adapters_equal_one_by_one(world, client):
+    """Twelve requests at once over the base and three adapters (two fit in the model at once): each answer is
+    the one it gets alone, whatever shared its batch."""
+    jobs = [(PROMPTS[i % 4], [None, "a", "b", "c"][(i * 3) % 4], 6 + (i * 5) % 11) for i in range(12)]
+
+    def ask(job):
+        prompt, adapter, n = job
+        return client.completions.create(model=adapter or "base", prompt=prompt, max_tokens=n,
+                                         temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(ask, jobs))
+    for (prompt, adapter, n), text in zip(jobs, got):
+        assert text == expected(world, world["tok"](prompt)["input_ids"], adapter, n), (prompt, adapter, n)
+
+
+def test_sampling_settings(world, client):
+    ids = world["tok"](PROMPTS[2])["input_ids"]
+    greedy = expected(world, ids, "a", 12)
+    top1 = client.completions.create(model="a", prompt=PROMPTS[2], max_tokens=12, temperature=1.5, top_p=0.9,
+                                     extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy  # top_k=1 keeps the most likely token only
+    draws = [client.completions.create(model="a", prompt=PROMPTS[2], max_tokens=12, temperature=1.5, seed=s)
+             .choices[0].text for s in (7, 7, 8)]
+    assert draws[0] == draws[1] != draws[2]
+    cut = greedy[len(greedy) // 2: len(greedy) // 2 + 3]
+    stopped = client.completions.create(model="a", prompt=PROMPTS[2], max_tokens=12, temperature=0, stop=[cut])
+    assert stopped.choices[0].text == greedy[:greedy.index(cut)] and stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="a", prompt=PROMPTS[2], max_tokens=12, temperature=0, stop=cut,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == stopped.choices[0].text
+
+
+# -- adapters ---------------------------------------------------------------------------------------------------
+def test_models_lists_base_and_adapters(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "base" and {"a", "b", "c", "d"} <= set(ids)
+
+
+def test_load_and_unload(world, server, client):
+    messages = [{"role": "user", "content": "Count"}]
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "fresh", "lora_path": "d"})
+    assert r.status_code == 200 and "fresh" in r.text
+    assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "fresh", "lora_path": "d"}), 400, "fresh")
+    out = client.chat.completions.create(model="fresh", messages=messages, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content == expected(world, chat_ids(world, messages), "d", 8)
+    assert "fresh" in [m.id for m in client.models.list().data]
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "fresh"}).status_code == 200
+    assert "fresh" not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="fresh", messages=messages, max_tokens=8)
+    assert_error(post(server, "/v1/unload_lora_adapter", {"lora_name": "fresh"}), 404, "model_not_found")
+    deadline = time.monotonic() + 10  # the model gives back the slot once no row uses it
+    while any(name == "fresh" for name in server.app.state.registry.device) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "fresh" not in server.app.state.registry.device
+
+
+def test_adapter_paths_stay_inside_adapter_dir(world, server, tmp_path):
+    outside = tmp_path / "outside"
+    _save_adapter(world["base"], outside, ["q_proj"], 2, seed=9)
+    (world["adapter_dir"] / "link").symlink_to(outside, target_is_directory=True)
+    for path in ["../base", str(outside), "link", "a/../../base", "/etc", "link/"]:
+        assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}), 403, "lora_path")
+    for name in ["link", "../adapters/a", "/etc/passwd", "a/../b"]:  # `model` naming a folder: the same rule
+        assert_error(post(server, "/v1/completions", {"model": name, "prompt": "x", "max_tokens": 2}), 404,
+                     "model_not_found")
+    assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "nothing-here"}), 400)
+
+
+def test_adapter_that_changes_shared_weights_is_refused(world, server):
+    _save_adapter(world["base"], world["adapter_dir"] / "saves-head", ["q_proj"], 2, seed=4,
+                  modules_to_save=["lm_head"])
+    error = assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "h", "lora_path": "saves-head"}), 400)
+    assert "modules_to_save" in error["message"] and "lorakit merge" in error["message"]
+
+
+# -- refusals -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body,status,word", [
+    (b"{not json", 400, "JSON"),
+    (b"[1, 2]", 400, "object"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+    ({"model": "base"}, 400, "prompt"),
+    ({"model": "base", "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ({"model": "base", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "base", "prompt": "word " * 200, "max_tokens": 4}, 400, "context_length_exceeded"),
+    ({"model": "base", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "base", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "base", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "base", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": "base", "prompt": ["x", "y"]}, 400, "prompt"),
+    ({"model": "base", "prompt": [1, 99999999]}, 400, "prompt"),
+    ({"model": "base", "prompt": ""}, 400, "prompt"),
+    ({"model": "base", "prompt": "x", "stop": ["s"] * 5}, 400, "stop"),
+    ({"model": "base", "prompt": "x" * 30_000}, 413, "bytes"),
+    ({"model": 5, "prompt": "x"}, 400, "model"),
+])
+def test_malformed_completion_requests_get_4xx(server, body, status, word):
+    assert_error(post(server, "/v1/completions", body), status, word)
+
+
+@pytest.mark.parametrize("body,word", [
+    ({"model": "a"}, "messages"),
+    ({"model": "a", "messages": []}, "messages"),
+    ({"model": "a", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"model": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"model": "a", "messages": "hello"}, "messages"),
+])
+def test_malformed_chat_requests_get_4xx(server, body, word):
+    assert_error(post(server, "/v1/chat/completions", body), 400, word)
+
+
+def test_api_key_and_unknown_routes(server):
+    assert_error(post(server, "/v1/completions", {"model": "base", "prompt": "x"}, key=None), 401, "invalid_api_key")
+    assert_error(post(server, "/v1/completions", {"model": "base", "prompt": "x"}, key="sk-wrong"), 401)
+    assert_error(httpx.get(server.url + "/v1/models"), 401)
+    assert_error(httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_metrics(server, client):
+    client.completions.create(model="a", prompt="x", max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("lorakit_requests_total", "lorakit_prompt_tokens_total", "lorakit_generation_tokens_total",
+                 "lorakit_queue_length", "lorakit_batch_size", "lorakit_adapters_loaded",
+                 "lorakit_time_to_first_token_seconds_bucket", "lorakit_time_per_output_token_seconds_bucket"):
+        assert name in text, name
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["lorakit_generation_tokens_total"] >= 3 and samples["lorakit_adapters_loaded"] >= 1
+
+
+# -- a gated server: full queue, clients that leave ------------------------------------------------------------------
+@pytest.fixture
+def gated(world):
+    """A server whose model waits at every forward pass until `gate` is set; one row, one waiting request."""
+    from lorakit.serve.cli import build, start
+
+    model = copy.deepcopy(world["base"])
+    gate = threading.Event()
+    model.register_forward_pre_hook(lambda *_: gate.wait(30) and None)
+    app = build(model, tokenizer=world["tok"], served_name="base", max_batch=1, max_queue=1, max_tokens=64)
+    running = start(app)
+    running.gate, running.engine = gate, app.state.engine
+    yield running
+    gate.set()
+    running.stop()
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_full_queue_answers_429_with_retry_after(gated):
+    body = {"model": "base", "prompt": "x", "max_tokens": 3}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, gated, "/v1/completions", body)
+        wait_for(lambda: gated.engine.load()["prefilling"] == 1)
+        second = pool.submit(post, gated, "/v1/completions", body)
+        wait_for(lambda: gated.engine.load()["waiting"] == 1)
+        refused = post(gated, "/v1/completions", body)
+        assert_error(refused, 429, "rate_limit_exceeded")
+        assert refused.headers["retry-after"] == "1"
+        gated.gate.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_leaves_frees_its_row(gated, stream):
+    body = {"model": "base", "prompt": "x", "max_tokens": 60, "stream": stream}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", gated.url + "/v1/completions", json=body, timeout=0.5) as r:
+            for _ in r.iter_lines():
+                pass
+    gated.gate.set()
+    wait_for(lambda: gated.engine.load() == {"waiting": 0, "prefilling": 0, "running": 0})
+    metrics = gated.server.config.app.state.metrics
+    assert metrics.generation_tokens._value.get() < 60  # it stopped early, not at max_tokens
+
+
+# -- load -----------------------------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+def test_bounded_load(world, server, client):
+    """16 clients over four models for two rounds of about 2 s: every request answered right, and the resident
+    memory after the second round is that of the first."""
+    def round_(seconds: float) -> int:
+        stop_at, done = time.monotonic() + seconds, []
+
+        def worker(i: int) -> None:
+            model = ["base", "a", "b", "c"][i % 4]
+            while time.monotonic() < stop_at:
+                prompt = PROMPTS[(i + len(done)) % 4]
+                out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+                ids = world["tok"](prompt)["input_ids"]
+                assert out.choices[0].text == expected(world, ids, None if model == "base" else model, 8)
+                done.append(1)
+
+        with ThreadPoolExecutor(16) as pool:
+            for f in [pool.submit(worker, i) for i in range(16)]:
+                f.result()
+        return len(done)
+
+    for prompt in PROMPTS:  # references first: they are computed in this process too
+        for m in [None, "a", "b", "c"]:
+            expected(world, world["tok"](prompt)["input_ids"], m, 8)
+    assert round_(2.0) > 16
+    first = rss_bytes()
+    assert round_(2.0) > 16
+    assert rss_bytes() - first < 64 << 20, (first, rss_bytes())
+    assert server.app.state.engine.load() == {"waiting": 0, "prefilling": 0, "running": 0}
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def test_serve_with_no_arguments_says_how_to_make_an_adapter(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_fails_cleanly(capsys, ["serve"], "lorakit train", "runs/default/adapter")
+
+
+def test_serve_flags_fail_cleanly(capsys, tmp_path):
+    cli_fails_cleanly(capsys, ["serve", "--adapter", "no-equals-sign"], "NAME=DIR")
