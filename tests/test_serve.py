@@ -288,6 +288,82 @@ def test_metrics(server, client):
     assert samples["lorakit_generation_tokens_total"] >= 3 and samples["lorakit_adapters_loaded"] >= 1
 
 
+# -- the engine alone ----------------------------------------------------------------------------------------------
+class Collect:
+    """Requests for an Engine, and what they heard."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.events: dict[int, list] = {}
+        self.waiting = 0
+
+    def request(self, ids, n: int, on_event=None, **params):
+        from lorakit.serve.engine import Request
+        from lorakit.serve.sampling import SamplingParams
+
+        self.waiting += 1
+        events = []
+
+        def emit(event):
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if event.finish_reason is not None:
+                self.waiting -= 1
+                if not self.waiting:
+                    self.done.set()
+
+        r = Request(list(ids), SamplingParams(max_tokens=n, temperature=0, **params), emit)
+        self.events[r.id] = events
+        return r
+
+
+def test_prefill_is_read_in_chunks_between_decode_steps(world):
+    """A long prompt arriving while a row decodes is read `prefill_chunk` tokens a turn, the running row getting
+    a token each turn; and both rows still get their own greedy tokens."""
+    from lorakit.serve.engine import Engine
+
+    engine = Engine(copy.deepcopy(world["base"]), world["tok"], prefill_chunk=4).start()
+    try:
+        c = Collect()
+        short = c.request(world["tok"]("a")["input_ids"], 40)
+        engine.submit(short)
+        wait_for(lambda: short.generated >= 2)
+        long_ids = world["tok"](" ".join(["word"] * 40))["input_ids"]
+        seen = {}
+        long = c.request(long_ids, 5, on_event=lambda e: seen.setdefault("first", short.generated))
+        start = short.generated
+        engine.submit(long)
+        assert c.done.wait(30)
+    finally:
+        engine.stop()
+    assert seen["first"] - start >= len(long_ids) // 4 - 1  # one decode step per chunk read
+    for r, ids in ((short, short.prompt), (long, long_ids)):
+        text = "".join(e.text for e in c.events[r.id])
+        assert text == expected(world, ids, None, r.params.max_tokens)
+
+
+def test_requests_beyond_the_kv_budget_wait(world):
+    """Rows that could grow past the KV budget (padded to the longest) are not admitted until others finish."""
+    from lorakit.serve.engine import Engine
+
+    ids = world["tok"]("one two")["input_ids"]
+    total = len(ids) + 10
+    engine = Engine(copy.deepcopy(world["base"]), world["tok"], kv_budget=2 * total, max_batch=8)
+    c, held = Collect(), []
+    note = lambda _: held.append(len(engine.running) + len(engine.prefilling))  # noqa: E731 (the engine's thread)
+    requests = [c.request(ids, 10, on_event=note) for _ in range(5)]
+    for r in requests:
+        engine.submit(r)
+    engine.start()
+    try:
+        assert c.done.wait(30)
+    finally:
+        engine.stop()
+    assert max(held) == 2
+    assert all("".join(e.text for e in c.events[r.id]) == expected(world, ids, None, 10) for r in requests)
+
+
 # -- a gated server: full queue, clients that leave ------------------------------------------------------------------
 @pytest.fixture
 def gated(world):
@@ -383,3 +459,38 @@ def test_serve_with_no_arguments_says_how_to_make_an_adapter(capsys, tmp_path, m
 
 def test_serve_flags_fail_cleanly(capsys, tmp_path):
     cli_fails_cleanly(capsys, ["serve", "--adapter", "no-equals-sign"], "NAME=DIR")
+
+
+# -- vLLM's loading rules -------------------------------------------------------------------------------------------
+def test_vllm_problems_names_each_rule(world, tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.serve import vllm_problems
+
+    assert vllm_problems(world["adapter_dir"] / "a") == []
+    _save_adapter(world["base"], tmp_path / "head", ["q_proj"], 2, seed=1, modules_to_save=["lm_head"])
+    _save_adapter(world["base"], tmp_path / "wide", ["q_proj"], 64, seed=1)
+    _save_adapter(world["base"], tmp_path / "huge", ["q_proj"], 1024, seed=1)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                         "use_dora": True, "target_modules": ["norm"]}))
+    save_file({"base_model.model.model.norm.lora_A.weight": torch.zeros(8, 4),
+               "base_model.model.model.norm.lora_B.weight": torch.zeros(4, 8)}, str(odd / "adapter_model.safetensors"))
+    assert any("modules_to_save" in p for p in vllm_problems(tmp_path / "head"))
+    assert any("--max-lora-rank 64" in p for p in vllm_problems(tmp_path / "wide"))
+    assert any("512" in p for p in vllm_problems(tmp_path / "huge"))
+    found = vllm_problems(odd)
+    assert any("DoRA" in p for p in found) and any("'norm'" in p for p in found), found
+    assert "cannot be read" in vllm_problems(tmp_path / "missing")[0]
+
+
+def test_serve_warns_about_vllm_rules_when_it_loads(world, server, caplog):
+    _save_adapter(world["base"], world["adapter_dir"] / "rank32", ["q_proj"], 32, seed=2)
+    with caplog.at_level("WARNING", logger="lorakit.serve"):
+        r = post(server, "/v1/load_lora_adapter", {"lora_name": "rank32", "lora_path": "rank32"})
+    assert r.status_code == 200 and "--max-lora-rank 32" in r.text
+    assert "--max-lora-rank 32" in caplog.text
+    card = next(m for m in httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+                .json()["data"] if m["id"] == "rank32")
+    assert "--max-lora-rank 32" in card["vllm_warnings"][0]

@@ -56,8 +56,8 @@ class ApiError(Exception):
 
 
 # fields of OpenAI's requests that this server does not implement, and the values that ask for nothing
-_NEUTRAL = {"n": (1,), "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (0.0,),
-            "frequency_penalty": (0.0,), "logit_bias": (None, {}), "echo": (False,), "best_of": (None, 1),
+_NEUTRAL = {"n": (1, None), "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (0.0, None),
+            "frequency_penalty": (0.0, None), "logit_bias": (None, {}), "echo": (False,), "best_of": (None, 1),
             "suffix": (None, "")}
 
 
@@ -66,24 +66,25 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields that change nothing here (user, ...)
 
     model: str
+    # null means the default, as OpenAI's API reads it
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int | None = 1
     logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
 
 
 class CompletionBody(_Body):
     prompt: str | list[int] | list[str]
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 
@@ -216,7 +217,7 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
         raise ApiError(404, f"the model {name!r} does not exist; GET /v1/models lists the base and its adapters.",
                        "not_found_error", "model", "model_not_found")
 
-    def sampling(body: _Body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(body: _Body, prompt_len: int, max_tokens: int | None, default_max: int | None) -> SamplingParams:
         for field, allowed in _NEUTRAL.items():
             if getattr(body, field, allowed[0]) not in allowed:
                 raise ApiError(400, f"{field} is not supported by this server; leave it out.", param=field)
@@ -227,7 +228,7 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
                            param="messages" if isinstance(body, ChatBody) else "prompt", code="context_length_exceeded")
         room = context - prompt_len
         if max_tokens is None:
-            max_tokens = min(limits.max_tokens, room)
+            max_tokens = min(default_max or limits.max_tokens, limits.max_tokens, room)
         if max_tokens > limits.max_tokens:
             raise ApiError(400, f"max_tokens={max_tokens}; this server allows at most {limits.max_tokens}.",
                            param="max_tokens")
@@ -242,8 +243,8 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
         if len(stop) > limits.max_stop or any(len(s) > 256 for s in stop):
             raise ApiError(400, f"give at most {limits.max_stop} stop strings of at most 256 characters.",
                            param="stop")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=max(body.top_k, 0), seed=body.seed, stop=stop)
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=body.top_p or 1.0, top_k=max(body.top_k or 0, 0), seed=body.seed, stop=stop)
 
     @v1.post("/completions")
     async def completions(request: HttpRequest):
@@ -260,7 +261,7 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
             if any(not 0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
             ids = list(prompt)
-        params = sampling(body, len(ids), body.max_tokens)
+        params = sampling(body, len(ids), body.max_tokens, 16)  # OpenAI's default for completions
         adapter = await adapter_of(body.model)
         return await _run(request, engine, body, ids, params, adapter, chat=False)
 
@@ -275,7 +276,7 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
         except Exception as exc:  # the template's own checks (e.g. roles in a required order)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
         ids = tokenizer(text[: max_prompt * 64], add_special_tokens=False)["input_ids"]
-        params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens, None)
         adapter = await adapter_of(body.model)
         return await _run(request, engine, body, ids, params, adapter, chat=True)
 
@@ -376,7 +377,7 @@ async def _run(http: HttpRequest, engine: Engine, body: _Body, ids: list[int], p
         return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
-    if not body.stream:
+    if not body.stream:  # (None: not streamed)
         parts, event = [], None
         try:
             while event is None or event.finish_reason is None:

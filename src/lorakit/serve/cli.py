@@ -37,6 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
                    help="load the base quantized with bitsandbytes")
     s.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:1, ...")
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base's dtype (auto: bfloat16 on a GPU, else as stored)")
     s.add_argument("--max-loras", type=int, default=8, help="adapters held in the model at once")
     s.add_argument("--max-cpu-loras", type=int, default=1024, help="adapters held read in host memory")
     s.add_argument("--kv-budget", type=int, default=16384,
@@ -66,7 +68,7 @@ def run(args) -> int:
     if not _loopback(args.host) and args.api_key is None:
         log.warning("listening on %s without --api-key: anyone who reaches this address can use the server", args.host)
     app = build(model_name, adapters, adapter_dir=args.adapter_dir, api_key=args.api_key,
-                served_name=args.served_model_name, quantize=args.quantize, device=args.device,
+                served_name=args.served_model_name, quantize=args.quantize, device=args.device, dtype=args.dtype,
                 max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, kv_budget=args.kv_budget,
                 max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                 max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
@@ -78,9 +80,9 @@ def run(args) -> int:
 
 def build(model, adapters: dict[str, str] | None = None, *, tokenizer=None, adapter_dir: str | None = None,
           api_key: str | None = None, served_name: str | None = None, quantize: str | None = None,
-          device: str = "auto", max_loras: int = 8, max_cpu_loras: int = 1024, kv_budget: int = 16384,
-          max_batch: int = 32, max_queue: int = 256, prefill_chunk: int = 512, max_tokens: int = 1024,
-          max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20):
+          device: str = "auto", dtype: str = "auto", max_loras: int = 8, max_cpu_loras: int = 1024,
+          kv_budget: int = 16384, max_batch: int = 32, max_queue: int = 256, prefill_chunk: int = 512,
+          max_tokens: int = 1024, max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20):
     """The ASGI app serving `model` (a name or folder for `lorakit.models.load_model`, or a loaded causal LM
     with its `tokenizer`) and `adapters` ({name: folder}); `app.state` holds engine, registry and metrics.
 
@@ -99,10 +101,12 @@ def build(model, adapters: dict[str, str] | None = None, *, tokenizer=None, adap
         from ..models import load_model
 
         served_name = served_name or str(model)
-        model, tokenizer = load_model(model, task="causal-lm", quantize=quantize)
-        if quantize is None:
-            target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                  "cpu" if device == "auto" else device)
+        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
+        if dtype == "auto":
+            dtype = "bfloat16" if target.type == "cuda" else None
+        model, tokenizer = load_model(model, task="causal-lm", quantize=quantize, dtype=dtype)
+        if quantize is None:  # (a quantized base is placed by bitsandbytes)
             model = model.to(target)
     elif tokenizer is None:
         raise ConfigError("build(model=<a loaded model>) needs its tokenizer= too.")

@@ -3,7 +3,8 @@
 One thread owns the model. Each turn of its loop:
     1. admits waiting requests while the batch has room (`max_batch`), the KV cache budget holds them
        at their longest (`kv.fits`), and their adapter can be put in the model (`AdapterRegistry.acquire`);
-       a request that does not fit waits, in arrival order;
+       a request that does not fit waits, in arrival order (one whose adapter has no free slot in the model
+       lets later ones pass);
     2. reads at most `prefill_chunk` prompt tokens of the oldest admitted request into its own cache
        (a long prompt takes several turns, so running rows wait one chunk at most), and when its prompt
        is read, picks its first token and lets it join the batch;
@@ -209,11 +210,12 @@ class Engine:
             self.kv.keep(keep)
 
     def _admit(self) -> None:
-        while True:
-            with self._cv:
-                if not self.waiting:
-                    return
-                r = self.waiting[0]
+        """Move waiting requests into the batch, oldest first. One that does not fit the batch or the KV budget
+        stops the admission (so a long request is not passed over forever); one whose adapter cannot enter the
+        model yet (every slot in use) is skipped for this turn."""
+        with self._cv:
+            waiting = list(self.waiting)
+        for r in waiting:
             held = self.running + self.prefilling
             if len(held) >= self.max_batch or (held and not fits([h.total for h in held] + [r.total],
                                                                    self.kv_budget)):
@@ -222,17 +224,19 @@ class Engine:
                 try:
                     r.slot = self.registry.acquire(r.adapter, self._busy())
                 except LoraError as exc:
-                    with self._cv:
-                        self.waiting.popleft()
+                    self._unqueue(r)
                     self._finish(r, "error", exc)
                     continue
                 if r.slot is None:
-                    return  # every adapter in the model is in use: wait for a row to finish
-            with self._cv:
-                self.waiting.popleft()
+                    continue
+            self._unqueue(r)
             r.cache, r.stream = new_cache(self.model), TextStream(self.tokenizer, r.params.stop)
             r.gen = generator(r.params, self.device)
             self.prefilling.append(r)
+
+    def _unqueue(self, r: Request) -> None:
+        with self._cv:
+            self.waiting.remove(r)
 
     def _prefill(self, r: Request) -> None:
         """Read the next chunk of r's prompt; at its end pick the first token and join the batch."""
