@@ -90,7 +90,7 @@ def serve_main(args) -> None:
     folder = Path(args.adapter_dir)
     make_adapters(model, folder, max(args.adapter_counts + [1]), args.rank, args.targets.split(","))
     app = build(model, tokenizer=tok, adapter_dir=str(folder), served_name="base", max_loras=args.max_loras,
-                max_cpu_loras=max(1024, max(args.adapter_counts)), kv_budget=args.kv_budget,
+                cpu_lora_bytes=64 << 30, kv_budget=args.kv_budget,
                 max_batch=args.max_batch, max_queue=100_000, max_tokens=args.max_tokens)
     registry = app.state.registry
     t0 = time.perf_counter()

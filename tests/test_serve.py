@@ -231,6 +231,28 @@ def test_adapter_that_changes_shared_weights_is_refused(world, server):
     assert "modules_to_save" in error["message"] and "lorakit merge" in error["message"]
 
 
+def test_registry_bounds_host_memory_and_model_slots(world):
+    from lorakit.serve.adapters import AdapterRegistry
+
+    model = copy.deepcopy(world["base"])
+    one = AdapterRegistry(model, world["adapter_dir"])
+    one.add("b", "b")
+    registry = AdapterRegistry(model, world["adapter_dir"], max_loaded=1, max_cpu_bytes=one.read_bytes)
+    registry.add("a", "a")
+    registry.add("b", "b")
+    assert list(registry.read) == ["b"] and registry.read_bytes == one.read_bytes  # "a" was read first: dropped
+    slot_a = registry.acquire("a", busy=set())  # read again from its folder
+    assert slot_a in lk.adapter_names(model)
+    assert registry.acquire("b", busy={slot_a}) is None  # the one slot is in use
+    slot_b = registry.acquire("b", busy=set())
+    assert lk.adapter_names(model) == [slot_b]  # "a" made room
+    registry.remove("b")
+    registry.collect(busy={slot_b})
+    assert lk.adapter_names(model) == [slot_b]  # a running row still uses it
+    registry.collect(busy=set())
+    assert lk.adapter_names(model) == []
+
+
 # -- refusals -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body,status,word", [
     (b"{not json", 400, "JSON"),

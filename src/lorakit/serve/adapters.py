@@ -3,7 +3,7 @@
 Three tiers, each bounded except the first:
     known      name -> folder (from --adapter NAME=DIR, /v1/load_lora_adapter, or a `model` that names a
                folder under --adapter-dir)
-    read       an LRU of checked adapters in host memory (`max_cpu`): reading and checking a folder is
+    read       an LRU of checked adapters in host memory (`max_cpu_bytes` of factors): reading and checking a folder is
                the slow part, and happens on the request's thread, not the engine's
     on device  an LRU of adapters injected into the served model (`max_loaded`), each under a slot name
                of its own; one not used by a running row makes room when another is needed
@@ -64,18 +64,20 @@ class AdapterRegistry:
         model: the served model; adapters are injected into it under slot names `serve-<n>`.
         adapter_dir: the only folder that adapters may be loaded from by path or discovered in (None: none).
         max_loaded: adapters held in the model at once.
-        max_cpu: adapters held read in host memory.
+        max_cpu_bytes: bytes of adapter factors held read in host memory (the newest adapter is kept whatever
+            its size).
     """
 
     def __init__(self, model: nn.Module, adapter_dir: str | os.PathLike | None = None, max_loaded: int = 8,
-                 max_cpu: int = 1024) -> None:
-        if max_loaded < 1 or max_cpu < 1:
-            raise ConfigError(f"max_loaded={max_loaded}, max_cpu={max_cpu}: each must be at least 1.")
+                 max_cpu_bytes: int = 4 << 30) -> None:
+        if max_loaded < 1 or max_cpu_bytes < 1:
+            raise ConfigError(f"max_loaded={max_loaded}, max_cpu_bytes={max_cpu_bytes}: each must be at least 1.")
         self.model = model
         self.root = Path(adapter_dir) if adapter_dir is not None else None
         if self.root is not None and not self.root.is_dir():
             raise ConfigError(f"--adapter-dir {adapter_dir} is not a folder.")
-        self.max_loaded, self.max_cpu = max_loaded, max_cpu
+        self.max_loaded, self.max_cpu_bytes = max_loaded, max_cpu_bytes
+        self.read_bytes = 0
         self.known: dict[str, Path] = {}
         self.read: OrderedDict[str, object] = OrderedDict()      # name -> checked plan (lorakit.io)
         self.device: OrderedDict[str, str] = OrderedDict()       # name -> slot name in the model
@@ -153,7 +155,8 @@ class AdapterRegistry:
             if name not in self.known:
                 raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (loaded: {sorted(self.known)}).")
             del self.known[name]
-            self.read.pop(name, None)
+            if name in self.read:
+                self.read_bytes -= _nbytes(self.read.pop(name))
             self.warnings.pop(name, None)
             slot = self.device.pop(name, None)
             if slot is not None:
@@ -216,10 +219,12 @@ class AdapterRegistry:
 
     # -- inside ---------------------------------------------------------------------------------------------
     def _keep_read(self, name: str, plan) -> None:
+        if name not in self.read:
+            self.read_bytes += _nbytes(plan)
         self.read[name] = plan
         self.read.move_to_end(name)
-        while len(self.read) > self.max_cpu:
-            self.read.popitem(last=False)
+        while self.read_bytes > self.max_cpu_bytes and len(self.read) > 1:
+            self.read_bytes -= _nbytes(self.read.popitem(last=False)[1])
 
     def _plan(self, name: str, folder: Path):
         """The checked adapter of `folder`, ready to inject (lorakit.io's own plan, as `load_adapter` makes it).
@@ -245,3 +250,8 @@ class AdapterRegistry:
                 "cannot be served beside other adapters. Merge it into its base (`lorakit merge`) and serve "
                 "that model instead.")
         return plan
+
+
+def _nbytes(plan) -> int:
+    """Bytes of the factors a checked adapter holds."""
+    return sum(t.numel() * t.element_size() for m in plan.modules.values() for t in (m.A, m.B))

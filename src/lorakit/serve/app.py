@@ -255,7 +255,7 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
                 raise ApiError(400, "give one prompt per request.", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = tokenizer(prompt[: max_prompt * 64])["input_ids"]  # (a prompt this long is refused anyway)
+            ids = tokenizer(_bounded(prompt, max_prompt))["input_ids"]
         else:
             vocab = len(tokenizer)
             if any(not 0 <= t < vocab for t in prompt):
@@ -275,13 +275,21 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # the template's own checks (e.g. roles in a required order)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
-        ids = tokenizer(text[: max_prompt * 64], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_bounded(text, max_prompt), add_special_tokens=False)["input_ids"]
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens, None)
         adapter = await adapter_of(body.model)
         return await _run(request, engine, body, ids, params, adapter, chat=True)
 
     app.include_router(v1)
     return app
+
+
+def _bounded(text: str, max_prompt: int) -> str:
+    """`text`, unless it is too long to be `max_prompt` tokens (no tokenizer makes tokens of 64 characters)."""
+    if len(text) > 64 * max_prompt:
+        raise ApiError(400, f"the prompt has {len(text)} characters; this server takes at most {max_prompt} tokens.",
+                       param="prompt", code="context_length_exceeded")
+    return text
 
 
 def _text(content) -> str:

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the base's dtype (auto: bfloat16 on a GPU, else as stored)")
     s.add_argument("--max-loras", type=int, default=8, help="adapters held in the model at once")
-    s.add_argument("--max-cpu-loras", type=int, default=1024, help="adapters held read in host memory")
+    s.add_argument("--cpu-lora-gib", type=float, default=4.0,
+                   help="GiB of adapters held read in host memory (least recently used ones are read again)")
     s.add_argument("--kv-budget", type=int, default=16384,
                    help="KV cache positions for the whole batch; requests that do not fit wait")
     s.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
@@ -69,7 +70,7 @@ def run(args) -> int:
         log.warning("listening on %s without --api-key: anyone who reaches this address can use the server", args.host)
     app = build(model_name, adapters, adapter_dir=args.adapter_dir, api_key=args.api_key,
                 served_name=args.served_model_name, quantize=args.quantize, device=args.device, dtype=args.dtype,
-                max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, kv_budget=args.kv_budget,
+                max_loras=args.max_loras, cpu_lora_bytes=int(args.cpu_lora_gib * (1 << 30)), kv_budget=args.kv_budget,
                 max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                 max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                 max_body_bytes=args.max_body_bytes)
@@ -80,7 +81,7 @@ def run(args) -> int:
 
 def build(model, adapters: dict[str, str] | None = None, *, tokenizer=None, adapter_dir: str | None = None,
           api_key: str | None = None, served_name: str | None = None, quantize: str | None = None,
-          device: str = "auto", dtype: str = "auto", max_loras: int = 8, max_cpu_loras: int = 1024,
+          device: str = "auto", dtype: str = "auto", max_loras: int = 8, cpu_lora_bytes: int = 4 << 30,
           kv_budget: int = 16384, max_batch: int = 32, max_queue: int = 256, prefill_chunk: int = 512,
           max_tokens: int = 1024, max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20):
     """The ASGI app serving `model` (a name or folder for `lorakit.models.load_model`, or a loaded causal LM
@@ -112,12 +113,12 @@ def build(model, adapters: dict[str, str] | None = None, *, tokenizer=None, adap
         raise ConfigError("build(model=<a loaded model>) needs its tokenizer= too.")
     served_name = served_name or getattr(model.config, "_name_or_path", None) or "base"
     model.eval()
-    for value, flag in ((max_loras, "max_loras"), (max_cpu_loras, "max_cpu_loras"), (kv_budget, "kv_budget"),
+    for value, flag in ((max_loras, "max_loras"), (cpu_lora_bytes, "cpu_lora_bytes"), (kv_budget, "kv_budget"),
                         (max_batch, "max_batch"), (max_queue, "max_queue"), (prefill_chunk, "prefill_chunk"),
                         (max_tokens, "max_tokens"), (max_body_bytes, "max_body_bytes")):
         if int(value) < 1:
             raise ConfigError(f"{flag}={value}: give a number of at least 1.")
-    registry = AdapterRegistry(model, adapter_dir, max_loaded=max_loras, max_cpu=max_cpu_loras)
+    registry = AdapterRegistry(model, adapter_dir, max_loaded=max_loras, max_cpu_bytes=cpu_lora_bytes)
     for name, folder in (adapters or {}).items():
         if name == served_name:
             raise ConfigError(f"adapter name {name!r} is the base model's name; pick another.")
