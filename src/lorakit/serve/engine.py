@@ -230,8 +230,12 @@ class Engine:
                 if r.slot is None:
                     continue
             self._unqueue(r)
+            try:
+                r.gen = generator(r.params, self.device)
+            except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. a seed torch does not take
+                self._finish(r, "error", exc)
+                continue
             r.cache, r.stream = new_cache(self.model), TextStream(self.tokenizer, r.params.stop)
-            r.gen = generator(r.params, self.device)
             self.prefilling.append(r)
 
     def _unqueue(self, r: Request) -> None:
@@ -268,7 +272,11 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         keep = []
         for i, r in enumerate(rows):
-            token = greedy[i] if r.params.greedy else self._pick(r, logits[i])
+            try:
+                token = greedy[i] if r.params.greedy else self._pick(r, logits[i])
+            except RuntimeError as exc:  # this row's settings broke sampling: the other rows go on
+                self._finish(r, "error", exc)
+                continue
             if not self._take(r, token):
                 keep.append(i)
         if len(keep) < len(rows):

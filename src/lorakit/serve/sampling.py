@@ -12,7 +12,7 @@ from ..fast.decode import sampling_probs
 
 @dataclass
 class SamplingParams:
-    """What one request asks for. temperature 0 is greedy (the most likely token, as `lk.greedy_decode`);
+    """What one request asks for. temperature 0 (below 1e-5) is greedy (the most likely token, as `lk.greedy_decode`);
     top_k 0 keeps every token; `seed` makes the draws of one request repeatable."""
 
     max_tokens: int = 16
@@ -24,7 +24,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < 1e-5  # logits divided by less overflow
 
 
 def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
