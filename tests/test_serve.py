@@ -369,6 +369,49 @@ def test_prefill_is_read_in_chunks_between_decode_steps(world):
         assert text == expected(world, ids, None, r.params.max_tokens)
 
 
+class IdsTokenizer:
+    """Enough of a tokenizer for the engine: text is the token ids."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
+    """GPT-2 (Conv1D layers) and Llama: four prompts of different lengths, two through an adapter, decoded in one
+    batch, read in chunks of three: each row's tokens are lk.Decoder's for that prompt alone."""
+    from models import make, randomize
+
+    from lorakit.serve.adapters import AdapterRegistry
+    from lorakit.serve.engine import Engine
+
+    base = make(kind)
+    base.generation_config.eos_token_id = None
+    ref = copy.deepcopy(base)
+    lk.inject(ref, lk.LoraConfig(r=4, alpha=8, targets="all-linear"), name="x")
+    randomize(ref)
+    lk.save_adapter(ref, tmp_path / "x", name="x")
+    registry = AdapterRegistry(base)
+    registry.add("x", tmp_path / "x", confine=False)
+    engine = Engine(base, IdsTokenizer(), registry, max_batch=4, prefill_chunk=3)
+    prompts, adapters = [[1, 2, 3, 4, 5, 6, 7], [9], [5, 5, 5, 5], [3, 1, 4, 1, 5, 9, 2, 6]], ["x", None, "x", None]
+    c = Collect()
+    requests = [c.request(p, 10) for p in prompts]
+    for r, adapter in zip(requests, adapters):
+        r.adapter = adapter
+        engine.submit(r)
+    engine.start()
+    try:
+        assert c.done.wait(30)
+    finally:
+        engine.stop()
+    decoder = lk.Decoder(ref)
+    for r, p, adapter in zip(requests, prompts, adapters):
+        assert r.stream.ids == decoder(torch.tensor([p]), max_new_tokens=10, adapters=[adapter])[0, len(p):].tolist()
+
+
 def test_requests_beyond_the_kv_budget_wait(world):
     """Rows that could grow past the KV budget (padded to the longest) are not admitted until others finish."""
     from lorakit.serve.engine import Engine
