@@ -378,10 +378,20 @@ class IdsTokenizer:
         return "".join(f" {i}" for i in ids)
 
 
+@pytest.mark.parametrize("fast", ["off", "on"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
+def test_engine_rows_are_their_own_greedy_decoding(kind, fast, tmp_path):
     """GPT-2 (Conv1D layers) and Llama: four prompts of different lengths, two through an adapter, decoded in one
-    batch, read in chunks of three: each row's tokens are lk.Decoder's for that prompt alone."""
+    batch, read in chunks of three: each row's tokens are lk.Decoder's for that prompt alone. With the fast path
+    on (what a GPU runs) the adapters stay stacked across steps."""
+    lk.set_fast_path(fast)
+    try:
+        _engine_rows_are_their_own_greedy_decoding(kind, tmp_path)
+    finally:
+        lk.set_fast_path("auto")
+
+
+def _engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
     from models import make, randomize
 
     from lorakit.serve.adapters import AdapterRegistry

@@ -295,12 +295,13 @@ class Engine:
         stack.enter_context(route(self.model, slots))
         if not fast.enabled_for(torch.empty(0, device=self.device)):
             return stack  # the reference path reads the route alone
-        version = self.registry.version if self.registry is not None else 0
-        if version != self._pinned_version:  # adapters were injected or removed: other layers, other stacks
-            self._pins, self._pinned_version = _Pins(self.model), version
-        self._pins.pin(slots, self.device)
-        stack.callback(self._pins.unpin)
-        return stack
+        with stack.pop_all() as undo:  # leaves the route if pinning fails
+            version = self.registry.version if self.registry is not None else 0
+            if version != self._pinned_version:  # adapters were injected or removed: other layers, other stacks
+                self._pins, self._pinned_version = _Pins(self.model), version
+            undo.callback(self._pins.unpin)
+            self._pins.pin(slots, self.device)
+            return undo.pop_all()
 
     def _pick(self, r: Request, logits: torch.Tensor) -> int:
         return int(logits.argmax(-1)) if r.params.greedy else draw(logits, r.params, r.gen)
