@@ -381,8 +381,9 @@ class IdsTokenizer:
 @pytest.mark.parametrize("fast", ["off", "on"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_engine_rows_are_their_own_greedy_decoding(kind, fast, tmp_path):
-    """GPT-2 (Conv1D layers) and Llama: four prompts of different lengths, two through an adapter, decoded in one
-    batch, read in chunks of three: each row's tokens are lk.Decoder's for that prompt alone. With the fast path
+    """GPT-2 (Conv1D layers) and Llama: five prompts of different lengths, three through an adapter, decoded in
+    one batch, long ones read in chunks, short ones together: each row's tokens are lk.Decoder's for that prompt
+    alone. With the fast path
     on (what a GPU runs) the adapters stay stacked across steps."""
     lk.set_fast_path(fast)
     try:
@@ -405,8 +406,10 @@ def _engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
     lk.save_adapter(ref, tmp_path / "x", name="x")
     registry = AdapterRegistry(base)
     registry.add("x", tmp_path / "x", confine=False)
-    engine = Engine(base, IdsTokenizer(), registry, max_batch=4, prefill_chunk=3)
-    prompts, adapters = [[1, 2, 3, 4, 5, 6, 7], [9], [5, 5, 5, 5], [3, 1, 4, 1, 5, 9, 2, 6]], ["x", None, "x", None]
+    # chunks of 6: the 7- and 8-token prompts are read in two turns each, the next two in one padded batch
+    engine = Engine(base, IdsTokenizer(), registry, max_batch=5, prefill_chunk=6)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [5, 5], [3, 1, 4, 1, 5, 9, 2, 6], [8, 8, 8]]
+    adapters = ["x", None, "x", None, "x"]
     c = Collect()
     requests = [c.request(p, 10) for p in prompts]
     for r, adapter in zip(requests, adapters):

@@ -5,9 +5,9 @@ One thread owns the model. Each turn of its loop:
        at their longest (`kv.fits`), and their adapter can be put in the model (`AdapterRegistry.acquire`);
        a request that does not fit waits, in arrival order (one whose adapter has no free slot in the model
        lets later ones pass);
-    2. reads at most `prefill_chunk` prompt tokens of the oldest admitted request into its own cache
-       (a long prompt takes several turns, so running rows wait one chunk at most), and when its prompt
-       is read, picks its first token and lets it join the batch;
+    2. reads at most `prefill_chunk` prompt tokens: the next chunk of the oldest admitted request (a long
+       prompt takes several turns, so running rows wait one chunk at most), or several short prompts in one
+       batch; a request whose prompt is read picks its first token and joins the decode batch;
     3. decodes one token for every row of the batch in one forward pass, each row through its adapter
        (`lk.route`), and lets finished or abandoned rows leave.
 
@@ -183,14 +183,15 @@ class Engine:
             self.registry.collect(self._busy())
         self._admit()
         if self.prefilling:
-            r = self.prefilling[0]
+            group = self._prefill_group()
             try:
-                self._prefill(r)
-            except Exception as exc:  # this prompt broke the model (e.g. too long for it): fail it alone
+                self._prefill(group)
+            except Exception as exc:  # these prompts broke the model (e.g. too long for it): fail them alone
                 log.exception("prefill failed")
-                if r in self.prefilling:
-                    self.prefilling.remove(r)
-                self._finish(r, "error", exc)
+                for r in group:
+                    if r in self.prefilling:
+                        self.prefilling.remove(r)
+                    self._finish(r, "error", exc)
         if self.running:
             self._decode()
         self._gauges()
@@ -242,23 +243,50 @@ class Engine:
         with self._cv:
             self.waiting.remove(r)
 
-    def _prefill(self, r: Request) -> None:
-        """Read the next chunk of r's prompt; at its end pick the first token and join the batch."""
-        start, end = r.read, min(len(r.prompt), r.read + self.prefill_chunk)
-        ids = torch.tensor([r.prompt[start:end]], device=self.device)
-        with self._routed([r.slot]):
-            logits = self.model(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long, device=self.device),
-                                position_ids=torch.arange(start, end, device=self.device)[None],
-                                **{self._cache_arg: r.cache}, use_cache=True, **_last_logits(self.model)).logits
-        r.read = end
-        if end < len(r.prompt):
-            return
-        self.prefilling.remove(r)
-        if self._take(r, self._pick(r, logits[0, -1])):
-            return
-        self.kv.add(r.cache, len(r.prompt))
-        r.cache = None
-        self.running.append(r)
+    def _prefill_group(self) -> list[Request]:
+        """The prompts read this turn: the oldest one's next chunk, or, when it starts and is short, as many
+        whole prompts (oldest first) as fit one chunk padded to the longest of them."""
+        first = self.prefilling[0]
+        if first.read or len(first.prompt) >= self.prefill_chunk:
+            return [first]
+        group, longest = [first], len(first.prompt)
+        for r in self.prefilling[1:]:
+            n = max(longest, len(r.prompt))
+            if r.read or n * (len(group) + 1) > self.prefill_chunk:
+                break
+            group.append(r)
+            longest = n
+        return group
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Read the group's prompts (one chunk of one, or several whole ones padded on the left in one batch);
+        a request whose prompt is read picks its first token and joins the decode batch."""
+        if len(group) == 1:  # the next chunk of one prompt, into its own cache
+            r = group[0]
+            start, end = r.read, min(len(r.prompt), r.read + self.prefill_chunk)
+            ids = torch.tensor([r.prompt[start:end]], device=self.device)
+            mask = torch.ones(1, end, dtype=torch.long, device=self.device)
+            positions = torch.arange(start, end, device=self.device)[None]
+        else:  # whole prompts: (rows, longest) padded on the left, masked, positions counted from each start
+            start, end = 0, max(len(r.prompt) for r in group)
+            ids = torch.tensor([[0] * (end - len(r.prompt)) + r.prompt for r in group], device=self.device)
+            mask = torch.tensor([[0] * (end - len(r.prompt)) + [1] * len(r.prompt) for r in group],
+                                device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+            group[0].cache = new_cache(self.model)  # one cache for the group; each row leaves it for the batch
+        cache = group[0].cache
+        with self._routed([r.slot for r in group]):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                **{self._cache_arg: cache}, use_cache=True, **_last_logits(self.model)).logits
+        for row, r in enumerate(group):
+            r.read = end if len(group) == 1 else len(r.prompt)
+            if r.read < len(r.prompt):
+                return
+            self.prefilling.remove(r)
+            r.cache = None
+            if not self._take(r, self._pick(r, logits[row, -1])):
+                self.kv.add(cache, row, len(r.prompt))
+                self.running.append(r)
 
     def _decode(self) -> None:
         """One token for every running row; finished rows leave."""

@@ -61,15 +61,20 @@ class PaddedKV:
     def length(self) -> int:
         return self.cache.layers[0].keys.shape[-2] if self.cache is not None else 0
 
-    def add(self, row_cache, length: int) -> None:
-        """Append a row: a one-row DynamicCache holding `length` positions (a prefill's)."""
+    def add(self, source, row: int, length: int) -> None:
+        """Append a row: row `row` of the DynamicCache `source` (a prefill's), its last `length` positions."""
+        taken = [(layer.keys[row:row + 1, :, -length:], layer.values[row:row + 1, :, -length:])
+                 for layer in source.layers]
         if self.cache is None:
-            self.cache, self.lengths = row_cache, [length]
+            self.cache, self.lengths = new_cache(self.model), [length]
+            for layer, (k, v) in zip(self.cache.layers, taken):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
             return
         L = max(self.length, length)
-        for mine, theirs in zip(self.cache.layers, row_cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, L), _left_pad(theirs.keys, L)])
-            mine.values = torch.cat([_left_pad(mine.values, L), _left_pad(theirs.values, L)])
+        for layer, (k, v) in zip(self.cache.layers, taken):
+            layer.keys = torch.cat([_left_pad(layer.keys, L), _left_pad(k, L)])
+            layer.values = torch.cat([_left_pad(layer.values, L), _left_pad(v, L)])
         self.lengths.append(length)
 
     def keep(self, rows: list[int]) -> None:
