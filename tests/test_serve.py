@@ -425,6 +425,33 @@ def _engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
         assert r.stream.ids == decoder(torch.tensor([p]), max_new_tokens=10, adapters=[adapter])[0, len(p):].tolist()
 
 
+def test_a_request_waiting_for_an_adapter_slot_is_not_passed_over(world):
+    """One slot in the model: a request for adapter b, behind one for a, gets the slot once a's rows finish,
+    before the later requests for a (which would keep the slot busy forever); base requests pass it."""
+    from lorakit.serve.adapters import AdapterRegistry
+    from lorakit.serve.engine import Engine
+
+    registry = AdapterRegistry(copy.deepcopy(world["base"]), world["adapter_dir"], max_loaded=1)
+    for name in ("a", "b"):
+        registry.add(name, name)
+    engine = Engine(registry.model, world["tok"], registry, max_batch=8)
+    c, order = Collect(), []
+    ids = world["tok"]("one two")["input_ids"]
+    requests = {}
+    for key, adapter in (("a1", "a"), ("b", "b"), ("a2", "a"), ("base", None), ("a3", "a")):
+        r = requests[key] = c.request(ids, 6, on_event=lambda e, key=key: e.finish_reason and order.append(key))
+        r.adapter = adapter
+        engine.submit(r)
+    engine.start()
+    try:
+        assert c.done.wait(30)
+    finally:
+        engine.stop()
+    assert order.index("b") < order.index("a2") and order.index("base") < order.index("b"), order
+    for key, r in requests.items():
+        assert "".join(e.text for e in c.events[r.id]) == expected(world, ids, r.adapter, 6), key
+
+
 def test_requests_beyond_the_kv_budget_wait(world):
     """Rows that could grow past the KV budget (padded to the longest) are not admitted until others finish."""
     from lorakit.serve.engine import Engine

@@ -4,7 +4,7 @@ One thread owns the model. Each turn of its loop:
     1. admits waiting requests while the batch has room (`max_batch`), the KV cache budget holds them
        at their longest (`kv.fits`), and their adapter can be put in the model (`AdapterRegistry.acquire`);
        a request that does not fit waits, in arrival order (one whose adapter has no free slot in the model
-       lets later ones pass);
+       lets later requests for the base model pass);
     2. reads at most `prefill_chunk` prompt tokens: the next chunk of the oldest admitted request (a long
        prompt takes several turns, so running rows wait one chunk at most), or several short prompts in one
        batch; a request whose prompt is read picks its first token and joins the decode batch;
@@ -212,15 +212,19 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into the batch, oldest first. One that does not fit the batch or the KV budget
-        stops the admission (so a long request is not passed over forever); one whose adapter cannot enter the
-        model yet (every slot in use) is skipped for this turn."""
+        stops the admission (so a long request is not passed over forever). One whose adapter cannot enter the
+        model yet (every slot in use) waits, and so do the adapter requests after it, so that the slots drain
+        and it gets one; requests for the base model pass it."""
         with self._cv:
             waiting = list(self.waiting)
+        blocked = False
         for r in waiting:
             held = self.running + self.prefilling
             if len(held) >= self.max_batch or (held and not fits([h.total for h in held] + [r.total],
                                                                    self.kv_budget)):
                 return
+            if r.adapter is not None and blocked:
+                continue
             if r.adapter is not None:
                 try:
                     r.slot = self.registry.acquire(r.adapter, self._busy())
@@ -229,6 +233,7 @@ class Engine:
                     self._finish(r, "error", exc)
                     continue
                 if r.slot is None:
+                    blocked = True
                     continue
             self._unqueue(r)
             try:
