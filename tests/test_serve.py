@@ -603,3 +603,46 @@ def test_serve_warns_about_vllm_rules_when_it_loads(world, server, caplog):
     card = next(m for m in httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
                 .json()["data"] if m["id"] == "rank32")
     assert "--max-lora-rank 32" in card["vllm_warnings"][0]
+
+
+@pytest.fixture
+def fake_uvicorn(monkeypatch):
+    """uvicorn.run replaced by a recorder: `lorakit serve` builds its app and returns."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    return calls
+
+
+def test_serve_command_builds_the_server(world, fake_uvicorn, capsys):
+    from lorakit.cli import main
+
+    assert main(["serve", "--model", str(world["root"] / "base"), "--adapter", f"x={world['adapter_dir'] / 'a'}",
+                 "--adapter-dir", str(world["adapter_dir"]), "--max-loras", "3"]) == 0
+    app, kw = fake_uvicorn[0]
+    assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000)  # this machine only, unless told otherwise
+    assert app.state.registry.names() == ["x"] and app.state.registry.max_loaded == 3
+    assert app.state.engine.model.device.type == "cpu"
+
+
+def test_serve_with_no_arguments_serves_what_train_left(world, fake_uvicorn, tmp_path, monkeypatch):
+    """`lorakit serve` alone: the default model with the adapter `lorakit train` leaves in runs/default/adapter
+    (here the default model is the tiny one, to keep the test quick)."""
+    import lorakit.serve.cli as serve_cli
+    from lorakit.cli import main
+
+    monkeypatch.setattr(serve_cli, "DEFAULT_MODEL", str(world["root"] / "base"))
+    monkeypatch.chdir(tmp_path)
+    _save_adapter(world["base"], tmp_path / "runs" / "default" / "adapter", ["q_proj"], 2, seed=5)
+    assert main(["serve"]) == 0
+    app, _ = fake_uvicorn[0]
+    assert app.state.registry.names() == ["default"]
+
+
+def test_the_default_is_what_lorakit_train_leaves():
+    from lorakit.serve.cli import DEFAULT_ADAPTER, DEFAULT_MODEL
+    from lorakit.train.config import builtin_defaults
+
+    train = builtin_defaults()["train"]
+    assert (DEFAULT_MODEL, DEFAULT_ADAPTER) == (train["model"], Path(train["output_dir"]) / "adapter")
