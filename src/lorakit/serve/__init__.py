@@ -9,9 +9,13 @@
     metrics.py   Prometheus metrics
     cli.py       the `lorakit serve` command
 
+From Python: `app = build(model_or_name, {"name": "adapter/dir"}, ...)` gives the ASGI app, and
+`start(app)` serves it on a thread (port 0: a free one) and returns its URL and `stop()`.
+
 Needs the [serve] extra (fastapi, uvicorn, prometheus-client) and transformers.
 """
 
+from .cli import build, start
 from .compat import vllm_problems
 
-__all__ = ["vllm_problems"]
+__all__ = ["build", "start", "vllm_problems"]
