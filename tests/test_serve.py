@@ -303,6 +303,8 @@ def test_api_key_and_unknown_routes(server):
 
 def test_metrics(server, client):
     client.completions.create(model="a", prompt="x", max_tokens=3, temperature=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nobody", prompt="x", max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
     for name in ("lorakit_requests_total", "lorakit_prompt_tokens_total", "lorakit_generation_tokens_total",
                  "lorakit_queue_length", "lorakit_batch_size", "lorakit_adapters_loaded",
@@ -312,6 +314,9 @@ def test_metrics(server, client):
 
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples["lorakit_generation_tokens_total"] >= 3 and samples["lorakit_adapters_loaded"] >= 1
+    refused = {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "lorakit_rejected_requests_total"}
+    assert refused["404"] >= 1
 
 
 # -- the engine alone ----------------------------------------------------------------------------------------------

@@ -127,23 +127,28 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
     app.router.on_startup.append(engine.start)
     app.router.on_shutdown.append(engine.stop)
 
+    def refuse(error: ApiError) -> JSONResponse:
+        if metrics is not None:
+            metrics.rejected.labels(str(error.status)).inc()
+        return error.response()
+
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
-        return exc.response()
+        return refuse(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return ApiError(exc.status_code, str(exc.detail), kind).response()
+        return refuse(ApiError(exc.status_code, str(exc.detail), kind))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, exc: RequestValidationError):
-        return _invalid(exc.errors()).response()
+        return refuse(_invalid(exc.errors()))
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):
         log.exception("request failed")
-        return ApiError(500, f"internal error ({type(exc).__name__})", "internal_error").response()
+        return refuse(ApiError(500, f"internal error ({type(exc).__name__})", "internal_error"))
 
     async def auth(request: HttpRequest) -> None:
         if api_key is None:

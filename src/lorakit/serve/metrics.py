@@ -8,12 +8,14 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
-    """Counters of requests and tokens, gauges of the queue, the batch and the adapters in the model,
-    histograms of the time to first token and per output token."""
+    """Counters of requests (finished, refused) and tokens, gauges of the queue, the batch and the adapters in the
+    model, histograms of the time to first token and per output token."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("lorakit_requests", "finished requests, by finish reason", ["finish_reason"],
+                                registry=r)
+        self.rejected = Counter("lorakit_rejected_requests", "requests refused, by HTTP status", ["status"],
                                 registry=r)
         self.prompt_tokens = Counter("lorakit_prompt_tokens", "prompt tokens read", registry=r)
         self.generation_tokens = Counter("lorakit_generation_tokens", "tokens generated", registry=r)
