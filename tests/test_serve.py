@@ -383,21 +383,19 @@ class IdsTokenizer:
         return "".join(f" {i}" for i in ids)
 
 
-@pytest.mark.parametrize("fast", ["off", "on"])
+@pytest.fixture(params=["off", "on"])
+def fast_path(request):
+    """The fast path off (the reference path, the CPU's default) and on (what a GPU runs)."""
+    lk.set_fast_path(request.param)
+    yield request.param
+    lk.set_fast_path("auto")
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_engine_rows_are_their_own_greedy_decoding(kind, fast, tmp_path):
+def test_engine_rows_are_their_own_greedy_decoding(kind, fast_path, tmp_path):
     """GPT-2 (Conv1D layers) and Llama: five prompts of different lengths, three through an adapter, decoded in
     one batch, long ones read in chunks, short ones together: each row's tokens are lk.Decoder's for that prompt
-    alone. With the fast path
-    on (what a GPU runs) the adapters stay stacked across steps."""
-    lk.set_fast_path(fast)
-    try:
-        _engine_rows_are_their_own_greedy_decoding(kind, tmp_path)
-    finally:
-        lk.set_fast_path("auto")
-
-
-def _engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
+    alone. With the fast path on the adapters stay stacked across steps."""
     from models import make, randomize
 
     from lorakit.serve.adapters import AdapterRegistry
@@ -430,9 +428,11 @@ def _engine_rows_are_their_own_greedy_decoding(kind, tmp_path):
         assert r.stream.ids == decoder(torch.tensor([p]), max_new_tokens=10, adapters=[adapter])[0, len(p):].tolist()
 
 
-def test_a_request_waiting_for_an_adapter_slot_is_not_passed_over(world):
+def test_a_request_waiting_for_an_adapter_slot_is_not_passed_over(world, fast_path):
     """One slot in the model: a request for adapter b, behind one for a, gets the slot once a's rows finish,
-    before the later requests for a (which would keep the slot busy forever); base requests pass it."""
+    before the later requests for a (which would keep the slot busy forever); base requests pass it. Adapters
+    leave and enter the model between steps, and every answer is still its greedy decoding (with the fast path
+    on, the stacked adapters follow)."""
     from lorakit.serve.adapters import AdapterRegistry
     from lorakit.serve.engine import Engine
 

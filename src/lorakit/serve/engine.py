@@ -330,8 +330,12 @@ class Engine:
             return stack  # the reference path reads the route alone
         with stack.pop_all() as undo:  # leaves the route if pinning fails
             version = self.registry.version if self.registry is not None else 0
-            if version != self._pinned_version:  # adapters were injected or removed: other layers, other stacks
-                self._pins, self._pinned_version = _Pins(self.model), version
+            if version != self._pinned_version:  # adapters came or went: `pin` restacks the layers they touch,
+                from ..layers import LoraLinear   # but layers wrapped since need pins made anew
+
+                if [m for m in self.model.modules() if isinstance(m, LoraLinear)] != self._pins.layers:
+                    self._pins = _Pins(self.model)
+                self._pinned_version = version
             undo.callback(self._pins.unpin)
             self._pins.pin(slots, self.device)
             return undo.pop_all()
