@@ -17,6 +17,7 @@ the forward pass, padded on the left and masked as `model.generate` does (`kv.Pa
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -32,7 +33,7 @@ from torch import nn
 from .. import fast
 from ..errors import LoraError
 from ..fast.decode import _Pins, _last_logits
-from ..inject import route
+from ..inject import disabled, route
 from .adapters import AdapterRegistry
 from .kv import PaddedKV, check_model, fits, new_cache
 from .sampling import SamplingParams, TextStream, draw, generator
@@ -318,11 +319,7 @@ class Engine:
 
     def _routed(self, slots: list[str | None]):
         """Route the rows through their adapters; on the fast path the adapters stay stacked across steps."""
-        import contextlib
-
         if all(s is None for s in slots):
-            from ..inject import disabled
-
             return disabled(self.model)
         stack = contextlib.ExitStack()
         stack.enter_context(route(self.model, slots))
