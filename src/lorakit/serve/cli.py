@@ -23,7 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="serve a model and its adapters over OpenAI's HTTP API",
         description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, vLLM's "
                     "/v1/load_lora_adapter) for one base model and many adapters, batched together. With no "
-                    f"flags: {DEFAULT_MODEL} on the CPU with the adapter `lorakit train` leaves in {DEFAULT_ADAPTER}.")
+                    f"flags: {DEFAULT_MODEL} (on the CPU unless there is a GPU) with the adapter `lorakit train` "
+                    f"leaves in {DEFAULT_ADAPTER}, as model 'default'.")
     s.add_argument("--model", default=None, help=f"base model name or folder (default {DEFAULT_MODEL})")
     s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the adapter in DIR as model NAME (repeatable)")
