@@ -189,6 +189,29 @@ def test_sampling_settings(world, client):
     assert "".join(c.choices[0].text for c in streamed) == stopped.choices[0].text
 
 
+def test_text_stream_hands_out_what_decoding_the_whole_gives(world):
+    """Token by token, text is handed out in pieces that add up to the decoding of all the tokens, also where
+    characters span several tokens; a stop string cuts it, and what could begin one is held back."""
+    import random
+
+    from lorakit.serve.sampling import TextStream
+
+    tok, g = world["tok"], random.Random(0)
+    sequences = [tok(t)["input_ids"] for t in ("héllo wörld ✓ 日本語 🙂 done", "a  b\n\nc")]
+    sequences += [[g.randrange(len(tok)) for _ in range(40)] for _ in range(5)]
+    for ids in sequences:
+        stream = TextStream(tok, [])
+        parts = [stream.ready() for t in ids if not stream.add(t)] + [stream.ready(final=True)]
+        assert "".join(parts) == tok.decode(ids, skip_special_tokens=True)
+    stream, parts = TextStream(tok, ["wörld"]), []
+    for t in tok("héllo wörld ✓")["input_ids"]:
+        if stream.add(t):
+            break
+        parts.append(stream.ready())
+        assert not "".join(parts).endswith(("w", "wö")), parts  # maybe the start of the stop string
+    assert "".join(parts) + stream.ready(final=True) == "héllo "
+
+
 # -- adapters ---------------------------------------------------------------------------------------------------
 def test_models_lists_base_and_adapters(client):
     ids = [m.id for m in client.models.list().data]
