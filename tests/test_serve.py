@@ -226,15 +226,14 @@ def test_load_and_unload(world, server, client):
     out = client.chat.completions.create(model="fresh", messages=messages, max_tokens=8, temperature=0)
     assert out.choices[0].message.content == expected(world, chat_ids(world, messages), "d", 8)
     assert "fresh" in [m.id for m in client.models.list().data]
+    slot = server.app.state.registry.device["fresh"]
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "fresh"}).status_code == 200
     assert "fresh" not in [m.id for m in client.models.list().data]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="fresh", messages=messages, max_tokens=8)
     assert_error(post(server, "/v1/unload_lora_adapter", {"lora_name": "fresh"}), 404, "model_not_found")
-    deadline = time.monotonic() + 10  # the model gives back the slot once no row uses it
-    while any(name == "fresh" for name in server.app.state.registry.device) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "fresh" not in server.app.state.registry.device
+    engine = server.app.state.engine
+    wait_for(lambda: slot not in lk.adapter_names(engine.model))  # the model gives it back: no row uses it
 
 
 def test_adapter_paths_stay_inside_adapter_dir(world, server, tmp_path):
@@ -546,6 +545,7 @@ def test_client_that_leaves_frees_its_row(gated, stream):
         with httpx.stream("POST", gated.url + "/v1/completions", json=body, timeout=0.5) as r:
             for _ in r.iter_lines():
                 pass
+    wait_for(lambda: gated.engine.prefilling[0].cancelled)  # the server saw the client leave
     gated.gate.set()
     wait_for(lambda: gated.engine.load() == {"waiting": 0, "prefilling": 0, "running": 0})
     metrics = gated.server.config.app.state.metrics

@@ -162,6 +162,10 @@ class AdapterRegistry:
             if slot is not None:
                 self._gone.append(slot)
 
+    def pending(self) -> bool:
+        """Whether unloaded adapters still sit in the model (`collect` removes them)."""
+        return bool(self._gone)
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self.known)

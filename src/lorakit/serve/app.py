@@ -208,6 +208,7 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
             registry.remove(body.lora_name)
         except AdapterNotFoundError as exc:
             raise ApiError(404, str(exc), "not_found_error", "lora_name", "model_not_found") from exc
+        engine.wake()  # it leaves the model once no running row uses it
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def adapter_of(name: str) -> str | None:

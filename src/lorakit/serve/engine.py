@@ -140,6 +140,10 @@ class Engine:
     def cancel(self, request: Request) -> None:
         """Abandon a request (its client left): it leaves the queue or the batch at the next turn."""
         request.cancelled = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Have the loop take a turn (e.g. to remove unloaded adapters from the model)."""
         with self._cv:
             self._cv.notify()
 
@@ -163,7 +167,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not (self.waiting or self.prefilling or self.running):
+                while not self._stop and not (self.waiting or self.prefilling or self.running
+                                              or (self.registry is not None and self.registry.pending())):
                     self._cv.wait()
                 if self._stop:
                     break
