@@ -248,11 +248,19 @@ def test_adapter_paths_stay_inside_adapter_dir(world, server, tmp_path):
     assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "nothing-here"}), 400)
 
 
-def test_adapter_that_changes_shared_weights_is_refused(world, server):
+def test_adapters_that_cannot_share_a_batch_are_refused(world, server):
+    import shutil
+
     _save_adapter(world["base"], world["adapter_dir"] / "saves-head", ["q_proj"], 2, seed=4,
                   modules_to_save=["lm_head"])
     error = assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "h", "lora_path": "saves-head"}), 400)
     assert "modules_to_save" in error["message"] and "lorakit merge" in error["message"]
+    dora = world["adapter_dir"] / "dora"
+    shutil.copytree(world["adapter_dir"] / "a", dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    error = assert_error(post(server, "/v1/load_lora_adapter", {"lora_name": "dora", "lora_path": "dora"}), 400)
+    assert "DoRA" in error["message"] and "lorakit merge" in error["message"]
 
 
 def test_registry_bounds_host_memory_and_model_slots(world):

@@ -234,12 +234,15 @@ class AdapterRegistry:
         """The checked adapter of `folder`, ready to inject (lorakit.io's own plan, as `load_adapter` makes it).
 
         Raises:
-            AdapterFileError: not an adapter, or one that changes shared base weights.
+            AdapterFileError: not an adapter, a DoRA adapter, or one that changes shared base weights.
         """
         from ..io import _plan_peft_dir
 
         if not folder.is_dir():
             raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder.")
+        if any("DoRA" in problem for problem in vllm_problems(folder)):
+            raise AdapterFileError(f"adapter {name!r} ({folder}) is a DoRA adapter, which lorakit serve does not route "
+                                   "per row; merge it into its base (`lorakit merge`) and serve that model instead.")
         try:
             plan = _plan_peft_dir(self.model, folder, check_base=True)
         except LoraError:
