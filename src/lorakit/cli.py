@@ -1,4 +1,4 @@
-"""The `lorakit` command: train | eval | generate | merge | analyze | convert.
+"""The `lorakit` command: train | eval | generate | merge | combine | serve | analyze | convert.
 
 `train` and `eval` flags are generated from the fields of TrainConfig, DataConfig and
 LoraConfig (`--batch-size` sets TrainConfig.batch_size, `--r` sets LoraConfig.r, ...);
@@ -865,6 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--slices", help="MergedLinear enabled slices, e.g. true,false,true")
     c.set_defaults(func=cmd_convert)
     combine_cli.add_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser  # imports argparse and pathlib only, until run
+    add_serve_parser(sub)
     return p
 
 
