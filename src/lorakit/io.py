@@ -724,7 +724,7 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
     # original one, so the PiSSA initialization is done again to make its residual, and then the factors loaded
     init = "pissa" if str(data.get("init_lora_weights")).lower().startswith("pissa") else "zeros"
     declared = _declared_parameters(model, modules, bias, modules_to_save, str(weights))
-    extra = _without_embedding_copies(model, extra, modules, weights)
+    extra = _without_embedding_copies(model, extra, modules, declared, weights)
     for key in extra:
         if key not in declared:
             raise AdapterFileError(
@@ -736,12 +736,12 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
                  init)
 
 
-def _without_embedding_copies(model: nn.Module, extra: dict[str, Tensor], modules: dict,
+def _without_embedding_copies(model: nn.Module, extra: dict[str, Tensor], modules: dict, declared,
                               file: Path) -> dict[str, Tensor]:
     """`extra` less the copies of embedding weights that PEFT saves beside an adapter (`save_embedding_layers`,
     on by default when an embedding is a target, so that a resized vocabulary travels with it): an adapted
-    module's `base_layer.weight`, or the input / output embedding's `weight`. A copy equal to the model's own
-    weight changes nothing and is dropped.
+    module's `base_layer.weight`, or the input / output embedding's `weight` where the config does not declare
+    it (modules_to_save). A copy equal to the model's own weight changes nothing and is dropped.
 
     Raises:
         AdapterFileError: a copy that differs from the model's weight (the adapter was trained on changed
@@ -758,6 +758,9 @@ def _without_embedding_copies(model: nn.Module, extra: dict[str, Tensor], module
     kept = {}
     for key, t in extra.items():
         path, _, leaf = key.rpartition(".")
+        if key in declared:
+            kept[key] = t
+            continue
         if path.endswith(".base_layer") and path[:-len(".base_layer")] in modules:
             path = path[:-len(".base_layer")]
         elif not (leaf == "weight" and path and id(_get(model, path)) in embeddings):
