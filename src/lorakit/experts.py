@@ -256,8 +256,13 @@ class LoraExperts(nn.Module):
             out = out.index_copy(0, idx, y)
         return out
 
-    def explain(self, *args, **kwargs) -> str:
-        """Which path a call with these arguments takes, and why (nothing is computed)."""
+    def explain(self, hidden_states: Tensor, *args, **kwargs) -> str:
+        """Which path a call with these arguments takes, and why (nothing is computed). Given the hidden
+        states alone, the call is taken to be transformers' (hidden_states, top_k_index, top_k_weights)."""
+        if not args and not kwargs:
+            args = (hidden_states, hidden_states, hidden_states)  # only their being tensors is looked at
+        else:
+            args = (hidden_states, *args)
         path = path_for(self, args, kwargs)
         if path == "grouped":
             return ("grouped: tokens sorted by expert; base weights and LoRA factors applied per expert group "
