@@ -313,7 +313,10 @@ def grouped_experts_forward(module: LoraExperts, hidden_states: Tensor, top_k_in
     h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
     out = _grouped_projection(module, "down_proj", h, counts, sorted_ids)
     out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
-    return torch.zeros_like(hidden_states).index_add(0, token, out.to(hidden_states.dtype))
+    # back to (token, k) order and summed over k, as transformers does (deterministic, unlike index_add on CUDA)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return out[inverse].view(-1, k, out.shape[-1]).sum(1).to(hidden_states.dtype)
 
 
 def _grouped_projection(module: LoraExperts, name: str, x: Tensor, counts: Tensor, sorted_ids: Tensor) -> Tensor:
@@ -339,11 +342,13 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     torch's grouped matmul kernel on CUDA where its layout rules hold (16-bit dtypes, 16-byte strides),
     else one matmul per expert.
     """
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype \
-            and hasattr(F, "grouped_mm") and (w.shape[1] * x.element_size()) % 16 == 0 \
-            and (w.shape[2] * x.element_size()) % 16 == 0:
+    size = x.element_size()
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and hasattr(F, "grouped_mm") \
+            and (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0:
+        if w.stride(2) != 1 and w.stride(1) != 1:  # the kernel reads row- or column-major matrices only
+            w = w.contiguous()
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return F.grouped_mm(x.contiguous(), w.contiguous(), offs=offs)
+        return F.grouped_mm(x.contiguous(), w, offs=offs)
     parts = x.split(counts.tolist())
     return torch.cat([p @ w[e] for e, p in enumerate(parts)])
 
