@@ -305,7 +305,10 @@ def grouped_experts_forward(module: LoraExperts, hidden_states: Tensor, top_k_in
     expert_ids = top_k_index.reshape(-1)  # (S,) with S = T * k token-expert pairs
     order = torch.argsort(expert_ids, stable=True)
     token = order // k
-    counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts]
+    # tokens per expert with histc, whose output size is known without reading the ids back to the host
+    # (bincount's is not): no device sync, so a CUDA graph can hold the step; CPU histc takes floats only
+    ids = expert_ids.int() if expert_ids.is_cuda else expert_ids.float()
+    counts = torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
     x = hidden_states[token]  # (S, H), grouped by expert
     sorted_ids = expert_ids[order]
     up = "gate_up_proj" if base.has_gate else "up_proj"
@@ -349,7 +352,7 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
             w = w.contiguous()
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return F.grouped_mm(x.contiguous(), w, offs=offs)
-    parts = x.split(counts.tolist())
+    parts = x.split([int(c) for c in counts.tolist()])
     return torch.cat([p @ w[e] for e, p in enumerate(parts)])
 
 
