@@ -101,6 +101,17 @@ def test_peft_files_both_ways(bases, family, tmp_path):
         torch.testing.assert_close(back(x).logits, mine(x).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_peft_reads_a_parameter_only_adapter(bases, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, x = bases["qwen3_moe"], moe_models.tokens()
+    mine = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=2, alpha=4, target_parameters=["mlp.experts.down_proj"]))
+    _randomize_B(mine)
+    lk.save_adapter(mine, tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, mine(x).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_saved_keys_are_peft_nesting(bases, tmp_path):
     from safetensors.torch import load_file
 

@@ -163,6 +163,10 @@ class LoraExperts(nn.Module):
     Under `lk.route`, the module's first argument must hold the tokens of the batch example after example
     (hidden states of shape (batch * seq, hidden), as transformers' MoE blocks pass them); each example's
     tokens go through its own adapter.
+
+    On the reference path the wrapped module is handed the weights for the duration of its call (as
+    instance attributes), so one module serves one forward at a time: threads that run the same model at
+    once need a model each (as with `lk.route`).
     """
 
     def __init__(self, base: nn.Module) -> None:

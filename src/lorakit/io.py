@@ -8,6 +8,10 @@ safetensors header's metadata, "lorakit", with a fingerprint of the base (adapte
 weight shapes), the slice masks of fused projections and a copy of the config fields that decide the
 scale (so a config from another save is refused); PEFT ignores it.
 
+Parameter adapters (`target_parameters`, `lorakit.experts`) are written as PEFT writes them: under the
+owning module's path, with one ".base_layer" per adapted parameter of that module that comes after it
+(PEFT nests one wrapper per parameter), and `target_parameters` in adapter_config.json.
+
 Loading treats files as untrusted data: every value is checked before the model is touched, regex
 patterns that could backtrack for ages are refused, and whatever goes wrong becomes an AdapterFileError
 naming the file, with the model left as it was.
