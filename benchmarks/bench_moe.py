@@ -22,7 +22,6 @@ transformers' experts run their "grouped_mm" implementation in every case.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import statistics
 import time
@@ -115,7 +114,7 @@ def run_case(case: str, args, device, dtype) -> dict:
         lk.set_fast_path("on" if case == "lorakit" else "off")
         explained = block.explain(torch.empty(1, 1, device=device, dtype=dtype)).split(":")[0]
         lk.set_fast_path("auto")
-    del model, opt, params
+    model = opt = params = step = None  # free this case's memory before the next
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

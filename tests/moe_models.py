@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-_COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+_COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
 
 

@@ -488,7 +488,8 @@ def resolve_peft_path(model: nn.Module, path: str, target_parameters: list[str])
         return None
     if isinstance(owner, LoraLayer):
         return None
-    params = owner._moved if isinstance(owner, LoraExperts) else [n for n, p in owner._parameters.items() if p is not None]
+    params = (owner._moved if isinstance(owner, LoraExperts)
+              else [n for n, p in owner._parameters.items() if p is not None])
     adapted = [p for p in params if _param_matches(target_parameters, f"{path}.{p}")]
     if depth >= len(adapted):
         return None
