@@ -157,6 +157,14 @@ def test_several_adapters_merge_unmerge_any_order(bases):
     lk.unmerge(model, "a")
     lk.unmerge(model, "b")
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, w0)
+    lk.delete_adapter(model, "b")
+    lk.set_adapter(model, "a")
+    with torch.no_grad():
+        only_a = model(x).logits
+    lk.eject(model, merge=True)  # a plain model again, with a's update in its expert weights
+    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, only_a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
