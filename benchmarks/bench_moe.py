@@ -17,6 +17,8 @@ transformers' experts run their "grouped_mm" implementation in every case.
 
     PYTHONPATH=src python benchmarks/bench_moe.py [--layers 4] [--batch 8] [--seq 1024] [--cases floor,lorakit]
     PYTHONPATH=src python benchmarks/bench_moe.py --tiny      # a small CPU smoke run of every case
+    PYTHONPATH=src python benchmarks/bench_moe.py --check [--tiny]   # grouped vs reference: loss, gradients;
+                                                                       # and (CUDA) the step as one CUDA graph
 """
 
 from __future__ import annotations
@@ -121,6 +123,35 @@ def run_case(case: str, args, device, dtype) -> dict:
     return {"ms": statistics.median(times), "peak": peak, "path": explained}
 
 
+def check(args, device, dtype) -> None:
+    """The grouped path against the reference on one batch: loss and every adapter gradient, then (CUDA) the
+    grouped step captured by lk.graphed_step."""
+    import lorakit as lk
+
+    model, params = prepare("lorakit", build(args, device, dtype), args.r)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    got = {}
+    for mode in ("off", "on"):
+        lk.set_fast_path(mode)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        got[mode] = (loss.item(), [p.grad.float().clone() for p in params])
+    worst = max(float((a - b).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(got["off"][1], got["on"][1]))
+    print(f"loss reference {got['off'][0]:.6f} grouped {got['on'][0]:.6f}; worst relative gradient error {worst:.2e}")
+    if device.type == "cuda":
+        opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
+        batch = {"input_ids": ids, "labels": ids}
+        try:
+            step = lk.graphed_step(model, opt, batch)
+            print("graphed step losses", [round(step(batch).item(), 5) for _ in range(3)])
+        except lk.LoraError as exc:
+            print(f"graphed step refused: {exc}")
+    lk.set_fast_path("auto")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -132,6 +163,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (float32): a smoke test")
+    ap.add_argument("--check", action="store_true", help="compare the grouped path with the reference instead")
     args = ap.parse_args()
     if args.tiny:
         args.layers, args.batch, args.seq, args.steps, args.warmup = 2, 2, 16, 2, 1
@@ -143,6 +175,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# device {name}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}; {args.layers} layers, batch {args.batch} x {args.seq}, r={args.r}")
+    if args.check:
+        return check(args, device, dtype)
     results = {}
     for case in args.cases.split(","):
         results[case] = run_case(case, args, device, dtype)
