@@ -52,12 +52,17 @@ class LoraConfig:
             (GPT-2's `c_attn` with `[True, False, True]` adapts q and v, as loralib's MergedLinear).
         modules_to_save: modules (same matching as `targets`) that train fully and are saved with the
             adapter, e.g. a newly initialized classification head.
+        target_parameters: parameters to adapt directly, PEFT's `target_parameters`: a name matches a
+            parameter whose full name equals it or ends with "." + name, e.g.
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] for the 3-D expert weights of a
+            mixture-of-experts model (one rank-r update per expert, `lorakit.experts`). With
+            target_parameters and no `targets`, only the parameters are adapted; dropout must be 0.
     """
 
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    targets: list[str] | str | None = None  # None: ["q_proj", "v_proj"], or none with target_parameters
     exclude: list[str] | str | None = None
     init: str = "kaiming"
     rslora: bool = False
@@ -66,8 +71,15 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     slices: dict[str, list[bool]] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_parameters, tuple):
+            self.target_parameters = list(self.target_parameters)
+        if self.target_parameters is not None:
+            _check_target_parameters(self.target_parameters, self.dropout)
+        if self.targets is None:
+            self.targets = [] if self.target_parameters else ["q_proj", "v_proj"]
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         if isinstance(self.exclude, tuple):
@@ -84,7 +96,7 @@ class LoraConfig:
             raise ConfigError(f"bias must be one of {', '.join(BIASES)}; got {self.bias!r}.")
         if isinstance(self.targets, str):
             check_regex(self.targets, "targets")
-        elif not isinstance(self.targets, list) or not self.targets \
+        elif not isinstance(self.targets, list) or not (self.targets or self.target_parameters) \
                 or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(
                 f"targets must be a non-empty list of module names, a regex string, or 'all-linear'; "
@@ -146,6 +158,15 @@ class LoraConfig:
         if unknown:
             raise ConfigError(f"Unknown LoraConfig fields {unknown}; known fields are {sorted(known)}.")
         return cls(**data)
+
+
+def _check_target_parameters(names: Any, dropout: Any) -> None:
+    if not isinstance(names, list) or not names or not all(isinstance(t, str) and t for t in names):
+        raise ConfigError(f"target_parameters must be None or a non-empty list of parameter names, e.g. "
+                          f"['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']; got {names!r}.")
+    if dropout:
+        raise ConfigError(f"dropout={dropout!r} cannot apply to target_parameters: their update is added to the "
+                          "weight itself, so there is no adapter input to drop (PEFT refuses it too). Use dropout=0.")
 
 
 def scaling(alpha: float, r: int, rslora: bool) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from . import fast, quant
+from . import experts, fast, quant
 from . import hf  # transformers' Trainer hooks: attach() in inject, detach() in eject
 from .config import LoraConfig, name_matches
 from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
@@ -134,7 +134,8 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
 
     Raises:
         ConfigError: `name` is taken or not a plain identifier.
-        TargetError: the targets match nothing, or match a module LoRA cannot adapt.
+        TargetError: the targets match nothing, or match a module LoRA cannot adapt; target_parameters
+            match nothing, or a parameter that is not a 2-D or 3-D floating-point weight.
         StateError: init='pissa' while an adapter is merged, or on a module PiSSA does not support;
             the model is left as it was.
     """
@@ -147,9 +148,16 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
                           f"lk.delete_adapter(model, {name!r}) first.")
     if any(layer.merged for _, layer in lora_layers(model)) and cfg.init == "pissa":
         raise StateError("Unmerge every adapter before adding a pissa adapter (it rewrites base weights).")
-    paths = match_targets(model, cfg)
+    paths = match_targets(model, cfg) if cfg.targets else []
+    params = experts.match_parameters(model, cfg) if cfg.target_parameters else []
     done: list[tuple[str, LoraLayer, nn.Module | None]] = []  # (path, wrapper, base module it replaced here)
+    done_params: list[tuple[str, LoraLayer, nn.Module | None, bool]] = []  # (parameter, layer, wrapped, created)
     try:
+        for key in params:
+            layer, wrapped, created = experts.param_layer(model, key)
+            done_params.append((key, layer, wrapped, created))
+            layer.adapters[name] = experts.new_param_adapter(
+                layer, cfg.rank_for(key), cfg.alpha_for(key), cfg.rslora, cfg.init, key)
         for path in paths:
             module = model.get_submodule(path)
             replaced = None
@@ -169,6 +177,10 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
                 del module.adapters[name]
             if replaced is not None:
                 _set_submodule(model, path, module.unwrap())
+        for key, layer, wrapped, created in reversed(done_params):
+            if name in layer.adapters:
+                del layer.adapters[name]
+            experts.release(model, key, wrapped, created)
         raise
     configs(model)[name] = cfg
     _freeze_base(model, cfg, paths)
@@ -408,7 +420,8 @@ def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(p), []).append(f"{mpath}.{pname}" if mpath else pname)
     for path, layer in layers:
-        others = [o for o in owners.get(id(layer.weight), []) if o != f"{path}.weight"]
+        own = experts.parameter_path(path) if isinstance(layer, experts.LoraParam) else f"{path}.weight"
+        others = [o for o in owners.get(id(layer.weight), []) if o != own]
         if others:
             raise StateError(
                 f"{path}.weight is shared with {others[0]} (tied weights), so merging an adapter into it would also "
@@ -479,9 +492,12 @@ def eject(model: nn.Module, merge: bool = True) -> nn.Module:
         restore_replaced(model)
     fast.unfuse(model)
     for path, layer in list(lora_layers(model)):
+        if isinstance(layer, experts.LoraParam):
+            continue  # its owner, a LoraExperts, is unwrapped below
         base = layer.unwrap()
         base.train(layer.training)
         _set_submodule(model, path, base)
+    experts.unwrap_all(model)
     model.__dict__.pop("_lorakit_configs", None)
     model.__dict__.pop("_lorakit_active", None)
     hf.detach(model)

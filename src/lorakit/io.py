@@ -8,6 +8,10 @@ safetensors header's metadata, "lorakit", with a fingerprint of the base (adapte
 weight shapes), the slice masks of fused projections and a copy of the config fields that decide the
 scale (so a config from another save is refused); PEFT ignores it.
 
+Parameter adapters (`target_parameters`, `lorakit.experts`) are written as PEFT writes them: under the
+owning module's path, with one ".base_layer" per adapted parameter of that module that comes after it
+(PEFT nests one wrapper per parameter), and `target_parameters` in adapter_config.json.
+
 Loading treats files as untrusted data: every value is checked before the model is touched, regex
 patterns that could backtrack for ages are refused, and whatever goes wrong becomes an AdapterFileError
 naming the file, with the model left as it was.
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import experts
 from .config import LoraConfig, scaling
 from .errors import AdapterFileError, ConfigError, LoraError, ShapeMismatchError
 from .inject import _NAME_RE, _require, configs, inject, lora_layers, saved_module_paths
@@ -95,10 +100,23 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
     alpha_pattern = {}
     slices = {}
     paths = []
+    target_parameters = []  # adapted parameters, by their full names (PEFT's target_parameters)
+    peft_paths = experts.peft_key_paths(model, name)
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue
         a = layer.adapters[name]
+        if isinstance(layer, experts.LoraParam):
+            # PEFT's keys: the owner's path, one ".base_layer" per parameter wrapped after this one
+            key = experts.parameter_path(path)
+            target_parameters.append(key)
+            fingerprint[key] = list(layer.weight.shape)
+            tensors[f"{PREFIX}{peft_paths[path]}.lora_A.weight"] = a.lora_A
+            tensors[f"{PREFIX}{peft_paths[path]}.lora_B.weight"] = a.lora_B
+            if a.r != cfg.r or a.alpha != cfg.alpha:
+                rank_pattern[re.escape(key)] = a.r
+                alpha_pattern[re.escape(key)] = a.alpha
+            continue
         paths.append(path)
         fingerprint[path] = _weight_shape(layer)
         A, B = a.lora_A, a.full_B()
@@ -146,6 +164,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
         "lora_alpha": cfg.alpha * grow_alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": paths,
+        "target_parameters": target_parameters or None,
         "exclude_modules": None,
         "bias": cfg.bias,
         "use_rslora": cfg.rslora,
@@ -585,6 +604,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise bad("lora_dropout", "a number in [0, 1)")
     if data.get("bias") is not None and data["bias"] not in ("none", "all", "lora_only"):
         raise bad("bias", 'one of "none", "all", "lora_only"')
+    params = data.get("target_parameters")
+    if params is not None and not (isinstance(params, list) and all(isinstance(t, str) and t for t in params)):
+        raise bad("target_parameters", "null or a list of parameter names")
     saved = data.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
         raise bad("modules_to_save", "null or a list of module names")
@@ -692,9 +714,11 @@ class _Plan:
     """A checked adapter, ready to install: nothing in it can fail against the model it was planned for."""
 
     def __init__(self, source: str, modules: dict[str, _Module], rslora: bool, dropout: float, bias: str,
-                 modules_to_save: list[str] | None, extra: dict[str, Tensor], init: str = "zeros") -> None:
+                 modules_to_save: list[str] | None, extra: dict[str, Tensor], init: str = "zeros",
+                 params: dict[str, _Module] | None = None) -> None:
         self.source, self.modules, self.rslora, self.dropout = source, modules, rslora, dropout
         self.bias, self.modules_to_save, self.extra, self.init = bias, modules_to_save, extra, init
+        self.params = params or {}  # adapted parameters (target_parameters), by full parameter name
 
 
 def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights: Path | None = None) -> _Plan:
@@ -714,8 +738,20 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
     file_cfg = _file_config(data)
     rslora = file_cfg.rslora
     saved_slices = meta.get("slices") or {}
-    modules = {}
+    modules, params = {}, {}
+    target_parameters = data.get("target_parameters") or []
     for path, entry in pairs.items():
+        if target_parameters:
+            key = experts.resolve_peft_path(model, path, target_parameters)
+            if key is not None:
+                params[key] = _plan_param(model, key, entry, file_cfg.alpha_for(key), rslora, file_cfg.rank_for(key),
+                                          str(weights))
+                continue
+            if path.endswith(".base_layer") or not _adaptable_module(model, path):
+                raise ShapeMismatchError(
+                    f"{weights} holds LoRA tensors under {path!r} for target_parameters={target_parameters}, but no "
+                    f"parameter of this {type(model).__name__} there matches them; the adapter was trained on "
+                    "another architecture (its parameter names differ).")
         modules[path] = _plan_module(model, path, entry, file_cfg.alpha_for(path), rslora, saved_slices.get(path),
                                      str(weights), rank=file_cfg.rank_for(path))
     bias = data.get("bias") or "none"
@@ -733,7 +769,41 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
                 "only what the config declares: remove the tensor, or declare the module in modules_to_save.")
     _check_extra(model, extra, str(weights))
     return _Plan(str(weights), modules, rslora, float(data.get("lora_dropout") or 0.0), bias, modules_to_save, extra,
-                 init)
+                 init, params)
+
+
+def _adaptable_module(model: nn.Module, path: str) -> bool:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return isinstance(module, LoraLayer) or supported(module)
+
+
+def _plan_param(model: nn.Module, key: str, entry: dict[str, Any], alpha: float, rslora: bool, rank: int,
+                source: str) -> _Module:
+    """Check one parameter adapter's A (r*E, in) and B (out, r*E) against parameter `key` of the model."""
+    shape = experts.parameter_shape(model, key)
+    if shape is None:
+        raise ShapeMismatchError(f"{source} adapts parameter {key!r}, which this {type(model).__name__} does not have "
+                                 "as a 2-D or 3-D weight; the adapter was trained on another architecture.")
+    num_experts, n_in, n_out, _ = shape
+    param = model.get_submodule(key.rpartition(".")[0])._parameters[key.rpartition(".")[2]]
+    A = _checked_tensor(entry["A"], f"{key} lora_A", source, param.dtype)
+    B = _checked_tensor(entry["B"], f"{key} lora_B", source, param.dtype)
+    rows = A.shape[0] if A.ndim else 0
+    if entry["embedding"] or A.ndim != 2 or B.ndim != 2 or not rows or A.shape[1] != n_in or B.shape[0] != n_out \
+            or B.shape[1] != rows or rows % num_experts:
+        raise ShapeMismatchError(
+            f"{source}: parameter {key!r} has shape {tuple(param.shape)} here ({num_experts} experts of in={n_in}, "
+            f"out={n_out}), which takes lora_A (r*{num_experts}, {n_in}) and lora_B ({n_out}, r*{num_experts}); the "
+            f"adapter has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}. It belongs to another base model.")
+    if rows != rank * num_experts:
+        raise AdapterFileError(
+            f"{source}: parameter {key!r} has rank {rows // num_experts} per expert (lora_A has {rows} rows for "
+            f"{num_experts} experts) but {CONFIG_NAME} gives it r={rank}, which needs {rank * num_experts} rows: the "
+            "rank pattern does not fit these weights. Fix rank_pattern or re-save the adapter.")
+    return _Module(A, B, rank, alpha, None)
 
 
 def _without_embedding_copies(model: nn.Module, extra: dict[str, Tensor], modules: dict, declared,
@@ -838,6 +908,15 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
     """Raise ShapeMismatchError naming the first adapted module whose base weight differs."""
     modules = fingerprint.get("modules") or {}
     for path, shape in modules.items():
+        owner, _, pname = path.rpartition(".")
+        param = _parameter(model, owner, pname)
+        if param is not None:  # an adapted parameter (target_parameters)
+            if list(shape) != list(param.shape):
+                raise ShapeMismatchError(
+                    f"The adapter at {source} does not fit this model: parameter {path!r} has shape "
+                    f"{tuple(param.shape)} here but {tuple(shape)} in the base the adapter was trained on. Load it "
+                    "into the same base model (same size and architecture).")
+            continue
         try:
             module = model.get_submodule(path)
         except AttributeError:
@@ -853,6 +932,17 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any], source: Pat
                 f"The adapter at {source} does not fit this model: module {path!r} has weight shape {got} here "
                 f"but {tuple(shape)} in the base the adapter was trained on. Load it into the same base model "
                 "(same size and architecture).")
+
+
+def _parameter(model: nn.Module, owner: str, pname: str) -> Tensor | None:
+    """Parameter `pname` that module `owner` holds itself (a LoraExperts holds its module's), or None."""
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    if isinstance(module, LoraLayer):
+        return None
+    return module._parameters.get(pname)
 
 
 def _plan_module(model: nn.Module, path: str, entry: dict[str, Any], alpha: float, rslora: bool,
@@ -985,12 +1075,15 @@ def _check_extra(model: nn.Module, extra: dict[str, Tensor], source: str) -> Non
 def _install(model: nn.Module, name: str, plan: _Plan) -> None:
     """Create adapter `name` on exactly the planned modules, copy the tensors in, and remember the base
     parameters it replaces. If anything fails, the model is put back as it was."""
-    esc = {path: re.escape(path) for path in plan.modules}
-    first = next(iter(plan.modules.values()))
+    esc = {path: re.escape(path) for path in [*plan.modules, *plan.params]}
+    every = {**plan.modules, **plan.params}
+    first = next(iter(every.values()))
     cfg = LoraConfig(
-        r=first.r, alpha=first.alpha, dropout=plan.dropout, targets="|".join(esc.values()), init=plan.init,
-        rslora=plan.rslora, bias=plan.bias, rank_pattern={esc[p]: m.r for p, m in plan.modules.items()},
-        alpha_pattern={esc[p]: m.alpha for p, m in plan.modules.items()},
+        r=first.r, alpha=first.alpha, dropout=plan.dropout, init=plan.init,
+        targets="|".join(esc[p] for p in plan.modules) if plan.modules else [],
+        target_parameters=list(plan.params) or None,
+        rslora=plan.rslora, bias=plan.bias, rank_pattern={esc[p]: m.r for p, m in every.items()},
+        alpha_pattern={esc[p]: m.alpha for p, m in every.items()},
         slices={esc[p]: m.slices for p, m in plan.modules.items() if m.slices},
         modules_to_save=plan.modules_to_save)
     params = dict(model.named_parameters())
@@ -1003,6 +1096,10 @@ def _install(model: nn.Module, name: str, plan: _Plan) -> None:
                 a = model.get_submodule(path).adapters[name]
                 a.lora_A.copy_(m.A.reshape(a.lora_A.shape))
                 a.lora_B.copy_(m.B.reshape(a.lora_B.shape))
+            for key, m in plan.params.items():
+                a = experts.layer_of(model, key).adapters[name]
+                a.lora_A.copy_(m.A)
+                a.lora_B.copy_(m.B)
             for key, t in plan.extra.items():
                 params[key].copy_(t)
     except BaseException as exc:
@@ -1021,6 +1118,7 @@ class _Undo:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.wrapped = {path for path, _ in lora_layers(model)}
+        self.owners = {path for path, m in model.named_modules() if isinstance(m, experts.LoraExperts)}
         self.layer_active = {path: list(layer.active) for path, layer in lora_layers(model)}
         self.state = {k: model.__dict__[k] for k in ("_lorakit_active", "_lorakit_configs") if k in model.__dict__}
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
@@ -1032,9 +1130,16 @@ class _Undo:
                 del layer.adapters[name]
             if path in self.wrapped:
                 layer.active = self.layer_active[path]
+            elif isinstance(layer, experts.LoraParam):  # made by this load: drop it from its owner
+                owner, _, pname = experts.parameter_path(path).rpartition(".")
+                del model.get_submodule(owner)._modules[experts.CONTAINER][pname]
             else:  # wrapped by this load: give the module back its own place
                 parent, _, child = path.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, layer.unwrap())
+        for path, module in list(model.named_modules()):
+            if isinstance(module, experts.LoraExperts) and path not in self.owners:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module.unwrap())
         configs(model).pop(name, None)
         for key in ("_lorakit_active", "_lorakit_configs"):
             model.__dict__.pop(key, None)

@@ -147,9 +147,12 @@ def explain(layer, x: Tensor) -> str:
 
     For example "infer: inference with one adapter: ... [triton]". Nothing is computed.
     """
+    from ..experts import LoraExperts
     from ..layers import LoraLinear
     from .state import enabled_for, fast_path_mode
 
+    if isinstance(layer, LoraExperts):  # a module with adapted parameters (`lorakit.experts`)
+        return layer.explain(x)
     if not isinstance(layer, LoraLinear) or layer.disabled or not enabled_for(x):
         why = "disabled" if getattr(layer, "disabled", False) else f"fast path mode {fast_path_mode()!r} on {x.device}"
         return f"reference: {_reference.__doc__} ({why})"
