@@ -52,6 +52,10 @@ class LoraConfig:
             (GPT-2's `c_attn` with `[True, False, True]` adapts q and v, as loralib's MergedLinear).
         modules_to_save: modules (same matching as `targets`) that train fully and are saved with the
             adapter, e.g. a newly initialized classification head.
+        dora: DoRA (Liu et al. 2024, PEFT's `use_dora`): each adapted linear also learns a magnitude per
+            output row, m (out,), initialized to the row norms of W + scale * B @ A, and computes with
+            m * (W + scale * B @ A) / ||W + scale * B @ A|| (row-wise; the norm gets no gradient).
+            Linear layers only (nn.Linear, GPT-2's Conv1D), unquantized.
     """
 
     r: int = 8
@@ -66,6 +70,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     slices: dict[str, list[bool]] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -78,6 +83,8 @@ class LoraConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"rslora must be True or False, got {self.rslora!r}.")
+        if not isinstance(self.dora, bool):
+            raise ConfigError(f"dora must be True or False, got {self.dora!r}.")
         if not isinstance(self.init, str) or self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}.")
         if not isinstance(self.bias, str) or self.bias not in BIASES:

@@ -153,7 +153,7 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
             done.append((path, module, replaced))
             module.adapters[name] = new_adapter(
                 module, path, cfg.rank_for(path), cfg.alpha_for(path), cfg.rslora, cfg.dropout, cfg.init,
-                cfg.slices_for(path), name)
+                cfg.slices_for(path), name, dora=cfg.dora)
     except BaseException:
         for path, module, replaced in reversed(done):  # leave the model as it was
             if name in module.residuals:

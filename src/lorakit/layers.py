@@ -7,6 +7,9 @@ load unchanged, plus an `adapters` ModuleDict with one small `LoraAdapter` per n
 
     y = base(x) + sum over active adapters a of  a.scale * B_a @ A_a @ dropout_a(x)
 
+A DoRA adapter (`LoraConfig(dora=True)`, linear layers) also holds a magnitude m (out,) and contributes
+`functional.dora_delta_out`: the output of W + dW with each output row rescaled to length m.
+
 State changes (merge, unmerge, routing, enabling) are explicit calls on the wrapper,
 made through the free functions in `lorakit.inject`; nothing changes behind the user's back.
 """
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 from . import fast
 from . import functional as LF
-from .errors import AdapterNotFoundError, MergeError, StateError
+from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError
 
 # The forward passes below read what they need from the modules' own `_parameters` / `_modules` dicts
 # (`_param`): an attribute read that nn.Module.__getattr__ answers costs as much as the decode step's
@@ -37,22 +40,48 @@ class LoraAdapter(nn.Module):
     """One named adapter of one layer: `lora_A` (r, in), `lora_B` (out, r), a scale and a dropout.
 
     For convolutions A is (r, in, *kernel) and B is (out, r, 1, ...), as in PEFT's files.
+    A DoRA adapter also has `lora_magnitude_vector` (out,), PEFT's name; for others it is None.
     With `slices` (fused projections such as GPT-2's c_attn), A holds one rank-r block per
     enabled slice, (k*r, in), and B the enabled slices' rows, (k*out/n, r); `full_B()` expands
     B to the (out, k*r) block matrix that acts on the whole fused output.
     """
 
     def __init__(self, A: Tensor, B: Tensor, alpha: float, r: int, rslora: bool,
-                 dropout: float, slices: list[bool] | None = None) -> None:
+                 dropout: float, slices: list[bool] | None = None, magnitude: Tensor | None = None) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(A)
         self.lora_B = nn.Parameter(B)
+        self.lora_magnitude_vector = nn.Parameter(magnitude) if magnitude is not None else None
+        # DoRA: (key, ||W + scale * B @ A|| per output row) of the last `weight_norm` call
+        self._norm_cache: tuple[tuple, Tensor] | None = None
         self.r = r
         self.alpha = float(alpha)
         self.rslora = rslora
         self.scale = float(alpha) / (math.sqrt(r) if rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slices = list(slices) if slices is not None else None
+
+    @property
+    def dora(self) -> bool:
+        """Whether this is a DoRA adapter (it has a magnitude vector)."""
+        return self._parameters.get("lora_magnitude_vector") is not None
+
+    def weight_norm(self, weight: Tensor) -> Tensor:
+        """DoRA's ||W + scale * B @ A|| per output row (`functional.dora_weight_norm`; float32 (out,), no autograd)
+        for weight (out, in) the layer's weight.
+
+        Computed once and reused while W, A and B are the same tensors at the same version: an optimizer step,
+        a merge or unmerge, a load (anything that changes them in place) or a new dtype or device makes the next
+        call compute it again. Not cached while torch.compile traces or a CUDA graph is captured.
+        """
+        A, B = _param(self, "lora_A"), _param(self, "lora_B")
+        if torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return LF.dora_weight_norm(weight, A, self.full_B(), self.scale)
+        key = (self.scale, *((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, A, B)))
+        cache = self._norm_cache
+        if cache is None or cache[0] != key:
+            cache = self._norm_cache = (key, LF.dora_weight_norm(weight, A, self.full_B(), self.scale))
+        return cache[1]
 
     @property
     def dropout_p(self) -> float:
@@ -93,7 +122,8 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         sliced = f", slices={self.slices}" if self.slices is not None else ""
-        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{sliced}"
+        dora = ", dora=True" if self.dora else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{sliced}{dora}"
 
 
 @dataclass
@@ -102,12 +132,15 @@ class WeightEdit:
 
     A merged adapter is one (its factors as they were when merged); a PiSSA residual is another (its
     initial factors with a negative scale). `restore` lets `LF.unmerge_exact` take it out bit-exactly.
+    A merged DoRA adapter has a `factor` (out,) float32, its m / ||W + dW|| on the weight without merged
+    adapters (PEFT's rule) when merged: the change is then W -> factor * (W + dW), rounded once.
     """
 
     A: Tensor
     B: Tensor  # full_B(): (out, r_total)
     scale: float
     restore: LF.Restore | None = None
+    factor: Tensor | None = None
 
 
 class LoraLayer(nn.Module):
@@ -245,11 +278,11 @@ class LoraLayer(nn.Module):
     def _replay(self, w: Tensor, undo: list, make: list, module_name: str) -> list[LF.Restore]:
         """Undo the changes `undo` (last first) in `w` in place, then make `make` in order; their new records."""
         for _, _, e in reversed(undo):
-            LF.unmerge_exact(w, self._edit_delta(e), e.restore)
+            LF.unmerge_exact(w, self._edit_delta(e), e.restore, self._edit_factor(e))
         records = []
         for res, n, e in make:
             try:
-                records.append(LF.merge_exact(w, self._edit_delta(e)))
+                records.append(LF.merge_exact(w, self._edit_delta(e), self._edit_factor(e)))
             except FloatingPointError:
                 what = f"the PiSSA residual of {n!r}" if res else f"adapter {n!r}"
                 raise MergeError(
@@ -261,10 +294,30 @@ class LoraLayer(nn.Module):
 
     def _new_edit(self, name: str) -> WeightEdit:
         a = self.adapters[name]
-        return WeightEdit(a.lora_A.detach().clone(), a.full_B().detach().clone(), a.scale)
+        edit = WeightEdit(a.lora_A.detach().clone(), a.full_B().detach().clone(), a.scale)
+        if a.dora:  # the norm is taken on the weight without the merged adapters, as PEFT's merge does
+            unmerged = self._to_weight_layout(self._unmerged_weight())  # (out, in)
+            norm = LF.dora_weight_norm(unmerged, edit.A, edit.B, edit.scale).to(self.weight.device)
+            edit.factor = LF.dora_factor(a.lora_magnitude_vector.detach(), norm, torch.float32)
+        return edit
+
+    def _unmerged_weight(self) -> Tensor:
+        """`weight` with every merged adapter taken out (the PiSSA residuals stay): itself when none is merged."""
+        if not self.merged:
+            return self.weight.data
+        w = self.weight.data.clone()
+        for e in reversed(list(self.merged.values())):
+            LF.unmerge_exact(w, self._edit_delta(e), e.restore, self._edit_factor(e))
+        return w
 
     def _edit_delta(self, e: WeightEdit) -> Tensor:
         return self._to_weight_layout(LF.delta_weight(e.A, e.B, e.scale)).to(self.weight.device)
+
+    def _edit_factor(self, e: WeightEdit) -> Tensor | None:
+        """A DoRA edit's factor (out,) shaped to scale the output rows of `weight` as it is laid out."""
+        if e.factor is None:
+            return None
+        return self._to_weight_layout(e.factor.reshape(-1, *(1,) * (self.weight.dim() - 1)))
 
     # -- forward ------------------------------------------------------------------------------------
     def _base_forward(self, x: Tensor) -> Tensor:
@@ -344,6 +397,10 @@ class LoraLinear(LoraLayer):
         return F.linear(x, weight, bias)
 
     def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
+        if a.dora:
+            weight = self.weight_out_in()
+            f = LF.dora_factor(_param(a, "lora_magnitude_vector"), a.weight_norm(weight), x.dtype)
+            return LF.dora_delta_out(a.apply_dropout(x), weight, _param(a, "lora_A"), a.full_B(), a.scale, f)
         return LF.lora_delta_out(a.apply_dropout(x), _param(a, "lora_A"), a.full_B(), a.scale)
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
@@ -444,10 +501,18 @@ def wrap(module: nn.Module) -> LoraLayer:
 
 
 def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora: bool, dropout: float,
-                init: str, slices: list[bool] | None, name: str = "default") -> LoraAdapter:
+                init: str, slices: list[bool] | None, name: str = "default", dora: bool = False) -> LoraAdapter:
     """Create adapter `name` sized for `layer`, initialized by `init` (see LoraConfig.init).
 
-    init='pissa' also rewrites the layer's weight to the residual (see `pissa_init`)."""
+    init='pissa' also rewrites the layer's weight to the residual (see `pissa_init`). With `dora` the
+    adapter gets a magnitude, ||W + scale * B @ A|| per output row of the layer's weight as it is now.
+
+    Raises:
+        ConfigError: `dora` on a layer that cannot take it (see `check_dora`).
+        StateError: init='pissa' where PiSSA does not apply, or slices on a layer other than a linear.
+    """
+    if dora:
+        check_dora(layer, weight_name)
     w = layer.weight
     dev, dt = w.device, layer.adapter_dtype()
     if init == "pissa" and layer.quantized:
@@ -485,7 +550,27 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
             nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
     if init == "pissa":
         pissa_init(layer, adapter, weight_name, name)
+    if dora:
+        norm = LF.dora_weight_norm(layer.weight_out_in(), adapter.lora_A, adapter.full_B(), adapter.scale)
+        adapter.lora_magnitude_vector = nn.Parameter(norm.to(dt))
     return adapter
+
+
+def check_dora(layer: LoraLayer, weight_name: str) -> None:
+    """Refuse DoRA where lorakit does not compute it: on anything but a (16/32-bit) linear layer.
+
+    Raises:
+        ConfigError: naming the module, its type and what to do.
+    """
+    base = type(layer._base).__name__
+    if layer.quantized:
+        raise ConfigError(f"dora=True cannot adapt {weight_name} ({base}): DoRA needs the norm of the weight, "
+                          "and lorakit computes it for unquantized weights only. Use dora=False on a quantized "
+                          "base, or load the base in 16 bits.")
+    if not isinstance(layer, LoraLinear):
+        raise ConfigError(f"dora=True cannot adapt {weight_name} ({base}): lorakit's DoRA takes linear layers "
+                          "(nn.Linear, GPT-2's Conv1D) only. Leave the module out of targets (or exclude it), "
+                          "or adapt it in another adapter with dora=False.")
 
 
 def pissa_init(layer: LoraLayer, adapter: LoraAdapter, weight_name: str, name: str) -> None:
