@@ -248,7 +248,8 @@ def dora_factor(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def dora_delta_out(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float, factor: Tensor) -> Tensor:
-    """A DoRA adapter's contribution to a linear's output, PEFT's formula: (f - 1) * x @ W.T + f * scale * (x @ A.T) @ B.T.
+    """A DoRA adapter's contribution to a linear's output (PEFT's formula):
+    (f - 1) * x @ W.T + f * scale * (x @ A.T) @ B.T.
 
     x (..., in) is the adapter's input (after its dropout), weight (out, in), factor f (out,) (`dora_factor`).
     Added to the base output F.linear(x_undropped, W, b), it gives f * (x @ (W + scale * B @ A).T) + b

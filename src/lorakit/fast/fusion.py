@@ -186,7 +186,7 @@ class SiblingGroup:
             if layer.disabled or layer.routing is not None:
                 return None
             active = layer._unmerged_active()
-            if len(active) != 1:
+            if len(active) != 1 or active[0].dora:  # DoRA takes its own path (`dispatch._dora`)
                 return None
             adapters.append(active[0])
         p, training = adapters[0].dropout_p, self.members[0].training
