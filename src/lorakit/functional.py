@@ -88,8 +88,8 @@ def merge_exact(weight: Tensor, delta: Tensor, factor: Tensor | None = None) -> 
 
 def _undo(merged: Tensor, delta: Tensor, factor: Tensor | None) -> Tensor:
     """round(merged - delta), or round(merged / factor - delta) for a DoRA merge: right but for a few elements."""
-    m = merged.float()
-    return ((m if factor is None else m.div_(factor)) - delta).to(merged.dtype)
+    m = merged.float()  # `merged` itself for a float32 weight: no in-place ops on it
+    return ((m if factor is None else m / factor) - delta).to(merged.dtype)
 
 
 def unmerge_exact(weight: Tensor, delta: Tensor, restore: Restore, factor: Tensor | None = None) -> None:

@@ -538,6 +538,7 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
         A = torch.empty(r, n_in, *kernel, device=dev, dtype=dt)
         B = torch.zeros(n_out, r, *ones, device=dev, dtype=dt)
     adapter = LoraAdapter(A, B, alpha, r, rslora, dropout, slices)
+    adapter.train(layer.training)  # its dropout acts only while the model trains, as the layer's own modules
     with torch.no_grad():
         if init == "zeros":
             adapter.lora_A.zero_()
