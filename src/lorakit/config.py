@@ -55,7 +55,7 @@ class LoraConfig:
         dora: DoRA (Liu et al. 2024, PEFT's `use_dora`): each adapted linear also learns a magnitude per
             output row, m (out,), initialized to the row norms of W + scale * B @ A, and computes with
             m * (W + scale * B @ A) / ||W + scale * B @ A|| (row-wise; the norm gets no gradient).
-            Linear layers only (nn.Linear, GPT-2's Conv1D), unquantized.
+            Takes what PEFT's DoRA takes: nn.Linear, GPT-2's Conv1D, nn.Embedding, nn.Conv1d/2d/3d (unquantized).
     """
 
     r: int = 8

@@ -991,7 +991,7 @@ def _install(model: nn.Module, name: str, plan: _Plan) -> None:
                 a.lora_A.copy_(m.A.reshape(a.lora_A.shape))
                 a.lora_B.copy_(m.B.reshape(a.lora_B.shape))
                 if m.magnitude is not None:
-                    a.lora_magnitude_vector.copy_(m.magnitude)
+                    a.lora_magnitude_vector.copy_(m.magnitude.reshape(a.lora_magnitude_vector.shape))
             for key, t in plan.extra.items():
                 params[key].copy_(t)
     except BaseException as exc:

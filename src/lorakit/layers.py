@@ -7,7 +7,7 @@ load unchanged, plus an `adapters` ModuleDict with one small `LoraAdapter` per n
 
     y = base(x) + sum over active adapters a of  a.scale * B_a @ A_a @ dropout_a(x)
 
-A DoRA adapter (`LoraConfig(dora=True)`, linear layers) also holds a magnitude m (out,) and contributes
+A DoRA adapter (`LoraConfig(dora=True)`) also holds a magnitude m (out,) and contributes
 `functional.dora_delta_out`: the output of W + dW with each output row rescaled to length m.
 
 State changes (merge, unmerge, routing, enabling) are explicit calls on the wrapper,
@@ -40,7 +40,8 @@ class LoraAdapter(nn.Module):
     """One named adapter of one layer: `lora_A` (r, in), `lora_B` (out, r), a scale and a dropout.
 
     For convolutions A is (r, in, *kernel) and B is (out, r, 1, ...), as in PEFT's files.
-    A DoRA adapter also has `lora_magnitude_vector` (out,), PEFT's name; for others it is None.
+    A DoRA adapter also has `lora_magnitude_vector` (out,) ((1, out, 1, ...) for convolutions), PEFT's name and
+    shapes; for others it is None.
     With `slices` (fused projections such as GPT-2's c_attn), A holds one rank-r block per
     enabled slice, (k*r, in), and B the enabled slices' rows, (k*out/n, r); `full_B()` expands
     B to the (out, k*r) block matrix that acts on the whole fused output.
@@ -198,6 +199,14 @@ class LoraLayer(nn.Module):
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta  # (out, in[, *kernel]) is the weight's own layout for Linear and convolutions
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (out, in[, *kernel]), the layout of B @ A (an embedding's (num, dim) transposed)."""
+        return self._to_weight_layout(_param(self, "weight"))  # a transpose or nothing: its own inverse
+
+    def _dora_factor(self, a: LoraAdapter, dtype: torch.dtype) -> Tensor:
+        """DoRA's m / ||W + scale * B @ A|| (out,) in `dtype`, differentiable in m (`LF.dora_factor`)."""
+        return LF.dora_factor(_param(a, "lora_magnitude_vector"), a.weight_norm(self.weight_out_in()), dtype)
 
     def check_finite(self, name: str, module_name: str = "") -> Tensor:
         """dW of adapter `name` (float32, on the weight's device), after checking it is finite.
@@ -430,7 +439,13 @@ class LoraEmbedding(LoraLayer):
         # Embedding LoRA has no dropout on its (integer) input, as in PEFT.
         b = self._base
         after_a = F.embedding(x, a.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
-        return (after_a @ a.lora_B.t()) * a.scale
+        lora = (after_a @ a.lora_B.t()) * a.scale
+        if not a.dora:
+            return lora
+        # DoRA (PEFT's DoraEmbeddingLayer): the norm runs over each embedding dimension (rows of the (dim, num)
+        # weight W.T + dW); the contribution is (f - 1) * embedding(x) + f * lora, f (dim,)
+        f = self._dora_factor(a, lora.dtype)
+        return (f - 1) * self._base_forward(x) + f * lora
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.t()
@@ -457,11 +472,17 @@ class LoraConv(LoraLayer):
         b = self._base
         x = a.dropout(x)
         if b.padding_mode != "zeros":
-            x = F.pad(x, b._reversed_padding_repeated_twice, mode=b.padding_mode)
-            h = self._conv(x, a.lora_A, None, b.stride, 0, b.dilation)
+            padded = F.pad(x, b._reversed_padding_repeated_twice, mode=b.padding_mode)
+            h = self._conv(padded, a.lora_A, None, b.stride, 0, b.dilation)
         else:
             h = self._conv(x, a.lora_A, None, b.stride, b.padding, b.dilation)
-        return self._conv(h, a.lora_B) * a.scale
+        lora = self._conv(h, a.lora_B) * a.scale
+        if not a.dora:
+            return lora
+        # DoRA (PEFT's _DoraConvNdLayer): (f - 1) * conv(dropout(x), W) + f * lora, f (out,) per output channel,
+        # the norm over each output channel's (in, *kernel) filter of W + dW
+        f = self._dora_factor(a, lora.dtype).reshape(-1, *(1,) * (self.weight.dim() - 2))  # (out, 1, ...)
+        return (f - 1) * b._conv_forward(x, self.weight, None) + f * lora
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, active={self.active}"
@@ -553,12 +574,15 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
         pissa_init(layer, adapter, weight_name, name)
     if dora:
         norm = LF.dora_weight_norm(layer.weight_out_in(), adapter.lora_A, adapter.full_B(), adapter.scale)
+        if isinstance(layer, LoraConv):  # PEFT's shape for convolutions: (1, out, 1, ...)
+            norm = norm.reshape(1, -1, *ones)
         adapter.lora_magnitude_vector = nn.Parameter(norm.to(dt))
     return adapter
 
 
 def check_dora(layer: LoraLayer, weight_name: str) -> None:
-    """Refuse DoRA where lorakit does not compute it: on anything but a (16/32-bit) linear layer.
+    """Refuse DoRA where lorakit does not compute it: on a quantized layer (it takes nn.Linear, GPT-2's Conv1D,
+    nn.Embedding and nn.Conv1d/2d/3d, as PEFT does).
 
     Raises:
         ConfigError: naming the module, its type and what to do.
@@ -568,10 +592,10 @@ def check_dora(layer: LoraLayer, weight_name: str) -> None:
         raise ConfigError(f"dora=True cannot adapt {weight_name} ({base}): DoRA needs the norm of the weight, "
                           "and lorakit computes it for unquantized weights only. Use dora=False on a quantized "
                           "base, or load the base in 16 bits.")
-    if not isinstance(layer, LoraLinear):
+    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv)):
         raise ConfigError(f"dora=True cannot adapt {weight_name} ({base}): lorakit's DoRA takes linear layers "
-                          "(nn.Linear, GPT-2's Conv1D) only. Leave the module out of targets (or exclude it), "
-                          "or adapt it in another adapter with dora=False.")
+                          "(nn.Linear, GPT-2's Conv1D), nn.Embedding and nn.Conv1d/2d/3d. Leave the module out of "
+                          "targets (or exclude it), or adapt it in another adapter with dora=False.")
 
 
 def pissa_init(layer: LoraLayer, adapter: LoraAdapter, weight_name: str, name: str) -> None:
