@@ -237,24 +237,30 @@ def test_route_with_two_dora_adapters_equals_each_alone(mode):
 
 # -- the fast path ---------------------------------------------------------------------------------
 def test_fast_path_equals_reference_and_explain_names_the_path():
+    """Training steps on the reference path, the fast path per linear, and fused (q/k/v and gate/up in one call,
+    DoRA members scaled after it) give the same outputs and gradients; explain names each path."""
     model = make("llama")
-    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], dora=True))
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear", dora=True))
     _perturb(model)
     x = example_input("llama")
+    q = model.model.layers[0].self_attn.q_proj
+    h = torch.randn(2, 3, 32)
     outs, grads = [], []
-    for mode in ("off", "on"):
+    for mode, fused in (("off", False), ("on", False), ("on", True)):
         lk.set_fast_path(mode, triton=False)
+        handle = lk.fuse(model) if fused else None
         model.zero_grad()
         y = run(model.train(), "llama", x)
         y.square().mean().backward()
         outs.append(y)
         grads.append([p.grad.clone() for p in lk.trainable_parameters(model)])
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    for g1, g0 in zip(grads[1], grads[0]):
-        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
-    q = model.model.layers[0].self_attn.q_proj
-    h = torch.randn(2, 3, 32)
-    assert lk.explain(q, h).startswith("dora:")
+        assert lk.explain(q, h).split(":")[0] == {"off": "reference", "on": "group" if fused else "dora"}[mode]
+        if handle is not None:
+            handle.undo()
+    for y, gs in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(y, outs[0], rtol=1e-5, atol=1e-5)
+        for g1, g0 in zip(gs, grads[0]):
+            torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=["q_proj"], dora=True), "other")
     lk.set_adapter(model, ["default", "other"])
     assert lk.explain(q, h).startswith("reference:") and "DoRA" in lk.explain(q, h)

@@ -237,9 +237,9 @@ def dora_weight_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tens
     """
     with torch.no_grad():
         dt = torch.promote_types(weight.dtype, torch.float32)
-        w = weight.detach().to(dt)
-        d = (B.detach().to(dt).reshape(B.shape[0], -1) @ A.detach().to(dt).reshape(A.shape[0], -1)) * scale
-        return (w.reshape(w.shape[0], -1) + d).norm(dim=1)
+        w = weight.detach().to(dt).reshape(weight.shape[0], -1)
+        b, a = B.detach().to(dt).reshape(B.shape[0], -1), A.detach().to(dt).reshape(A.shape[0], -1)
+        return torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=scale), dim=1)
 
 
 def dora_factor(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:

@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..functional import dora_factor
 from .state import FastState, state_of
 
 # lorakit.fast.ops and .routed (which import Triton), imported on the first fast-path call
@@ -59,6 +58,9 @@ def choose(layer, x: Tensor) -> str:
     """The name of the path (a key of `PATHS`) that `layer(x)` takes on the fast path."""
     if _has_dora(layer):
         path = _dora_path(layer)
+        if path == "dora" and torch.is_grad_enabled() and layer in state_of(layer).groups \
+                and not torch.compiler.is_compiling():
+            return "group"  # its siblings' call scales its output (`fusion.SiblingGroup`)
         if path is not None:
             return path
     if layer.routing is not None:
@@ -109,16 +111,16 @@ def _dora(layer, x: Tensor) -> Tensor:
     weight, bias = layer.weight_out_in(), layer.bias
     recompute = state_of(layer).recipe(x) if torch.is_grad_enabled() else None
     z = ops.lora_linear(x, weight, None, A, B, scale, recompute=recompute)  # x @ (W + s*B@A).T: (..., out)
-    # y = f * z + b with f = m / norm (out,): autograd keeps z for the magnitude's gradient, sum_rows(g * z) / norm
-    f = dora_factor(_param(a, "lora_magnitude_vector"), a.weight_norm(weight), z.dtype)
-    return torch.addcmul(bias, z, f) if bias is not None else z * f
+    return ops.dora_output(z, _param(a, "lora_magnitude_vector"), a.weight_norm(weight), bias)
 
 
 def _group(layer, x: Tensor) -> Tensor:
     """one fused call for the layer's sibling group (`lk.fuse`), the output picked up by the others"""
     state = state_of(layer)
     y = state.groups[layer].forward(layer, x, state)
-    return y if y is not None else _adapters(layer, x)
+    if y is not None:
+        return y
+    return _dora(layer, x) if _has_dora(layer) else _adapters(layer, x)
 
 
 def _infer(layer, x: Tensor) -> Tensor:
