@@ -194,6 +194,10 @@ def test_merged_equals_unmerged_and_peft_merge(tmp_path):
         torch.testing.assert_close(run(ours, "llama", x), expected, rtol=1e-5, atol=1e-5)
     for path, layer in lk.lora_layers(ours):
         torch.testing.assert_close(layer.weight, merged_peft.get_submodule(path).weight, rtol=1e-6, atol=1e-6)
+    plain = lk.eject(ours, merge=True)
+    assert not list(lk.lora_layers(plain)) and "lora_magnitude_vector" not in str(list(plain.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(run(plain, "llama", x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_takes_the_norm_without_other_merged_adapters():
