@@ -1,6 +1,7 @@
 """Pure tensor math of LoRA: the update, its merge into a weight, the exact unmerge, and the
 adapted linear in each form the fast path computes (one adapter, several summed, routed per
-example, dropout as a function of a seed and the element's position).
+example, dropout as a function of a seed and the element's position), and DoRA (a learned magnitude
+per output row times the row-normalized W + dW).
 
 One definition of "what LoRA computes", shared by the layers, the offline merge and the
 fast kernels (`lorakit.fast`), which are tested against these functions. Shapes follow
