@@ -14,9 +14,14 @@ All cases run in one process on the same model weights, batch and seed:
                 tensors); lorakit-p0: dropout 0; lorakit-qv: q,v only;
                 lorakit-unfused: the fast path per linear, without lk.fuse; lorakit-routed4(-p0):
                 4 adapters trained at once, the batch rows dealt round-robin (`lk.route`)
+  <case>-dora   any peft or lorakit case above as DoRA (PEFT's use_dora=True, lk.LoraConfig(dora=True));
+                --dora adds the -dora twin of every peft/lorakit case chosen
 
     PYTHONPATH=src python benchmarks/bench_train.py [--layers 22] [--shape 1b|8b] [--cases floor,lorakit]
-        [--compile] [--graphs] [--attn sdpa|causal] [--profile CASES] [--cprofile CASES]
+        [--compile] [--graphs] [--attn sdpa|causal] [--profile CASES] [--cprofile CASES] [--dora]
+
+DoRA against LoRA, lorakit against PEFT (dropout 0: lorakit's fused DoRA path takes no dropout):
+    PYTHONPATH=src python benchmarks/bench_train.py --cases floor,lorakit-p0,peft-all-p0 --dora
 
 --graphs captures each case's whole step (forward, backward, AdamW with capturable=True) as one
 CUDA graph with `lk.graphed_step` and times its replays: what the GPU needs with no CPU work per
@@ -97,6 +102,8 @@ def randomize_lora_B(model) -> None:
 
 def prepare(case: str, model, r: int, alpha: float):
     """Set the model up for `case`; returns (model, trainable parameters, note)."""
+    dora = case.endswith("-dora")
+    case = case.removesuffix("-dora")
     if case == "full":
         return model, list(model.parameters()), ""
     if case == "floor":
@@ -110,20 +117,21 @@ def prepare(case: str, model, r: int, alpha: float):
         targets = ["q_proj", "v_proj"] if case == "peft-qv" else "all-linear"
         p = 0.0 if case.endswith("-p0") else 0.05
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p,
-                                                           target_modules=targets))
+                                                           target_modules=targets, use_dora=dora))
         randomize_lora_B(model)
-        return model, [q for q in model.parameters() if q.requires_grad], f"peft {peft.__version__}"
+        return model, [q for q in model.parameters() if q.requires_grad], \
+            f"peft {peft.__version__}{' DoRA' if dora else ''}"
     if case.startswith("lorakit"):
         import lorakit as lk
 
         targets = ["q_proj", "v_proj"] if case == "lorakit-qv" else "all-linear"
         p = 0.0 if case.endswith("-p0") else 0.05
         for name in [f"r{i}" for i in range(ROUTED)] if "routed" in case else ["default"]:
-            lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=p, targets=targets), name=name)
+            lk.inject(model, lk.LoraConfig(r=r, alpha=alpha, dropout=p, targets=targets, dora=dora), name=name)
         if case != "lorakit-unfused":
             lk.fuse(model)
         randomize_lora_B(model)
-        return model, list(lk.trainable_parameters(model)), "lk.inject"
+        return model, list(lk.trainable_parameters(model)), f"lk.inject{' DoRA' if dora else ''}"
     raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
 
 
@@ -291,7 +299,11 @@ def main() -> None:
                     help="attention: transformers' sdpa, or SDPA with is_causal and no mask tensor (see "
                          "register_causal_attention; the same kernels eager and in a CUDA graph)")
     ap.add_argument("--profile", default="", help="comma-separated cases whose GPU kernels to list (CUDA)")
+    ap.add_argument("--dora", action="store_true", help="also run each chosen peft/lorakit case as DoRA (<case>-dora)")
     args = ap.parse_args()
+    if args.dora:
+        args.cases = ",".join(c for case in args.cases.split(",")
+                              for c in ([case, case + "-dora"] if case.startswith(("peft", "lorakit")) else [case]))
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     shape = dict(SHAPES[args.shape])
     if args.batch:

@@ -35,7 +35,10 @@ class LoraConfig:
         targets: which modules to adapt. A list of names matches a module whose full name equals
             the entry or ends with "." + entry (PEFT's rule); a single string is a regular
             expression that must match the whole module name; "all-linear" adapts every linear
-            layer (nn.Linear, GPT-2's Conv1D) except the model's output head.
+            layer (nn.Linear, GPT-2's Conv1D) except the model's output head. None (the default):
+            the model family's usual targets, resolved by `inject` (PEFT's table: q_proj/v_proj for
+            Llama-like decoders, query/value for BERT, c_attn for GPT-2, ...; see
+            `lorakit.models.DEFAULT_TARGETS`), or none when `target_parameters` is given.
         exclude: modules never to adapt, with the same rules as `targets`.
         init: "kaiming" (A ~ kaiming-uniform, B = 0, as loralib and PEFT), "gaussian"
             (A ~ N(0, (1/r)^2), B = 0, as the paper and PEFT), "pissa" (A, B from the top-r SVD of W,
@@ -57,12 +60,16 @@ class LoraConfig:
             ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] for the 3-D expert weights of a
             mixture-of-experts model (one rank-r update per expert, `lorakit.experts`). With
             target_parameters and no `targets`, only the parameters are adapted; dropout must be 0.
+        dora: DoRA (Liu et al. 2024, PEFT's `use_dora`): each adapted linear also learns a magnitude per
+            output row, m (out,), initialized to the row norms of W + scale * B @ A, and computes with
+            m * (W + scale * B @ A) / ||W + scale * B @ A|| (row-wise; the norm gets no gradient).
+            Takes what PEFT's DoRA takes: nn.Linear, GPT-2's Conv1D, nn.Embedding, nn.Conv1d/2d/3d (unquantized).
     """
 
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    targets: list[str] | str | None = None  # None: ["q_proj", "v_proj"], or none with target_parameters
+    targets: list[str] | str | None = None  # None: the model family's defaults (resolved by inject)
     exclude: list[str] | str | None = None
     init: str = "kaiming"
     rslora: bool = False
@@ -72,14 +79,15 @@ class LoraConfig:
     slices: dict[str, list[bool]] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     target_parameters: list[str] | None = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_parameters, tuple):
             self.target_parameters = list(self.target_parameters)
         if self.target_parameters is not None:
             _check_target_parameters(self.target_parameters, self.dropout)
-        if self.targets is None:
-            self.targets = [] if self.target_parameters else ["q_proj", "v_proj"]
+        if self.targets is None and self.target_parameters:
+            self.targets = []
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         if isinstance(self.exclude, tuple):
@@ -90,12 +98,20 @@ class LoraConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"rslora must be True or False, got {self.rslora!r}.")
+        if not isinstance(self.dora, bool):
+            raise ConfigError(f"dora must be True or False, got {self.dora!r}.")
+        if self.dora and self.target_parameters:
+            raise ConfigError("dora=True cannot apply to target_parameters (a DoRA magnitude belongs to one weight "
+                              "matrix, not to a stack of experts); adapt the parameters with plain LoRA, or target "
+                              "modules only.")
         if not isinstance(self.init, str) or self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}.")
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ConfigError(f"bias must be one of {', '.join(BIASES)}; got {self.bias!r}.")
         if isinstance(self.targets, str):
             check_regex(self.targets, "targets")
+        elif self.targets is None:
+            pass  # the model family's defaults, resolved by inject
         elif not isinstance(self.targets, list) or not (self.targets or self.target_parameters) \
                 or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(

@@ -1,6 +1,7 @@
 """Pure tensor math of LoRA: the update, its merge into a weight, the exact unmerge, and the
 adapted linear in each form the fast path computes (one adapter, several summed, routed per
-example, dropout as a function of a seed and the element's position).
+example, dropout as a function of a seed and the element's position), and DoRA (a learned magnitude
+per output row times the row-normalized W + dW).
 
 One definition of "what LoRA computes", shared by the layers, the offline merge and the
 fast kernels (`lorakit.fast`), which are tested against these functions. Shapes follow
@@ -50,6 +51,7 @@ class Restore:
 
     Subtracting the delta again in float32 and rounding undoes most of the merge; the few
     elements where two roundings do not cancel are kept here (flat indices and their W0 values).
+    A DoRA merge (`factor` given) is undone as round(W / factor - d), with the same kind of record.
     """
 
     index: Tensor  # (k,) int64 flat positions where round(round(W0 + d) - d) != W0
@@ -61,21 +63,23 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(_INT_VIEW[t.dtype]) if t.dtype in _INT_VIEW else t
 
 
-def merge_exact(weight: Tensor, delta: Tensor) -> Restore:
-    """Add `delta` (float32) to `weight` in place, rounding once into weight's dtype.
+def merge_exact(weight: Tensor, delta: Tensor, factor: Tensor | None = None) -> Restore:
+    """Add `delta` (float32) to `weight` in place, rounding once into weight's dtype; with `factor`
+    (DoRA, float32, broadcast against weight) the weight becomes round(factor * (weight + delta)).
 
     Returns the `Restore` record that lets `unmerge_exact` give back the original weight
     bit-exactly, however many merge/unmerge cycles follow.
 
     Raises:
-        FloatingPointError: the sum holds inf or NaN where `weight` was finite (it overflows the
+        FloatingPointError: the result holds inf or NaN where `weight` was finite (it overflows the
             dtype, e.g. float16 beyond 65504); `weight` is left unchanged.
     """
     with torch.no_grad():
-        merged = (weight.float() + delta).to(weight.dtype)
+        summed = weight.float() + delta
+        merged = (summed if factor is None else summed.mul_(factor)).to(weight.dtype)
         if not torch.isfinite(merged).all() and (torch.isfinite(weight) & ~torch.isfinite(merged)).any():
             raise FloatingPointError("the merged weight overflows its dtype")
-        undone = (merged.float() - delta).to(weight.dtype)
+        undone = _undo(merged, delta, factor)
         wrong = (_bits(undone) != _bits(weight)).reshape(-1)
         index = wrong.nonzero().squeeze(1)
         values = weight.reshape(-1)[index].clone()
@@ -83,13 +87,19 @@ def merge_exact(weight: Tensor, delta: Tensor) -> Restore:
     return Restore(index=index, values=values)
 
 
-def unmerge_exact(weight: Tensor, delta: Tensor, restore: Restore) -> None:
+def _undo(merged: Tensor, delta: Tensor, factor: Tensor | None) -> Tensor:
+    """round(merged - delta), or round(merged / factor - delta) for a DoRA merge: right but for a few elements."""
+    m = merged.float()  # `merged` itself for a float32 weight: no in-place ops on it
+    return ((m if factor is None else m / factor) - delta).to(merged.dtype)
+
+
+def unmerge_exact(weight: Tensor, delta: Tensor, restore: Restore, factor: Tensor | None = None) -> None:
     """Undo `merge_exact` in place: `weight` becomes the pre-merge tensor, bit for bit.
 
-    `delta` must be the very tensor (or a bit-identical recomputation) that was merged.
+    `delta` and `factor` must be the very tensors (or bit-identical recomputations) that were merged.
     """
     with torch.no_grad():
-        undone = (weight.float() - delta).to(weight.dtype)
+        undone = _undo(weight, delta, factor).contiguous()
         undone.view(-1)[restore.index] = restore.values
         weight.copy_(undone)
 
@@ -217,3 +227,44 @@ def lora_linear_routed(x: Tensor, weight: Tensor, bias: Tensor | None, As: Seque
             yb = yb + lora_delta_out(xd[b], As[a], Bs[a], scales[a])
         ys.append(yb)
     return torch.stack(ys, 0)
+
+
+# -- DoRA (Liu et al. 2024): a learned magnitude per output row times the direction of W + dW -------------
+def dora_weight_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """||W + scale * B @ A|| over each output row, (out,), in float32 (float64 for a float64 weight), no autograd.
+
+    weight (out, in[, *kernel]) (an embedding's weight transposed: (dim, num)); A, B as `delta_weight` takes them.
+    DoRA treats this norm as a constant (the paper's section 4.3, as PEFT does): no gradient flows through it.
+    """
+    with torch.no_grad():
+        dt = torch.promote_types(weight.dtype, torch.float32)
+        w = weight.detach().to(dt).reshape(weight.shape[0], -1)
+        b, a = B.detach().to(dt).reshape(B.shape[0], -1), A.detach().to(dt).reshape(A.shape[0], -1)
+        return torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=scale), dim=1)
+
+
+def dora_factor(magnitude: Tensor, norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """f = magnitude / norm (out,) in `dtype`, differentiable in the magnitude (the norm is a constant)."""
+    return (magnitude.reshape(-1).to(norm.dtype) / norm).to(dtype)
+
+
+def dora_delta_out(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float, factor: Tensor) -> Tensor:
+    """A DoRA adapter's contribution to a linear's output (PEFT's formula):
+    (f - 1) * x @ W.T + f * scale * (x @ A.T) @ B.T.
+
+    x (..., in) is the adapter's input (after its dropout), weight (out, in), factor f (out,) (`dora_factor`).
+    Added to the base output F.linear(x_undropped, W, b), it gives f * (x @ (W + scale * B @ A).T) + b
+    without dropout: the row-normalized W + dW, rescaled by the learned magnitude.
+    """
+    return (factor - 1) * F.linear(x, weight) + factor * lora_delta_out(x, A, B, scale)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                magnitude: Tensor, dropout: float = 0.0, seed: Tensor | None = None) -> Tensor:
+    """DoRA on a linear: F.linear(x, W, b) + dora_delta_out(dropout(x), ...) with f = magnitude / ||W + scale * B @ A||.
+
+    x (..., in), weight (out, in), bias (out,) or None, A (r, in), B (out, r), magnitude (out,). Dropout as in
+    `lora_linear`; the base term sees x itself. Differentiated by autograd (the norm held constant).
+    """
+    f = dora_factor(magnitude, dora_weight_norm(weight, A, B, scale), x.dtype)
+    return F.linear(x, weight, bias) + dora_delta_out(seeded_dropout(x, seed, dropout), weight, A, B, scale, f)

@@ -7,6 +7,7 @@ its class and its base `state_dict` keys; adapted modules become `LoraLayer` wra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
 from collections.abc import Iterator
@@ -148,6 +149,9 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
                           f"lk.delete_adapter(model, {name!r}) first.")
     if any(layer.merged for _, layer in lora_layers(model)) and cfg.init == "pissa":
         raise StateError("Unmerge every adapter before adding a pissa adapter (it rewrites base weights).")
+    if cfg.targets is None:  # the model family's usual targets, recorded in the adapter's config
+        from .models import default_targets  # (models imports io, which imports this module)
+        cfg = dataclasses.replace(cfg, targets=default_targets(model))
     paths = match_targets(model, cfg) if cfg.targets else []
     params = experts.match_parameters(model, cfg) if cfg.target_parameters else []
     done: list[tuple[str, LoraLayer, nn.Module | None]] = []  # (path, wrapper, base module it replaced here)
@@ -168,7 +172,7 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
             done.append((path, module, replaced))
             module.adapters[name] = new_adapter(
                 module, path, cfg.rank_for(path), cfg.alpha_for(path), cfg.rslora, cfg.dropout, cfg.init,
-                cfg.slices_for(path), name)
+                cfg.slices_for(path), name, dora=cfg.dora)
     except BaseException:
         for path, module, replaced in reversed(done):  # leave the model as it was
             if name in module.residuals:

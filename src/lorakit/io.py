@@ -2,7 +2,8 @@
 
 A saved adapter is a directory with `adapter_config.json` and `adapter_model.safetensors`,
 tensor keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (embeddings:
-`lora_embedding_A` / `lora_embedding_B`), exactly as PEFT writes them, so PEFT, vLLM and
+`lora_embedding_A` / `lora_embedding_B`; DoRA's magnitudes `.lora_magnitude_vector`), exactly as PEFT
+writes them, so PEFT, vLLM and
 friends read lorakit's adapters and lorakit reads theirs. lorakit adds one entry to the
 safetensors header's metadata, "lorakit", with a fingerprint of the base (adapted module paths and
 weight shapes), the slice masks of fused projections and a copy of the config fields that decide the
@@ -128,6 +129,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
         else:
             tensors[f"{PREFIX}{path}.lora_A.weight"] = A
             tensors[f"{PREFIX}{path}.lora_B.weight"] = B
+        if a.dora:
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = a.lora_magnitude_vector
         rank = A.shape[0]
         if rank != cfg.r * grow_r or a.alpha != cfg.alpha:
             # Per-module overrides; an exact, escaped path wins over the user's patterns.
@@ -174,7 +177,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default", pissa_as_lora: b
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": cfg.dora,
     }
     meta = {
         "format_version": FORMAT_VERSION,
@@ -613,8 +616,6 @@ def read_config(directory: Path) -> dict[str, Any]:
     for key in ("rank_pattern", "alpha_pattern"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise bad(key, "an object {module pattern: value}")
-    if data.get("use_dora"):
-        raise AdapterFileError(f"{cfg_path} is a DoRA adapter (use_dora=true); lorakit does not load DoRA yet.")
     if data.get("lora_bias"):
         raise AdapterFileError(f"{cfg_path} has lora_bias=true (a bias on B); lorakit does not support that yet.")
     try:  # the patterns' keys and values, checked as LoraConfig checks a user's
@@ -704,10 +705,13 @@ def _torch_load_safely(file: Path) -> dict[str, Tensor]:
 
 
 class _Module:
-    """What one adapted module receives: A, B in the adapter's own layout, rank, alpha, slice mask."""
+    """What one adapted module receives: A, B in the adapter's own layout, rank, alpha, slice mask, and
+    a DoRA adapter's magnitude (out,) (None for LoRA)."""
 
-    def __init__(self, A: Tensor, B: Tensor, r: int, alpha: float, slices: list[bool] | None) -> None:
+    def __init__(self, A: Tensor, B: Tensor, r: int, alpha: float, slices: list[bool] | None,
+                 magnitude: Tensor | None = None) -> None:
         self.A, self.B, self.r, self.alpha, self.slices = A, B, r, alpha, slices
+        self.magnitude = magnitude
 
 
 class _Plan:
@@ -715,10 +719,11 @@ class _Plan:
 
     def __init__(self, source: str, modules: dict[str, _Module], rslora: bool, dropout: float, bias: str,
                  modules_to_save: list[str] | None, extra: dict[str, Tensor], init: str = "zeros",
-                 params: dict[str, _Module] | None = None) -> None:
+                 params: dict[str, _Module] | None = None, dora: bool = False) -> None:
         self.source, self.modules, self.rslora, self.dropout = source, modules, rslora, dropout
         self.bias, self.modules_to_save, self.extra, self.init = bias, modules_to_save, extra, init
         self.params = params or {}  # adapted parameters (target_parameters), by full parameter name
+        self.dora = dora
 
 
 def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights: Path | None = None) -> _Plan:
@@ -740,6 +745,7 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
     saved_slices = meta.get("slices") or {}
     modules, params = {}, {}
     target_parameters = data.get("target_parameters") or []
+    dora = bool(data.get("use_dora"))
     for path, entry in pairs.items():
         if target_parameters:
             key = experts.resolve_peft_path(model, path, target_parameters)
@@ -754,6 +760,7 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
                     "another architecture (its parameter names differ).")
         modules[path] = _plan_module(model, path, entry, file_cfg.alpha_for(path), rslora, saved_slices.get(path),
                                      str(weights), rank=file_cfg.rank_for(path))
+        modules[path].magnitude = _plan_magnitude(model, path, entry, dora, str(weights))
     bias = data.get("bias") or "none"
     modules_to_save = data.get("modules_to_save") or None
     # PiSSA factors as trained (save_adapter(pissa_as_lora=False), PEFT's default): the loaded base is the
@@ -769,7 +776,7 @@ def _plan_peft_dir(model: nn.Module, directory: Path, check_base: bool, weights:
                 "only what the config declares: remove the tensor, or declare the module in modules_to_save.")
     _check_extra(model, extra, str(weights))
     return _Plan(str(weights), modules, rslora, float(data.get("lora_dropout") or 0.0), bias, modules_to_save, extra,
-                 init, params)
+                 init, params, dora)
 
 
 def _adaptable_module(model: nn.Module, path: str) -> bool:
@@ -856,6 +863,33 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _plan_magnitude(model: nn.Module, path: str, entry: dict[str, Any], dora: bool, source: str) -> Tensor | None:
+    """A DoRA module's magnitude (out,), checked against the model and the config's use_dora; None for LoRA.
+
+    PEFT stores it flat for linear layers; any shape of out elements is taken (and refused later by
+    `check_dora` for layer types lorakit's DoRA does not take).
+    """
+    M = entry.get("M")
+    if M is None and not dora:
+        return None
+    if M is None or not dora:
+        raise AdapterFileError(
+            f"{source}: module {path!r} " + ("has no lora_magnitude_vector, but the config says use_dora=true" if M is
+                                             None else "holds a DoRA lora_magnitude_vector, but the config says "
+                                             "use_dora=false") + "; the config and the weights do not belong "
+                                                                 "together. Re-save the adapter.")
+    module = model.get_submodule(path)
+    base = module._base if isinstance(module, LoraLayer) else module
+    n_out = (base.out_features if is_bnb_linear(base) else module.weight.shape[1] if isinstance(base, nn.Embedding)
+             else _out_features(base, module))
+    if M.numel() != n_out or M.dim() < 1 or max(M.shape) != M.numel():
+        raise ShapeMismatchError(f"{source}: module {path!r} has {n_out} outputs here but its lora_magnitude_vector "
+                                 f"is {tuple(M.shape)}; it needs ({n_out},). The adapter belongs to another base "
+                                 "model, or the file is damaged.")
+    dtype = torch.float32 if is_bnb_linear(base) else module.weight.dtype
+    return _checked_tensor(M, f"{path} lora_magnitude_vector", source, dtype).reshape(-1)
+
+
 def _check_pair(data: dict[str, Any], copy: dict[str, Any] | None, config: Path, weights: Path) -> None:
     """Refuse a config whose scale-deciding fields differ from the copy that save_adapter put in the header."""
     if copy is None:
@@ -870,20 +904,22 @@ def _check_pair(data: dict[str, Any], copy: dict[str, Any] | None, config: Path,
 
 
 def _split_keys(tensors: dict[str, Tensor], file: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
-    """{module path: {"A": A, "B": B, "embedding": bool}} and the other tensors (biases, saved modules)."""
+    """{module path: {"A": A, "B": B, "embedding": bool[, "M": DoRA magnitude]}} and the other tensors (biases,
+    saved modules)."""
     pairs: dict[str, dict[str, Any]] = {}
     extra: dict[str, Tensor] = {}
-    pattern = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                         r"(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?")
+    pattern = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
+                         r"|lora_magnitude_vector)(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?")
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if "lora_magnitude_vector" in k:
-            raise AdapterFileError(f"{file} holds DoRA magnitudes ({key}); lorakit does not load DoRA yet.")
         m = pattern.fullmatch(k)
         if m is None:
             extra[k.replace(".modules_to_save.", ".")] = t
             continue
         entry = pairs.setdefault(m["path"], {"embedding": False})
+        if m["kind"] == "lora_magnitude_vector":  # DoRA
+            entry["M"] = t
+            continue
         entry["embedding"] |= "embedding" in m["kind"]
         entry[m["kind"][-1]] = t
     for path, entry in pairs.items():
@@ -1079,7 +1115,7 @@ def _install(model: nn.Module, name: str, plan: _Plan) -> None:
     every = {**plan.modules, **plan.params}
     first = next(iter(every.values()))
     cfg = LoraConfig(
-        r=first.r, alpha=first.alpha, dropout=plan.dropout, init=plan.init,
+        r=first.r, alpha=first.alpha, dropout=plan.dropout, init=plan.init, dora=plan.dora,
         targets="|".join(esc[p] for p in plan.modules) if plan.modules else [],
         target_parameters=list(plan.params) or None,
         rslora=plan.rslora, bias=plan.bias, rank_pattern={esc[p]: m.r for p, m in every.items()},
@@ -1096,6 +1132,8 @@ def _install(model: nn.Module, name: str, plan: _Plan) -> None:
                 a = model.get_submodule(path).adapters[name]
                 a.lora_A.copy_(m.A.reshape(a.lora_A.shape))
                 a.lora_B.copy_(m.B.reshape(a.lora_B.shape))
+                if m.magnitude is not None:
+                    a.lora_magnitude_vector.copy_(m.magnitude.reshape(a.lora_magnitude_vector.shape))
             for key, m in plan.params.items():
                 a = experts.layer_of(model, key).adapters[name]
                 a.lora_A.copy_(m.A)
@@ -1289,6 +1327,9 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
     """
     directory = Path(directory)
     data = read_config(directory)
+    if data.get("use_dora"):
+        raise AdapterFileError(f"{directory} is a DoRA adapter (use_dora=true): its magnitudes make it more than the "
+                               "factors A and B that this reader returns. Load it into a model with load_adapter.")
     weights = directory / WEIGHTS_NAME
     if not weights.exists() and (directory / "adapter_model.bin").exists():
         weights = directory / "adapter_model.bin"
@@ -1299,4 +1340,8 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
         raise AdapterFileError(f"{weights} holds the factors of several adapters ({', '.join(sorted(names))}); "
                                "save each adapter to its own directory.")
     pairs, extra = _split_keys(tensors, weights)
+    dora = next((path for path, entry in pairs.items() if "M" in entry), None)
+    if dora is not None:
+        raise AdapterFileError(f"{weights} holds DoRA magnitudes (module {dora!r}): it is more than the factors A "
+                               "and B that this reader returns. Load it into a model with load_adapter.")
     return data, pairs, extra, weights

@@ -7,6 +7,9 @@ load unchanged, plus an `adapters` ModuleDict with one small `LoraAdapter` per n
 
     y = base(x) + sum over active adapters a of  a.scale * B_a @ A_a @ dropout_a(x)
 
+A DoRA adapter (`LoraConfig(dora=True)`) also holds a magnitude m (out,) and contributes
+`functional.dora_delta_out`: the output of W + dW with each output row rescaled to length m.
+
 State changes (merge, unmerge, routing, enabling) are explicit calls on the wrapper,
 made through the free functions in `lorakit.inject`; nothing changes behind the user's back.
 """
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 from . import fast
 from . import functional as LF
-from .errors import AdapterNotFoundError, MergeError, StateError
+from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError
 
 # The forward passes below read what they need from the modules' own `_parameters` / `_modules` dicts
 # (`_param`): an attribute read that nn.Module.__getattr__ answers costs as much as the decode step's
@@ -37,22 +40,49 @@ class LoraAdapter(nn.Module):
     """One named adapter of one layer: `lora_A` (r, in), `lora_B` (out, r), a scale and a dropout.
 
     For convolutions A is (r, in, *kernel) and B is (out, r, 1, ...), as in PEFT's files.
+    A DoRA adapter also has `lora_magnitude_vector` (out,) ((1, out, 1, ...) for convolutions), PEFT's name and
+    shapes; for others it is None.
     With `slices` (fused projections such as GPT-2's c_attn), A holds one rank-r block per
     enabled slice, (k*r, in), and B the enabled slices' rows, (k*out/n, r); `full_B()` expands
     B to the (out, k*r) block matrix that acts on the whole fused output.
     """
 
     def __init__(self, A: Tensor, B: Tensor, alpha: float, r: int, rslora: bool,
-                 dropout: float, slices: list[bool] | None = None) -> None:
+                 dropout: float, slices: list[bool] | None = None, magnitude: Tensor | None = None) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(A)
         self.lora_B = nn.Parameter(B)
+        self.lora_magnitude_vector = nn.Parameter(magnitude) if magnitude is not None else None
+        # DoRA: (key, ||W + scale * B @ A|| per output row) of the last `weight_norm` call
+        self._norm_cache: tuple[tuple, Tensor] | None = None
         self.r = r
         self.alpha = float(alpha)
         self.rslora = rslora
         self.scale = float(alpha) / (math.sqrt(r) if rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slices = list(slices) if slices is not None else None
+
+    @property
+    def dora(self) -> bool:
+        """Whether this is a DoRA adapter (it has a magnitude vector)."""
+        return self._parameters.get("lora_magnitude_vector") is not None
+
+    def weight_norm(self, weight: Tensor) -> Tensor:
+        """DoRA's ||W + scale * B @ A|| per output row (`functional.dora_weight_norm`; float32 (out,), no autograd)
+        for weight (out, in) the layer's weight.
+
+        Computed once and reused while W, A and B are the same tensors at the same version: an optimizer step,
+        a merge or unmerge, a load (anything that changes them in place) or a new dtype or device makes the next
+        call compute it again. Not cached while torch.compile traces or a CUDA graph is captured.
+        """
+        A, B = _param(self, "lora_A"), _param(self, "lora_B")
+        if torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return LF.dora_weight_norm(weight, A, self.full_B(), self.scale)
+        key = (self.scale, *((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, A, B)))
+        cache = self._norm_cache
+        if cache is None or cache[0] != key:
+            cache = self._norm_cache = (key, LF.dora_weight_norm(weight, A, self.full_B(), self.scale))
+        return cache[1]
 
     @property
     def dropout_p(self) -> float:
@@ -93,7 +123,8 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         sliced = f", slices={self.slices}" if self.slices is not None else ""
-        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{sliced}"
+        dora = ", dora=True" if self.dora else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{sliced}{dora}"
 
 
 @dataclass
@@ -102,12 +133,15 @@ class WeightEdit:
 
     A merged adapter is one (its factors as they were when merged); a PiSSA residual is another (its
     initial factors with a negative scale). `restore` lets `LF.unmerge_exact` take it out bit-exactly.
+    A merged DoRA adapter has a `factor` (out,) float32, its m / ||W + dW|| on the weight without merged
+    adapters (PEFT's rule) when merged: the change is then W -> factor * (W + dW), rounded once.
     """
 
     A: Tensor
     B: Tensor  # full_B(): (out, r_total)
     scale: float
     restore: LF.Restore | None = None
+    factor: Tensor | None = None
 
 
 class LoraLayer(nn.Module):
@@ -165,6 +199,14 @@ class LoraLayer(nn.Module):
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta  # (out, in[, *kernel]) is the weight's own layout for Linear and convolutions
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (out, in[, *kernel]), the layout of B @ A (an embedding's (num, dim) transposed)."""
+        return self._to_weight_layout(_param(self, "weight"))  # a transpose or nothing: its own inverse
+
+    def _dora_factor(self, a: LoraAdapter, dtype: torch.dtype) -> Tensor:
+        """DoRA's m / ||W + scale * B @ A|| (out,) in `dtype`, differentiable in m (`LF.dora_factor`)."""
+        return LF.dora_factor(_param(a, "lora_magnitude_vector"), a.weight_norm(self.weight_out_in()), dtype)
 
     def check_finite(self, name: str, module_name: str = "") -> Tensor:
         """dW of adapter `name` (float32, on the weight's device), after checking it is finite.
@@ -245,11 +287,11 @@ class LoraLayer(nn.Module):
     def _replay(self, w: Tensor, undo: list, make: list, module_name: str) -> list[LF.Restore]:
         """Undo the changes `undo` (last first) in `w` in place, then make `make` in order; their new records."""
         for _, _, e in reversed(undo):
-            LF.unmerge_exact(w, self._edit_delta(e), e.restore)
+            LF.unmerge_exact(w, self._edit_delta(e), e.restore, self._edit_factor(e))
         records = []
         for res, n, e in make:
             try:
-                records.append(LF.merge_exact(w, self._edit_delta(e)))
+                records.append(LF.merge_exact(w, self._edit_delta(e), self._edit_factor(e)))
             except FloatingPointError:
                 what = f"the PiSSA residual of {n!r}" if res else f"adapter {n!r}"
                 raise MergeError(
@@ -261,10 +303,30 @@ class LoraLayer(nn.Module):
 
     def _new_edit(self, name: str) -> WeightEdit:
         a = self.adapters[name]
-        return WeightEdit(a.lora_A.detach().clone(), a.full_B().detach().clone(), a.scale)
+        edit = WeightEdit(a.lora_A.detach().clone(), a.full_B().detach().clone(), a.scale)
+        if a.dora:  # the norm is taken on the weight without the merged adapters, as PEFT's merge does
+            unmerged = self._to_weight_layout(self._unmerged_weight())  # (out, in)
+            norm = LF.dora_weight_norm(unmerged, edit.A, edit.B, edit.scale).to(self.weight.device)
+            edit.factor = LF.dora_factor(a.lora_magnitude_vector.detach(), norm, torch.float32)
+        return edit
+
+    def _unmerged_weight(self) -> Tensor:
+        """`weight` with every merged adapter taken out (the PiSSA residuals stay): itself when none is merged."""
+        if not self.merged:
+            return self.weight.data
+        w = self.weight.data.clone()
+        for e in reversed(list(self.merged.values())):
+            LF.unmerge_exact(w, self._edit_delta(e), e.restore, self._edit_factor(e))
+        return w
 
     def _edit_delta(self, e: WeightEdit) -> Tensor:
         return self._to_weight_layout(LF.delta_weight(e.A, e.B, e.scale)).to(self.weight.device)
+
+    def _edit_factor(self, e: WeightEdit) -> Tensor | None:
+        """A DoRA edit's factor (out,) shaped to scale the output rows of `weight` as it is laid out."""
+        if e.factor is None:
+            return None
+        return self._to_weight_layout(e.factor.reshape(-1, *(1,) * (self.weight.dim() - 1)))
 
     # -- forward ------------------------------------------------------------------------------------
     def _base_forward(self, x: Tensor) -> Tensor:
@@ -344,6 +406,10 @@ class LoraLinear(LoraLayer):
         return F.linear(x, weight, bias)
 
     def _adapter_forward(self, x: Tensor, a: LoraAdapter) -> Tensor:
+        if a.dora:
+            weight = self.weight_out_in()
+            f = LF.dora_factor(_param(a, "lora_magnitude_vector"), a.weight_norm(weight), x.dtype)
+            return LF.dora_delta_out(a.apply_dropout(x), weight, _param(a, "lora_A"), a.full_B(), a.scale, f)
         return LF.lora_delta_out(a.apply_dropout(x), _param(a, "lora_A"), a.full_B(), a.scale)
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
@@ -373,7 +439,13 @@ class LoraEmbedding(LoraLayer):
         # Embedding LoRA has no dropout on its (integer) input, as in PEFT.
         b = self._base
         after_a = F.embedding(x, a.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
-        return (after_a @ a.lora_B.t()) * a.scale
+        lora = (after_a @ a.lora_B.t()) * a.scale
+        if not a.dora:
+            return lora
+        # DoRA (PEFT's DoraEmbeddingLayer): the norm runs over each embedding dimension (rows of the (dim, num)
+        # weight W.T + dW); the contribution is (f - 1) * embedding(x) + f * lora, f (dim,)
+        f = self._dora_factor(a, lora.dtype)
+        return (f - 1) * self._base_forward(x) + f * lora
 
     def _to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.t()
@@ -400,11 +472,17 @@ class LoraConv(LoraLayer):
         b = self._base
         x = a.dropout(x)
         if b.padding_mode != "zeros":
-            x = F.pad(x, b._reversed_padding_repeated_twice, mode=b.padding_mode)
-            h = self._conv(x, a.lora_A, None, b.stride, 0, b.dilation)
+            padded = F.pad(x, b._reversed_padding_repeated_twice, mode=b.padding_mode)
+            h = self._conv(padded, a.lora_A, None, b.stride, 0, b.dilation)
         else:
             h = self._conv(x, a.lora_A, None, b.stride, b.padding, b.dilation)
-        return self._conv(h, a.lora_B) * a.scale
+        lora = self._conv(h, a.lora_B) * a.scale
+        if not a.dora:
+            return lora
+        # DoRA (PEFT's _DoraConvNdLayer): (f - 1) * conv(dropout(x), W) + f * lora, f (out,) per output channel,
+        # the norm over each output channel's (in, *kernel) filter of W + dW
+        f = self._dora_factor(a, lora.dtype).reshape(-1, *(1,) * (self.weight.dim() - 2))  # (out, 1, ...)
+        return (f - 1) * b._conv_forward(x, self.weight, None) + f * lora
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, active={self.active}"
@@ -444,10 +522,18 @@ def wrap(module: nn.Module) -> LoraLayer:
 
 
 def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora: bool, dropout: float,
-                init: str, slices: list[bool] | None, name: str = "default") -> LoraAdapter:
+                init: str, slices: list[bool] | None, name: str = "default", dora: bool = False) -> LoraAdapter:
     """Create adapter `name` sized for `layer`, initialized by `init` (see LoraConfig.init).
 
-    init='pissa' also rewrites the layer's weight to the residual (see `pissa_init`)."""
+    init='pissa' also rewrites the layer's weight to the residual (see `pissa_init`). With `dora` the
+    adapter gets a magnitude, ||W + scale * B @ A|| per output row of the layer's weight as it is now.
+
+    Raises:
+        ConfigError: `dora` on a layer that cannot take it (see `check_dora`).
+        StateError: init='pissa' where PiSSA does not apply, or slices on a layer other than a linear.
+    """
+    if dora:
+        check_dora(layer, weight_name)
     w = layer.weight
     dev, dt = w.device, layer.adapter_dtype()
     if init == "pissa" and layer.quantized:
@@ -473,6 +559,7 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
         A = torch.empty(r, n_in, *kernel, device=dev, dtype=dt)
         B = torch.zeros(n_out, r, *ones, device=dev, dtype=dt)
     adapter = LoraAdapter(A, B, alpha, r, rslora, dropout, slices)
+    adapter.train(layer.training)  # its dropout acts only while the model trains, as the layer's own modules
     with torch.no_grad():
         if init == "zeros":
             adapter.lora_A.zero_()
@@ -485,7 +572,30 @@ def new_adapter(layer: LoraLayer, weight_name: str, r: int, alpha: float, rslora
             nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
     if init == "pissa":
         pissa_init(layer, adapter, weight_name, name)
+    if dora:
+        norm = LF.dora_weight_norm(layer.weight_out_in(), adapter.lora_A, adapter.full_B(), adapter.scale)
+        if isinstance(layer, LoraConv):  # PEFT's shape for convolutions: (1, out, 1, ...)
+            norm = norm.reshape(1, -1, *ones)
+        adapter.lora_magnitude_vector = nn.Parameter(norm.to(dt))
     return adapter
+
+
+def check_dora(layer: LoraLayer, weight_name: str) -> None:
+    """Refuse DoRA where lorakit does not compute it: on a quantized layer (it takes nn.Linear, GPT-2's Conv1D,
+    nn.Embedding and nn.Conv1d/2d/3d, as PEFT does).
+
+    Raises:
+        ConfigError: naming the module, its type and what to do.
+    """
+    base = type(layer._base).__name__
+    if layer.quantized:
+        raise ConfigError(f"dora=True cannot adapt {weight_name} ({base}): DoRA needs the norm of the weight, "
+                          "and lorakit computes it for unquantized weights only. Use dora=False on a quantized "
+                          "base, or load the base in 16 bits.")
+    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv)):
+        raise ConfigError(f"dora=True cannot adapt {weight_name} ({base}): lorakit's DoRA takes linear layers "
+                          "(nn.Linear, GPT-2's Conv1D), nn.Embedding and nn.Conv1d/2d/3d. Leave the module out of "
+                          "targets (or exclude it), or adapt it in another adapter with dora=False.")
 
 
 def pissa_init(layer: LoraLayer, adapter: LoraAdapter, weight_name: str, name: str) -> None:

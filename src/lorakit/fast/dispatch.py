@@ -34,8 +34,35 @@ def _param(module, name: str) -> Tensor | None:
     return params[name] if name in params else getattr(module, name)
 
 
+def _has_dora(layer) -> bool:
+    """Whether any adapter of `layer` is a DoRA adapter (read from the modules' own dicts, see `_param`)."""
+    for a in layer._modules["adapters"]._modules.values():
+        if a._parameters.get("lora_magnitude_vector") is not None:
+            return True
+    return False
+
+
+def _dora_path(layer) -> str | None:
+    """"dora" or "reference" when a DoRA adapter acts in this call, else None (the LoRA paths apply)."""
+    if layer.routing is not None:
+        return "reference"  # a routed DoRA adapter: its per-row magnitudes on the reference path
+    active = layer._unmerged_active()
+    if not any(a.dora for a in active):
+        return None
+    if len(active) == 1 and not (layer.training and active[0].dropout_p > 0):
+        return "dora"
+    return "reference"  # several adapters, or DoRA's dropout (which needs the base GEMM on dropped x)
+
+
 def choose(layer, x: Tensor) -> str:
     """The name of the path (a key of `PATHS`) that `layer(x)` takes on the fast path."""
+    if _has_dora(layer):
+        path = _dora_path(layer)
+        if path == "dora" and torch.is_grad_enabled() and layer in state_of(layer).groups \
+                and not torch.compiler.is_compiling():
+            return "group"  # its siblings' call scales its output (`fusion.SiblingGroup`)
+        if path is not None:
+            return path
     if layer.routing is not None:
         if x.shape[0] != len(layer.routing):
             return "reference"  # which raises the explanatory error
@@ -75,11 +102,25 @@ def _adapters(layer, x: Tensor) -> Tensor:
                                  [a.scale for a in active], [a.dropout_p for a in active], layer.training)
 
 
+def _dora(layer, x: Tensor) -> Tensor:
+    """one DoRA adapter, no dropout: the fused LoRA linear (`ops.lora_linear`) times m / ||W + s*B@A||, plus bias"""
+    # the norm is made once per version of W, A and B (`LoraAdapter.weight_norm`)
+    ops = _ops or _import_ops()
+    a = layer._unmerged_active()[0]
+    A, B, scale, _ = a.operands()
+    weight, bias = layer.weight_out_in(), layer.bias
+    recompute = state_of(layer).recipe(x) if torch.is_grad_enabled() else None
+    z = ops.lora_linear(x, weight, None, A, B, scale, recompute=recompute)  # x @ (W + s*B@A).T: (..., out)
+    return ops.dora_output(z, _param(a, "lora_magnitude_vector"), a.weight_norm(weight), bias)
+
+
 def _group(layer, x: Tensor) -> Tensor:
     """one fused call for the layer's sibling group (`lk.fuse`), the output picked up by the others"""
     state = state_of(layer)
     y = state.groups[layer].forward(layer, x, state)
-    return y if y is not None else _adapters(layer, x)
+    if y is not None:
+        return y
+    return _dora(layer, x) if _has_dora(layer) else _adapters(layer, x)
 
 
 def _infer(layer, x: Tensor) -> Tensor:
@@ -134,6 +175,7 @@ PATHS: dict[str, Callable[..., Tensor]] = {
     "infer": _infer,
     "routed": _routed,
     "routed-pinned": _routed_pinned,
+    "dora": _dora,
 }
 
 
@@ -167,6 +209,14 @@ def explain(layer, x: Tensor) -> str:
     from . import triton as _triton
 
     backend = "triton" if _triton.available_for(x) and not torch.compiler.is_compiling() else "torch"
+    if name == "reference":  # the fast paths' exceptions, each with its reason
+        if _has_dora(layer) and _dora_path(layer) == "reference":
+            why = ("DoRA under a per-example route, with several adapters or with dropout in training: the fused "
+                   "kernels take one DoRA adapter without dropout")
+        else:
+            why = ("per-example route: the batch does not match the route, no row goes to an adapter of this layer, "
+                   "or the routed adapters' dropout probabilities differ")
+        return f"reference: {_reference.__doc__} ({why}) [torch]"
     return f"{name}: {PATHS[name].__doc__} [{backend}]"
 
 

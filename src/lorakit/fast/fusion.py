@@ -192,11 +192,18 @@ class SiblingGroup:
         p, training = adapters[0].dropout_p, self.members[0].training
         if any(a.dropout_p != p for a in adapters) or any(m.training != training for m in self.members):
             return None
-        from .ops import lora_linear_group
+        dora = [a.dora for a in adapters]
+        if any(dora) and training and p > 0:
+            return None  # DoRA's dropout needs the base GEMM on the dropped x: the reference path
+        from .ops import dora_output, lora_linear_group
 
-        return lora_linear_group(x, [m.weight_out_in() for m in self.members], [m.bias for m in self.members],
-                                 [a.lora_A for a in adapters], [a.full_B() for a in adapters],
-                                 [a.scale for a in adapters], p, training, recompute=state.recipe(x))
+        ys = lora_linear_group(x, [m.weight_out_in() for m in self.members],
+                               [None if d else m.bias for m, d in zip(self.members, dora)],
+                               [a.lora_A for a in adapters], [a.full_B() for a in adapters],
+                               [a.scale for a in adapters], p, training, recompute=state.recipe(x))
+        # a DoRA member's output x @ (W + s*B@A).T is scaled by m / ||W + s*B@A|| per output, then its bias added
+        return tuple(dora_output(y, a.lora_magnitude_vector, a.weight_norm(m.weight_out_in()), m.bias) if d else y
+                     for y, a, m, d in zip(ys, adapters, self.members, dora))
 
     def __getstate__(self):
         return {"name": self.name, "members": self.members, "_pending": None}

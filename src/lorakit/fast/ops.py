@@ -749,3 +749,34 @@ STEPS = {
     "lora_grads": (_lora_grads_torch, _lora_grads_triton),
     "input_grads": (_input_grads_torch, _input_grads_triton),
 }
+
+
+# -- DoRA ------------------------------------------------------------------------------------------------------
+def dora_output(z: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None) -> Tensor:
+    """y = (magnitude / norm) * z + bias: a DoRA layer's output from z = x @ (W + s*B@A).T (no dropout).
+
+    z (..., out); magnitude (out,) (any shape of out elements), trained; norm (out,) float32, a constant
+    (`LoraAdapter.weight_norm`); bias (out,) or None. One autograd node: backward gives dz = g * f,
+    dm = sum over rows of g * z / norm and the bias gradient, keeping z and f only.
+    """
+    return _DoraScale.apply(z, magnitude, norm, bias)
+
+
+class _DoraScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, magnitude, norm, bias):
+        f = (magnitude.reshape(-1).to(norm.dtype) / norm).to(z.dtype)  # (out,)
+        ctx.save_for_backward(z, f, norm)
+        ctx.m_dtype, ctx.m_shape, ctx.has_bias = magnitude.dtype, magnitude.shape, bias is not None
+        return torch.addcmul(bias.to(z.dtype), z, f) if bias is not None else z * f
+
+    @staticmethod
+    def backward(ctx, g):
+        z, f, norm = ctx.saved_tensors
+        need_z, need_m, _, need_b = ctx.needs_input_grad
+        g2, z2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1])
+        gz = g * f if need_z else None
+        gm = ((g2 * z2).sum(0, dtype=torch.float32) / norm).to(ctx.m_dtype).reshape(ctx.m_shape) if need_m else None
+        gb = g2.sum(0) if ctx.has_bias and need_b else None
+        return gz, gm, None, gb
+
