@@ -349,12 +349,14 @@ def test_bert_family_gets_query_value_where_q_proj_v_proj_fail():
     from lorakit.errors import TargetError
 
     with pytest.raises(TargetError, match="matched no module"):
-        lk.inject(bert(), lk.LoraConfig())  # the built-in default, q_proj / v_proj
+        lk.inject(bert(), lk.LoraConfig(targets=["q_proj", "v_proj"]))  # a decoder's names
     model = bert()
     assert models.default_targets(model) == ["query", "value"]
-    lk.inject(model, lk.LoraConfig(targets=models.default_targets(model)))
+    lk.inject(model, lk.LoraConfig())  # no targets given: the family's
     adapted = {n for n, _ in model.named_modules() if n.endswith((".query", ".value"))}
-    assert adapted and all(isinstance(model.get_submodule(n), lk.layers.LoraLinear) for n in adapted)
+    assert adapted and {n for n, _ in lk.lora_layers(model)} == adapted
+    decoder = lk.inject(llama(), lk.LoraConfig())
+    assert {n.rpartition(".")[2] for n, _ in lk.lora_layers(decoder)} == {"q_proj", "v_proj"}
     assert models.default_targets(gpt2()) == ["c_attn"]
     assert models.default_targets(llama()) == ["q_proj", "v_proj"]
 

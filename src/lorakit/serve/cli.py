@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="adapters load from folders inside DIR only: a request's `model` naming a folder here loads "
                         "it on first use, and /v1/load_lora_adapter takes paths inside it")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
     s.add_argument("--served-model-name", default=None, help="the `model` that means the base (default: --model)")
     s.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
