@@ -25,6 +25,19 @@ def test_targets_matching_nothing_lists_real_names():
         lk.inject(make("llama"), lk.LoraConfig(targets=["query_projection"]))
 
 
+@pytest.mark.parametrize("field,value", [("rank_pattern", {"down_proj": 2, "q_proj": 4}),
+                                         ("alpha_pattern", {"layers.9.self_attn.q_proj": 3.0}),
+                                         ("slices", {"k_proj": [True, False]})])
+def test_pattern_keys_that_match_no_adapted_module_are_refused(field, value):
+    model = make("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unused = [k for k in value if k != "q_proj"]
+    with pytest.raises(lk.ConfigError, match=rf"{field} key.*{unused[0]}.*none of the \d+ modules"):
+        lk.inject(model, lk.LoraConfig(r=2, targets=["q_proj", "v_proj"], **{field: value}))
+    assert not list(lk.lora_layers(model))
+    assert before.keys() == model.state_dict().keys()
+
+
 def test_target_of_unsupported_type():
     with pytest.raises(lk.TargetError, match="LlamaRMSNorm"):
         lk.inject(make("llama"), lk.LoraConfig(targets=["input_layernorm"]))

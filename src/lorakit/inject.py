@@ -16,7 +16,7 @@ from torch import nn
 
 from . import experts, fast, quant
 from . import hf  # transformers' Trainer hooks: attach() in inject, detach() in eject
-from .config import LoraConfig, name_matches
+from .config import LoraConfig, name_matches, pattern_key
 from .errors import AdapterNotFoundError, ConfigError, MergeError, StateError, TargetError
 from .layers import LoraLayer, is_linear_like, new_adapter, supported, wrap
 
@@ -72,6 +72,24 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         return None
+
+
+def _check_patterns(cfg: LoraConfig, names: list[str]) -> None:
+    """Refuse rank_pattern / alpha_pattern / slices keys that match none of the modules (or parameters) being
+    adapted: such a key would silently change nothing.
+
+    Raises:
+        ConfigError: names the keys, the field and what they could match.
+    """
+    for field in ("rank_pattern", "alpha_pattern", "slices"):
+        unused = [k for k in getattr(cfg, field) if not any(pattern_key({k: None}, n) for n in names)]
+        if unused:
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(
+                f"{field} key{'s' if len(unused) > 1 else ''} {', '.join(map(repr, unused))} match"
+                f"{'' if len(unused) > 1 else 'es'} none of the {len(names)} modules this adapter adapts ({shown}). "
+                "A key matches a module whose name ends with it (e.g. 'down_proj' or 'layers.0.mlp.down_proj'); "
+                "fix the key, add its module to the targets, or drop it.")
 
 
 def match_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -154,6 +172,7 @@ def inject(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Modul
         cfg = dataclasses.replace(cfg, targets=default_targets(model))
     paths = match_targets(model, cfg) if cfg.targets else []
     params = experts.match_parameters(model, cfg) if cfg.target_parameters else []
+    _check_patterns(cfg, [*paths, *params])
     done: list[tuple[str, LoraLayer, nn.Module | None]] = []  # (path, wrapper, base module it replaced here)
     done_params: list[tuple[str, LoraLayer, nn.Module | None, bool]] = []  # (parameter, layer, wrapped, created)
     try:
