@@ -73,8 +73,13 @@ def expected(world, ids: list[int], adapter: str | None, n: int) -> str:
 
 
 def chat_ids(world, messages) -> list[int]:
-    text = world["tok"].apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return world["tok"](text, add_special_tokens=False)["input_ids"]
+    """The prompt `lorakit train` puts before the reply to `messages` (training on chat data)."""
+    from lorakit.data import DataConfig, build_examples
+
+    (ex,), _ = build_examples([{"messages": [*messages, {"role": "assistant", "content": "x"}]}], world["tok"],
+                              DataConfig(task="sft", add_eos=False))
+    first_in_loss = next(i for i, label in enumerate(ex["labels"]) if label != -100)
+    return ex["input_ids"][:first_in_loss]
 
 
 @pytest.fixture(scope="module")

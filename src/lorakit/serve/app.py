@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.examples import chat_prompt_ids
 from ..errors import AdapterNotFoundError, ConfigError, LoraError
 from .adapters import AdapterRegistry, ForbiddenPath
 from .engine import Engine, Event, QueueFull, Request
@@ -277,11 +278,13 @@ def create_app(engine: Engine, base_name: str, *, api_key: str | None = None, li
         if getattr(tokenizer, "chat_template", None) is None:
             raise ApiError(400, f"{base_name} has no chat template; use /v1/completions.", param="messages")
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        _bounded("".join(m["content"] for m in messages), max_prompt)
+        try:  # the prompt tokens training put before an assistant turn (`lorakit train` on chat data)
+            ids = chat_prompt_ids(tokenizer, messages, source="the messages")
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
         except Exception as exc:  # the template's own checks (e.g. roles in a required order)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
-        ids = tokenizer(_bounded(text, max_prompt), add_special_tokens=False)["input_ids"]
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens, None)
         adapter = await adapter_of(body.model)
         return await _run(request, engine, body, ids, params, adapter, chat=True)
