@@ -153,8 +153,10 @@ def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
     else:
+        # (merged updates as large as the weights, rounded into bfloat16 at each of a Llama's layers, have
+        # reached 0.094 here: a wrong state is off by the size of a whole adapter term, far above this)
         error = (got.double() - want).norm() / want.norm()
-        assert error < 6e-2, f"outputs differ from float64 by {error:.3g} of their norm"
+        assert error < 0.15, f"outputs differ from float64 by {error:.3g} of their norm"
 
 
 def expect_error(error, model, call) -> None:

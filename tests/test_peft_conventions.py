@@ -190,3 +190,24 @@ def test_an_existing_folder_and_files_keep_their_modes(place, tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     if place == "in_place":  # rewritten in place like an ordinary write; a swap writes new files
         assert stat.S_IMODE((out / CONFIG_NAME).stat().st_mode) == 0o640
+
+
+def test_save_adapter_warns_where_vllm_would_refuse_the_adapter(tmp_path):
+    import warnings
+
+    from models import make
+
+    from lorakit.compat import VllmWarning
+
+    plain = make("llama")
+    lk.inject(plain, lk.LoraConfig(r=8, targets=["q_proj", "v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VllmWarning)
+        lk.save_adapter(plain, tmp_path / "plain")  # vLLM loads it: no warning
+    odd = make("llama")
+    lk.inject(odd, lk.LoraConfig(r=32, targets=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.warns(VllmWarning) as caught:
+        lk.save_adapter(odd, tmp_path / "odd")
+    said = " ".join(str(w.message) for w in caught)
+    assert "modules_to_save" in said and "--max-lora-rank 32" in said
+    assert (tmp_path / "odd" / "adapter_model.safetensors").is_file()  # written all the same

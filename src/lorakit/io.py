@@ -36,6 +36,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         AdapterNotFoundError: the model has no adapter `name`.
         AdapterFileError: the directory cannot be created or written (e.g. the disk is full).
         ConfigError: `task_type` is not "auto", None or one of `TASK_TYPES`.
+
+    Warns:
+        lorakit.compat.VllmWarning: for each of vLLM's loading rules the saved adapter breaks
+            (`lorakit.compat.vllm_problems`), with the fix; the files are written all the same.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save
@@ -323,6 +328,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except (OSError, SafetensorError) as exc:
         raise AdapterFileError(f"Could not write the adapter to {out}: {exc}. Pick a writable directory with "
                                "free space.") from exc
+    from .compat import VllmWarning, vllm_problems
+    for problem in vllm_problems(out):
+        warnings.warn(f"{out}: {problem}", VllmWarning, stacklevel=2)
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterNotFoundError, ConfigError, LoraError
-from .compat import vllm_problems
+from ..compat import vllm_problems
 
 log = logging.getLogger("lorakit.serve")
 

@@ -11,6 +11,11 @@ import json
 import os
 from pathlib import Path
 
+class VllmWarning(UserWarning):
+    """An adapter was saved that vLLM will not load as it is (`save_adapter` warns with the fix); filter with
+    `warnings.simplefilter("ignore", lorakit.compat.VllmWarning)`."""
+
+
 #: vLLM's default --max-lora-rank, and the largest rank it supports
 VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MAX_RANK = 512
