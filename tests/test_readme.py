@@ -10,6 +10,8 @@ def test_readme_api_tour_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no python example"
     for code in blocks:
+        if code.startswith("# with `lorakit serve` running"):  # a client of a server started in a shell
+            continue
         exec(compile(code, str(README), "exec"), {"__name__": "readme"})
 
 
