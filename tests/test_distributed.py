@@ -44,10 +44,12 @@ import torch.distributed as dist
 import lorakit.train.checkpoints as C
 from lorakit.cli import main
 
-full_runs, stop_argv, stop_step = json.loads(sys.argv[1])
+full_runs, stop_argv, stop_step, refused = json.loads(sys.argv[1])
 dist.init_process_group("gloo")  # one group for all runs: lorakit uses it and leaves it open
 for argv in full_runs:
     assert main(argv) == 0
+for argv in refused:
+    assert main(argv) == 2
 save = C.save_checkpoint
 
 def save_then_stop(out, model, optimizer, scheduler, state, ctx=None, **kwargs):
@@ -82,6 +84,11 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
     with safe_open(a / "adapter_model.safetensors", "pt") as fa, safe_open(b / "adapter_model.safetensors", "pt") as fb:
         assert fa.metadata() == fb.metadata()
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _env() -> dict[str, str]:
@@ -149,22 +156,29 @@ def test_nproc_relaunches_through_torchrun(tiny_model, sft_file, tmp_path, monke
 
 def test_ddp_fsdp_and_resume_match_single_process(tiny_model, sft_file, tmp_path):
     ddp, fsdp, stopped, single = (tmp_path / n for n in ("ddp", "fsdp", "stopped", "single"))
+    qlora_ddp, qlora_single = tmp_path / "qlora-ddp", tmp_path / "qlora-single"
+    qlora = ["--quantize", "nf4"] if _has_bitsandbytes() else []
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     spec = [[train_args(tiny_model, sft_file, ddp, 2, "--strategy", "ddp"),
-             train_args(tiny_model, sft_file, fsdp, 2, "--strategy", "fsdp")],
-            train_args(tiny_model, sft_file, stopped, 2, "--strategy", "fsdp"), STOP]
+             train_args(tiny_model, sft_file, fsdp, 2, "--strategy", "fsdp")]
+            + ([train_args(tiny_model, sft_file, qlora_ddp, 2, "--strategy", "ddp", *qlora)] if qlora else []),
+            train_args(tiny_model, sft_file, stopped, 2, "--strategy", "fsdp"), STOP,
+            [train_args(tiny_model, sft_file, tmp_path / "qlora-fsdp", 2, "--strategy", "fsdp", *qlora)] if qlora
+            else []]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(worker), json.dumps(spec)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:  # the reference trains while the workers start
+    try:  # the references train while the workers start
         assert main(train_args(tiny_model, sft_file, single, 4)) == 0
+        if qlora:
+            assert main(train_args(tiny_model, sft_file, qlora_single, 4, *qlora)) == 0
         log = proc.communicate(timeout=400)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, log[-3000:]
-    assert log.count("== lorakit train: done ==") == 2  # rank 0 alone prints, once per full run
+    assert log.count("== lorakit train: done ==") == 2 + bool(qlora)  # rank 0 alone prints, once per full run
     reference = losses(single)
     assert len(reference) == STEPS
 
@@ -175,6 +189,11 @@ def test_ddp_fsdp_and_resume_match_single_process(tiny_model, sft_file, tmp_path
         assert_same_adapter(single / "adapter", run / "adapter")
         torch.testing.assert_close(load_file(run / "checkpoint" / "trainable.safetensors"),
                                    load_file(single / "checkpoint" / "trainable.safetensors"), rtol=1e-4, atol=1e-5)
+
+    if qlora:  # QLoRA under DDP: each process holds the whole 4-bit base, the adapters train as in one process
+        assert losses(qlora_ddp) == pytest.approx(losses(qlora_single), rel=1e-5)
+        assert_same_adapter(qlora_single / "adapter", qlora_ddp / "adapter")
+        assert "--strategy ddp" in log and not (tmp_path / "qlora-fsdp" / "adapter").exists()
 
     progress = json.loads((stopped / "checkpoint" / "progress.json").read_text())
     assert progress["step"] == STOP and progress["world_size"] == 2 and progress["global_batch"] == 4

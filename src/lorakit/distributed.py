@@ -136,6 +136,11 @@ class Context:
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # a quantized base's packed integer weights (bitsandbytes) are loaded alike on every rank and never
+            # change: DDP leaves them out of its start-up broadcast
+            packed = [n for n, p in model.named_parameters() if not (p.is_floating_point() or p.is_complex())]
+            if packed:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, packed)
             return DistributedDataParallel(model, device_ids=ids)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -368,6 +368,7 @@ def load_model(
     *,
     allow_pickle: bool = False,
     quantize: str | None = None,
+    device: "torch.device | str | None" = None,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a model and its tokenizer for `task`; see `resolve_model_path` for names.
 
@@ -383,7 +384,8 @@ def load_model(
     The tokenizer has a pad token, pads on the right, and the model config's
     ``pad_token_id`` equals the tokenizer's (see the module docstring).
     `quantize` ("nf4" / "fp4" / "int8") quantizes the linear layers with bitsandbytes at load time,
-    onto the GPU if there is one, else the CPU (`lorakit.quant`; `dtype` is then the compute dtype).
+    onto `device` (default: the first GPU if there is one, else the CPU; a process of a data-parallel run
+    passes its own), as `lorakit.quant` describes; `dtype` is then the compute dtype.
     The model is returned in eval mode (as ``from_pretrained`` leaves it).
 
     Raises:
@@ -416,7 +418,10 @@ def load_model(
         from . import quant
 
         kwargs["quantization_config"] = quant.bnb_config(quantize, torch_dtype)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"  # quantized where it is loaded
+        where = torch.device(device) if device is not None else \
+            torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        # quantized where it is loaded (a quantized layer must not move after)
+        kwargs["device_map"] = {"": where.index or 0} if where.type == "cuda" else {"": where.type}
         stored = transformers.AutoConfig.from_pretrained(source, **({"local_files_only": True} if isinstance(
             source, Path) else {}))
         if getattr(stored, "quantization_config", None) is not None:

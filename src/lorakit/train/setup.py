@@ -91,9 +91,11 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     if cfg.resume:
         import yaml
         check_resume(saved_run_config(out), yaml.safe_load(config_text), out)
-    if cfg.quantize is not None and ctx.distributed:
-        raise ConfigError(f"--quantize {cfg.quantize} trains in one process: bitsandbytes places the whole quantized "
-                          "base on one device as it loads. Drop --nproc / torchrun, or drop --quantize.")
+    if cfg.quantize is not None and ctx.strategy == "fsdp":
+        raise ConfigError(f"--quantize {cfg.quantize} with --strategy fsdp: FSDP2 shards parameters, and bitsandbytes "
+                          "keeps a quantized weight's scales outside the packed tensor, so its layers cannot be "
+                          "sharded. Use --strategy ddp (each process holds the whole quantized base, a quarter of "
+                          "its 16-bit size in 4 bits), or drop --quantize.")
     if cfg.cuda_graphs == "on" and ctx.distributed:
         raise ConfigError("--cuda-graphs runs in one process; pass --cuda-graphs off, or drop --nproc / torchrun.")
     if cfg.threads > 0:
@@ -113,7 +115,8 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
     # --quantize: bitsandbytes quantizes the linear layers onto their device as they load (they must not be
     # moved after); the bfloat16 dtype is then the compute dtype and that of the layers left unquantized
     model, tokenizer = load_model(cfg.model, task=model_task(data), num_labels=len(label_names or []) or None,
-                                  dtype=torch.bfloat16 if base_bf16 else None, quantize=cfg.quantize)
+                                  dtype=torch.bfloat16 if base_bf16 else None, quantize=cfg.quantize,
+                                  device=device if cfg.quantize is not None else None)
     if ctx.strategy != "fsdp" and cfg.quantize is None:  # FSDP moves each shard to the GPU itself
         model.to(device)
     log(f"  loaded in {time.time() - t0:.1f} s")
