@@ -59,7 +59,9 @@ def run(args) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model_name, adapters = args.model, _adapters(args.adapter)
+    from ..combine_cli import parse_adapters  # the same NAME=DIR rule as `lorakit combine`
+
+    model_name, adapters = args.model, parse_adapters(args.adapter)
     if model_name is None and not adapters and args.adapter_dir is None:
         if not (DEFAULT_ADAPTER / "adapter_config.json").is_file():
             raise ConfigError(f"no adapter in {DEFAULT_ADAPTER}: run `lorakit train` first (it leaves one there), "
@@ -162,18 +164,6 @@ def start(app, host: str = "127.0.0.1", port: int = 0) -> Running:
         time.sleep(0.01)
     bound = server.servers[0].sockets[0].getsockname()
     return Running(f"http://{host}:{bound[1]}", server, thread)
-
-
-def _adapters(specs: list[str]) -> dict[str, str]:
-    out = {}
-    for spec in specs:
-        name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise ConfigError(f"--adapter {spec!r}: write NAME=DIR (the `model` clients ask for, and its folder).")
-        if name in out:
-            raise ConfigError(f"--adapter names {name!r} twice.")
-        out[name] = folder
-    return out
 
 
 def _loopback(host: str) -> bool:
