@@ -540,3 +540,31 @@ def test_quantized_base_function_on_its_triton_path(dtype, tol, p):
     ref = torch.autograd.grad(want, (x64, A64, B64), g.double())
     for a, b in zip(got, ref):
         assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype, tol", CASES, ids=[str(d).removeprefix("torch.") for d, _ in CASES])
+def test_several_adapters_on_one_linear_through_the_kernels(dtype, tol):
+    from lorakit.fast.ops import lora_linear_multi
+
+    # each adapter with dropout is a group of its own; those without share one group of 1, 2 or 4 terms
+    # (the one-read gradient kernel takes up to 3 terms of rank <= 16, a loop more)
+    for ranks, ps in [([8, 1, 16], [0.2, 0.0, 0.4]), ([4, 4, 2], [0.0, 0.0, 0.1]), ([8, 8, 8, 8], [0.0] * 4)]:
+        x = torch.randn(3, 5, 32, device=dev, dtype=dtype)
+        W = (torch.randn(24, 32, device=dev) / 6).to(dtype)
+        b = torch.randn(24, device=dev, dtype=dtype)
+        As = [(torch.randn(r, 32, device=dev) / 6).to(dtype) for r in ranks]
+        Bs = [torch.randn(24, r, device=dev, dtype=dtype) for r in ranks]
+        scales = [2.0, 0.5, 1.0, -1.0][:len(ranks)]
+        seeds = [LF.dropout_seed(dev) for p in ps if p > 0]
+        leaves = [t.requires_grad_(True) for t in [x, *As, *Bs]]
+        y = lora_linear_multi(x, W, b, As, Bs, scales, ps, True, seeds=seeds)
+        it = iter(seeds)
+        per_term = [next(it) if p > 0 else None for p in ps]
+        ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+        n = len(ranks)
+        ref = LF.lora_linear_multi(ref_leaves[0], W.double(), b.double(), ref_leaves[1:1 + n], ref_leaves[1 + n:],
+                                   scales, ps, per_term)
+        assert rel(y, ref) < tol, (ranks, ps)
+        gy = torch.randn_like(y)
+        for g, w in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy.double())):
+            assert rel(g, w) < tol, (ranks, ps)

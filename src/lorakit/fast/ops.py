@@ -168,39 +168,24 @@ class LoraLinearFunction(torch.autograd.Function):
         dW = [g2[j].t() @ x2 if need[2 + j] else None for j in range(J)]
         db = [g2[j].sum(0) if ctx.bias_grad[j] else None for j in range(J)]
         dA, dB = [None] * T, [None] * T
-        z = _zero(x2)
-        for g, terms in enumerate(plan.groups):
-            xa, p, A = xas[g], plan.group_p[g], A_cats[g]
-            gxas, off = [], 0
-            for t in terms:
-                r, s, gy = ctx.ranks[t], plan.term_scale[t], g2[plan.term_out[t]]
-                if need[2 + 2 * J + T + t]:
-                    dB[t] = torch.addmm(z, gy.t(), xa[:, off:off + r], beta=0, alpha=s)
-                gxas.append(torch.addmm(z, gy, Bs[t], beta=0, alpha=s))
-                off += r
-            gxa = gxas[0] if len(gxas) == 1 else torch.cat(gxas, 1)
-            if p > 0 and seeds[g].numel():
-                if triton:
-                    init = need_x and gx is None
-                    if init:
-                        gx = torch.empty_like(x2)
-                    dA_g = _triton.dropout_backward(x2, gxa, A, gx, seeds[g], p, gx_init=init)
-                else:
-                    keep = dropout_keep(seeds[g], M, x2.shape[1], p, x2.device).to(x2.dtype)
-                    dA_g = gxa.t() @ (x2 * keep * (1.0 / (1.0 - p)))
-                    if need_x:
-                        gl = (gxa @ A).mul_(keep).mul_(1.0 / (1.0 - p))
-                        gx = gl if gx is None else gx.add_(gl)
-            else:
-                dA_g = gxa.t() @ x2
-                if need_x:
-                    gx = gxa @ A if gx is None else gx.addmm_(gxa, A)
+        for g, terms in enumerate(plan.groups):  # each dropout group: the two named steps of LoraLinearGroup
+            ranks = [ctx.ranks[t] for t in terms]
+            need_b = [need[2 + 2 * J + T + t] for t in terms]
+            one_read = triton and all(need_b) and len(terms) <= 3 and max(ranks) <= _ONE_READ_MAX_RANK
+            gxa, dB_g = STEPS["lora_grads"][one_read](
+                [g2[plan.term_out[t]] for t in terms], [Bs[t] for t in terms], xas[g], ranks,
+                [plan.term_scale[t] for t in terms], need_b, Bs[terms[0]].dtype)  # "lora_grads"
+            seed = seeds[g] if plan.group_p[g] > 0 and seeds[g].numel() else None
+            dA_g, gx_g = STEPS["input_grads"][triton and seed is not None](
+                x2, None, gxa, A_cats[g], seed, plan.group_p[g], need_x)  # "input_grads"
+            if gx_g is not None:
+                gx = gx_g if gx is None else gx.add_(gx_g)
             off = 0
-            for t in terms:
-                r = ctx.ranks[t]
+            for t, dB_t in zip(terms, dB_g):
+                dB[t] = dB_t
                 if need[2 + 2 * J + t]:
-                    dA[t] = dA_g[off:off + r].to(ctx.a_dtypes[t])
-                off += r
+                    dA[t] = dA_g[off:off + ctx.ranks[t]].to(ctx.a_dtypes[t])
+                off += ctx.ranks[t]
 
         if need_x:
             for j in range(J):
