@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import lorakit as lk
 from lorakit.inject import active_adapters, adapter_names
-from models import make
+from models import example_input, make, randomize, run
 
 LOAD_SECONDS = 5.0
 EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", "0"))
@@ -757,3 +757,26 @@ if __name__ == "__main__":
           f"raw exceptions: {sum(raw.values())} at {len(raw)} distinct sites")
     for k, v in RECORD.most_common():
         print(f"{v:6d}  {k}")
+
+
+def test_plan_touches_nothing_and_install_later_equals_load(tmp_path):
+    from lorakit.io import install_plan, plan_adapter
+
+    source = make("llama")
+    lk.inject(source, lk.LoraConfig(r=4, targets="all-linear"))
+    randomize(source, std=0.2)
+    lk.save_adapter(source, tmp_path / "a")
+    model = make("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_adapter(model, tmp_path / "a")
+    assert not list(lk.lora_layers(model)) and before.keys() == model.state_dict().keys()
+    install_plan(model, plan, "x")
+    install_plan(model, plan, "y")  # a plan installs again: its tensors are copied in
+    loaded = make("llama")
+    lk.load_adapter(loaded, tmp_path / "a", name="x")
+    x = example_input("llama")
+    for name in ("x", "y"):
+        lk.set_adapter(model, name)
+        torch.testing.assert_close(run(model, "llama", x), run(loaded, "llama", x), rtol=0, atol=0)
+    with pytest.raises(lk.ConfigError, match="already has an adapter named 'x'"):
+        install_plan(model, plan, "x")

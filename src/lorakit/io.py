@@ -516,6 +516,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             argument has the wrong type.
     """
     _check_arguments(model, path, name, alpha, slices, check_base)
+    if name in configs(model):
+        raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
+    return install_plan(model, plan_adapter(model, path, alpha=alpha, slices=slices, check_base=check_base), name)
+
+
+def plan_adapter(model: nn.Module, path: str | os.PathLike, *, alpha: float | None = None,
+                 slices: list[bool] | None = None, check_base: bool = True) -> "_Plan":
+    """The first half of `load_adapter`: read the adapter at `path` and check it against `model`, touching
+    nothing. The plan holds the checked tensors; `install_plan` installs it (also later, on the same model,
+    as a server does to keep adapters read in host memory).
+
+    Raises:
+        The errors of `load_adapter` that concern the files and their fit to the model.
+    """
+    _check_arguments(model, path, "default", alpha, slices, check_base)
     p = Path(path)
     if p.is_dir():
         source, read = p, lambda: _plan_peft_dir(model, p, check_base)
@@ -529,15 +544,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 f" rename that back to {p.name}, or save again.") if aside else ""
         raise AdapterFileError(f"No adapter at {p}: the path does not exist. Give the directory that holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME}, or a loralib .pt/.bin file.{hint}")
-    if name in configs(model):
-        raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
     try:
-        plan = read()
+        return read()
     except LoraError:
         raise
     except Exception as exc:  # whatever else a damaged or hostile file provokes
         raise AdapterFileError(f"{source} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
                                "damaged or not an adapter. Re-save or re-download it.") from exc
+
+
+def install_plan(model: nn.Module, plan: "_Plan", name: str = "default") -> nn.Module:
+    """The second half of `load_adapter`: install a plan of `plan_adapter` as adapter `name` and make it
+    active. If anything fails, the model is put back as it was. Returns `model`.
+
+    Raises:
+        ConfigError: `name` is taken or not a plain name.
+    """
+    if name in configs(model):
+        raise ConfigError(f"The model already has an adapter named {name!r}; load under another name=.")
     _install(model, name, plan)
     return model
 

@@ -180,7 +180,7 @@ class AdapterRegistry:
             AdapterFileError, ShapeMismatchError: its folder no longer loads.
         """
         from ..inject import delete_adapter
-        from ..io import _install
+        from ..io import install_plan
 
         with self._lock:
             if name not in self.known:
@@ -200,7 +200,7 @@ class AdapterRegistry:
             plan = self._plan(name, folder)
         self._slots += 1
         slot = f"serve-{self._slots}"
-        _install(self.model, slot, plan)
+        install_plan(self.model, plan, slot)
         self.version += 1
         with self._lock:
             if name not in self.known:  # unloaded while it was installed
@@ -236,7 +236,7 @@ class AdapterRegistry:
         Raises:
             AdapterFileError: not an adapter, a DoRA adapter, or one that changes shared base weights.
         """
-        from ..io import _plan_peft_dir
+        from ..io import plan_adapter
 
         if not folder.is_dir():
             raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder.")
@@ -244,7 +244,7 @@ class AdapterRegistry:
             raise AdapterFileError(f"adapter {name!r} ({folder}) is a DoRA adapter, which lorakit serve does not route "
                                    "per row; merge it into its base (`lorakit merge`) and serve that model instead.")
         try:
-            plan = _plan_peft_dir(self.model, folder, check_base=True)
+            plan = plan_adapter(self.model, folder)
         except LoraError:
             raise
         except Exception as exc:  # whatever else a damaged or hostile file provokes
