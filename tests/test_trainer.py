@@ -386,3 +386,55 @@ def test_save_pretrained_lays_out_several_adapters_as_peft_does(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(_adapter(fresh).values(), _adapter(model).values()))
     model.save_pretrained(tmp_path / "elsewhere", is_main_process=False)  # other ranks write nothing
     assert not (tmp_path / "elsewhere").exists()
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for one forward's backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=x, labels=x).loss
+    return sum(seen.values())
+
+
+def test_fuse_can_replace_liger_style_instance_forwards_and_keeps_the_memory_saving():
+    model = make("llama")
+    originals = {}
+    for name, module in model.named_modules():  # as Trainer(use_liger_kernel=True) patches a built model
+        if type(module).__name__ == "LlamaMLP":
+            module.forward = originals[name] = _stand_in_mlp_forward.__get__(module)
+        elif type(module).__name__ == "LlamaRMSNorm":
+            module.forward = originals[name] = StandInRMSNorm.forward.__get__(module)
+    torch.manual_seed(1)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    from models import randomize
+    randomize(model, std=0.1)
+    model.train()
+    x = torch.randint(0, 96, (2, 10))
+    reference = _outputs_and_grads(model, x)
+    lk.set_fast_path("on", triton=False)
+    try:
+        kept = lk.fuse(model)
+        saved_kept = _saved_bytes(model, x)
+        kept.undo()
+        handle = lk.fuse(model, replace_instance_forwards=True)
+        saved_replaced = _saved_bytes(model, x)
+        fused = _outputs_and_grads(model, x)
+    finally:
+        lk.set_fast_path("auto", triton=True)
+    report = handle.report()
+    assert "producer model.layers.0.mlp (LlamaMLP, its instance forward replaced)" in report
+    assert "producer model.layers.0.input_layernorm (LlamaRMSNorm, its instance forward replaced)" in report
+    assert saved_replaced < saved_kept  # the LoRA inputs are rebuilt in backward, not kept
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-5)
+    for name in reference[1]:
+        torch.testing.assert_close(fused[1][name], reference[1][name], rtol=1e-4, atol=1e-5)
+    handle.undo()
+    for name, forward in originals.items():  # the user's (Liger's) forwards are back
+        assert model.get_submodule(name).__dict__["forward"] is forward

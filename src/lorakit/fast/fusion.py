@@ -138,10 +138,16 @@ def producers() -> dict[type, Callable]:
 
 
 class _ProducerForward:
-    """The instance forward `fuse` gives a producer module (undone by deleting it)."""
+    """The instance forward `fuse` gives a producer module; undone by deleting it, or by putting back the
+    instance forward it replaced (`replaced`, with fuse(..., replace_instance_forwards=True))."""
 
-    def __init__(self, fn: Callable, module: nn.Module, state: FastState) -> None:
-        self.fn, self.module, self.state = fn, module, state
+    def __init__(self, fn: Callable, module: nn.Module, state: FastState, replaced: Callable | None = None) -> None:
+        self.fn, self.module, self.state, self.replaced = fn, module, state, replaced
+
+    def restore(self) -> None:
+        del self.module.forward
+        if self.replaced is not None:
+            self.module.forward = self.replaced
 
     def __call__(self, *args, **kwargs):
         return self.fn(self.module, self.state, *args, **kwargs)
@@ -241,8 +247,9 @@ class FusionHandle:
         if not self.active:
             return
         for m in self.model.modules():
-            if isinstance(m.__dict__.get("forward"), _ProducerForward):
-                del m.forward
+            forward = m.__dict__.get("forward")
+            if isinstance(forward, _ProducerForward):
+                forward.restore()
         state = model_state(self.model)
         state.groups.clear()
         state.recipes.clear()
@@ -250,12 +257,19 @@ class FusionHandle:
         self.active = False
 
 
-def fuse(model: nn.Module, groups: dict[type, Iterable[tuple[str, ...]]] | None = None) -> FusionHandle:
+def fuse(model: nn.Module, groups: dict[type, Iterable[tuple[str, ...]]] | None = None, *,
+         replace_instance_forwards: bool = False) -> FusionHandle:
     """Fuse what the fast path can compute across modules of `model` (see this module's docstring).
 
     Sibling groups come from the family table (`families()`) plus `groups` (module class -> tuples of child
     names that read one input); producers from `producers()`. Call it after `lk.inject` (and again after
     adapting other modules). Calling it on a model already fused returns the handle in place.
+
+    A producer module that already has an instance forward of its own (Liger's kernels, patched into a built
+    model's modules by `Trainer(use_liger_kernel=True)`, are such) is left as it is, and the report says so,
+    unless `replace_instance_forwards`: then lorakit's forward for its class (the same function: RMSNorm, the
+    gated MLP) takes its place, so that the LoRA inputs it produces are rebuilt in backward instead of kept,
+    and `undo` puts the instance forward back. The report lists each one replaced.
 
     Returns:
         The `FusionHandle`: `report()` lists what changed, `undo()` restores every forward.
@@ -303,11 +317,14 @@ def fuse(model: nn.Module, groups: dict[type, Iterable[tuple[str, ...]]] | None 
                 state.groups[m] = group
         fn = makers.get(type(module))
         if fn is not None:
-            if "forward" in module.__dict__:
-                handle.skipped.append((name, "has an instance forward of its own; left as it is"))
+            own = module.__dict__.get("forward")
+            if own is not None and not replace_instance_forwards:
+                handle.skipped.append((name, "has an instance forward of its own; left as it is (fuse(..., "
+                                             "replace_instance_forwards=True) replaces it, and undo puts it back)"))
                 continue
-            module.forward = _ProducerForward(fn, module, state)
-            handle.producers.append((name, type(module).__name__))
+            module.forward = _ProducerForward(fn, module, state, replaced=own)
+            handle.producers.append((name, type(module).__name__ + (", its instance forward replaced" if own
+                                                                    is not None else "")))
     state.handle = handle
     return handle
 
@@ -325,4 +342,4 @@ def unfuse(model: nn.Module) -> None:
     for m in model.modules():  # producers of a fused model whose adapted linears are gone (ejected)
         forward = m.__dict__.get("forward")
         if isinstance(forward, _ProducerForward):
-            del m.forward
+            forward.restore()
