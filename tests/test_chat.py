@@ -188,3 +188,25 @@ def test_generation_pairs_read_every_chat_layout(chat_model):
     prompts, refs = generation_pairs(records, tok, DataConfig(task="sft"))
     assert prompts[0] == prompts[1] == prompts[2] == trained_prompt(chat_model, ONE_TURN[1:])
     assert refs == [" blue"] * 3
+
+
+def test_decoding_flags_reach_generate_and_are_checked(chat_model, monkeypatch, capsys):
+    from transformers import GenerationMixin
+
+    from models import cli_fails_cleanly
+    seen = []
+
+    def fake_generate(self, input_ids=None, attention_mask=None, **kwargs):
+        seen.append(kwargs)
+        return torch.cat([input_ids, torch.full_like(input_ids[:, :1], 42)], 1)
+
+    monkeypatch.setattr(GenerationMixin, "generate", fake_generate)
+    assert main(["generate", "--model", str(chat_model), "--prompt", "Sky?", "--max-new-tokens", "1", "--num-beams",
+                 "10", "--length-penalty", "0.9", "--no-repeat-ngram-size", "4", *EAGER]) == 0
+    assert seen[-1]["num_beams"] == 10 and seen[-1]["length_penalty"] == 0.9 and seen[-1]["no_repeat_ngram_size"] == 4
+    assert main(["generate", "--model", str(chat_model), "--prompt", "Sky?", "--max-new-tokens", "1", *EAGER]) == 0
+    assert "length_penalty" not in seen[-1] and "no_repeat_ngram_size" not in seen[-1]
+    cli_fails_cleanly(capsys, ["generate", "--model", str(chat_model), "--prompt", "Sky?", "--length-penalty", "0.9"],
+                      "--length-penalty", "--num-beams")
+    cli_fails_cleanly(capsys, ["generate", "--model", str(chat_model), "--prompt", "Sky?", "--no-repeat-ngram-size",
+                               "-1"], "--no-repeat-ngram-size")

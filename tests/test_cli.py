@@ -561,3 +561,32 @@ def test_errors_name_flags_and_two_adapters_are_not_summed_silently(tiny_model, 
 def load_tiny(path):
     from lorakit.models import load_model
     return load_model(str(path))
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy_of_the_next_token():
+    from models import llama
+
+    from lorakit.train.steppers import training_loss
+
+    model = llama().double()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt the loss skips
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert training_loss(model, batch, 0.0) == model(**batch).loss
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+    target, keep = labels[:, 1:], labels[:, 1:] != -100
+    nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    uniform = -logp.mean(-1)
+    want = ((0.9 * nll + 0.1 * uniform) * keep).sum() / keep.sum()
+    torch.testing.assert_close(training_loss(model, batch, 0.1).double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_train_with_label_smoothing_and_its_refusal(tiny_model, sft_file, tmp_path, capsys):
+    assert main(train_args(tiny_model, sft_file, tmp_path / "ls", "--label-smoothing", "0.1", "--max-steps", "2")) == 0
+    import yaml
+    saved = yaml.safe_load((tmp_path / "ls" / "run_config.yaml").read_text())
+    assert saved["train"]["label_smoothing"] == 0.1
+    cli_fails_cleanly(capsys, train_args(tiny_model, sft_file, tmp_path / "bad", "--label-smoothing", "1.0"),
+                      "--label-smoothing")

@@ -303,6 +303,37 @@ def _merge_yaml(values, path: Path, sections):
 
 
 # -- subcommands ----------------------------------------------------------------------------------------
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--length-penalty and --no-repeat-ngram-size: the decoding options of the LoRA paper's E2E recipe."""
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search: score = log-probability / length ** this (default 1.0; the paper's E2E "
+                             "recipe uses 0.9 with --num-beams 10)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="never repeat an n-gram of this many tokens in an output (default 0: off; the paper's "
+                             "E2E recipe uses 4)")
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`model.generate` keyword arguments of the decoding flags that differ from the defaults.
+
+    Raises:
+        ConfigError: --num-beams below 1, --length-penalty without beams, a negative --no-repeat-ngram-size.
+    """
+    if args.num_beams < 1:
+        raise ConfigError(f"--num-beams must be >= 1, got {args.num_beams}.")
+    if args.no_repeat_ngram_size < 0:
+        raise ConfigError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {args.no_repeat_ngram_size}.")
+    kwargs: dict[str, Any] = {"num_beams": args.num_beams}
+    if args.length_penalty != 1.0:
+        if args.num_beams == 1:
+            raise ConfigError("--length-penalty changes how beam search ranks its beams; it needs --num-beams 2 or "
+                              "more (greedy decoding has no ranking to change).")
+        kwargs["length_penalty"] = args.length_penalty
+    if args.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    return kwargs
+
+
 def adapter_spec(spec: str) -> tuple[str, str]:
     """`--adapter DIR` or `--adapter NAME=DIR` -> (name, directory); a bare DIR is adapter "default".
 
@@ -495,8 +526,8 @@ def _generation_metrics(model, tokenizer, split, cfg, data, args) -> dict[str, A
         else:
             groups.append((prompt, [ref]))
     groups = groups[: cfg.max_eval_examples or None]
-    hyps = generate_texts(model, tokenizer, [p for p, _ in groups], cfg.max_new_tokens, num_beams=args.num_beams,
-                          cuda_graphs=cfg.cuda_graphs)
+    hyps = generate_texts(model, tokenizer, [p for p, _ in groups], cfg.max_new_tokens, cuda_graphs=cfg.cuda_graphs,
+                          **decoding_kwargs(args))
     scores = metrics.generation_scores(hyps, [r for _, r in groups])
     if args.predictions:
         Path(args.predictions).write_text("\n".join(h.strip() for h in hyps) + "\n")
@@ -605,7 +636,7 @@ def cmd_generate(args) -> int:
     if not routes and len(names) > 1:
         set_adapter(model, names)
     inputs = chat_prompts(tokenizer, prompts, args.system, args.raw, args.model)
-    kwargs = {"num_beams": args.num_beams}
+    kwargs = decoding_kwargs(args)
     if args.sample:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       min_p=args.min_p)
@@ -794,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: also BLEU, NIST, METEOR, ROUGE-L, CIDEr against all references of each prompt "
                         "(conversations: of their last assistant turn)")
     e.add_argument("--num-beams", type=int, default=1, help="beam width for --generation-metrics")
+    add_decoding_flags(e)
     e.add_argument("--predictions", help="write the generated texts here, one per line")
     add_config_flags(e, ("train", "data"), only={"train": EVAL_TRAIN_FIELDS, "data": _eval_data_fields()})
     e.set_defaults(func=cmd_eval)
@@ -815,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--route", help="comma-separated adapter name per prompt ('base' for none), in one batch")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    add_decoding_flags(g)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
     g.add_argument("--temperature", type=float, default=0.8, help="--sample: softmax temperature (default: 0.8)")
     g.add_argument("--top-p", type=float, default=0.95,

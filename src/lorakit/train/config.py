@@ -40,6 +40,8 @@ class TrainConfig:
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
     """AdamW weight decay (decoupled), applied to the trainable weights."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the training loss, in [0, 1) (the LoRA paper's E2E recipe uses 0.1); evaluation loss stays plain cross-entropy."""
     schedule: str = "linear"
     """Learning-rate decay after warmup: linear, cosine or constant."""
     warmup_ratio: float = 0.05
@@ -109,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not isinstance(self.metric_for_best, str) or not self.metric_for_best:
             raise ConfigError(f"metric_for_best must be a metric name or auto, got {self.metric_for_best!r}.")
         mode = self.cuda_graphs

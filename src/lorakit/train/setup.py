@@ -85,6 +85,9 @@ def setup(run_cfg: RunConfig, ctx: Context, log: Callable[[str], None]) -> Train
 
     cfg, data = run_cfg.train.validate(), run_cfg.data.validate()
     check_metric_for_best(cfg, data.task)
+    if cfg.label_smoothing and data.task == "regression":
+        raise ConfigError("--label-smoothing applies to class labels and tokens, not to regression targets; drop it "
+                          "for --task regression.")
     out = Path(cfg.output_dir)
     earlier = plan_output_dir(out, cfg.resume, cfg.overwrite)  # (deleted once the run has started)
     config_text = to_yaml(run_cfg.to_dict())

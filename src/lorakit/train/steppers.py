@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..distributed import Context
-from ..errors import GraphError
+from ..errors import ConfigError, GraphError
 from .config import TrainConfig, autocast, uses_bf16
 
 
@@ -55,7 +55,7 @@ class EagerStepper:
             batch = {k: v.to(device) for k, v in host_batch.items()}
             with self.ctx.accumulating(self.train_model, sync=j == len(micro) - 1):
                 with autocast(device, self.cfg.precision):
-                    loss = self.train_model(**batch).loss / self.cfg.grad_accum
+                    loss = training_loss(self.train_model, batch, self.cfg.label_smoothing) / self.cfg.grad_accum
                 loss.backward()  # (accumulating graphs: into their gradient tensors, in place)
             part = loss.detach().float()
             loss_acc = part if loss_acc is None else loss_acc + part
@@ -69,6 +69,26 @@ class EagerStepper:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """The model's own loss, or with label smoothing the same cross-entropy (mean over the labels that are not
+    -100; a causal LM's logits at position t predict the label at t + 1) with the targets smoothed.
+
+    Raises:
+        ConfigError: label smoothing on a model whose labels are not class indices (regression).
+    """
+    if not label_smoothing:
+        return model(**batch).loss
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    if labels.is_floating_point():
+        raise ConfigError("--label-smoothing applies to class labels and tokens, not to regression targets; "
+                          "drop it for this task.")
+    if logits.dim() == 3:  # causal LM: shift
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100, label_smoothing=label_smoothing)
 
 
 # -- captured steps (--cuda-graphs) -----------------------------------------------------------------
@@ -111,7 +131,7 @@ class GraphSteps:
         # no autocast weight cache: a cached cast would be made inside one capture and reused by another
         with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=uses_bf16(self.device, self.cfg.precision)):
-            loss = model(**batch).loss
+            loss = training_loss(model, batch, self.cfg.label_smoothing)
         return loss / self.cfg.grad_accum if self.accumulate else loss
 
     def _clip(self) -> float | None:
