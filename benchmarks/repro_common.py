@@ -28,7 +28,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=("query", "value"), heads=()):
+def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=("query", "value"), heads=(),
+          dropout: float = 0.0, rslora: bool = False):
     """Make `model` trainable the way `method` says; returns a function that saves what trained.
 
     full: every weight trains. lorakit: lk.inject (heads train and are saved with the adapter, as
@@ -40,7 +41,8 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=("query", "
             p.requires_grad_(True)
         return lambda path: model.save_pretrained(path)
     if method == "lorakit":
-        inject(model, LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=list(targets),
+        inject(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                                 targets=targets if isinstance(targets, str) else list(targets),
                                  modules_to_save=list(heads) or None))
         return lambda path: save_adapter(model, path)
     if method == "peft":
@@ -53,14 +55,19 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=("query", "
 
 
 def fit(model, examples: list[dict], pad_id: int, *, lr: float, epochs: float, batch_size: int, seed: int,
-        warmup_ratio: float = 0.06, max_grad_norm: float = 1.0, on_epoch=None) -> dict:
-    """Train in place; `on_epoch(epoch)` runs after each full epoch (e.g. a dev evaluation, not timed)."""
+        warmup_ratio: float = 0.06, max_grad_norm: float = 1.0, on_epoch=None, weight_decay: float = 0.0,
+        label_smoothing: float = 0.0, warmup_steps: int | None = None) -> dict:
+    """Train in place; `on_epoch(epoch)` runs after each full epoch (e.g. a dev evaluation, not timed).
+    `warmup_steps` (when given) replaces `warmup_ratio`; the loss is `lorakit train`'s, label smoothing included."""
+    from lorakit.train.steppers import training_loss
+
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], batch_size, seed=seed)
     total = max(1, math.ceil(epochs * sampler.num_batches))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("linear", int(warmup_ratio * total), total))
+    warmup = int(warmup_ratio * total) if warmup_steps is None else min(warmup_steps, total - 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("linear", warmup, total))
     collate = PadCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     model.train()
     step, epoch, losses, eval_seconds = 0, 0, [], 0.0
@@ -70,7 +77,7 @@ def fit(model, examples: list[dict], pad_id: int, *, lr: float, epochs: float, b
         for idx in sampler:
             batch = {k: v.to(device, non_blocking=True) for k, v in collate([examples[i] for i in idx]).items()}
             with autocast(device, "auto"):
-                loss = model(**batch).loss
+                loss = training_loss(model, batch, label_smoothing)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
