@@ -77,14 +77,7 @@ class LoraParam(LoraLayer):
         else:
             self.num_experts, (self.out_features, self.in_features), self.transposed = 1, shape, False
         self.bias = None
-        self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: dict[str, WeightEdit] = {}
-        self.residuals: dict[str, WeightEdit] = {}
-        self.disabled = False
-        self.routing: list[str | None] | None = None
-        self._rows_cache = None
-        self._route_owner: int | None = None
+        self._init_adapter_state()
 
     @property
     def weight(self) -> Tensor:

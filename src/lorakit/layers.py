@@ -161,6 +161,10 @@ class LoraLayer(nn.Module):
         for pname in self._base_params:
             del base._parameters[pname]
         object.__setattr__(self, "_base", base)
+        self._init_adapter_state()
+
+    def _init_adapter_state(self) -> None:
+        """The adapter bookkeeping every wrapper starts with (no adapter, nothing merged or routed)."""
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         # Changes held in `weight`, each undone exactly by `rewrite`: merged adapters in merge order, and
