@@ -867,16 +867,15 @@ def _without_embedding_copies(model: nn.Module, extra: dict[str, Tensor], module
     kept = {}
     for key, t in extra.items():
         path, _, leaf = key.rpartition(".")
-        if key in declared:
-            kept[key] = t
-            continue
-        if path.endswith(".base_layer") and path[:-len(".base_layer")] in modules:
-            path = path[:-len(".base_layer")]
-        elif not (leaf == "weight" and path and id(_get(model, path)) in embeddings):
-            kept[key] = t
-            continue
-        own = getattr(_get(model, path), "weight", None)
-        if leaf != "weight" or not isinstance(own, Tensor):
+        adapted = path.removesuffix(".base_layer")
+        if adapted != path and adapted in modules:
+            path = adapted
+            module = _get(model, path)
+        else:
+            module = _get(model, path) if path else None
+            module = module if id(module) in embeddings else None
+        own = getattr(module, "weight", None)
+        if key in declared or leaf != "weight" or not isinstance(own, Tensor):
             kept[key] = t
             continue
         if own.shape != t.shape or not torch.equal(own.detach().to(device=t.device, dtype=t.dtype), t):
